@@ -1,0 +1,24 @@
+"""ttlayers: Tensor-Train (TT / MPO) layers for PyTorch."""
+
+from ttlayers.contraction import tt_to_dense
+from ttlayers.decomposition import tt_round, tt_svd
+from ttlayers.init import tt_normal_
+from ttlayers.linear import TTLinear
+from ttlayers.shapes import factorize, max_ranks, suggest_modes
+from ttlayers.surgery import TensorizeReport, tensorize_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TTLinear",
+    "TensorizeReport",
+    "__version__",
+    "factorize",
+    "max_ranks",
+    "suggest_modes",
+    "tensorize_",
+    "tt_normal_",
+    "tt_round",
+    "tt_svd",
+    "tt_to_dense",
+]

@@ -1,0 +1,370 @@
+"""TTLinear: a drop-in ``nn.Linear`` whose weight is a Tensor-Train matrix."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ttlayers import decomposition
+from ttlayers.contraction import core_shapes, plan_forward, run_plan, tt_to_dense
+from ttlayers.init import tt_normal_
+from ttlayers.shapes import num_parameters, resolve_ranks, validate_modes
+
+__all__ = ["TTLinear"]
+
+
+class TTLinear(nn.Module):
+    r"""A linear layer ``y = x W^T + b`` whose weight ``W`` is a Tensor-Train (TT) matrix.
+
+    ``W`` of shape ``(out_features, in_features)`` is never stored. It is the chain of ``d``
+    cores ``G_k`` of shape ``(r_k, m_k, n_k, r_{k+1})`` (Novikov et al. 2015, "Tensorizing
+    Neural Networks"):
+
+    .. math::
+
+        W[i, j] = G_1[:, j_1, i_1, :]\, G_2[:, j_2, i_2, :] \cdots G_d[:, j_d, i_d, :],
+
+    where ``j = (j_1, ..., j_d)`` is the row-major (C-order) multi-index of input position
+    ``j`` over ``in_modes = (m_1, ..., m_d)`` and ``i = (i_1, ..., i_d)`` that of output
+    position ``i`` over ``out_modes = (n_1, ..., n_d)``; ``r_0 = r_d = 1``. So
+    ``x.reshape(*batch, *in_modes)`` splits an input correctly. The layer stores
+    ``sum_k r_k m_k n_k r_{k+1}`` numbers instead of ``prod_k m_k n_k``.
+
+    The forward pass contracts the input with all the cores as one einsum network, in an
+    order planned once per input shape by opt_einsum (which may rebuild ``W`` first when the
+    batch is large).
+
+    Args:
+        in_features: Size of each input sample.
+        out_features: Size of each output sample.
+        rank: An int, the largest bond rank (each bond is also capped at the largest rank that
+            can matter there, see :func:`ttlayers.max_ranks`), or a sequence of the ``d - 1``
+            inner ranks, used as given. Default: 8.
+        in_modes: ``d`` factors of ``in_features``; chosen by :func:`ttlayers.suggest_modes`
+            when omitted. Factors of 1 are allowed.
+        out_modes: ``d`` factors of ``out_features``; chosen likewise when omitted.
+        num_cores: ``d`` when both modes are omitted; default
+            :func:`ttlayers.default_num_cores`.
+        bias: If ``False``, the layer learns no additive bias. Default: ``True``.
+        device: Device of the parameters.
+        dtype: Dtype of the parameters.
+
+    Shape:
+        - Input: ``(*, in_features)``, any number of leading dimensions, including none.
+        - Output: ``(*, out_features)``.
+
+    Attributes:
+        in_modes (tuple[int, ...]): The ``d`` input modes.
+        out_modes (tuple[int, ...]): The ``d`` output modes.
+        ranks (tuple[int, ...]): The ``d + 1`` bond ranks, 1 at both ends; read off the cores.
+        cores (nn.ParameterList): Core ``k`` of shape
+            ``(ranks[k], in_modes[k], out_modes[k], ranks[k + 1])``. Initialized by
+            :func:`ttlayers.tt_normal_` so that the entries of ``W`` have the std of
+            ``nn.Linear``'s default init, ``1 / sqrt(3 * in_features)``.
+        bias (Parameter | None): Shape ``(out_features,)``, drawn from
+            ``U(-1/sqrt(in_features), 1/sqrt(in_features))`` as in ``nn.Linear``.
+        conversion_error (float | None): For a layer made by :meth:`from_dense` or
+            :meth:`round`, the relative Frobenius error ``||W_source - W||_F / ||W_source||_F``
+            of the conversion; ``None`` otherwise.
+
+    Example:
+        >>> layer = TTLinear(1024, 512, rank=8, in_modes=(4, 8, 8, 4), out_modes=(4, 8, 4, 4))
+        >>> layer(torch.randn(32, 1024)).shape
+        torch.Size([32, 512])
+        >>> layer.ranks
+        (1, 8, 8, 8, 1)
+    """
+
+    in_features: int
+    out_features: int
+    in_modes: tuple[int, ...]
+    out_modes: tuple[int, ...]
+    conversion_error: float | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int | Sequence[int] = 8,
+        *,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        num_cores: int | None = None,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_modes, self.out_modes = validate_modes(
+            in_features, out_features, in_modes, out_modes, num_cores
+        )
+        self.in_features = in_features
+        self.out_features = out_features
+        ranks = resolve_ranks(rank, self.in_modes, self.out_modes)
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(ranks[k], m, n, ranks[k + 1], **factory))
+            for k, (m, n) in enumerate(zip(self.in_modes, self.out_modes, strict=True))
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.conversion_error = None
+        self.reset_parameters()
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The ``d + 1`` bond ranks, read off the cores' shapes."""
+        return (1, *(int(core.shape[3]) for core in self.cores))
+
+    @property
+    def num_cores(self) -> int:
+        """The number of cores ``d``."""
+        return len(self.in_modes)
+
+    def reset_parameters(self) -> None:
+        """Re-draw the cores and the bias with the default scheme (see the class docstring)."""
+        tt_normal_(list(self.cores), std=1.0 / math.sqrt(3 * self.in_features))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Apply ``y = x W^T + b``.
+
+        Args:
+            input: Shape ``(*, in_features)``.
+
+        Returns:
+            Shape ``(*, out_features)``.
+
+        Raises:
+            ValueError: If the last dimension of ``input`` is not ``in_features``.
+        """
+        if input.dim() == 0 or input.shape[-1] != self.in_features:
+            raise ValueError(
+                f"TTLinear expected input of shape (*, in_features={self.in_features}); got "
+                f"shape {tuple(input.shape)} with last dimension "
+                f"{input.shape[-1] if input.dim() else 'none (0-d tensor)'}."
+            )
+        batch_shape = input.shape[:-1]
+        batch = math.prod(batch_shape)
+        x = input.reshape(batch, *self.in_modes)  # (B, m_1, ..., m_d)
+        plan = plan_forward(batch, self.in_modes, self.out_modes, self.ranks)
+        y = run_plan(plan, [x, *self.cores])  # (B, n_1, ..., n_d)
+        y = y.reshape(*batch_shape, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def to_dense(self) -> torch.Tensor:
+        """The weight ``W`` the cores represent, shape ``(out_features, in_features)``.
+
+        Differentiable with respect to the cores.
+        """
+        return tt_to_dense(list(self.cores))
+
+    def to_linear(self) -> nn.Linear:
+        """The ``nn.Linear`` this layer computes (same dtype, device and bias)."""
+        core = self.cores[0]
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=core.device,
+            dtype=core.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of entries in the cores and the bias."""
+        cores = num_parameters(self.in_modes, self.out_modes, self.ranks)
+        return cores + (self.out_features if self.bias is not None else 0)
+
+    @property
+    def compression(self) -> float:
+        """Parameters of the dense ``nn.Linear`` divided by this layer's."""
+        dense = self.in_features * self.out_features
+        dense += self.out_features if self.bias is not None else 0
+        return dense / self.num_parameters
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}, "
+            f"bias={self.bias is not None}, params={self.num_parameters}, "
+            f"compression={self.compression:.1f}x"
+        )
+
+    @classmethod
+    def from_cores(
+        cls, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None
+    ) -> TTLinear:
+        """Build a layer whose parameters are copies of the given cores (and bias).
+
+        Args:
+            cores: ``d`` tensors, core ``k`` of shape ``(r_k, m_k, n_k, r_{k+1})``,
+                ``r_0 = r_d = 1``, all of one dtype and device.
+            bias: Shape ``(prod n_k,)``, or ``None`` for no bias.
+
+        Returns:
+            A ``TTLinear`` on the cores' device and dtype.
+
+        Raises:
+            ValueError: If the cores do not chain or the bias has the wrong shape.
+            TypeError: If a core or the bias is not a tensor.
+        """
+        for k, core in enumerate(cores):
+            if not isinstance(core, torch.Tensor):
+                raise TypeError(f"cores[{k}] must be a tensor; got {type(core).__name__}.")
+        in_modes, out_modes, ranks = core_shapes(cores)
+        layer = cls(
+            math.prod(in_modes),
+            math.prod(out_modes),
+            rank=ranks[1:-1],
+            in_modes=in_modes,
+            out_modes=out_modes,
+            bias=bias is not None,
+            device=cores[0].device,
+            dtype=cores[0].dtype,
+        )
+        with torch.no_grad():
+            for param, core in zip(layer.cores, cores, strict=True):
+                param.copy_(core)
+            if bias is not None:
+                if not isinstance(bias, torch.Tensor):
+                    raise TypeError(f"bias must be a tensor or None; got {type(bias).__name__}.")
+                if tuple(bias.shape) != (layer.out_features,):
+                    raise ValueError(
+                        f"bias must have shape ({layer.out_features},); got {tuple(bias.shape)}."
+                    )
+                assert layer.bias is not None
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_dense(
+        cls,
+        source: nn.Linear | torch.Tensor,
+        rank: int | Sequence[int] | None = None,
+        *,
+        eps: float | None = None,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        num_cores: int | None = None,
+    ) -> TTLinear:
+        """Convert a dense layer or weight matrix by TT-SVD (Oseledets 2011).
+
+        Args:
+            source: An ``nn.Linear`` (its bias, dtype and device are carried over) or a weight
+                tensor of shape ``(out_features, in_features)`` (the layer gets no bias).
+            rank: Cap on every bond rank (an int), or the ``d - 1`` inner ranks.
+            eps: Relative Frobenius error bound in ``(0, 1)``:
+                ``||W - W_tt||_F <= eps * ||W||_F`` is guaranteed. With ``rank`` too, the
+                smaller ranks win. With neither, the decomposition is exact.
+            in_modes: ``d`` factors of ``in_features``; chosen automatically when omitted.
+            out_modes: ``d`` factors of ``out_features``; chosen automatically when omitted.
+            num_cores: ``d`` when the modes are omitted.
+
+        Returns:
+            A new ``TTLinear`` with trainable cores; the achieved relative error is in its
+            ``conversion_error`` attribute.
+
+        Raises:
+            TypeError: If ``source`` is neither an ``nn.Linear`` nor a 2-D tensor.
+            ValueError: If the weight holds NaN or Inf, ``eps`` is outside ``(0, 1)``, a rank
+                is not positive, or the modes do not multiply to the sizes.
+        """
+        if isinstance(source, nn.Linear):
+            weight = source.weight.detach()
+            bias = None if source.bias is None else source.bias.detach()
+        elif isinstance(source, torch.Tensor):
+            if source.dim() != 2:
+                raise TypeError(
+                    "source must be an nn.Linear or a 2-D weight tensor (out_features, "
+                    f"in_features); got a {source.dim()}-D tensor of shape {tuple(source.shape)}."
+                )
+            weight, bias = source.detach(), None
+        else:
+            raise TypeError(
+                "source must be an nn.Linear or a 2-D weight tensor (out_features, in_features); "
+                f"got {type(source).__name__}."
+            )
+        out_features, in_features = weight.shape
+        in_modes_t, out_modes_t = validate_modes(
+            in_features, out_features, in_modes, out_modes, num_cores
+        )
+        cores = decomposition.tt_svd(weight, in_modes_t, out_modes_t, rank=rank, eps=eps)
+        layer = cls.from_cores(cores, bias)
+        layer.conversion_error = decomposition.relative_error(weight, cores)
+        return layer
+
+    def round(self, rank: int | Sequence[int] | None = None, *, eps: float | None = None) -> TTLinear:
+        """TT-rounding: a new layer with lower ranks, without forming the dense weight.
+
+        Orthogonalizes the chain right to left with QR, then truncates left to right with SVD
+        (Oseledets 2011, Algorithm 2), in ``O(d m n r^3)``.
+
+        Args:
+            rank: Cap on every bond rank (an int), or the ``d - 1`` inner ranks.
+            eps: Relative Frobenius error bound in ``(0, 1)``, guaranteed as in
+                :meth:`from_dense`. With neither argument, only exactly redundant rank is
+                removed.
+
+        Returns:
+            A new ``TTLinear`` (bias copied); its ``conversion_error`` is the relative error
+            against this layer's weight.
+
+        Raises:
+            ValueError: If ``eps`` is outside ``(0, 1)`` or a rank is not positive.
+        """
+        with torch.no_grad():
+            cores = [core.detach() for core in self.cores]
+            rounded = decomposition.tt_round(cores, rank=rank, eps=eps)
+            bias = None if self.bias is None else self.bias.detach()
+            layer = type(self).from_cores(rounded, bias)
+            layer.conversion_error = decomposition.tt_relative_error(cores, rounded)
+        return layer
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The cores' shapes record the ranks: a checkpoint of the same modes but other ranks
+        # (say, converted with eps) is adopted by resizing the cores before the copy.
+        incoming = [state_dict.get(f"{prefix}cores.{k}") for k in range(self.num_cores)]
+        if all(isinstance(t, torch.Tensor) for t in incoming):
+            tensors = [t for t in incoming if t is not None]
+            try:
+                in_modes, out_modes, _ = core_shapes(tensors)
+            except ValueError as error:
+                raise ValueError(f"cannot load TTLinear '{prefix}': {error}") from None
+            if (in_modes, out_modes) != (self.in_modes, self.out_modes):
+                raise ValueError(
+                    f"cannot load TTLinear '{prefix.rstrip('.') or '<root>'}': the checkpoint has "
+                    f"in_modes={in_modes}, out_modes={out_modes}, this layer "
+                    f"in_modes={self.in_modes}, out_modes={self.out_modes}. Build the layer "
+                    "with the checkpoint's modes."
+                )
+            for param, tensor in zip(self.cores, tensors, strict=True):
+                if param.shape != tensor.shape:
+                    param.data = torch.empty(tensor.shape, dtype=param.dtype, device=param.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

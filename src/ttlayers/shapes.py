@@ -1,0 +1,295 @@
+"""Mode factorization and rank rules for TT matrices.
+
+A TT matrix of shape ``(out_features, in_features)`` is described by ``d`` input modes
+``m_1..m_d`` (their product is ``in_features``), ``d`` output modes ``n_1..n_d`` (product
+``out_features``) and ``d + 1`` bond ranks ``r_0..r_d`` with ``r_0 = r_d = 1``. This module
+holds the pure-Python rules that relate them; nothing here touches tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from collections.abc import Sequence
+from functools import reduce
+
+__all__ = [
+    "default_num_cores",
+    "factorize",
+    "max_ranks",
+    "num_parameters",
+    "resolve_ranks",
+    "suggest_modes",
+    "validate_modes",
+]
+
+
+def _prod(values: Sequence[int]) -> int:
+    return reduce(operator.mul, values, 1)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value}.")
+    return value
+
+
+def _prime_factors(n: int) -> list[int]:
+    factors: list[int] = []
+    p = 2
+    while p * p <= n:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    if n > 1:
+        factors.append(n)
+    return factors
+
+
+def factorize(n: int, num_cores: int) -> tuple[int, ...]:
+    """Split ``n`` into ``num_cores`` balanced integer factors.
+
+    Prime factors are handed out largest first to the currently smallest factor, which keeps
+    the factors as equal as the primes allow. Sizes with fewer prime factors than
+    ``num_cores`` are padded with 1s. The result is ordered small-large-small (the largest
+    factors in the middle), because bonds near the ends of a TT chain are capped by the modes
+    there and large end modes waste parameters.
+
+    Args:
+        n: The size to factorize, ``n >= 1``.
+        num_cores: How many factors, ``num_cores >= 1``.
+
+    Returns:
+        A tuple of ``num_cores`` positive ints whose product is ``n``.
+
+    Raises:
+        TypeError: If an argument is not an int.
+        ValueError: If an argument is not positive.
+
+    Example:
+        >>> factorize(1024, 4)
+        (4, 8, 8, 4)
+        >>> factorize(10, 3)
+        (1, 5, 2)
+    """
+    _check_positive_int("n", n)
+    _check_positive_int("num_cores", num_cores)
+    buckets = [1] * num_cores
+    for p in sorted(_prime_factors(n), reverse=True):
+        smallest = min(range(num_cores), key=lambda k: buckets[k])
+        buckets[smallest] *= p
+    ordered = sorted(buckets)
+    # Deal the sorted factors alternately to the two ends, so the largest land in the middle.
+    left: list[int] = []
+    right: list[int] = []
+    for k, factor in enumerate(ordered):
+        (left if k % 2 == 0 else right).append(factor)
+    return tuple(left + right[::-1])
+
+
+def default_num_cores(in_features: int, out_features: int) -> int:
+    """The number of cores used when none is given: about 8 per mode, between 2 and 6.
+
+    Args:
+        in_features: Input size.
+        out_features: Output size.
+
+    Returns:
+        ``clamp(round(log2(max(in_features, out_features)) / 3), 2, 6)``.
+    """
+    largest = max(in_features, out_features)
+    return min(6, max(2, round(math.log2(largest) / 3)))
+
+
+def suggest_modes(
+    in_features: int, out_features: int, num_cores: int | None = None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Balanced input and output modes for a TT matrix of shape ``(out_features, in_features)``.
+
+    Args:
+        in_features: Input size, factorized into ``in_modes``.
+        out_features: Output size, factorized into ``out_modes``.
+        num_cores: Number of cores ``d``; defaults to :func:`default_num_cores`.
+
+    Returns:
+        ``(in_modes, out_modes)``, two tuples of ``d`` ints with products ``in_features`` and
+        ``out_features``.
+
+    Raises:
+        TypeError: If an argument is not an int.
+        ValueError: If an argument is not positive.
+
+    Example:
+        >>> suggest_modes(784, 1024, num_cores=3)
+        ((7, 14, 8), (8, 16, 8))
+    """
+    _check_positive_int("in_features", in_features)
+    _check_positive_int("out_features", out_features)
+    if num_cores is None:
+        num_cores = default_num_cores(in_features, out_features)
+    _check_positive_int("num_cores", num_cores)
+    return factorize(in_features, num_cores), factorize(out_features, num_cores)
+
+
+def validate_modes(
+    in_features: int,
+    out_features: int,
+    in_modes: Sequence[int] | None,
+    out_modes: Sequence[int] | None,
+    num_cores: int | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Check given modes, or fill in the missing ones, for a TT matrix.
+
+    Args:
+        in_features: Input size.
+        out_features: Output size.
+        in_modes: Factors of ``in_features``, or ``None`` to choose them.
+        out_modes: Factors of ``out_features``, or ``None`` to choose them.
+        num_cores: Number of cores when both modes are omitted; when one is given, its length
+            wins and ``num_cores``, if given too, must agree with it.
+
+    Returns:
+        ``(in_modes, out_modes)`` as tuples of equal length ``d``.
+
+    Raises:
+        TypeError: If a size or a mode is not an int, or modes are not a sequence.
+        ValueError: If a product is wrong, a mode is not positive, the lengths differ, or
+            ``num_cores`` disagrees with the given modes.
+    """
+    _check_positive_int("in_features", in_features)
+    _check_positive_int("out_features", out_features)
+    if num_cores is not None:
+        _check_positive_int("num_cores", num_cores)
+    given = [m for m in (in_modes, out_modes) if m is not None]
+    if given:
+        lengths = {len(_as_int_tuple("modes", m)) for m in given}
+        d = lengths.pop() if len(lengths) == 1 else None
+        if d is None:
+            raise ValueError(
+                f"in_modes and out_modes must have the same length (one per core); got "
+                f"in_modes={tuple(in_modes or ())} and out_modes={tuple(out_modes or ())}."
+            )
+        if num_cores is not None and num_cores != d:
+            raise ValueError(
+                f"num_cores={num_cores} disagrees with the {d} modes given; omit num_cores "
+                "or pass modes of that length."
+            )
+        num_cores = d
+    if num_cores is None:
+        num_cores = default_num_cores(in_features, out_features)
+    resolved: list[tuple[int, ...]] = []
+    for name, features, modes in (
+        ("in", in_features, in_modes),
+        ("out", out_features, out_modes),
+    ):
+        if modes is None:
+            resolved.append(factorize(features, num_cores))
+            continue
+        modes_t = _as_int_tuple(f"{name}_modes", modes)
+        if _prod(modes_t) != features:
+            raise ValueError(
+                f"{name}_modes must multiply to {name}_features={features}; got {modes_t} "
+                f"with product {_prod(modes_t)}. Omit {name}_modes to factorize automatically."
+            )
+        resolved.append(modes_t)
+    return resolved[0], resolved[1]
+
+
+def _as_int_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints; got {type(values).__name__}.")
+    if len(values) == 0:
+        raise ValueError(f"{name} must hold at least one mode; got an empty sequence.")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must hold ints; got {tuple(values)!r}.")
+        if value < 1:
+            raise ValueError(f"{name} must hold positive ints; got {tuple(values)}.")
+    return tuple(int(v) for v in values)
+
+
+def max_ranks(in_modes: Sequence[int], out_modes: Sequence[int]) -> tuple[int, ...]:
+    """The largest useful bond ranks of a TT matrix with these modes.
+
+    Bond ``k`` separates cores ``1..k`` from ``k+1..d``; its rank can never usefully exceed
+    the smaller of ``prod_{l<=k} m_l n_l`` and ``prod_{l>k} m_l n_l`` (the ranks of the
+    matrix unfolding there).
+
+    Args:
+        in_modes: The ``d`` input modes.
+        out_modes: The ``d`` output modes.
+
+    Returns:
+        A tuple of ``d + 1`` ints, 1 at both ends.
+    """
+    sizes = [m * n for m, n in zip(in_modes, out_modes, strict=True)]
+    total = _prod(sizes)
+    caps = [1]
+    left = 1
+    for size in sizes[:-1]:
+        left *= size
+        caps.append(min(left, total // left))
+    caps.append(1)
+    return tuple(caps)
+
+
+def resolve_ranks(
+    rank: int | Sequence[int], in_modes: Sequence[int], out_modes: Sequence[int]
+) -> tuple[int, ...]:
+    """Turn a rank argument into the ``d + 1`` bond ranks of a TT matrix.
+
+    Args:
+        rank: An int, the largest bond rank (each bond is further capped by
+            :func:`max_ranks`), or a sequence of the ``d - 1`` inner ranks, used as given. An
+            inner rank above the cap is legal but wasteful, so it triggers a ``UserWarning``.
+        in_modes: The ``d`` input modes.
+        out_modes: The ``d`` output modes.
+
+    Returns:
+        ``(1, r_1, ..., r_{d-1}, 1)``.
+
+    Raises:
+        TypeError: If ``rank`` is not an int or a sequence of ints.
+        ValueError: If a rank is not positive or the sequence has the wrong length.
+    """
+    caps = max_ranks(in_modes, out_modes)
+    d = len(caps) - 1
+    if isinstance(rank, bool):
+        raise TypeError(f"rank must be an int or a sequence of ints; got {rank!r}.")
+    if isinstance(rank, int):
+        if rank < 1:
+            raise ValueError(f"rank must be a positive int; got {rank}.")
+        return tuple(min(rank, cap) for cap in caps)
+    if isinstance(rank, (str, bytes)) or not isinstance(rank, Sequence):
+        raise TypeError(
+            f"rank must be an int or a sequence of ints; got {type(rank).__name__} {rank!r}."
+        )
+    if len(rank) != d - 1:
+        raise ValueError(
+            f"rank as a sequence must give the {d - 1} inner bond ranks of a {d}-core chain; "
+            f"got {len(rank)} values {tuple(rank)}."
+        )
+    inner = _as_int_tuple("rank", rank) if d > 1 else ()
+    over = [k + 1 for k, r in enumerate(inner) if r > caps[k + 1]]
+    if over:
+        warnings.warn(
+            f"rank {inner} exceeds the largest useful ranks {caps[1:-1]} at bonds {over}; "
+            "the extra rank adds parameters but cannot add expressiveness.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return (1, *inner, 1)
+
+
+def num_parameters(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
+) -> int:
+    """Number of entries of the cores: ``sum_k r_k m_k n_k r_{k+1}``."""
+    return sum(
+        ranks[k] * m * n * ranks[k + 1]
+        for k, (m, n) in enumerate(zip(in_modes, out_modes, strict=True))
+    )
