@@ -199,6 +199,7 @@ class TTLinear(nn.Module):
         return dense / self.num_parameters
 
     def extra_repr(self) -> str:
+        """Features, modes, ranks, parameter count and compression against ``nn.Linear``."""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}, "
@@ -309,7 +310,9 @@ class TTLinear(nn.Module):
         layer.conversion_error = decomposition.relative_error(weight, cores)
         return layer
 
-    def round(self, rank: int | Sequence[int] | None = None, *, eps: float | None = None) -> TTLinear:
+    def round(
+        self, rank: int | Sequence[int] | None = None, *, eps: float | None = None
+    ) -> TTLinear:
         """TT-rounding: a new layer with lower ranks, without forming the dense weight.
 
         Orthogonalizes the chain right to left with QR, then truncates left to right with SVD

@@ -164,15 +164,19 @@ def validate_modes(
     _check_positive_int("out_features", out_features)
     if num_cores is not None:
         _check_positive_int("num_cores", num_cores)
-    given = [m for m in (in_modes, out_modes) if m is not None]
+    given = {
+        name: _as_int_tuple(name, modes)
+        for name, modes in (("in_modes", in_modes), ("out_modes", out_modes))
+        if modes is not None
+    }
     if given:
-        lengths = {len(_as_int_tuple("modes", m)) for m in given}
-        d = lengths.pop() if len(lengths) == 1 else None
-        if d is None:
+        lengths = {len(modes) for modes in given.values()}
+        if len(lengths) > 1:
             raise ValueError(
                 f"in_modes and out_modes must have the same length (one per core); got "
-                f"in_modes={tuple(in_modes or ())} and out_modes={tuple(out_modes or ())}."
+                f"in_modes={given['in_modes']} and out_modes={given['out_modes']}."
             )
+        d = lengths.pop()
         if num_cores is not None and num_cores != d:
             raise ValueError(
                 f"num_cores={num_cores} disagrees with the {d} modes given; omit num_cores "
@@ -189,7 +193,7 @@ def validate_modes(
         if modes is None:
             resolved.append(factorize(features, num_cores))
             continue
-        modes_t = _as_int_tuple(f"{name}_modes", modes)
+        modes_t = given[f"{name}_modes"]
         if _prod(modes_t) != features:
             raise ValueError(
                 f"{name}_modes must multiply to {name}_features={features}; got {modes_t} "
@@ -285,9 +289,7 @@ def resolve_ranks(
     return (1, *inner, 1)
 
 
-def num_parameters(
-    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
-) -> int:
+def num_parameters(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> int:
     """Number of entries of the cores: ``sum_k r_k m_k n_k r_{k+1}``."""
     return sum(
         ranks[k] * m * n * ranks[k + 1]

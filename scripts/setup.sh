@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) with the CPU build of PyTorch and ttlayers installed editable.
+#   bash scripts/setup.sh                  # library + test/dev tools
+#   bash scripts/setup.sh --fashion-mnist  # also Debian's Fashion-MNIST files, if absent
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+
+# torch first, pinned: this release's CPU wheel lies on our machines' disk, while an unpinned
+# torch (or the project's own "torch>=2.1") would pull a multi-GB CUDA build from PyPI.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    pip install "torch==${TORCH_VERSION:-2.13.0}"
+fi
+pip install -e ".[dev]"
+
+if [ "${1:-}" = "--fashion-mnist" ]; then
+    data=/usr/share/datasets/fashion-mnist
+    if [ ! -f "$data/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/null; then
+        sudo_cmd=""
+        [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+        $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq dataset-fashion-mnist
+    fi
+fi
+echo "setup done: $(.venv/bin/python -c 'import torch, ttlayers; print("ttlayers", ttlayers.__version__, "torch", torch.__version__)')"

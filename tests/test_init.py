@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from ttlayers import TTLinear, tt_normal_
+from ttlayers.init import core_std
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes", "rank"),
+    [
+        ((32, 32), (16, 16), 1),
+        ((32, 32), (16, 16), 64),
+        ((4, 8, 8, 4), (4, 8, 8, 4), 8),
+        ((4, 8, 8, 4), (4, 8, 8, 4), 1),
+        ((2, 2, 2, 2, 2, 2), (3, 1, 3, 1, 3, 1), 4),
+        ((2, 2, 2, 2, 2, 2), (2, 2, 2, 2, 2, 2), 1),
+        ((784, 1), (1, 10), 50),
+        ((1000,), (300,), 1),
+    ],
+)
+def test_dense_std_matches_nn_linear(in_modes, out_modes, rank):
+    # The requirement: the std of to_dense() within a factor of 2 of nn.Linear's
+    # default, 1/sqrt(3 in_features), for any modes and ranks. Checked over several seeds so a
+    # lucky draw cannot pass it.
+    torch.manual_seed(0)
+    in_features, out_features = math.prod(in_modes), math.prod(out_modes)
+    target = 1.0 / math.sqrt(3 * in_features)
+    for _ in range(5):
+        layer = TTLinear(
+            in_features,
+            out_features,
+            rank,
+            in_modes=in_modes,
+            out_modes=out_modes,
+            dtype=torch.float64,
+        )
+        std = layer.to_dense().detach().std(correction=0).item()
+        assert target / 2 <= std <= 2 * target, (std, target)
+    dense_std = torch.nn.Linear(in_features, out_features).weight.detach().std().item()
+    assert dense_std == pytest.approx(target, rel=0.2)
+
+
+def test_core_std_formula():
+    # Var(W) = s^(2d) prod r_k  =>  s = (std^2 / prod r)^(1/2d)
+    s = core_std((1, 4, 9, 1), 0.5)
+    assert s**6 * 36 == pytest.approx(0.25)
+
+
+def test_tt_normal_rank_one_frobenius_norm_is_exact():
+    # For rank 1, W is a Kronecker product, so ||W||_F = prod ||G_k||_F, which the rescaling
+    # fixes exactly: mean square entry of W equals std^2 up to rounding.
+    cores = [torch.empty(1, 3, 2, 1, dtype=torch.float64) for _ in range(4)]
+    tt_normal_(cores, std=0.1)
+    from ttlayers import tt_to_dense
+
+    w = tt_to_dense(cores)
+    assert w.pow(2).mean().sqrt().item() == pytest.approx(0.1, rel=1e-12)
+
+
+def test_reset_parameters_redraws_and_bias_bound():
+    torch.manual_seed(1)
+    layer = TTLinear(64, 32, 4, num_cores=2)
+    before = [c.detach().clone() for c in layer.cores]
+    layer.reset_parameters()
+    assert not torch.equal(before[0], layer.cores[0])
+    assert layer.bias is not None
+    assert layer.bias.abs().max().item() <= 1 / math.sqrt(64)
+
+
+def test_init_on_meta_and_half_precision():
+    layer = TTLinear(64, 32, 4, device="meta")
+    assert layer.cores[0].is_meta
+    half = TTLinear(64, 32, 4, dtype=torch.float16)
+    assert torch.isfinite(half.to_dense()).all()

@@ -1,0 +1,287 @@
+import copy
+import io
+import itertools
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ttlayers import TTLinear, tt_to_dense
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# (in_modes, out_modes, rank): d = 1..6, odd modes, modes of 1, rank 1, ranks at their cap,
+# and an explicit rank sequence.
+CASES = [
+    ((5,), (3,), 4),
+    ((3, 5), (2, 7), 1),
+    ((3, 5), (2, 7), 100),  # capped at (1, 6, 1)
+    ((784, 1), (1, 10), 50),  # the seed's TTNet, capped at rank 10
+    ((2, 3, 5), (5, 1, 3), 4),
+    ((1, 7, 1), (3, 1, 2), 2),
+    ((4, 2, 3, 2), (2, 3, 1, 5), (2, 5, 3)),
+    ((2, 3, 2, 1, 3), (3, 2, 2, 2, 1), 1000),  # every bond at its cap
+    ((2, 1, 2, 3, 2, 2), (1, 2, 3, 2, 1, 2), 3),
+]
+
+
+def reference_dense(cores: list[torch.Tensor]) -> np.ndarray:
+    """W[i, j] from the formula, one entry at a time, in numpy float64."""
+    g = [c.detach().cpu().double().numpy() for c in cores]
+    in_modes = [c.shape[1] for c in g]
+    out_modes = [c.shape[2] for c in g]
+    w = np.zeros((math.prod(out_modes), math.prod(in_modes)))
+    for i_multi in itertools.product(*map(range, out_modes)):
+        i = np.ravel_multi_index(i_multi, out_modes) if out_modes else 0
+        for j_multi in itertools.product(*map(range, in_modes)):
+            j = np.ravel_multi_index(j_multi, in_modes)
+            acc = np.ones((1, 1))
+            for k in range(len(g)):
+                acc = acc @ g[k][:, j_multi[k], i_multi[k], :]
+            w[i, j] = acc.item()
+    return w
+
+
+def make(in_modes, out_modes, rank, **kwargs):
+    return TTLinear(
+        math.prod(in_modes),
+        math.prod(out_modes),
+        rank,
+        in_modes=in_modes,
+        out_modes=out_modes,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes", "rank"), CASES)
+def test_to_dense_matches_entrywise_formula(in_modes, out_modes, rank):
+    torch.manual_seed(0)
+    layer = make(in_modes, out_modes, rank, dtype=torch.float64)
+    expected = reference_dense(list(layer.cores))
+    # float64 products of d <= 6 factors: rounding ~1e-16 relative; 1e-12 is far above it.
+    np.testing.assert_allclose(layer.to_dense().detach().numpy(), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes", "rank"), CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_dense_float64(in_modes, out_modes, rank, bias):
+    torch.manual_seed(0)
+    layer = make(in_modes, out_modes, rank, bias=bias, dtype=torch.float64)
+    x = torch.randn(7, layer.in_features, dtype=torch.float64)
+    w = torch.from_numpy(reference_dense(list(layer.cores)))
+    expected = x @ w.T + (layer.bias.detach() if bias else 0)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_ranks_and_core_shapes():
+    layer = TTLinear(1024, 512, 8, in_modes=(4, 8, 8, 4), out_modes=(4, 8, 4, 4))
+    assert layer.ranks == (1, 8, 8, 8, 1)
+    assert [tuple(c.shape) for c in layer.cores] == [
+        (1, 4, 4, 8),
+        (8, 8, 8, 8),
+        (8, 8, 4, 8),
+        (8, 4, 4, 1),
+    ]
+    assert layer.bias is not None and layer.bias.shape == (512,)
+    assert isinstance(layer.cores, nn.ParameterList)
+
+
+def test_seed_ttnet_expressible():
+    # The write-up's network: x (N, 784) -> einsum("ni,ia,aj->nj", x, tt1 (784, 50), tt2 (50, 10)).
+    torch.manual_seed(0)
+    tt1, tt2 = torch.rand(784, 50, dtype=torch.float64), torch.rand(50, 10, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="exceeds"):
+        layer = TTLinear.from_cores([tt1.reshape(1, 784, 1, 50), tt2.reshape(50, 1, 10, 1)])
+    x = torch.randn(3, 784, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), torch.einsum("ni,ia,aj->nj", x, tt1, tt2))
+    capped = TTLinear(784, 10, rank=50, in_modes=(784, 1), out_modes=(1, 10), bias=False)
+    assert capped.ranks == (1, 10, 1)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3), (2, 1, 4), (0,)])
+def test_leading_dims(shape):
+    torch.manual_seed(0)
+    layer = TTLinear(12, 6, 3, in_modes=(3, 4), out_modes=(2, 3), dtype=torch.float64)
+    x = torch.randn(*shape, 12, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == (*shape, 6)
+    torch.testing.assert_close(y, x @ layer.to_dense().T + layer.bias)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    layer = TTLinear(12, 10, 3, in_modes=(2, 3, 2), out_modes=(1, 5, 2), dtype=torch.float64)
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    params = [*layer.cores, layer.bias]
+
+    def fn(x, *params):
+        return torch.func.functional_call(
+            layer,
+            {**{f"cores.{k}": p for k, p in enumerate(params[:-1])}, "bias": params[-1]},
+            (x,),
+        )
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes_cpu(dtype):
+    torch.manual_seed(0)
+    layer = TTLinear(64, 48, 4, in_modes=(4, 4, 4), out_modes=(4, 3, 4), dtype=dtype)
+    x = torch.randn(16, 64, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    ref = x.double() @ layer.to_dense().double().T + layer.bias.double()
+    # Relative to the output scale: bf16 has unit roundoff 2^-8, fp16 2^-11, and the chain has
+    # d + 1 = 4 rounded products and sums of <= 64 terms; 5e-2 / 1e-2 cover that with margin.
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+    err = (y.double() - ref).norm() / ref.norm()
+    assert err.item() < tol[dtype]
+    y.float().sum().backward()
+    assert all(c.grad is not None and c.grad.dtype == dtype for c in layer.cores)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes_cuda(dtype):
+    torch.manual_seed(0)
+    layer = TTLinear(256, 128, 8, dtype=dtype, device="cuda")
+    x = torch.randn(32, 256, dtype=dtype, device="cuda")
+    y = layer(x)
+    assert y.device.type == "cuda" and y.dtype == dtype
+    ref = x.double() @ layer.to_dense().double().T + layer.bias.double()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+    assert ((y.double() - ref).norm() / ref.norm()).item() < tol[dtype]
+    y.float().sum().backward()
+    assert layer.cores[0].grad is not None
+
+
+def test_plan_is_cached_not_searched_per_call(monkeypatch):
+    import opt_einsum
+
+    layer = TTLinear(64, 64, 4)
+    x = torch.randn(8, 64)
+    layer(x)  # plan for batch 8
+    calls = []
+    real = opt_einsum.contract_path
+    monkeypatch.setattr(
+        opt_einsum, "contract_path", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    for _ in range(3):
+        layer(x)
+    assert calls == []
+
+
+def test_state_dict_roundtrip_weights_only(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(TTLinear(32, 16, 3), nn.ReLU(), TTLinear(16, 4, 2, bias=False))
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    fresh = nn.Sequential(TTLinear(32, 16, 3), nn.ReLU(), TTLinear(16, 4, 2, bias=False))
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_deepcopy_and_pickle():
+    torch.manual_seed(0)
+    layer = TTLinear(30, 20, 3)
+    x = torch.randn(4, 30)
+    clone = copy.deepcopy(layer)
+    buffer = io.BytesIO()
+    pickle.dump(layer, buffer)
+    restored = pickle.loads(buffer.getvalue())
+    for other in (clone, restored):
+        torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+        assert other.cores[0].data_ptr() != layer.cores[0].data_ptr()
+
+
+def test_extra_repr():
+    text = repr(TTLinear(1024, 1024, 8, in_modes=(4, 8, 8, 4), out_modes=(4, 8, 8, 4)))
+    for piece in [
+        "in_features=1024",
+        "in_modes=(4, 8, 8, 4)",
+        "ranks=(1, 8, 8, 8, 1)",
+        "params=",
+        "compression=",
+    ]:
+        assert piece in text
+
+
+def test_parameter_count_and_compression():
+    layer = TTLinear(1024, 1024, 8, in_modes=(4, 8, 8, 4), out_modes=(4, 8, 8, 4))
+    cores = 1 * 16 * 8 + 8 * 64 * 8 + 8 * 64 * 8 + 8 * 16 * 1
+    assert layer.num_parameters == cores + 1024
+    assert sum(p.numel() for p in layer.parameters()) == layer.num_parameters
+    assert layer.compression == pytest.approx((1024 * 1024 + 1024) / (cores + 1024))
+
+
+def test_from_cores_and_tt_to_dense_agree():
+    torch.manual_seed(0)
+    cores = [torch.randn(1, 2, 3, 4), torch.randn(4, 5, 1, 2), torch.randn(2, 3, 2, 1)]
+    layer = TTLinear.from_cores(cores, bias=torch.zeros(6))
+    torch.testing.assert_close(layer.to_dense(), tt_to_dense(cores))
+    assert layer.ranks == (1, 4, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(in_features=0, out_features=4), ValueError, "in_features must be a positive int"),
+        (dict(in_features=4, out_features=-1), ValueError, "out_features must be a positive int"),
+        (dict(in_features=4.0, out_features=4), TypeError, "in_features must be an int"),
+        (dict(in_features=4, out_features=4, rank=0), ValueError, "rank must be a positive"),
+        (dict(in_features=4, out_features=4, rank=-3), ValueError, "rank must be a positive"),
+        (
+            dict(in_features=784, out_features=10, in_modes=(4, 7, 27), out_modes=(1, 2, 5)),
+            ValueError,
+            r"in_modes must multiply to in_features=784; got \(4, 7, 27\) with product 756",
+        ),
+        (
+            dict(in_features=784, out_features=10, in_modes=(28, 28), out_modes=(1, 2, 5)),
+            ValueError,
+            "same length",
+        ),
+        (
+            dict(in_features=16, out_features=16, rank=(2, 2), in_modes=(4, 4), out_modes=(4, 4)),
+            ValueError,
+            "1 inner bond ranks",
+        ),
+        (dict(in_features=16, out_features=16, num_cores=0), ValueError, "num_cores"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TTLinear(**kwargs)
+
+
+def test_wrong_input_width_message_names_both_widths():
+    layer = TTLinear(32, 8, 2)
+    with pytest.raises(ValueError, match=r"in_features=32.*\(4, 31\).*31"):
+        layer(torch.randn(4, 31))
+    with pytest.raises(ValueError, match="in_features=32"):
+        layer(torch.tensor(1.0))
+
+
+def test_to_linear_roundtrip():
+    torch.manual_seed(0)
+    layer = TTLinear(24, 12, 3, dtype=torch.float64)
+    linear = layer.to_linear()
+    assert isinstance(linear, nn.Linear)
+    assert linear.weight.dtype == torch.float64
+    x = torch.randn(5, 24, dtype=torch.float64)
+    torch.testing.assert_close(linear(x), layer(x))
+    no_bias = TTLinear(24, 12, 3, bias=False).to_linear()
+    assert no_bias.bias is None
+
+
+@requires_cuda
+def test_cuda_forward_backward_matches_cpu():
+    torch.manual_seed(0)
+    layer = TTLinear(64, 32, 4, dtype=torch.float64)
+    x = torch.randn(9, 64, dtype=torch.float64)
+    gpu = copy.deepcopy(layer).cuda()
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), layer(x))

@@ -1,0 +1,103 @@
+import math
+
+import pytest
+
+from ttlayers import factorize, max_ranks, suggest_modes
+from ttlayers.shapes import default_num_cores, num_parameters, resolve_ranks, validate_modes
+
+
+@pytest.mark.parametrize(
+    ("n", "d"),
+    [(1, 1), (1, 4), (7, 1), (1024, 4), (784, 3), (10, 3), (1021, 3), (4096, 6), (360, 5)],
+)
+def test_factorize_product_length_and_balance(n, d):
+    factors = factorize(n, d)
+    assert len(factors) == d
+    assert math.prod(factors) == n
+    # Balanced: no factor can be split further to even things out by more than its largest prime.
+    assert all(f >= 1 for f in factors)
+
+
+def test_factorize_balanced_and_mountain_ordered():
+    assert factorize(1024, 4) == (4, 8, 8, 4)
+    assert factorize(4096, 4) == (8, 8, 8, 8)
+    assert sorted(factorize(784, 3)) == [7, 8, 14]
+    # Too few prime factors: padded with 1s, which go to the ends.
+    assert factorize(10, 3) == (1, 5, 2)
+    assert factorize(13, 3) == (1, 13, 1)
+
+
+@pytest.mark.parametrize(("n", "d"), [(0, 2), (-3, 2), (8, 0)])
+def test_factorize_rejects_non_positive(n, d):
+    with pytest.raises(ValueError, match="positive"):
+        factorize(n, d)
+
+
+def test_factorize_rejects_non_int():
+    with pytest.raises(TypeError, match="n must be an int"):
+        factorize(8.0, 2)  # type: ignore[arg-type]
+
+
+def test_suggest_modes_default_num_cores():
+    in_modes, out_modes = suggest_modes(784, 1024)
+    assert len(in_modes) == len(out_modes) == default_num_cores(784, 1024)
+    assert math.prod(in_modes) == 784 and math.prod(out_modes) == 1024
+    assert 2 <= default_num_cores(2, 2) <= default_num_cores(2**30, 2) <= 6
+
+
+def test_max_ranks_are_unfolding_ranks():
+    # Bond k: min(prod_{l<=k} m_l n_l, prod_{l>k} m_l n_l).
+    assert max_ranks((4, 8, 8, 4), (4, 8, 8, 4)) == (1, 16, 1024, 16, 1)
+    assert max_ranks((784, 1), (1, 10)) == (1, 10, 1)
+    assert max_ranks((5,), (3,)) == (1, 1)
+
+
+def test_resolve_ranks_int_is_a_cap():
+    assert resolve_ranks(8, (4, 8, 8, 4), (4, 8, 8, 4)) == (1, 8, 8, 8, 1)
+    assert resolve_ranks(50, (784, 1), (1, 10)) == (1, 10, 1)
+    assert resolve_ranks(3, (2, 2), (1, 1)) == (1, 2, 1)
+
+
+def test_resolve_ranks_sequence_is_used_as_given():
+    assert resolve_ranks((3, 5, 2), (4, 8, 8, 4), (4, 8, 8, 4)) == (1, 3, 5, 2, 1)
+    with pytest.warns(UserWarning, match="exceeds the largest useful ranks"):
+        assert resolve_ranks((50,), (784, 1), (1, 10)) == (1, 50, 1)
+
+
+@pytest.mark.parametrize(
+    ("rank", "error", "match"),
+    [
+        (0, ValueError, "positive"),
+        (-2, ValueError, "positive"),
+        ((3,), ValueError, "3 inner bond ranks"),
+        ((3, 3, 3, 3), ValueError, "3 inner bond ranks"),
+        ((3, 0, 3), ValueError, "positive"),
+        (2.5, TypeError, "int or a sequence"),
+        (True, TypeError, "int or a sequence"),
+        ("8", TypeError, "int or a sequence"),
+    ],
+)
+def test_resolve_ranks_rejects_bad_rank(rank, error, match):
+    with pytest.raises(error, match=match):
+        resolve_ranks(rank, (4, 8, 8, 4), (4, 8, 8, 4))
+
+
+def test_validate_modes_messages():
+    with pytest.raises(
+        ValueError, match=r"in_modes must multiply to in_features=784; got \(4, 7, 27\)"
+    ):
+        validate_modes(784, 10, (4, 7, 27), None)
+    with pytest.raises(ValueError, match="out_modes must multiply to out_features=10"):
+        validate_modes(784, 10, None, (3, 3))
+    with pytest.raises(ValueError, match="same length"):
+        validate_modes(784, 10, (28, 28), (1, 2, 5))
+    with pytest.raises(ValueError, match="num_cores=3 disagrees"):
+        validate_modes(784, 10, (28, 28), None, num_cores=3)
+    with pytest.raises(TypeError, match="in_modes must hold ints"):
+        validate_modes(784, 10, (28.0, 28), None)
+    # One side given: the other is factorized to the same length.
+    assert validate_modes(784, 10, (28, 28), None) == ((28, 28), (2, 5))
+
+
+def test_num_parameters():
+    assert num_parameters((784, 1), (1, 10), (1, 50, 1)) == 784 * 50 + 50 * 10
