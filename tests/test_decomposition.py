@@ -1,0 +1,465 @@
+"""TT-SVD, TT-rounding and their error measures, against numpy float64 references.
+
+Tolerances: float64 results are compared at ~1e-10 relative (TT-SVD is a chain of backward
+stable SVDs, so exact reconstructions are accurate to ~1e-14; 1e-10 leaves room for the
+conditioning of the small test matrices). Error *bounds* (``<= eps``) are checked exactly, with
+no slack, because the implementation keeps a rounding margin to make them hold as measured.
+"""
+
+import doctest
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ttlayers.decomposition as decomposition
+from ttlayers import TTLinear, max_ranks, tt_round, tt_svd, tt_to_dense
+from ttlayers.decomposition import relative_error, tt_relative_error
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# (in_modes, out_modes): d = 1..4, odd and unequal modes, modes of 1.
+MODES = [
+    ((6,), (5,)),
+    ((3, 4), (2, 5)),
+    ((4, 1), (1, 6)),
+    ((2, 3, 2), (3, 1, 4)),
+    ((2, 2, 3), (3, 2, 2)),
+    ((2, 2, 2, 2), (2, 3, 1, 2)),
+]
+
+
+# --- independent numpy references ----------------------------------------------------------
+
+
+def np_dense(cores):
+    """The TT matrix in numpy: contract the chain over (m_1, n_1, ..., m_d, n_d), then permute."""
+    g = [c.detach().cpu().double().numpy() for c in cores]
+    d = len(g)
+    acc = np.ones((1, 1))  # (everything so far, r)
+    for core in g:
+        r0, m, n, r1 = core.shape
+        acc = (acc @ core.reshape(r0, m * n * r1)).reshape(-1, r1)
+    in_modes = [c.shape[1] for c in g]
+    out_modes = [c.shape[2] for c in g]
+    t = acc.reshape([s for m, n in zip(in_modes, out_modes, strict=True) for s in (m, n)])
+    t = t.transpose([2 * k + 1 for k in range(d)] + [2 * k for k in range(d)])
+    return t.reshape(math.prod(out_modes), math.prod(in_modes))
+
+
+def np_unfolding(w, in_modes, out_modes, k):
+    """Bond-k unfolding of W: rows (j_1, i_1, ..., j_k, i_k), columns the rest."""
+    d = len(in_modes)
+    t = w.reshape(*out_modes, *in_modes).transpose([a for q in range(d) for a in (d + q, q)])
+    rows = math.prod(m * n for m, n in zip(in_modes[:k], out_modes[:k], strict=True))
+    return t.reshape(rows, -1)
+
+
+def np_fold(unfolding, in_modes, out_modes):
+    d = len(in_modes)
+    t = unfolding.reshape([s for m, n in zip(in_modes, out_modes, strict=True) for s in (m, n)])
+    t = t.transpose([2 * q + 1 for q in range(d)] + [2 * q for q in range(d)])
+    return t.reshape(math.prod(out_modes), math.prod(in_modes))
+
+
+def np_rel_error(w, approx):
+    return np.linalg.norm(w - approx) / np.linalg.norm(w)
+
+
+def random_tt(in_modes, out_modes, ranks, generator, dtype=torch.float64):
+    return [
+        torch.randn(ranks[k], m, n, ranks[k + 1], generator=generator, dtype=dtype)
+        for k, (m, n) in enumerate(zip(in_modes, out_modes, strict=True))
+    ]
+
+
+def decaying_matrix(out_features, in_features, power, generator):
+    """W = U diag(s) V^T with s_k = k^-power: slowly decaying for small power."""
+    q1, _ = torch.linalg.qr(torch.randn(out_features, out_features, generator=generator).double())
+    q2, _ = torch.linalg.qr(torch.randn(in_features, in_features, generator=generator).double())
+    k = min(out_features, in_features)
+    s = torch.arange(1, k + 1, dtype=torch.float64) ** -power
+    return q1[:, :k] @ torch.diag(s) @ q2[:, :k].T
+
+
+def ranks_of(cores):
+    return (1, *(int(c.shape[3]) for c in cores))
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+# --- TT-SVD ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes"), MODES)
+def test_exact_at_full_rank(in_modes, out_modes, gen):
+    w = torch.randn(math.prod(out_modes), math.prod(in_modes), generator=gen, dtype=torch.float64)
+    cores = tt_svd(w, in_modes, out_modes)
+    assert ranks_of(cores) == max_ranks(in_modes, out_modes)  # a random W has full TT ranks
+    np.testing.assert_allclose(np_dense(cores), w.numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes"), MODES)
+def test_from_dense_layer_matches_dense_layer(in_modes, out_modes, gen):
+    dense = nn.Linear(math.prod(in_modes), math.prod(out_modes), dtype=torch.float64)
+    layer = TTLinear.from_dense(dense, in_modes=in_modes, out_modes=out_modes)
+    x = torch.randn(7, dense.in_features, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-10, atol=1e-12)
+    assert layer.conversion_error is not None and layer.conversion_error < 1e-13
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes", "ranks"),
+    [
+        ((3, 4), (2, 5), (1, 3, 1)),
+        ((2, 3, 2), (3, 2, 4), (1, 2, 5, 1)),
+        ((2, 2, 3, 2), (3, 2, 2, 2), (1, 4, 3, 2, 1)),
+    ],
+)
+def test_recovers_known_ranks(in_modes, out_modes, ranks, gen):
+    # Ranks below the caps, so the rank is a property of W, not of its shape.
+    assert all(
+        r < cap for r, cap in zip(ranks[1:-1], max_ranks(in_modes, out_modes)[1:-1], strict=True)
+    )
+    w = np_dense(random_tt(in_modes, out_modes, ranks, gen))
+    cores = tt_svd(torch.from_numpy(w), in_modes, out_modes)
+    assert ranks_of(cores) == ranks
+    np.testing.assert_allclose(np_dense(cores), w, rtol=0, atol=1e-10 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("rank", [1, 2, 5, 9])
+def test_two_cores_is_eckart_young(rank, gen):
+    in_modes, out_modes = (3, 4), (5, 2)
+    w = torch.randn(10, 12, generator=gen, dtype=torch.float64)
+    cores = tt_svd(w, in_modes, out_modes, rank=rank)
+    # Best rank-r approximation of the bond-1 unfolding, by numpy's SVD.
+    a = np_unfolding(w.numpy(), in_modes, out_modes, 1)
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    best = np_fold((u[:, :rank] * s[:rank]) @ vt[:rank], in_modes, out_modes)
+    np.testing.assert_allclose(np_dense(cores), best, rtol=0, atol=1e-10)
+    expected = np.sqrt(np.sum(s[rank:] ** 2)) / np.linalg.norm(s)
+    assert relative_error(w, cores) == pytest.approx(expected, rel=1e-9, abs=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("eps", [0.02, 0.1, 0.3, 0.6])
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes"),
+    [((4, 6), (6, 4)), ((2, 3, 4), (4, 3, 2)), ((2, 3, 2, 2), (2, 2, 3, 2))],
+)
+def test_eps_bound_slow_decay(in_modes, out_modes, eps, dtype, gen):
+    w = decaying_matrix(math.prod(out_modes), math.prod(in_modes), 0.3, gen).to(dtype)
+    cores = tt_svd(w, in_modes, out_modes, eps=eps)
+    assert np_rel_error(w.double().numpy(), np_dense(cores)) <= eps
+    # Not vacuous: the ranks actually dropped for the loosest bound.
+    if eps == 0.6:
+        assert sum(ranks_of(cores)) < sum(max_ranks(in_modes, out_modes))
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2, 0.5])
+def test_eps_rank_is_the_smallest_within_budget_for_two_cores(eps, gen):
+    in_modes, out_modes = (4, 5), (5, 4)
+    w = decaying_matrix(20, 20, 0.5, gen)
+    cores = tt_svd(w, in_modes, out_modes, eps=eps)
+    s = np.linalg.svd(np_unfolding(w.numpy(), in_modes, out_modes, 1), compute_uv=False)
+    tails = np.sqrt(np.cumsum((s**2)[::-1])[::-1]) / np.linalg.norm(s)
+    smallest = int(np.argmax(tails <= eps)) if (tails <= eps).any() else len(s)
+    assert ranks_of(cores)[1] == smallest
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes"), [((4, 6), (6, 4)), ((2, 3, 4), (4, 3, 2))])
+def test_error_falls_monotonically_with_rank(in_modes, out_modes, gen):
+    w = decaying_matrix(math.prod(out_modes), math.prod(in_modes), 0.7, gen)
+    errors = [
+        np_rel_error(w.numpy(), np_dense(tt_svd(w, in_modes, out_modes, rank=r)))
+        for r in range(1, max(max_ranks(in_modes, out_modes)) + 1)
+    ]
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(errors)), errors
+    assert errors[0] > 0.1 and errors[-1] < 1e-12
+
+
+def test_rank_and_eps_together_smaller_wins(gen):
+    w = decaying_matrix(24, 24, 0.5, gen)
+    by_eps = ranks_of(tt_svd(w, (4, 6), (6, 4), eps=0.1))
+    by_both = ranks_of(tt_svd(w, (4, 6), (6, 4), eps=0.1, rank=3))
+    assert by_eps[1] > 3 and by_both == (1, 3, 1)
+    loose = ranks_of(tt_svd(w, (4, 6), (6, 4), eps=0.9, rank=20))
+    assert loose[1] < 20
+
+
+def test_rank_sequence_and_clipping(gen):
+    w = torch.randn(24, 24, generator=gen, dtype=torch.float64)
+    assert ranks_of(tt_svd(w, (2, 3, 4), (4, 3, 2), rank=[3, 5])) == (1, 3, 5, 1)
+    # Caps (1, 8, 8, 1): an int above them is clipped silently, a sequence with a warning.
+    assert ranks_of(tt_svd(w, (2, 3, 4), (4, 3, 2), rank=1000)) == (1, 8, 8, 1)
+    with pytest.warns(UserWarning, match="clipped"):
+        cores = tt_svd(w, (2, 3, 4), (4, 3, 2), rank=[20, 3])
+    assert ranks_of(cores) == (1, 8, 3, 1)
+
+
+def test_rank_cap_keeps_requested_rank_for_low_rank_source(gen):
+    # Fine-tuning capacity: rank=4 gives rank 4 even when W itself has TT rank 1 ...
+    w = np_dense(random_tt((2, 3, 4), (4, 3, 2), (1, 1, 1, 1), gen))
+    cores = tt_svd(torch.from_numpy(w), (2, 3, 4), (4, 3, 2), rank=4)
+    assert ranks_of(cores) == (1, 4, 4, 1)
+    np.testing.assert_allclose(np_dense(cores), w, rtol=0, atol=1e-12 * np.abs(w).max())
+    # ... while the exact and eps modes find rank 1.
+    assert ranks_of(tt_svd(torch.from_numpy(w), (2, 3, 4), (4, 3, 2))) == (1, 1, 1, 1)
+    assert ranks_of(tt_svd(torch.from_numpy(w), (2, 3, 4), (4, 3, 2), eps=0.01)) == (1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"eps": 0.1}, {"rank": 3}])
+def test_zero_matrix(kwargs):
+    w = torch.zeros(12, 12)
+    cores = tt_svd(w, (2, 2, 3), (3, 2, 2), **kwargs)
+    assert all(torch.isfinite(c).all() for c in cores)
+    assert torch.count_nonzero(tt_to_dense(cores)) == 0
+    if "rank" not in kwargs:
+        assert ranks_of(cores) == (1, 1, 1, 1)
+    assert relative_error(w, cores) == 0.0
+    assert tt_relative_error(cores, cores) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_source(dtype, gen):
+    w = decaying_matrix(24, 24, 0.5, gen)
+    cores = tt_svd(w.to(dtype), (4, 6), (6, 4), eps=0.2)
+    assert all(c.dtype == dtype for c in cores)
+    # The bound holds in float32; casting the cores back adds ~sqrt(d) units of `dtype`.
+    slack = 4 * torch.finfo(dtype).eps
+    assert np_rel_error(w.numpy(), np_dense(cores)) <= 0.2 + slack
+    layer = TTLinear.from_dense(nn.Linear(24, 24, dtype=dtype), rank=4)
+    assert layer.cores[0].dtype == dtype and layer.bias is not None and layer.bias.dtype == dtype
+
+
+def test_float64_stays_float64(gen):
+    w = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    assert all(c.dtype == torch.float64 for c in tt_svd(w, (2, 3), (3, 2), rank=2))
+
+
+@pytest.mark.parametrize(
+    ("matrix", "kwargs", "error", "match"),
+    [
+        (torch.full((6, 6), math.nan), {}, ValueError, "matrix holds NaN or Inf"),
+        (torch.eye(6).index_fill(0, torch.tensor([2]), math.inf), {}, ValueError, "matrix"),
+        (torch.eye(6), {"eps": 0.0}, ValueError, "eps must be"),
+        (torch.eye(6), {"eps": 1.0}, ValueError, "eps must be"),
+        (torch.eye(6), {"eps": -0.1}, ValueError, "eps must be"),
+        (torch.eye(6), {"eps": math.nan}, ValueError, "eps must be"),
+        (torch.eye(6), {"eps": "0.1"}, TypeError, "eps"),
+        (torch.eye(6), {"rank": 0}, ValueError, "rank must be a positive"),
+        (torch.eye(6), {"rank": -2}, ValueError, "rank must be a positive"),
+        (torch.eye(6), {"rank": [2, 2]}, ValueError, "inner bond ranks"),
+        (torch.eye(6), {"rank": 2.5}, TypeError, "rank"),
+        (np.eye(6), {}, TypeError, "matrix must be a tensor"),
+        (torch.ones(6, 6, 1), {}, ValueError, "2-D"),
+        (torch.ones(6, 6, dtype=torch.int64), {}, TypeError, "floating-point"),
+        (torch.eye(6), {"in_modes": (2, 2)}, ValueError, "in_modes must multiply"),
+        (torch.eye(6), {"out_modes": (3, 3)}, ValueError, "out_modes must multiply"),
+        (torch.eye(6), {"in_modes": (6,)}, ValueError, "same length"),
+    ],
+)
+def test_tt_svd_bad_input(matrix, kwargs, error, match):
+    modes = {"in_modes": (2, 3), "out_modes": (3, 2)}
+    modes.update({k: kwargs.pop(k) for k in ("in_modes", "out_modes") if k in kwargs})
+    with pytest.raises(error, match=match):
+        tt_svd(matrix, modes["in_modes"], modes["out_modes"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("source", "error", "match"),
+    [
+        ("weight", TypeError, "nn.Linear or a 2-D"),
+        (torch.ones(4, 4, 4), TypeError, "3-D"),
+        (nn.Conv1d(2, 2, 1), TypeError, "Conv1d"),
+    ],
+)
+def test_from_dense_bad_source(source, error, match):
+    with pytest.raises(error, match=match):
+        TTLinear.from_dense(source)
+
+
+def test_from_dense_nan_weight_named():
+    linear = nn.Linear(8, 8)
+    with torch.no_grad():
+        linear.weight[3, 1] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        TTLinear.from_dense(linear, rank=2)
+
+
+def test_from_dense_carries_bias_dtype_and_is_trainable(gen):
+    dense = nn.Linear(12, 10, dtype=torch.float64)
+    layer = TTLinear.from_dense(dense, 3, in_modes=(3, 4), out_modes=(2, 5))
+    assert layer.ranks == (1, 3, 1) and layer.cores[0].dtype == torch.float64
+    assert layer.bias is not None and torch.equal(layer.bias, dense.bias)
+    assert layer.bias is not dense.bias
+    expected = np_rel_error(dense.weight.detach().numpy(), np_dense(layer.cores))
+    assert layer.conversion_error == pytest.approx(expected, rel=1e-9)
+    # Fine-tunable: gradients reach every core.
+    layer(torch.randn(5, 12, generator=gen, dtype=torch.float64)).square().sum().backward()
+    assert all(
+        c.requires_grad and c.grad is not None and c.grad.abs().sum() > 0 for c in layer.cores
+    )
+
+
+def test_from_dense_tensor_source_has_no_bias(gen):
+    w = torch.randn(10, 12, generator=gen)
+    layer = TTLinear.from_dense(w, eps=0.5, num_cores=2)
+    assert layer.bias is None and layer.num_cores == 2
+    assert layer.conversion_error is not None and 0 < layer.conversion_error <= 0.5
+
+
+def test_to_linear_round_trip(gen):
+    dense = nn.Linear(12, 10, dtype=torch.float64)
+    back = TTLinear.from_dense(dense, in_modes=(3, 4), out_modes=(2, 5)).to_linear()
+    assert isinstance(back, nn.Linear) and back.weight.dtype == torch.float64
+    torch.testing.assert_close(back.weight, dense.weight, rtol=0, atol=1e-13)
+    torch.testing.assert_close(back.bias, dense.bias, rtol=0, atol=0)
+    layer = TTLinear.from_dense(dense, rank=2, in_modes=(3, 4), out_modes=(2, 5))
+    x = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(layer.to_linear()(x), layer(x), rtol=1e-12, atol=1e-12)
+
+
+# --- TT-rounding ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes", "rank"),
+    [((4, 6), (6, 4), 4), ((2, 3, 4), (4, 3, 2), 3), ((2, 3, 2, 2), (2, 2, 3, 2), 4)],
+)
+def test_round_matches_tt_svd_of_dense(in_modes, out_modes, rank, gen):
+    # A full-rank TT of a decaying matrix, rounded, against TT-SVD of the same dense matrix.
+    w = decaying_matrix(math.prod(out_modes), math.prod(in_modes), 0.7, gen)
+    full = tt_svd(w, in_modes, out_modes)
+    rounded = tt_round(full, rank=rank)
+    direct = tt_svd(w, in_modes, out_modes, rank=rank)
+    assert ranks_of(rounded) == ranks_of(direct)
+    e_round = np_rel_error(w.numpy(), np_dense(rounded))
+    e_direct = np_rel_error(w.numpy(), np_dense(direct))
+    assert e_round == pytest.approx(e_direct, rel=0.03)
+
+
+def test_round_removes_redundant_rank_exactly(gen):
+    # A + A written with doubled ranks: rounding with neither argument halves them back.
+    in_modes, out_modes, ranks = (2, 3, 2), (3, 2, 2), (1, 2, 3, 1)
+    a = random_tt(in_modes, out_modes, ranks, gen)
+    doubled = decomposition._tt_difference(a, [-c if k == 0 else c for k, c in enumerate(a)])
+    assert ranks_of(doubled) == (1, 4, 6, 1)
+    rounded = tt_round(doubled)
+    assert ranks_of(rounded) == ranks
+    np.testing.assert_allclose(np_dense(rounded), 2 * np_dense(a), rtol=0, atol=1e-11)
+
+
+def test_round_exact_at_tiny_eps(gen):
+    a = random_tt((2, 3, 2), (3, 2, 2), (1, 3, 4, 1), gen)
+    rounded = tt_round(a, eps=1e-10)
+    assert ranks_of(rounded) == (1, 3, 4, 1)
+    np.testing.assert_allclose(np_dense(rounded), np_dense(a), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_round_eps_bound(eps, dtype, gen):
+    a = random_tt((2, 3, 2, 2), (2, 2, 3, 2), (1, 4, 9, 4, 1), gen, dtype)
+    rounded = tt_round(a, eps=eps)
+    assert all(c.dtype == dtype for c in rounded)
+    assert np_rel_error(np_dense(a), np_dense(rounded)) <= eps
+    assert all(r <= r0 for r, r0 in zip(ranks_of(rounded), ranks_of(a), strict=True))
+
+
+def test_round_clips_overlarge_ranks_to_feasible(gen):
+    # Ranks (1, 9, 1) for modes whose bond cap is 6: plain rounding brings them to the cap.
+    a = random_tt((2, 3), (3, 2), (1, 9, 1), gen)
+    rounded = tt_round(a)
+    assert ranks_of(rounded) == max_ranks((2, 3), (3, 2))
+    np.testing.assert_allclose(np_dense(rounded), np_dense(a), rtol=0, atol=1e-11)
+
+
+def test_round_and_tt_error_never_form_dense(monkeypatch, gen):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("formed the dense matrix")
+
+    monkeypatch.setattr(decomposition, "tt_to_dense", forbidden)
+    a = random_tt((2, 3, 2), (3, 2, 2), (1, 3, 4, 1), gen)
+    rounded = tt_round(a, rank=2)
+    assert tt_relative_error(a, rounded) > 0
+
+
+def test_layer_round(gen):
+    dense = nn.Linear(24, 24, dtype=torch.float64)
+    layer = TTLinear.from_dense(dense, in_modes=(2, 3, 4), out_modes=(4, 3, 2))
+    smaller = layer.round(3)
+    assert smaller is not layer and smaller.ranks == (1, 3, 3, 1) and layer.ranks == (1, 8, 8, 1)
+    assert smaller.bias is not None and torch.equal(smaller.bias, dense.bias)
+    expected = np_rel_error(np_dense(layer.cores), np_dense(smaller.cores))
+    assert smaller.conversion_error == pytest.approx(expected, rel=1e-8)
+    assert layer.round(eps=0.3).conversion_error <= 0.3
+
+
+def test_round_bad_input(gen):
+    a = random_tt((2, 3), (3, 2), (1, 2, 1), gen)
+    with pytest.raises(ValueError, match="eps must be"):
+        tt_round(a, eps=1.5)
+    with pytest.raises(ValueError, match="rank must be a positive"):
+        tt_round(a, rank=0)
+    with pytest.raises(ValueError, match=r"cores\[1\] holds NaN"):
+        tt_round([a[0], torch.full_like(a[1], math.nan)])
+    with pytest.raises(ValueError, match="do not chain"):
+        tt_round([a[0], a[0]])
+    with pytest.raises(TypeError, match="sequence"):
+        tt_round(a[0])
+
+
+# --- error measures -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tt_relative_error_matches_dense(dtype, gen):
+    a = random_tt((2, 3, 2), (3, 2, 2), (1, 3, 4, 1), gen, dtype)
+    b = random_tt((2, 3, 2), (3, 2, 2), (1, 2, 5, 1), gen, dtype)
+    small = [a[0] * (1 + 1e-3), a[1], a[2]]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for other in (b, small):
+        expected = np_rel_error(np_dense(a), np_dense(other))
+        assert tt_relative_error(a, other) == pytest.approx(expected, rel=tol * 100, abs=tol)
+        assert relative_error(torch.from_numpy(np_dense(a)), other) == pytest.approx(
+            expected, rel=tol * 100, abs=tol
+        )
+    assert tt_relative_error(a, a) <= tol
+    with pytest.raises(ValueError, match="same"):
+        tt_relative_error(a, random_tt((3, 2, 2), (3, 2, 2), (1, 2, 2, 1), gen, dtype))
+
+
+def test_error_of_zero_reference():
+    zero = [torch.zeros(1, 2, 2, 1), torch.zeros(1, 2, 2, 1)]
+    one = [torch.ones(1, 2, 2, 1), torch.ones(1, 2, 2, 1)]
+    assert tt_relative_error(zero, zero) == 0.0
+    assert tt_relative_error(zero, one) == math.inf
+    assert relative_error(torch.zeros(4, 4), zero) == 0.0
+
+
+# --- devices --------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda(dtype, gen):
+    w = decaying_matrix(64, 48, 0.5, gen)
+    cores = tt_svd(w.to("cuda", dtype), (4, 3, 4), (4, 4, 4), eps=0.2)
+    assert all(c.device.type == "cuda" and c.dtype == dtype for c in cores)
+    assert np_rel_error(w.numpy(), np_dense(cores)) <= 0.2 + 4 * torch.finfo(dtype).eps
+    rounded = tt_round(cores, rank=3)
+    assert all(c.device.type == "cuda" for c in rounded)
+    layer = TTLinear.from_dense(nn.Linear(48, 64, device="cuda", dtype=dtype), rank=4)
+    assert layer.cores[0].device.type == "cuda" and layer.bias is not None
+    assert layer.bias.device.type == "cuda" and layer.conversion_error is not None
+
+
+def test_docstring_examples():
+    assert doctest.testmod(decomposition).failed == 0

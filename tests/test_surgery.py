@@ -1,0 +1,377 @@
+"""tensorize_: whole-model conversion, selection, tying, atomicity and the report.
+
+Float64 models, so outputs after an exact conversion match the originals to ~1e-12.
+"""
+
+import copy
+import dataclasses
+import doctest
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ttlayers.surgery
+from ttlayers import TensorizeReport, TTLinear, tensorize_
+from ttlayers.surgery import LayerReport, SkippedLayer
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class Net(nn.Module):
+    """Linear layers in a custom module, a ModuleList, a ModuleDict and a Sequential."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(width), Block(width)])
+        self.heads = nn.ModuleDict({"main": nn.Sequential(nn.Linear(width, width), nn.Tanh())})
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.heads["main"](x))
+
+
+LINEAR_NAMES = [
+    "blocks.0.up",
+    "blocks.0.down",
+    "blocks.1.up",
+    "blocks.1.down",
+    "heads.main.0",
+    "out",
+]
+
+
+def make_net(dtype=torch.float64):
+    torch.manual_seed(0)
+    return Net().to(dtype)
+
+
+def snapshot(model):
+    """Module identities and parameter values, to prove a model was left untouched."""
+    return (
+        [(name, id(module)) for name, module in model.named_modules(remove_duplicate=False)],
+        {k: v.clone() for k, v in model.state_dict().items()},
+    )
+
+
+def assert_unchanged(model, before):
+    modules, state = snapshot(model)
+    assert modules == before[0]
+    assert state.keys() == before[1].keys()
+    for key, value in state.items():  # NaN-aware exact equality
+        torch.testing.assert_close(value, before[1][key], rtol=0, atol=0, equal_nan=True)
+
+
+def test_nested_exact_conversion_keeps_outputs():
+    model = make_net()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    expected = model(x)
+    kept = {name: model.get_submodule(name) for name in ("blocks.0.norm", "heads.main.1")}
+    report = tensorize_(model, filter_fn=lambda module, name: True)
+    assert [row.name for row in report.layers] == LINEAR_NAMES
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert all(isinstance(model.get_submodule(name), TTLinear) for name in LINEAR_NAMES)
+    # Modules that are not linear layers are the very same objects.
+    assert all(model.get_submodule(name) is module for name, module in kept.items())
+    torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-12)
+    assert all(row.relative_error < 1e-12 for row in report.layers)
+
+
+def test_default_filter_converts_only_smaller_layers():
+    model = make_net()
+    report = tensorize_(model, rank=3)
+    # out (2 x 16), modes (4, 4) -> (1, 2): 4*3 + 3*4*2 = 36 TT weights, not fewer than 32.
+    assert [row.name for row in report.layers] == LINEAR_NAMES[:-1]
+    assert type(model.out) is nn.Linear
+    assert [skip.name for skip in report.skipped] == ["out"]
+    assert "not fewer than the dense 32" in report.skipped[0].reason
+    for row in report.layers:
+        layer = model.get_submodule(row.name)
+        assert row.ranks == layer.ranks and max(row.ranks) <= 3
+        assert row.params_after == layer.num_parameters < row.params_before
+        assert (row.in_modes, row.out_modes) == (layer.in_modes, layer.out_modes)
+        assert row.params_before == row.in_features * row.out_features + row.out_features
+
+
+def test_report_errors_and_totals_are_right():
+    model = make_net()
+    weights = {
+        name: model.get_submodule(name).weight.detach().numpy().copy() for name in LINEAR_NAMES
+    }
+    before = sum(p.numel() for p in model.parameters())
+    report = tensorize_(model, eps=0.4)
+    for row in report.layers:
+        w = weights[row.name]
+        approx = model.get_submodule(row.name).to_dense().detach().numpy()
+        expected = np.linalg.norm(w - approx) / np.linalg.norm(w)
+        assert row.relative_error == pytest.approx(expected, rel=1e-9)
+        assert 0 < row.relative_error <= 0.4
+    assert report.model_params_before == before
+    assert report.model_params_after == sum(p.numel() for p in model.parameters())
+    assert report.params_before - report.params_after == before - report.model_params_after
+    assert report.compression == pytest.approx(report.params_before / report.params_after)
+
+
+def test_report_prints_a_table():
+    report = tensorize_(make_net(), rank=3)
+    text = str(report)
+    lines = text.splitlines()
+    assert lines[0].startswith("tensorize_: 5 layer(s) converted, 1 skipped")
+    header = next(line for line in lines if line.startswith("layer"))
+    for column in ("in_modes", "out_modes", "ranks", "params", "TT params", "rel. error"):
+        assert column in header
+    for row in report.layers:
+        line = next(line for line in lines if line.startswith(row.name + " "))
+        assert str(row.ranks) in line and f"{row.params_before:,}" in line
+        assert f"{row.relative_error:.2e}" in line
+    total = next(line for line in lines if line.startswith("total"))
+    assert f"{report.params_before:,}" in total and f"{report.params_after:,}" in total
+    assert "skipped:" in lines and any(line.strip().startswith("out ") for line in lines)
+    # Plain dataclasses: easy to log or extend.
+    assert dataclasses.asdict(report)["layers"][0]["name"] == "blocks.0.up"
+    assert isinstance(report.layers[0], LayerReport) and isinstance(report.skipped[0], SkippedLayer)
+
+
+def test_filter_fn_by_name_leaves_the_rest_as_they_were():
+    model = make_net()
+    before = {name: model.get_submodule(name) for name in LINEAR_NAMES}
+    calls = []
+
+    def only_up(module, name):
+        calls.append((type(module), name))
+        return name.endswith(".up")
+
+    report = tensorize_(model, rank=3, filter_fn=only_up)
+    assert sorted(name for _, name in calls) == sorted(LINEAR_NAMES)  # linear layers only
+    assert all(kind is nn.Linear for kind, _ in calls)
+    assert [row.name for row in report.layers] == ["blocks.0.up", "blocks.1.up"]
+    for name in LINEAR_NAMES:
+        converted = name.endswith(".up")
+        assert isinstance(model.get_submodule(name), TTLinear) == converted
+        if not converted:
+            assert model.get_submodule(name) is before[name]
+    assert {skip.reason for skip in report.skipped} == {"not selected by filter_fn"}
+
+
+def test_filter_fn_converts_even_when_larger():
+    model = make_net()
+    report = tensorize_(model, rank=8, filter_fn=lambda m, name: name == "out")
+    assert isinstance(model.out, TTLinear)
+    assert report.layers[0].params_after >= report.layers[0].params_before
+
+
+def test_filter_matching_nothing_lists_the_layers():
+    model = make_net()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"selected no layer.*'blocks\.0\.up'.*'out'"):
+        tensorize_(model, rank=2, filter_fn=lambda module, name: name == "nope")
+    assert_unchanged(model, before)
+
+
+def test_default_filter_matching_nothing_explains_why():
+    model = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 1))
+    with pytest.raises(ValueError, match=r"smaller than the dense.*'0'.*'1'.*larger eps"):
+        tensorize_(model, rank=8)
+
+
+def test_no_linear_layers():
+    model = nn.Sequential(TTLinear(16, 16, 2), nn.ReLU())
+    with pytest.raises(ValueError, match=r"no nn.Linear.*already TTLinear: '0'"):
+        tensorize_(model, rank=2)
+
+
+def test_existing_tt_layers_untouched():
+    tt = TTLinear(16, 16, 2, dtype=torch.float64)
+    model = nn.Sequential(tt, nn.Linear(16, 16, dtype=torch.float64))
+    state = {k: v.clone() for k, v in tt.state_dict().items()}
+    report = tensorize_(model, rank=2)
+    assert model[0] is tt and [row.name for row in report.layers] == ["1"]
+    assert all(torch.equal(v, tt.state_dict()[k]) for k, v in state.items())
+
+
+def test_shared_module_converted_once_and_installed_under_both_names():
+    shared = nn.Linear(16, 16, dtype=torch.float64)
+    model = nn.Sequential()
+    model.add_module("a", shared)
+    model.add_module("act", nn.ReLU())
+    model.add_module("b", shared)
+    report = tensorize_(model, rank=2)
+    assert isinstance(model.a, TTLinear) and model.a is model.b
+    assert len(report.layers) == 1 and report.layers[0].aliases == ("b",)
+    assert report.model_params_after == report.layers[0].params_after
+    assert "a = b" in str(report)
+
+
+def test_shared_parameter_skipped_by_default_converted_by_filter_with_warning():
+    # Tied embedding and output projection, as in GPT-2: two modules, one Parameter.
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.body = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 32, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = LM()
+    report = tensorize_(model, rank=2)
+    assert type(model.head) is nn.Linear and model.head.weight is model.embed.weight
+    skip = next(skip for skip in report.skipped if skip.name == "head")
+    assert "shared with 'embed.weight'" in skip.reason
+    with pytest.warns(UserWarning, match="no longer tied"):
+        tensorize_(model, rank=2, filter_fn=lambda module, name: name == "head")
+    assert isinstance(model.head, TTLinear)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_atomic_on_bad_weight(bad):
+    model = make_net()
+    with torch.no_grad():
+        model.heads["main"][0].weight[1, 2] = bad  # a late layer: earlier ones convert fine
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"cannot tensorize layer 'heads\.main\.0'.*NaN or Inf"):
+        tensorize_(model, rank=2)
+    assert_unchanged(model, before)
+
+
+def test_atomic_on_bad_rank_sequence():
+    # A rank sequence for 2 cores; blocks.*.up (16 -> 32) gets 2 cores, but with num_cores=3
+    # every layer has 3, so the first layer fails and nothing changes.
+    model = make_net()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"cannot tensorize layer 'blocks\.0\.up'.*inner bond"):
+        tensorize_(model, rank=[2], num_cores=3)
+    assert_unchanged(model, before)
+
+
+def test_atomic_when_a_swap_fails():
+    class Refuses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def __setattr__(self, name, value):
+            if isinstance(value, TTLinear):
+                raise RuntimeError("read-only container")
+            super().__setattr__(name, value)
+
+    model = nn.Sequential(nn.Linear(16, 16), Refuses())
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="read-only"):
+        tensorize_(model, rank=2)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"eps": 1.5}, ValueError, "eps must be"),
+        ({"eps": 0.0}, ValueError, "eps must be"),
+        ({"rank": 0}, ValueError, "rank must be a positive"),
+        ({"rank": -3}, ValueError, "rank must be a positive"),
+        ({"rank": "8"}, TypeError, "rank must be"),
+        ({"num_cores": 0}, ValueError, "num_cores"),
+        ({"num_cores": "3"}, TypeError, "num_cores"),
+        ({"filter_fn": "up"}, TypeError, "filter_fn"),
+    ],
+)
+def test_bad_arguments_leave_model_alone(kwargs, error, match):
+    model = make_net()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        tensorize_(model, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        tensorize_(torch.ones(3), rank=2)
+
+
+def test_root_linear_and_multihead_attention_are_skipped():
+    with pytest.raises(ValueError, match="from_dense"):
+        tensorize_(nn.Linear(16, 16), rank=2)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2)
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    model = Attn()
+    report = tensorize_(model, rank=2, filter_fn=lambda module, name: True)
+    assert [row.name for row in report.layers] == ["fc"]
+    assert "MultiheadAttention" in report.skipped[0].reason
+    model(torch.randn(3, 1, 16))  # still runs
+
+
+def test_gradients_flow_into_new_cores_and_train():
+    model = make_net()
+    tensorize_(model, rank=3)
+    x, target = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    loss = nn.functional.mse_loss(model(x), target)
+    loss.backward()
+    core = model.blocks[0].up.cores[0]
+    assert core.requires_grad and core.grad is not None and core.grad.abs().sum() > 0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    optimizer.step()
+    assert nn.functional.mse_loss(model(x), target) < loss
+
+
+def test_training_mode_requires_grad_and_state_dict():
+    model = make_net()
+    model.eval()
+    model.blocks[0].up.weight.requires_grad_(False)
+    tensorize_(model, rank=2)
+    assert not model.blocks[0].up.training
+    assert not any(c.requires_grad for c in model.blocks[0].up.cores)
+    assert all(c.requires_grad for c in model.blocks[0].down.cores)
+    # The converted model round-trips through a state_dict.
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(model.state_dict())
+    x = torch.randn(2, 16, dtype=torch.float64)
+    torch.testing.assert_close(clone(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model(dtype):
+    model = make_net(dtype)
+    report = tensorize_(model, eps=0.5)
+    assert all(c.dtype == dtype for c in model.blocks[0].up.cores)
+    assert all(row.relative_error <= 0.5 + 0.01 for row in report.layers)
+
+
+def test_returns_report_type():
+    assert isinstance(tensorize_(make_net(), rank=2), TensorizeReport)
+
+
+@requires_cuda
+def test_cuda_model():
+    model = make_net(torch.float32).cuda()
+    x = torch.randn(4, 16, device="cuda")
+    expected = model(x)
+    tensorize_(model, filter_fn=lambda module, name: True)
+    layer = model.blocks[0].up
+    assert layer.cores[0].device.type == "cuda" and layer.bias.device.type == "cuda"
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_docstring_examples():
+    assert doctest.testmod(ttlayers.surgery).failed == 0
