@@ -285,3 +285,12 @@ def test_cuda_forward_backward_matches_cpu():
     x = torch.randn(9, 64, dtype=torch.float64)
     gpu = copy.deepcopy(layer).cuda()
     torch.testing.assert_close(gpu(x.cuda()).cpu(), layer(x))
+
+
+def test_round_keeps_training_mode_and_bias():
+    torch.manual_seed(0)
+    layer = TTLinear(24, 12, 4, num_cores=2).eval()
+    rounded = layer.round(rank=2)
+    assert not rounded.training
+    assert rounded.ranks == (1, 2, 1)
+    torch.testing.assert_close(rounded.bias, layer.bias)

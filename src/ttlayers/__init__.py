@@ -5,11 +5,13 @@ from ttlayers.decomposition import tt_round, tt_svd
 from ttlayers.init import tt_normal_
 from ttlayers.linear import TTLinear
 from ttlayers.shapes import factorize, max_ranks, suggest_modes
-from ttlayers.surgery import TensorizeReport, tensorize_
+from ttlayers.surgery import LayerReport, SkippedLayer, TensorizeReport, tensorize_
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerReport",
+    "SkippedLayer",
     "TTLinear",
     "TensorizeReport",
     "__version__",

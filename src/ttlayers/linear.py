@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ttlayers import decomposition
-from ttlayers.contraction import core_shapes, plan_forward, run_plan, tt_to_dense
+from ttlayers.contraction import core_shapes, tt_linear, tt_to_dense
 from ttlayers.init import tt_normal_
 from ttlayers.shapes import num_parameters, resolve_ranks, validate_modes
 
@@ -34,9 +34,9 @@ class TTLinear(nn.Module):
     ``x.reshape(*batch, *in_modes)`` splits an input correctly. The layer stores
     ``sum_k r_k m_k n_k r_{k+1}`` numbers instead of ``prod_k m_k n_k``.
 
-    The forward pass contracts the input with all the cores as one einsum network, in an
-    order planned once per input shape by opt_einsum (which may rebuild ``W`` first when the
-    batch is large).
+    The forward pass is :func:`ttlayers.contraction.tt_linear`: a plan chosen once per input
+    shape, dtype and device by the cost model of :mod:`ttlayers.planner` (rebuild ``W`` and
+    multiply once, multiply by two merged blocks of cores, or a pairwise einsum chain).
 
     Args:
         in_features: Size of each input sample.
@@ -48,7 +48,7 @@ class TTLinear(nn.Module):
             when omitted. Factors of 1 are allowed.
         out_modes: ``d`` factors of ``out_features``; chosen likewise when omitted.
         num_cores: ``d`` when both modes are omitted; default
-            :func:`ttlayers.default_num_cores`.
+            :func:`ttlayers.shapes.default_num_cores`.
         bias: If ``False``, the layer learns no additive bias. Default: ``True``.
         device: Device of the parameters.
         dtype: Dtype of the parameters.
@@ -145,6 +145,8 @@ class TTLinear(nn.Module):
 
         Raises:
             ValueError: If the last dimension of ``input`` is not ``in_features``.
+            TypeError: If ``input`` has another dtype than the cores, outside ``torch.autocast``
+                (inside, autocast chooses the dtype, as for ``nn.Linear``).
         """
         if input.dim() == 0 or input.shape[-1] != self.in_features:
             raise ValueError(
@@ -152,15 +154,17 @@ class TTLinear(nn.Module):
                 f"shape {tuple(input.shape)} with last dimension "
                 f"{input.shape[-1] if input.dim() else 'none (0-d tensor)'}."
             )
-        batch_shape = input.shape[:-1]
-        batch = math.prod(batch_shape)
-        x = input.reshape(batch, *self.in_modes)  # (B, m_1, ..., m_d)
-        plan = plan_forward(batch, self.in_modes, self.out_modes, self.ranks)
-        y = run_plan(plan, [x, *self.cores])  # (B, n_1, ..., n_d)
-        y = y.reshape(*batch_shape, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        dtype = self.cores[0].dtype
+        if input.dtype != dtype and not torch.is_autocast_enabled(input.device.type):
+            raise TypeError(
+                f"TTLinear expected input of dtype {dtype}, the dtype of its cores; got "
+                f"{input.dtype}. Convert the input with .to({dtype}) or the layer with "
+                f".to({input.dtype}), or run under torch.autocast."
+            )
+        # The contraction order is planned per input shape, dtype and device by
+        # ttlayers.planner; under autocast, input, cores and bias all take the autocast dtype,
+        # so the output keeps it, as nn.Linear's does.
+        return tt_linear(input, list(self.cores), self.bias)
 
     def to_dense(self) -> torch.Tensor:
         """The weight ``W`` the cores represent, shape ``(out_features, in_features)``.
@@ -337,7 +341,7 @@ class TTLinear(nn.Module):
             bias = None if self.bias is None else self.bias.detach()
             layer = type(self).from_cores(rounded, bias)
             layer.conversion_error = decomposition.tt_relative_error(cores, rounded)
-        return layer
+        return layer.train(self.training)
 
     def _load_from_state_dict(
         self,
@@ -350,20 +354,26 @@ class TTLinear(nn.Module):
         error_msgs: list[str],
     ) -> None:
         # The cores' shapes record the ranks: a checkpoint of the same modes but other ranks
-        # (say, converted with eps) is adopted by resizing the cores before the copy.
-        incoming = [state_dict.get(f"{prefix}cores.{k}") for k in range(self.num_cores)]
-        if all(isinstance(t, torch.Tensor) for t in incoming):
-            tensors = [t for t in incoming if t is not None]
+        # (say, converted with eps) is adopted by resizing the cores before the copy. Every
+        # check comes first, so a checkpoint that does not fit leaves this layer untouched.
+        name = prefix.rstrip(".") or "<root>"
+        core_prefix = f"{prefix}cores."
+        count = sum(
+            key.startswith(core_prefix) and key[len(core_prefix) :].isdigit() for key in state_dict
+        )
+        found = [state_dict.get(f"{core_prefix}{k}") for k in range(count)]
+        tensors = [t for t in found if isinstance(t, torch.Tensor)]
+        if count and len(tensors) == count:
             try:
                 in_modes, out_modes, _ = core_shapes(tensors)
             except ValueError as error:
-                raise ValueError(f"cannot load TTLinear '{prefix}': {error}") from None
+                raise ValueError(f"cannot load TTLinear '{name}': {error}") from None
             if (in_modes, out_modes) != (self.in_modes, self.out_modes):
                 raise ValueError(
-                    f"cannot load TTLinear '{prefix.rstrip('.') or '<root>'}': the checkpoint has "
-                    f"in_modes={in_modes}, out_modes={out_modes}, this layer "
-                    f"in_modes={self.in_modes}, out_modes={self.out_modes}. Build the layer "
-                    "with the checkpoint's modes."
+                    f"cannot load TTLinear '{name}': the checkpoint has {count} cores with "
+                    f"in_modes={in_modes}, out_modes={out_modes}; this layer has "
+                    f"{self.num_cores} with in_modes={self.in_modes}, "
+                    f"out_modes={self.out_modes}. Build the layer with the checkpoint's modes."
                 )
             for param, tensor in zip(self.cores, tensors, strict=True):
                 if param.shape != tensor.shape:
