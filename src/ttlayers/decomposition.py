@@ -114,6 +114,11 @@ def _check_cores(
     return shapes
 
 
+def _norm(tensor: torch.Tensor) -> float:
+    """Frobenius norm accumulated in float64: float32 squares overflow past about 1e19."""
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+
+
 # --- truncation ----------------------------------------------------------------------------
 
 
@@ -228,7 +233,7 @@ def tt_svd(
     # (n_1..n_d, m_1..m_d) -> (m_1, n_1, m_2, n_2, ..., m_d, n_d): core k's middle dims.
     pairs = [axis for k in range(d) for axis in (d + k, k)]
     rest = work.reshape(*out_modes_t, *in_modes_t).permute(pairs).reshape(1, -1)
-    tolerance = _bond_tolerance(eps, d, float(torch.linalg.vector_norm(work)), work.dtype)
+    tolerance = _bond_tolerance(eps, d, _norm(work), work.dtype)
     exact = rank is None and eps is None
 
     cores: list[torch.Tensor] = []
@@ -301,7 +306,7 @@ def tt_round(
     dtype = cores[0].dtype
     d = len(cores)
     work = _orthogonalize_right([core.detach().to(_working_dtype(dtype)) for core in cores])
-    norm = float(torch.linalg.vector_norm(work[0]))
+    norm = _norm(work[0])
     tolerance = _bond_tolerance(eps, d, norm, work[0].dtype)
     exact = rank is None and eps is None
     for k in range(d - 1):
@@ -351,8 +356,8 @@ def relative_error(matrix: torch.Tensor, cores: Sequence[torch.Tensor]) -> float
                 f"cores represent a matrix of shape {tuple(dense.shape)}, but matrix has shape "
                 f"{tuple(reference.shape)}."
             )
-        difference = float(torch.linalg.vector_norm(reference - dense))
-        return _ratio(difference, float(torch.linalg.vector_norm(reference)))
+        difference = _norm(reference - dense)
+        return _ratio(difference, _norm(reference))
 
 
 def _tt_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -402,6 +407,6 @@ def tt_relative_error(reference: Sequence[torch.Tensor], cores: Sequence[torch.T
         device = reference[0].device
         a = [core.detach().to(device, dtype) for core in reference]
         b = [core.detach().to(device, dtype) for core in cores]
-        difference = torch.linalg.vector_norm(_orthogonalize_right(_tt_difference(a, b))[0])
-        norm = torch.linalg.vector_norm(_orthogonalize_right(a)[0])
+        difference = _norm(_orthogonalize_right(_tt_difference(a, b))[0])
+        norm = _norm(_orthogonalize_right(a)[0])
         return _ratio(float(difference), float(norm))
