@@ -95,6 +95,7 @@ def test_extreme_scales_convert_without_overflow_or_nan(dtype, scale, conversion
 # Beyond what issue 7 asks: float32 weights of 1e20 are representable, but their squares are not
 # (float32 overflows at 3.4e38), so every norm the decomposition takes must accumulate in float64;
 # with float32 norms the eps tolerance became inf and eps=0.3 silently truncated to rank 1.
+@pytest.mark.parametrize("conversion", CONVERSIONS, ids=["exact", "eps", "rank"])
 def test_float32_weights_whose_squares_overflow(conversion):
     _check_conversion(torch.float32, 1e20, conversion)
 
