@@ -1,5 +1,6 @@
 """ttlayers: Tensor-Train (TT / MPO) layers for PyTorch."""
 
+from ttlayers.calibration import ActivationStatistics, TTFit, fit_tt
 from ttlayers.contraction import tt_to_dense
 from ttlayers.decomposition import tt_round, tt_svd
 from ttlayers.init import tt_normal_
@@ -10,12 +11,15 @@ from ttlayers.surgery import LayerReport, SkippedLayer, TensorizeReport, tensori
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationStatistics",
     "LayerReport",
     "SkippedLayer",
+    "TTFit",
     "TTLinear",
     "TensorizeReport",
     "__version__",
     "factorize",
+    "fit_tt",
     "max_ranks",
     "suggest_modes",
     "tensorize_",

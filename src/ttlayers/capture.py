@@ -1,0 +1,250 @@
+"""Running calibration data through a model and capturing a layer's inputs, with hooks.
+
+The model is never modified: converted layers are substituted during a pass by a forward
+hook on the original module that returns the converted layer's output instead, and every
+hook is removed, and every module's training flag restored, when the pass ends (also on
+error). Passes run under ``torch.no_grad()`` in eval mode, so dropout is off and batch-norm
+statistics are not updated.
+
+A pass for one layer stops right after that layer's last call (by an exception caught here),
+so capturing the inputs of an early layer costs only the front of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ttlayers.calibration import ActivationStatistics
+
+__all__ = ["ActivationCapture", "check_calibration"]
+
+_HOW = (
+    "A tensor batch is passed as model(batch), a tuple or list as model(*batch), a dict as "
+    "model(**batch); for a loader of (input, target) pairs pass [x for x, _ in loader]."
+)
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once the layer of interest has seen its input."""
+
+
+def check_calibration(calibration: object) -> Iterable[Any]:
+    """Check the ``calibration`` argument and return something to iterate over many times.
+
+    Args:
+        calibration: A tensor (one batch), a list or tuple of batches, or a re-iterable such
+            as a ``torch.utils.data.DataLoader``. A batch is a tensor, a tuple/list of
+            positional arguments, or a dict of keyword arguments of the model.
+
+    Returns:
+        A re-iterable of batches.
+
+    Raises:
+        TypeError: For a one-shot iterator (a generator), which cannot be replayed for every
+            layer, or an object that is not iterable.
+        ValueError: For an empty collection.
+    """
+    if isinstance(calibration, torch.Tensor):
+        return [calibration]
+    if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
+        raise TypeError(
+            "calibration must be a tensor (one batch), a list of batches or a DataLoader; got "
+            f"{type(calibration).__name__}."
+        )
+    if isinstance(calibration, Iterator):
+        raise TypeError(
+            "calibration must be re-iterable (a list, a tuple or a DataLoader): it is run once "
+            f"per converted layer, and a one-shot {type(calibration).__name__} cannot be "
+            "replayed. Wrap it in list(...)."
+        )
+    if isinstance(calibration, Sequence) and len(calibration) == 0:
+        raise ValueError("calibration holds no batches; pass at least one batch of inputs.")
+    return calibration
+
+
+def _call(model: nn.Module, batch: object) -> None:
+    if isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+@contextlib.contextmanager
+def _calibrating(model: nn.Module) -> Iterator[None]:
+    """No grad, eval mode; restore every module's training flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+class ActivationCapture:
+    """Feeds calibration batches to a model and collects one layer's input statistics.
+
+    Use the methods inside ``with capture.session():``, which puts the model in eval mode
+    without gradients and restores every module's training flag at the end.
+
+    Args:
+        model: The model (left unmodified).
+        calibration: See :func:`check_calibration`.
+
+    Attributes:
+        substitutes: Original module -> converted layer; during a "converted" pass each
+            original module's output is replaced by its substitute's output on the same input.
+    """
+
+    def __init__(self, model: nn.Module, calibration: object) -> None:
+        self.model = model
+        self.batches = check_calibration(calibration)
+        self.substitutes: dict[nn.Module, nn.Module] = {}
+        self._calls: dict[nn.Module, int] = {}
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        """The context in which passes run (no grad, eval mode, flags restored)."""
+        return _calibrating(self.model)
+
+    def _pass(self, index: int, batch: object, handles: list[Any]) -> None:
+        """Run one batch with the given hooks installed; always remove them."""
+        try:
+            _call(self.model, batch)
+        except _StopForward:
+            pass
+        except Exception as error:
+            raise ValueError(
+                f"calibration batch {index} failed in the model's forward pass: "
+                f"{type(error).__name__}: {error}. {_HOW}"
+            ) from error
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def order(self, modules: Sequence[nn.Module], names: Sequence[str]) -> list[int]:
+        """The forward order of ``modules`` on the first batch; checks that each is called.
+
+        Args:
+            modules: The layers to convert.
+            names: Their names, for messages.
+
+        Returns:
+            Indices into ``modules``, in the order of their first call.
+
+        Raises:
+            ValueError: If the batch fails in the model, or a module is never called.
+        """
+        first: dict[nn.Module, int] = {}
+        calls: dict[nn.Module, int] = dict.fromkeys(modules, 0)
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            first.setdefault(module, len(first))
+            calls[module] += 1
+
+        for index, batch in enumerate(self.batches):
+            self._pass(index, batch, [module.register_forward_hook(hook) for module in modules])
+            break
+        missing = [name for module, name in zip(modules, names, strict=True) if module not in first]
+        if missing:
+            raise ValueError(
+                "calibration data never reached layer(s) "
+                + ", ".join(repr(name) for name in missing)
+                + "; exclude them with filter_fn, or pass inputs that use them."
+            )
+        self._calls = calls
+        return sorted(range(len(modules)), key=lambda k: first[modules[k]])
+
+    def _inputs(
+        self, index: int, batch: object, target: nn.Module, substitute: bool
+    ) -> torch.Tensor | None:
+        """The target's inputs on one batch, all its calls' rows stacked; ``None`` if not called."""
+        seen: list[torch.Tensor] = []
+        stop = self._calls.get(target, 0) == 1  # a single call: nothing after it matters
+
+        def grab(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise TypeError("a layer to convert was called without a tensor input.")
+            seen.append(args[0].detach())
+            if stop:
+                raise _StopForward
+
+        handles = []
+        if substitute:
+            for original, layer in self.substitutes.items():
+
+                def swap(
+                    module: nn.Module, args: tuple[Any, ...], output: Any, layer: nn.Module = layer
+                ) -> Any:
+                    return layer(args[0])
+
+                handles.append(original.register_forward_hook(swap))
+        # A pre-hook: it sees the input even if this very module is substituted.
+        handles.append(target.register_forward_pre_hook(grab))
+        self._pass(index, batch, handles)
+        if not seen:
+            return None
+        rows = [x.reshape(-1, x.shape[-1]) for x in seen]
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    def statistics(
+        self, target: nn.Module, in_features: int, device: torch.device, *, paired: bool
+    ) -> ActivationStatistics:
+        """Input statistics of ``target`` over all calibration batches.
+
+        Args:
+            target: The layer.
+            in_features: Its input width.
+            device: Where to accumulate (the layer's device).
+            paired: If true, the inputs are taken with the substitutes in place and the
+                original model's inputs to the same layer are the reference; if false, the
+                original model's inputs only.
+
+        Returns:
+            The :class:`ActivationStatistics`.
+
+        Raises:
+            ValueError: If a batch fails in the model, its activations hold NaN/Inf, or two
+                passes over one batch disagree in shape.
+        """
+        stats = ActivationStatistics(in_features, paired=paired, device=device)
+        for index, batch in enumerate(self.batches):
+            try:
+                self._accumulate(stats, index, batch, target, paired)
+            except ValueError as error:
+                if str(error).startswith("calibration batch"):
+                    raise
+                raise ValueError(f"calibration batch {index}: {error}") from error
+        return stats
+
+    def _accumulate(
+        self,
+        stats: ActivationStatistics,
+        index: int,
+        batch: object,
+        target: nn.Module,
+        paired: bool,
+    ) -> None:
+        """Add one batch's inputs of ``target`` to ``stats``."""
+        reference = self._inputs(index, batch, target, substitute=False)
+        if not paired:
+            if reference is not None:
+                stats.update(reference)
+            return
+        x = self._inputs(index, batch, target, substitute=True)
+        if (x is None) != (reference is None) or (
+            x is not None and reference is not None and x.shape != reference.shape
+        ):
+            raise ValueError(
+                "the model's activations differ in shape between two passes over the same "
+                "calibration batch; calibration needs a deterministic forward pass."
+            )
+        if x is not None:
+            stats.update(x, reference)

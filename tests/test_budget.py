@@ -1,0 +1,228 @@
+"""One parameter budget for many layers: candidate shapes, spectra, the greedy allocation.
+
+Reference for spectra: numpy SVDs of the bond unfoldings. Reference for errors: the errors
+TT-SVD actually reaches at the chosen shapes and ranks.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ttlayers import tensorize_, tt_svd, tt_to_dense
+from ttlayers.budget import (
+    RankChoice,
+    allocate,
+    allocate_evenly,
+    bond_spectra,
+    candidate_shapes,
+    layer_options,
+)
+from ttlayers.calibration import ActivationStatistics, fit_tt
+from ttlayers.shapes import max_ranks, num_parameters
+
+F64 = torch.float64
+
+
+def matrix_with_spectrum(out_features, in_features, decay, seed):
+    """A random matrix whose singular values fall as ``exp(-decay * i)``."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(out_features, out_features, dtype=F64, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(in_features, in_features, dtype=F64, generator=g))
+    k = min(out_features, in_features)
+    s = torch.exp(-decay * torch.arange(k, dtype=F64))
+    return (u[:, :k] * s) @ v[:, :k].T
+
+
+def tt_svd_error(w, choice):
+    cores = tt_svd(w, choice.in_modes, choice.out_modes, rank=list(choice.ranks[1:-1]))
+    return float((w - tt_to_dense(cores)).norm() / w.norm())
+
+
+def np_unfolding(w, in_modes, out_modes, k):
+    d = len(in_modes)
+    t = w.reshape(*out_modes, *in_modes).transpose([a for q in range(d) for a in (d + q, q)])
+    return t.reshape(math.prod(m * n for m, n in zip(in_modes[:k], out_modes[:k], strict=True)), -1)
+
+
+def test_candidate_shapes_start_with_plain_low_rank():
+    shapes = candidate_shapes(784, 256, (2, 3))
+    assert shapes[0] == ((1, 784), (256, 1))
+    assert len(shapes) == len(set(shapes)) == 3
+    for in_modes, out_modes in shapes:
+        assert math.prod(in_modes) == 784 and math.prod(out_modes) == 256
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes"), [((1, 12), (10, 1)), ((2, 3, 2), (3, 1, 4))])
+def test_bond_spectra_match_numpy_unfoldings(in_modes, out_modes):
+    w = torch.randn(math.prod(out_modes), math.prod(in_modes), dtype=F64)
+    spectra = bond_spectra(w, in_modes, out_modes)
+    for k, s in enumerate(spectra, start=1):
+        reference = np.linalg.svd(np_unfolding(w.numpy(), in_modes, out_modes, k), compute_uv=False)
+        np.testing.assert_allclose(s.numpy(), reference, rtol=1e-10, atol=1e-12)
+
+
+def test_low_rank_error_estimates_are_exact():
+    w = matrix_with_spectrum(20, 30, 0.2, seed=0)
+    options = layer_options(w, shapes=[((1, 30), (20, 1))])
+    for option in options[:10]:
+        assert option.parameters == num_parameters(option.in_modes, option.out_modes, option.ranks)
+        assert option.error == pytest.approx(tt_svd_error(w, option), rel=1e-8, abs=1e-12)
+
+
+def test_tt_error_estimates_bound_tt_svd():
+    w = torch.randn(16, 18, dtype=F64, generator=torch.Generator().manual_seed(1))
+    for option in layer_options(w, shapes=[((2, 3, 3), (2, 4, 2))]):
+        assert tt_svd_error(w, option) <= option.error * (1 + 1e-9) + 1e-12
+        assert all(
+            r <= cap
+            for r, cap in zip(
+                option.ranks, max_ranks(option.in_modes, option.out_modes), strict=True
+            )
+        )
+
+
+def test_calibrated_low_rank_estimate_is_the_fitted_output_error():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(12, 16, dtype=F64, generator=g)
+    x = torch.randn(400, 16, dtype=F64, generator=g) * torch.logspace(0, -2, 16, dtype=F64)
+    stats = ActivationStatistics.from_inputs(x)
+    options = layer_options(
+        w, statistics=stats, center=False, ridge=1e-12, shapes=[((1, 16), (12, 1))]
+    )
+    option = options[4]
+    rank = list(option.ranks[1:-1])
+    fit = fit_tt(w, stats, option.in_modes, option.out_modes, rank=rank, ridge=1e-12)
+    assert option.error == pytest.approx(fit.output_error, rel=1e-5)
+
+
+LAYERS = [  # different spectra: one easy, one hard, one in between, different shapes
+    matrix_with_spectrum(64, 64, 0.30, seed=3),
+    matrix_with_spectrum(64, 64, 0.02, seed=4),
+    matrix_with_spectrum(48, 96, 0.08, seed=5),
+]
+
+
+@pytest.mark.parametrize("budget", [1500, 4000, 9000])
+def test_allocation_meets_the_budget_within_one_step(budget):
+    options = [layer_options(w) for w in LAYERS]
+    choices = allocate(options, budget)
+    spent = sum(c.parameters for c in choices)
+    assert spent <= budget
+    # Within one rank step: no layer could take its next cheaper rank step and still fit.
+    largest_step = max(w.shape[0] + w.shape[1] for w in LAYERS)
+    assert budget - spent <= largest_step
+
+
+@pytest.mark.parametrize("budget", [4000, 8000])
+def test_allocation_beats_uniform_ranks(budget):
+    options = [layer_options(w) for w in LAYERS]
+    choices = allocate(options, budget)
+    chosen_error = sum(tt_svd_error(w, c) ** 2 for w, c in zip(LAYERS, choices, strict=True))
+    assert sum(c.parameters for c in choices) <= budget
+    # Uniform: the same plain low rank everywhere, as large as the budget allows.
+    rank = max(r for r in range(1, 64) if sum(r * sum(w.shape) for w in LAYERS) <= budget)
+    uniform = [
+        RankChoice((1, w.shape[1]), (w.shape[0], 1), (1, rank, 1), rank * sum(w.shape), 0.0)
+        for w in LAYERS
+    ]
+    uniform_error = sum(tt_svd_error(w, c) ** 2 for w, c in zip(LAYERS, uniform, strict=True))
+    assert chosen_error < 0.8 * uniform_error
+
+
+def test_allocation_rejects_impossible_budgets():
+    options = [layer_options(w) for w in LAYERS]
+    with pytest.raises(ValueError, match="budget"):
+        allocate(options, 10)
+    with pytest.raises(ValueError, match="no options"):
+        allocate([[]], 100)
+    with pytest.raises(TypeError, match="budget"):
+        allocate(options, 100.0)
+
+
+# --- tensorize_(compression= / params=) ---------------------------------------------------
+
+
+def mlp(widths=(64, 96, 64, 10), seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in itertools.pairwise(widths):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).double()
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_tensorize_compression_meets_the_budget(calibrated):
+    model = mlp()
+    dense = sum(p.numel() for p in model.parameters())
+    x = torch.randn(200, 64, dtype=F64)
+    report = tensorize_(model, compression=4.0, calibration=x if calibrated else None)
+    assert report.budget == int(dense / 4.0)
+    assert report.params_before == dense
+    assert report.params_after <= report.budget
+    assert report.params_after >= 0.9 * report.budget
+    assert "budget" in str(report)
+    if calibrated:
+        assert all(row.output_error <= row.tt_svd_output_error for row in report.layers)
+
+
+def test_tensorize_params_budget_and_num_cores():
+    model = mlp()
+    report = tensorize_(model, params=6000, num_cores=3, filter_fn=lambda m, n: n != "4")
+    assert report.params_after <= 6000
+    assert all(len(row.in_modes) == 3 for row in report.layers)
+    assert [row.name for row in report.layers] == ["0", "2"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kind", "match"),
+    [
+        ({"compression": 4.0, "params": 100}, ValueError, "either"),
+        ({"compression": 4.0, "rank": 3}, ValueError, "cannot be combined"),
+        ({"compression": 0.5}, ValueError, "compression"),
+        ({"compression": "4"}, TypeError, "compression"),
+        ({"params": 5.0}, TypeError, "params"),
+        ({"params": 100}, ValueError, "bias"),
+        ({"params": 200}, ValueError, "budget"),
+    ],
+)
+def test_tensorize_bad_budgets_leave_the_model_alone(kwargs, kind, match):
+    model = mlp()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(kind, match=match):
+        tensorize_(model, **kwargs)
+    assert all(isinstance(m, (nn.Linear, nn.ReLU, nn.Sequential)) for m in model.modules())
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_allocate_evenly_keeps_every_layer_within_its_share():
+    options = [layer_options(w) for w in LAYERS]
+    shares = [1000, 1000, 1500]
+    choices = allocate_evenly(options, shares)
+    for choice, share, layer in zip(choices, shares, options, strict=True):
+        assert choice.parameters <= share
+        assert choice.error == min(o.error for o in layer if o.parameters <= share)
+    with pytest.raises(ValueError, match="budget"):
+        allocate_evenly(options, [1, 1000, 1000])
+    with pytest.raises(ValueError, match="one entry per layer"):
+        allocate_evenly(options, [1000])
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_tensorize_even_allocation_compresses_every_layer(calibrated):
+    model = mlp()
+    x = torch.randn(200, 64, dtype=F64)
+    report = tensorize_(
+        model,
+        compression=4.0,
+        allocation="even",
+        filter_fn=lambda m, n: n != "4",
+        calibration=x if calibrated else None,
+    )
+    assert all(row.compression >= 4.0 for row in report.layers)
+    with pytest.raises(ValueError, match="allocation"):
+        tensorize_(mlp(), compression=4.0, allocation="uniform")

@@ -1,0 +1,495 @@
+"""Data-aware fitting of TT cores: statistics, the fit's guarantees, and bad inputs.
+
+References are independent float64 computations: outputs ``X W^T`` formed directly, and the
+closed-form weighted low-rank approximation (Cholesky of the covariance, SVD of ``W L``).
+Tolerances: errors computed from moments agree with direct ones to ~1e-9 relative (float64
+sums of a few hundred rows); "exact" recoveries are checked at 1e-6.
+"""
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ttlayers import TTLinear, tensorize_, tt_svd, tt_to_dense
+from ttlayers.calibration import (
+    ActivationStatistics,
+    _objective,
+    _sweeps,
+    fit_tt,
+    weighted_problem,
+)
+
+F64 = torch.float64
+
+# (in_modes, out_modes, rank): plain low rank, d = 2 and 3 with odd modes, modes of 1.
+CASES = [
+    ((1, 12), (10, 1), 3),
+    ((3, 4), (5, 2), 2),
+    ((4, 3), (2, 5), 3),
+    ((2, 3, 2), (3, 1, 4), 2),
+    ((2, 2, 3), (2, 3, 2), 3),
+]
+
+
+def anisotropic_inputs(n, width, generator, decay=2.0, shift=0.0):
+    """Rows with a covariance whose eigenvalues fall over ``decay`` decades, random axes."""
+    basis, _ = torch.linalg.qr(torch.randn(width, width, dtype=F64, generator=generator))
+    scales = torch.logspace(0, -decay, width, dtype=F64)
+    return torch.randn(n, width, dtype=F64, generator=generator) * scales @ basis.T + shift
+
+
+def direct_error(x, w, b, cores, tt_bias, x_ref=None):
+    """``||X W_tt^T + b_tt - (X° W^T + b)||_F / ||X° W^T + b||_F``, formed directly."""
+    x_ref = x if x_ref is None else x_ref
+    y = x_ref @ w.T + (0 if b is None else b)
+    y_tt = x @ tt_to_dense(cores).to(F64).T + (0 if tt_bias is None else tt_bias)
+    return float(torch.linalg.vector_norm(y_tt - y) / torch.linalg.vector_norm(y))
+
+
+# --- statistics ----------------------------------------------------------------------------
+
+
+def test_statistics_accumulate_float64_sums():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 5, generator=g)
+    b = torch.randn(2, 3, 5, generator=g)
+    stats = ActivationStatistics(5)
+    stats.update(a)
+    stats.update(b)
+    x = torch.cat([a, b.reshape(-1, 5)]).to(F64)
+    assert stats.count == 13
+    assert stats.input_gram.dtype == F64
+    torch.testing.assert_close(stats.input_gram, x.T @ x)
+    torch.testing.assert_close(stats.input_sum, x.sum(0))
+
+
+def test_paired_statistics_hold_cross_moment():
+    g = torch.Generator().manual_seed(1)
+    x, x_ref = torch.randn(9, 4, dtype=F64, generator=g), torch.randn(9, 4, dtype=F64, generator=g)
+    stats = ActivationStatistics.from_inputs(x, x_ref)
+    assert stats.paired
+    torch.testing.assert_close(stats.cross_gram, x.T @ x_ref)
+    torch.testing.assert_close(stats.reference_gram, x_ref.T @ x_ref)
+
+
+@pytest.mark.parametrize(
+    ("batch", "match"),
+    [
+        (torch.randn(3, 6), "in_features=5"),
+        (torch.tensor(1.0), "in_features=5"),
+        (torch.full((2, 5), math.nan), "NaN"),
+        (torch.ones(2, 5, dtype=torch.int64), "floating point"),
+    ],
+)
+def test_statistics_reject_bad_batches(batch, match):
+    stats = ActivationStatistics(5)
+    kind = TypeError if match == "floating point" else ValueError
+    with pytest.raises(kind, match=match):
+        stats.update(batch)
+    assert stats.count == 0
+
+
+def test_statistics_pairing_must_be_consistent():
+    with pytest.raises(ValueError, match="paired"):
+        ActivationStatistics(3).update(torch.randn(2, 3), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="paired"):
+        ActivationStatistics(3, paired=True).update(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="shape of inputs"):
+        ActivationStatistics(3, paired=True).update(torch.randn(2, 3), torch.randn(3, 3))
+
+
+# --- the fit -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes", "rank"), CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fit_never_worse_than_tt_svd_and_errors_are_exact(in_modes, out_modes, rank, with_bias):
+    g = torch.Generator().manual_seed(2)
+    n_in, n_out = math.prod(in_modes), math.prod(out_modes)
+    w = torch.randn(n_out, n_in, dtype=F64, generator=g)
+    b = torch.randn(n_out, dtype=F64, generator=g) if with_bias else None
+    x = anisotropic_inputs(300, n_in, g, shift=0.5 if with_bias else 0.0)
+    fit = fit_tt(w, ActivationStatistics.from_inputs(x), in_modes, out_modes, rank=rank, bias=b)
+    plain = tt_svd(w, in_modes, out_modes, rank=rank)
+    assert fit.output_error <= fit.output_error_start
+    assert fit.output_error < 0.9 * fit.output_error_start  # anisotropic data: a real gain
+    # The reported errors are the ones measured directly.
+    assert fit.output_error == pytest.approx(direct_error(x, w, b, fit.cores, fit.bias), rel=1e-9)
+    assert fit.output_error_start == pytest.approx(direct_error(x, w, b, plain, b), rel=1e-9)
+    dense = tt_to_dense(fit.cores)
+    assert fit.weight_error == pytest.approx(float((dense - w).norm() / w.norm()), rel=1e-9)
+    assert [tuple(c.shape) for c in fit.cores] == [tuple(c.shape) for c in plain]
+
+
+def test_plain_low_rank_is_the_closed_form_weighted_svd():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(10, 12, dtype=F64, generator=g)
+    x = anisotropic_inputs(200, 12, g)
+    ridge = 1e-3
+    fit = fit_tt(w, ActivationStatistics.from_inputs(x), (1, 12), (10, 1), rank=4, ridge=ridge)
+    c = x.T @ x / x.shape[0]
+    c = c + ridge * torch.diagonal(c).mean() * torch.eye(12, dtype=F64)
+    chol = torch.linalg.cholesky(c)
+    u, s, vh = torch.linalg.svd(w @ chol)
+    reference = (u[:, :4] * s[:4]) @ vh[:4] @ torch.linalg.inv(chol)
+    torch.testing.assert_close(tt_to_dense(fit.cores), reference, rtol=1e-8, atol=1e-10)
+    assert fit.chosen == "whitened tt-svd"
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes", "rank"), [((1, 12), (10, 1), 3), ((3, 4), (5, 2), 2)]
+)
+def test_whitened_inputs_reduce_to_tt_svd(in_modes, out_modes, rank):
+    # X^T X / N = I exactly: the output error is the weight error, and for two cores TT-SVD
+    # is optimal (Eckart-Young), so the fit must return it.
+    g = torch.Generator().manual_seed(4)
+    n_in, n_out = math.prod(in_modes), math.prod(out_modes)
+    w = torch.randn(n_out, n_in, dtype=F64, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(64, n_in, dtype=F64, generator=g))
+    x = q * math.sqrt(64)
+    fit = fit_tt(w, ActivationStatistics.from_inputs(x), in_modes, out_modes, rank=rank)
+    plain = tt_to_dense(tt_svd(w, in_modes, out_modes, rank=rank))
+    torch.testing.assert_close(tt_to_dense(fit.cores), plain, rtol=1e-7, atol=1e-9)
+    assert fit.output_error == pytest.approx(fit.weight_error, rel=1e-7)
+    assert fit.weight_error == pytest.approx(fit.weight_error_start, rel=1e-7)
+
+
+def test_whitened_inputs_three_cores_stay_at_tt_svd_quality():
+    # For d > 2 TT-SVD is only quasi-optimal; ALS may improve it a little, never worsen it.
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(12, 12, dtype=F64, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(48, 12, dtype=F64, generator=g))
+    fit = fit_tt(
+        w, ActivationStatistics.from_inputs(q * math.sqrt(48)), (2, 3, 2), (2, 3, 2), rank=3
+    )
+    assert fit.weight_error <= fit.weight_error_start
+    assert fit.weight_error > 0.9 * fit.weight_error_start
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes", "rank"), [((4, 4), (4, 4), 3), ((2, 3, 2), (2, 4, 2), 3)]
+)
+def test_low_dimensional_inputs_are_recovered_where_tt_svd_fails(in_modes, out_modes, rank):
+    # W = (a rank-`rank` TT matrix) + (noise that no input sees), inputs in a 3-dimensional
+    # subspace. The outputs are those of the TT part alone, which the fit finds; TT-SVD sees
+    # the noise and cannot. (With a subspace wider than the rank, ALS can stall short of the
+    # exact solution: the problem is non-convex.)
+    g = torch.Generator().manual_seed(6)
+    n_in, n_out = math.prod(in_modes), math.prod(out_modes)
+    tt_part = tt_to_dense(
+        tt_svd(torch.randn(n_out, n_in, dtype=F64, generator=g), in_modes, out_modes, rank=rank)
+    )
+    subspace, _ = torch.linalg.qr(torch.randn(n_in, 3, dtype=F64, generator=g))
+    noise = 3 * torch.randn(n_out, n_in, dtype=F64, generator=g)
+    w = tt_part + noise @ (torch.eye(n_in, dtype=F64) - subspace @ subspace.T)
+    x = torch.randn(400, 3, dtype=F64, generator=g) @ subspace.T
+    stats = ActivationStatistics.from_inputs(x)
+    fit = fit_tt(w, stats, in_modes, out_modes, rank=rank, ridge=1e-10, sweeps=6)
+    assert fit.output_error_start > 0.1
+    assert fit.output_error < 1e-5
+    assert direct_error(x, w, None, fit.cores, None) < 1e-5
+
+
+def test_paired_fit_compensates_an_upstream_distortion():
+    # The converted model feeds x = x° A^T; the original layer computed W x°. A full-rank TT
+    # fit of the paired objective finds W A^{-1}, restoring the original outputs exactly.
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(6, 8, dtype=F64, generator=g)
+    a = torch.eye(8, dtype=F64) + 0.3 * torch.randn(8, 8, dtype=F64, generator=g)
+    x_ref = torch.randn(200, 8, dtype=F64, generator=g)
+    x = x_ref @ a.T
+    stats = ActivationStatistics.from_inputs(x, x_ref)
+    fit = fit_tt(w, stats, (2, 4), (2, 3), rank=8, ridge=0.0)
+    assert fit.output_error_start > 0.1
+    assert direct_error(x, w, None, fit.cores, None, x_ref) < 1e-6
+    # Paired errors come from an expansion that cancels: accurate to ~sqrt(float64 eps).
+    assert fit.output_error < 1e-6
+
+
+def test_als_sweeps_decrease_the_objective_monotonically():
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(12, 18, dtype=F64, generator=g)
+    stats = ActivationStatistics.from_inputs(anisotropic_inputs(300, 18, g))
+    problem = weighted_problem(w, stats, (3, 2, 3))
+    start = problem.whiten_cores(tt_svd(w, (3, 2, 3), (2, 3, 2), rank=3))
+    for max_direct in (10_000, 0):  # Cholesky, then conjugate gradients
+        values = [_objective(start, problem)]
+        values += [_objective(c, problem) for c in _sweeps(start, problem, 3, max_direct, 5)]
+        assert all(b <= a + 1e-9 * abs(a) for a, b in itertools.pairwise(values))
+        assert values[-1] < values[0]
+
+
+def test_conjugate_gradient_path_matches_direct_solves():
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(12, 12, dtype=F64, generator=g)
+    stats = ActivationStatistics.from_inputs(anisotropic_inputs(200, 12, g))
+    direct = fit_tt(w, stats, (3, 4), (4, 3), rank=3, sweeps=3)
+    iterative = fit_tt(w, stats, (3, 4), (4, 3), rank=3, sweeps=3, max_direct=0, cg_steps=50)
+    assert iterative.output_error == pytest.approx(direct.output_error, rel=1e-4)
+
+
+def test_fit_keeps_dtype_and_refits_bias_in_float32():
+    g = torch.Generator().manual_seed(10)
+    w = torch.randn(8, 6, generator=g)
+    b = torch.randn(8, generator=g)
+    stats = ActivationStatistics.from_inputs(torch.randn(50, 6, generator=g) + 2.0)
+    fit = fit_tt(w, stats, (2, 3), (4, 2), rank=2, bias=b)
+    assert all(c.dtype == torch.float32 for c in fit.cores)
+    assert fit.bias is not None and fit.bias.dtype == torch.float32
+
+
+def test_rank_deficient_inputs_fall_back_to_the_weight():
+    # A dead input (always 0) is unconstrained by the data; the ridge keeps W's column there.
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(4, 6, dtype=F64, generator=g)
+    x = torch.randn(100, 6, dtype=F64, generator=g)
+    x[:, 2] = 0.0
+    fit = fit_tt(w, ActivationStatistics.from_inputs(x), (1, 6), (4, 1), rank=4)
+    torch.testing.assert_close(tt_to_dense(fit.cores)[:, 2], w[:, 2], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kind", "match"),
+    [
+        ({"ridge": -1.0}, ValueError, "ridge"),
+        ({"sweeps": -1}, ValueError, "sweeps"),
+        ({"rank": 0}, ValueError, "rank"),
+        ({"bias": torch.zeros(3, dtype=F64)}, ValueError, "bias"),
+    ],
+)
+def test_fit_rejects_bad_options(kwargs, kind, match):
+    stats = ActivationStatistics.from_inputs(torch.randn(20, 6, dtype=F64))
+    arguments = {"rank": 2, **kwargs}
+    with pytest.raises(kind, match=match):
+        fit_tt(torch.randn(4, 6, dtype=F64), stats, (2, 3), (2, 2), **arguments)
+
+
+def test_fit_rejects_mismatched_or_empty_statistics():
+    w = torch.randn(4, 6, dtype=F64)
+    with pytest.raises(ValueError, match="width 5"):
+        fit_tt(w, ActivationStatistics.from_inputs(torch.randn(3, 5)), (2, 3), (2, 2), rank=2)
+    with pytest.raises(ValueError, match="no samples"):
+        fit_tt(w, ActivationStatistics(6), (2, 3), (2, 2), rank=2)
+    w[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fit_tt(w, ActivationStatistics.from_inputs(torch.randn(3, 6)), (2, 3), (2, 2), rank=2)
+
+
+# --- one layer: TTLinear.from_dense(inputs=) ---------------------------------------------
+
+
+def test_from_dense_with_inputs_fits_the_outputs():
+    g = torch.Generator().manual_seed(12)
+    linear = nn.Linear(24, 16).double()
+    x = anisotropic_inputs(300, 24, g, shift=1.0)
+    plain = TTLinear.from_dense(linear, 3, in_modes=(4, 6), out_modes=(4, 4))
+    fitted = TTLinear.from_dense(linear, 3, in_modes=(4, 6), out_modes=(4, 4), inputs=x)
+    streamed = TTLinear.from_dense(
+        linear, 3, in_modes=(4, 6), out_modes=(4, 4), inputs=ActivationStatistics.from_inputs(x)
+    )
+    with torch.no_grad():
+        y = linear(x)
+        plain_error = (plain(x) - y).norm() / y.norm()
+        fitted_error = (fitted(x) - y).norm() / y.norm()
+        torch.testing.assert_close(streamed(x), fitted(x))
+    assert fitted.ranks == plain.ranks
+    assert fitted_error < 0.7 * plain_error
+    assert fitted.conversion_error is not None and fitted.conversion_error > 0
+
+
+# --- whole models: tensorize_(calibration=) ----------------------------------------------
+
+
+class Reversed(nn.Module):
+    """Registers its layers in the reverse of the order it calls them, with a dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second = nn.Linear(32, 8)
+        self.first = nn.Linear(16, 32)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.drop(torch.relu(self.first(x))))
+
+
+def calibration_data(n=256, width=16, seed=13):
+    g = torch.Generator().manual_seed(seed)
+    return anisotropic_inputs(n, width, g, shift=0.3)
+
+
+def snapshot(model):
+    return (
+        [(name, id(module)) for name, module in model.named_modules()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [module.training for module in model.modules()],
+    )
+
+
+def assert_unchanged(model, before):
+    after = snapshot(model)
+    assert after[0] == before[0]
+    assert after[2] == before[2]
+    for key, value in after[1].items():
+        torch.testing.assert_close(value, before[1][key], rtol=0, atol=0, equal_nan=True)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_tensorize_calibrated_beats_tt_svd_in_forward_order(capsys):
+    torch.manual_seed(0)
+    model = Reversed().double().train()
+    reference = copy.deepcopy(model)
+    plain = copy.deepcopy(model)
+    x = calibration_data()
+    tensorize_(plain, rank=3, num_cores=2)
+    report = tensorize_(model, rank=3, num_cores=2, calibration=[x[:100], x[100:]], progress=True)
+    assert [row.name for row in report.layers] == ["second", "first"]  # model order
+    progress = capsys.readouterr().err.splitlines()
+    assert "[1/2] first" in progress[0] and "[2/2] second" in progress[1]  # forward order
+    assert model.training and model.drop.training  # flags restored
+    for row in report.layers:
+        assert row.output_error <= row.tt_svd_output_error
+        assert row.tt_svd_error is not None and row.relative_error > 0
+    assert report.calibration_samples == 256
+    text = str(report)
+    assert "out. error" in text and "calibrated on 256 samples" in text
+    model.eval(), plain.eval(), reference.eval()
+    with torch.no_grad():
+        y = reference(x)
+        assert (model(x) - y).norm() < 0.5 * (plain(x) - y).norm()
+
+
+def test_tensorize_calibrated_later_layers_see_converted_inputs():
+    # The report's output error of the second layer is measured on the inputs it gets after
+    # the first layer was converted: recompute it directly.
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)).double()
+    reference = copy.deepcopy(model)
+    x = calibration_data()
+    report = tensorize_(model, rank=2, num_cores=2, calibration=x)
+    with torch.no_grad():
+        h = torch.tanh(model[0](x))
+        y = reference[2](torch.tanh(reference[0](x)))
+        measured = float((model[2](h) - y).norm() / y.norm())
+    assert report.layers[1].output_error == pytest.approx(measured, rel=1e-6, abs=1e-9)
+
+
+def test_calibration_accepts_tuple_dict_and_dataloader_batches():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+
+        def forward(self, x, scale=1.0):
+            return self.a(x) * scale
+
+    x = calibration_data()
+    for calibration in (
+        [(x, 2.0)],
+        [{"x": x, "scale": 2.0}],
+        torch.utils.data.DataLoader(x, batch_size=64),
+    ):
+        model = TwoInputs().double()
+        report = tensorize_(model, rank=2, calibration=calibration, filter_fn=lambda m, n: True)
+        assert report.calibration_samples == 256
+
+
+@pytest.mark.parametrize(
+    ("calibration", "kind", "match"),
+    [
+        (torch.randn(8, 5, dtype=F64), ValueError, "calibration batch 0 failed"),
+        ([torch.randn(8, 16, dtype=F64), torch.randn(8, 7, dtype=F64)], ValueError, "batch 1"),
+        (torch.full((8, 16), math.nan, dtype=F64), ValueError, "NaN"),
+        ((x for x in [torch.randn(8, 16, dtype=F64)]), TypeError, "re-iterable"),
+        ([], ValueError, "no batches"),
+        ("text", TypeError, "calibration must be"),
+    ],
+)
+def test_bad_calibration_leaves_the_model_untouched(calibration, kind, match):
+    torch.manual_seed(2)
+    model = Reversed().double().train()
+    before = snapshot(model)
+    with pytest.raises(kind, match=match):
+        tensorize_(model, rank=2, calibration=calibration, filter_fn=lambda m, n: True)
+    assert_unchanged(model, before)
+
+
+def test_nan_activations_name_the_layer():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).double()
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.inf  # finite inputs, NaN/Inf activations at layer 1
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"layer '1'.*NaN"):
+        tensorize_(model, rank=2, calibration=calibration_data(), filter_fn=lambda m, n: n == "1")
+    assert_unchanged(model, before)
+
+
+def test_layer_the_data_never_reach_is_an_error():
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(16, 16)
+            self.unused = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Unused().double()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"never reached layer.*'unused'"):
+        tensorize_(model, rank=2, calibration=calibration_data(), filter_fn=lambda m, n: True)
+    assert_unchanged(model, before)
+
+
+def test_shared_module_called_twice_is_calibrated_on_both_calls():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.layer(torch.tanh(self.layer(x)))
+
+    model = Twice().double()
+    report = tensorize_(model, rank=2, num_cores=2, calibration=calibration_data())
+    assert report.calibration_samples == 2 * 256
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model_is_calibrated_on_its_device():
+    torch.manual_seed(3)
+    model = Reversed().cuda()
+    x = calibration_data().float().cuda()
+    stats = ActivationStatistics.from_inputs(x)
+    assert stats.input_gram.device.type == "cuda" and stats.input_gram.dtype == F64
+    report = tensorize_(model, rank=3, num_cores=2, calibration=[x[:128], x[128:]])
+    assert all(core.device.type == "cuda" for core in model.first.cores)
+    assert model.first.cores[0].dtype == torch.float32
+    for row in report.layers:
+        assert row.output_error <= row.tt_svd_output_error
+    budgeted = Reversed().cuda()
+    report = tensorize_(budgeted, compression=3.0, calibration=x)
+    assert report.params_after <= report.budget
+    with torch.no_grad():
+        assert torch.isfinite(budgeted(x)).all()
+
+
+def test_calibrated_default_selection_skips_layers_that_would_grow():
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).double()
+    report = tensorize_(model, rank=8, num_cores=2, calibration=calibration_data())
+    assert [row.name for row in report.layers] == ["0"]
+    assert report.skipped[0].name == "2" and "not fewer than the dense" in report.skipped[0].reason
+    assert isinstance(model[2], nn.Linear) and isinstance(model[0], TTLinear)
+
+
+def test_from_dense_rejects_bad_inputs():
+    linear = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="in_features=8"):
+        TTLinear.from_dense(linear, 2, num_cores=2, inputs=torch.randn(10, 7))
+    with pytest.raises(ValueError, match="NaN"):
+        TTLinear.from_dense(linear, 2, num_cores=2, inputs=torch.full((10, 8), math.nan))
