@@ -1,140 +1,45 @@
 """Contracting a TT matrix with an input, or with itself into the dense weight.
 
-The forward pass of a TT layer is one einsum network over the input and all the cores.
-Its cost depends heavily on the order of the pairwise contractions, so the order is planned
-once per input shape with opt_einsum and then replayed as a fixed list of two-operand
-``torch.einsum`` calls: no path search on the hot path (``torch.einsum`` with more than
-two operands searches a path on every call), and nothing for ``torch.compile`` to trip on.
+:func:`tt_linear` computes ``y = x W^T + b`` for the TT matrix ``W`` of a chain of cores, by
+the plan that :mod:`ttlayers.planner` chooses for the input's shape, dtype and device (or one
+given): contract the cores into ``W`` and multiply once (``"dense"``), contract them into two
+blocks and multiply by each (``"twoblock"``, with the hand-written backward pass of
+:mod:`ttlayers.autograd`), or replay opt_einsum's FLOP-optimal order as two-operand
+``torch.einsum`` calls (``"chain"``). Every plan is a fixed sequence of tensor operations with
+no search on the hot path and nothing for ``torch.compile`` to break the graph on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import lru_cache
+import math
+from collections.abc import Callable, Sequence
 
-import opt_einsum
 import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["ContractionPlan", "core_shapes", "plan_dense", "plan_forward", "run_plan", "tt_to_dense"]
+from ttlayers.autograd import TwoBlockLayout, TwoBlockProduct, two_block_forward
+from ttlayers.planner import Plan, plan_table
+
+__all__ = [
+    "autocast_enabled",
+    "core_shapes",
+    "merge_cores",
+    "rank_middle_block",
+    "run_chain",
+    "select_plan",
+    "tt_linear",
+    "tt_to_dense",
+]
 
 
-@dataclass(frozen=True)
-class ContractionPlan:
-    """A fixed order of pairwise contractions for one einsum network.
+def autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type``.
 
-    Attributes:
-        steps: One ``(i, j, equation)`` per contraction: operands ``i < j`` of the current
-            list are removed, contracted by ``torch.einsum(equation, a, b)``, and the result is
-            appended, as in opt_einsum's path format.
-        flops: opt_einsum's estimate of the floating-point operations of this order.
-        equation: The whole network as one einsum string, for reference and tests.
+    ``False`` for device types that have no autocast (``meta``), where
+    ``torch.is_autocast_enabled`` would raise.
     """
-
-    steps: tuple[tuple[int, int, str], ...]
-    flops: int
-    equation: str
-
-
-def _symbols(d: int) -> tuple[str, list[str], list[str], list[str]]:
-    """Einsum letters: batch, d input modes, d output modes, d + 1 ranks."""
-    letters = [opt_einsum.get_symbol(k) for k in range(3 * d + 2)]
-    return letters[0], letters[1 : d + 1], letters[d + 1 : 2 * d + 1], letters[2 * d + 1 :]
-
-
-def _core_terms(inp: list[str], out: list[str], rank: list[str]) -> list[str]:
-    return [rank[k] + inp[k] + out[k] + rank[k + 1] for k in range(len(inp))]
-
-
-def _build_plan(terms: list[str], output: str, shapes: list[tuple[int, ...]]) -> ContractionPlan:
-    equation = ",".join(terms) + "->" + output
-    strategy = "optimal" if len(terms) <= 7 else "dp"
-    path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=strategy)
-    current = list(terms)
-    steps: list[tuple[int, int, str]] = []
-    for position in path:
-        if len(position) == 1:
-            # A lone operand (d = 1 without an input): einsum sums its size-1 ranks on the way.
-            (i,) = position
-            term = current.pop(i)
-            current.append(term)
-            continue
-        i, j = sorted(position)
-        right, left = current.pop(j), current.pop(i)
-        if current:
-            keep = set(output).union(*current)
-            result = "".join(dict.fromkeys(c for c in left + right if c in keep))
-        else:
-            result = output
-        steps.append((i, j, f"{left},{right}->{result}"))
-        current.append(result)
-    assert current == [output] or not steps, (current, output)
-    return ContractionPlan(tuple(steps), int(info.opt_cost), equation)
-
-
-@lru_cache(maxsize=256)
-def plan_forward(
-    batch: int, in_modes: tuple[int, ...], out_modes: tuple[int, ...], ranks: tuple[int, ...]
-) -> ContractionPlan:
-    """Plan ``y[b, n_1..n_d] = sum x[b, m_1..m_d] G_1[r_0, m_1, n_1, r_1] ... G_d[...]``.
-
-    Operand 0 is the input reshaped to ``(batch, *in_modes)``; operands ``1..d`` are the
-    cores. The result has shape ``(batch, *out_modes)``. Cached per argument tuple.
-    """
-    d = len(in_modes)
-    b, inp, out, rank = _symbols(d)
-    terms = [b + "".join(inp), *_core_terms(inp, out, rank)]
-    shapes = [(batch, *in_modes)] + [
-        (ranks[k], in_modes[k], out_modes[k], ranks[k + 1]) for k in range(d)
-    ]
-    return _build_plan(terms, b + "".join(out), shapes)
-
-
-@lru_cache(maxsize=256)
-def plan_dense(
-    in_modes: tuple[int, ...], out_modes: tuple[int, ...], ranks: tuple[int, ...]
-) -> ContractionPlan:
-    """Plan the contraction of the cores alone into ``W[n_1..n_d, m_1..m_d]``."""
-    d = len(in_modes)
-    _, inp, out, rank = _symbols(d)
-    terms = _core_terms(inp, out, rank)
-    shapes = [(ranks[k], in_modes[k], out_modes[k], ranks[k + 1]) for k in range(d)]
-    return _build_plan(terms, "".join(out) + "".join(inp), shapes)
-
-
-def run_plan(plan: ContractionPlan, operands: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Execute ``plan`` on ``operands``; differentiable, compile-friendly."""
-    current = list(operands)
-    if not plan.steps:
-        # One operand and nothing to pair it with: let einsum apply the whole equation.
-        return torch.einsum(plan.equation, current[0])
-    for i, j, equation in plan.steps:
-        right, left = current.pop(j), current.pop(i)
-        current.append(torch.einsum(equation, left, right))
-    return current[0]
-
-
-def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Contract TT-matrix cores into the dense matrix they represent.
-
-    Args:
-        cores: ``d`` tensors, core ``k`` of shape ``(r_k, m_k, n_k, r_{k+1})`` with
-            ``r_0 = r_d = 1``.
-
-    Returns:
-        ``W`` of shape ``(prod n_k, prod m_k)`` with
-        ``W[i, j] = G_1[:, j_1, i_1, :] G_2[:, j_2, i_2, :] ... G_d[:, j_d, i_d, :]``, where
-        ``i`` and ``j`` are the row-major multi-indices of the output and input positions.
-
-    Raises:
-        ValueError: If the cores are not 4-D or their ranks do not chain.
-    """
-    in_modes, out_modes, ranks = core_shapes(cores)
-    plan = plan_dense(in_modes, out_modes, ranks)
-    out_features = 1
-    for n in out_modes:
-        out_features *= n
-    return run_plan(plan, cores).reshape(out_features, -1)
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def core_shapes(
@@ -164,3 +69,285 @@ def core_shapes(
     in_modes = tuple(int(core.shape[1]) for core in cores)
     out_modes = tuple(int(core.shape[2]) for core in cores)
     return in_modes, out_modes, tuple(int(r) for r in ranks)
+
+
+def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract neighbouring cores into one block core.
+
+    Args:
+        cores: ``k >= 1`` cores of shapes ``(r_a, m_1, n_1, r_1)``, ...,
+            ``(r_{k-1}, m_k, n_k, r_b)``.
+
+    Returns:
+        The block of shape ``(r_a, m_1 ... m_k, n_1 ... n_k, r_b)``, its modes merged in
+        row-major order, so it is itself a core of the chain with the merged cores replaced.
+        One core is returned as it is.
+    """
+    block = cores[0]
+    for core in cores[1:]:
+        block = _merge_pair(block, core, (0, 1, 3, 2, 4, 5), "core")
+    return block
+
+
+def _merge_pair(
+    block: torch.Tensor, core: torch.Tensor, order: tuple[int, ...], layout: str
+) -> torch.Tensor:
+    """``block (ra, m, n, r)`` times ``core (r, p, q, rb)``, permuted and reshaped (one copy).
+
+    ``order`` permutes the axes ``(ra, m, n, p, q, rb)`` of the product; ``layout`` names the
+    result: ``"core"``, ``(ra, m p, n q, rb)``, or ``"rank-middle"``, ``(m p, ra rb, n q)``.
+    """
+    ra, m, n, r = block.shape
+    _, p, q, rb = core.shape
+    product = torch.mm(block.reshape(ra * m * n, r), core.reshape(r, p * q * rb))
+    permuted = product.view(ra, m, n, p, q, rb).permute(order)
+    if layout == "core":
+        return permuted.reshape(ra, m * p, n * q, rb)
+    return permuted.reshape(m * p, ra * rb, n * q)
+
+
+def rank_middle_block(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The block of the left or the right end of a chain, laid out ``(M, r, N)``.
+
+    Args:
+        cores: Neighbouring cores whose merged block has one boundary rank equal to 1 (the
+            first ``s`` cores of a chain, or the last ``d - s``).
+
+    Returns:
+        ``B[m, a, n]``, the block's modes merged row-major and its one inner bond ``a`` in the
+        middle; contiguous, from one copy.
+    """
+    if len(cores) == 1:
+        ra, m, n, rb = cores[0].shape
+        return cores[0].permute(1, 0, 3, 2).reshape(m, ra * rb, n)
+    # Axes of the product (ra, m, n, p, q, rb) ordered (m, p, ra, rb, n, q): one of ra and
+    # rb is 1, so this is (M, r, N) for a block at either end.
+    block = merge_cores(cores[:-1])
+    return _merge_pair(block, cores[-1], (1, 3, 0, 5, 2, 4), "rank-middle")
+
+
+def _dense_block(cores: Sequence[torch.Tensor], split: int) -> torch.Tensor:
+    """All cores merged, the left ``split`` and the rest first: ``(1, M, N, 1)``."""
+    if 0 < split < len(cores):
+        return merge_cores([merge_cores(cores[:split]), merge_cores(cores[split:])])
+    return merge_cores(cores)
+
+
+def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract TT-matrix cores into the dense matrix they represent.
+
+    Args:
+        cores: ``d`` tensors, core ``k`` of shape ``(r_k, m_k, n_k, r_{k+1})`` with
+            ``r_0 = r_d = 1``.
+
+    Returns:
+        ``W`` of shape ``(prod n_k, prod m_k)`` with
+        ``W[i, j] = G_1[:, j_1, i_1, :] G_2[:, j_2, i_2, :] ... G_d[:, j_d, i_d, :]``, where
+        ``i`` and ``j`` are the row-major multi-indices of the output and input positions.
+
+    Raises:
+        ValueError: If the cores are not 4-D or their ranks do not chain.
+    """
+    in_modes, out_modes, _ = core_shapes(cores)
+    block = _dense_block(cores, len(cores) // 2)
+    return block.reshape(math.prod(in_modes), math.prod(out_modes)).t().contiguous()
+
+
+def run_chain(plan: Plan, operands: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Execute a ``"chain"`` plan's pairwise einsums on the input and the cores."""
+    current = list(operands)
+    for i, j, equation in plan.steps:
+        right, left = current.pop(j), current.pop(i)
+        current.append(torch.einsum(equation, left, right))
+    return current[0]
+
+
+# --- the three kinds of plan --------------------------------------------------------------------
+
+
+def _run_dense(
+    x: torch.Tensor,
+    cores: Sequence[torch.Tensor],
+    bias: torch.Tensor | None,
+    plan: Plan,
+    batch: int,
+) -> torch.Tensor:
+    block = _dense_block(cores, plan.split)  # (1, M, N, 1)
+    weight = block.reshape(block.shape[1], block.shape[2])  # (M, N): W^T, no copy
+    return F.linear(x, weight.t(), bias)
+
+
+def _run_twoblock(
+    x: torch.Tensor,
+    cores: Sequence[torch.Tensor],
+    bias: torch.Tensor | None,
+    plan: Plan,
+    batch: int,
+) -> torch.Tensor:
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or any(core.requires_grad for core in cores)
+        or (bias is not None and bias.requires_grad)
+    )
+    if needs_grad or torch.compiler.is_compiling():
+        left, right = _rank_middle_blocks(cores, plan.split)
+    else:
+        left, right = _cached_blocks(cores, plan.split)
+    m1, _, n1 = left.shape  # (M1, r, N1)
+    m2, _, n2 = right.shape  # (M2, r, N2)
+    first, second = (right, left) if plan.first == "right" else (left, right)
+    keep = batch <= plan.save_max_batch
+    layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, keep, plan.chunks)
+    if not needs_grad:
+        # Inference: the forward alone, without an autograd.Function around it.
+        return two_block_forward(x, first, second, bias, layout._replace(keep=False))[0]
+    y, _ = TwoBlockProduct.apply(x, first, second, bias, layout)  # type: ignore[no-untyped-call]
+    return y  # type: ignore[no-any-return]
+
+
+def _rank_middle_blocks(
+    cores: Sequence[torch.Tensor], split: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rank_middle_block(cores[:split]), rank_middle_block(cores[split:])
+
+
+# Inference on the CPU reuses the blocks while the cores are unchanged: at small batches,
+# merging the cores costs more than the product itself. An entry is keyed weakly by the first
+# core (it goes with the layer) and holds copies of all cores; it is used only if every core
+# still equals its copy (torch.equal: exact, and cheap next to a merge), so no change made to
+# the cores, in place, through .data or by reassignment, can go unseen.
+_block_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _cached_blocks(cores: Sequence[torch.Tensor], split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if cores[0].device.type != "cpu":  # a comparison would wait for the device
+        return _rank_middle_blocks(cores, split)
+    entry = _block_cache.get(cores[0])  # type: ignore[no-untyped-call]
+    if (
+        entry is not None
+        and entry[0] == split
+        and len(entry[1]) == len(cores)
+        and all(
+            c.dtype == saved.dtype and torch.equal(c, saved)
+            for c, saved in zip(cores, entry[1], strict=True)
+        )
+    ):
+        return entry[2], entry[3]
+    left, right = _rank_middle_blocks(cores, split)
+    _block_cache[cores[0]] = (split, [c.detach().clone() for c in cores], left, right)
+    return left, right
+
+
+def _run_chain(
+    x: torch.Tensor,
+    cores: Sequence[torch.Tensor],
+    bias: torch.Tensor | None,
+    plan: Plan,
+    batch: int,
+) -> torch.Tensor:
+    in_modes = [int(core.shape[1]) for core in cores]
+    out_features = math.prod(int(core.shape[2]) for core in cores)
+    y = run_chain(plan, [x.reshape(batch, *in_modes), *cores])  # (B, n_1, ..., n_d)
+    y = y.reshape(batch, out_features)
+    return y if bias is None else y + bias
+
+
+_Runner = Callable[
+    [torch.Tensor, Sequence[torch.Tensor], "torch.Tensor | None", Plan, int], torch.Tensor
+]
+_RUNNERS: dict[str, _Runner] = {
+    "dense": _run_dense,
+    "twoblock": _run_twoblock,
+    "chain": _run_chain,
+}
+
+
+# --- choosing and running -----------------------------------------------------------------------
+
+
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
+def _plan_table_constant(
+    in_modes: tuple[int, ...],
+    out_modes: tuple[int, ...],
+    ranks: tuple[int, ...],
+    dtype: torch.dtype,
+    device_type: str,
+    training: bool,
+) -> tuple[tuple[int, Plan], ...]:
+    # Under torch.compile the table is computed while tracing and kept as a constant of the
+    # graph: it depends only on these arguments, which come from shapes and flags that Dynamo
+    # guards on, and on the CPU thread count, read here because Dynamo cannot trace
+    # torch.get_num_threads. (The mark sits on a plain function: Dynamo looks through
+    # lru_cache.)
+    threads = torch.get_num_threads() if device_type == "cpu" else 1
+    return plan_table(in_modes, out_modes, ranks, dtype, device_type, threads, training)
+
+
+def select_plan(
+    batch: int,
+    in_modes: tuple[int, ...],
+    out_modes: tuple[int, ...],
+    ranks: tuple[int, ...],
+    dtype: torch.dtype,
+    device_type: str,
+    training: bool,
+) -> Plan:
+    """The planner's choice for this batch size, read off the cached plan table.
+
+    On CPUs the plan also depends on ``torch.get_num_threads()``. A symbolic batch size
+    (``torch.compile`` with dynamic shapes) is only compared with the table's bounds, which
+    Dynamo turns into guards: the graph is reused for every batch size in the same range.
+    """
+    table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
+    plan: Plan = table[0][1]
+    for lowest, candidate in table[1:]:
+        if batch >= lowest:
+            plan = candidate
+    return plan
+
+
+def tt_linear(
+    input: torch.Tensor,
+    cores: Sequence[torch.Tensor],
+    bias: torch.Tensor | None = None,
+    *,
+    plan: Plan | None = None,
+) -> torch.Tensor:
+    """``y = input W^T + bias`` for the TT matrix ``W`` of ``cores``, as ``F.linear`` does.
+
+    Under ``torch.autocast`` the input, the cores and the bias are cast to the autocast dtype
+    first, and everything runs in it (products accumulate in float32), as ``F.linear`` does.
+
+    Args:
+        input: Shape ``(*, prod m_k)``.
+        cores: ``d`` tensors, core ``k`` of shape ``(r_k, m_k, n_k, r_{k+1})``, ``r_0 = r_d = 1``.
+        bias: Shape ``(prod n_k,)``, or ``None``.
+        plan: How to contract (one of :func:`ttlayers.planner.candidate_plans`); by default
+            the planner's choice for this input.
+
+    Returns:
+        Shape ``(*, prod n_k)``.
+
+    Raises:
+        ValueError: If the cores do not chain.
+    """
+    in_modes, out_modes, ranks = core_shapes(cores)
+    m, n = math.prod(in_modes), math.prod(out_modes)
+    batch_shape = input.shape[:-1]
+    batch = math.prod(batch_shape)
+    x = input.reshape(batch, m)  # (B, M)
+    device_type = input.device.type
+    if autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+        cores = [core.to(dtype) for core in cores]
+        bias = None if bias is None else bias.to(dtype)
+    if plan is None:
+        training = torch.is_grad_enabled() and (
+            x.requires_grad
+            or any(core.requires_grad for core in cores)
+            or (bias is not None and bias.requires_grad)
+        )
+        plan = select_plan(batch, in_modes, out_modes, ranks, x.dtype, device_type, training)
+    y = _RUNNERS[plan.kind](x, cores, bias, plan, batch)  # (B, N)
+    return y.reshape(*batch_shape, n)

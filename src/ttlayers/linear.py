@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ttlayers import decomposition
-from ttlayers.contraction import core_shapes, tt_linear, tt_to_dense
+from ttlayers.calibration import ActivationStatistics, fit_tt
+from ttlayers.contraction import autocast_enabled, core_shapes, tt_linear, tt_to_dense
 from ttlayers.init import tt_normal_
 from ttlayers.shapes import num_parameters, resolve_ranks, validate_modes
 
@@ -145,9 +146,11 @@ class TTLinear(nn.Module):
 
         Raises:
             ValueError: If the last dimension of ``input`` is not ``in_features``.
-            TypeError: If ``input`` has another dtype than the cores, outside ``torch.autocast``
-                (inside, autocast chooses the dtype, as for ``nn.Linear``).
+            TypeError: If ``input`` is not a tensor, or has another dtype than the cores outside
+                ``torch.autocast`` (inside, autocast chooses the dtype, as for ``nn.Linear``).
         """
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"TTLinear expected a tensor input; got {type(input).__name__}.")
         if input.dim() == 0 or input.shape[-1] != self.in_features:
             raise ValueError(
                 f"TTLinear expected input of shape (*, in_features={self.in_features}); got "
@@ -155,7 +158,7 @@ class TTLinear(nn.Module):
                 f"{input.shape[-1] if input.dim() else 'none (0-d tensor)'}."
             )
         dtype = self.cores[0].dtype
-        if input.dtype != dtype and not torch.is_autocast_enabled(input.device.type):
+        if input.dtype != dtype and not autocast_enabled(input.device.type):
             raise TypeError(
                 f"TTLinear expected input of dtype {dtype}, the dtype of its cores; got "
                 f"{input.dtype}. Convert the input with .to({dtype}) or the layer with "
@@ -267,8 +270,15 @@ class TTLinear(nn.Module):
         in_modes: Sequence[int] | None = None,
         out_modes: Sequence[int] | None = None,
         num_cores: int | None = None,
+        inputs: torch.Tensor | ActivationStatistics | None = None,
+        ridge: float = 1e-3,
     ) -> TTLinear:
-        """Convert a dense layer or weight matrix by TT-SVD (Oseledets 2011).
+        """Convert a dense layer or weight matrix by TT-SVD (Oseledets 2011), or fit it to data.
+
+        With ``inputs``, the conversion is data-aware: the ranks are those TT-SVD would use
+        (from ``rank``/``eps``), and the cores (and the bias) are then fitted to reproduce the
+        layer's outputs on those inputs by :func:`ttlayers.calibration.fit_tt`, starting from
+        TT-SVD and never worse than it on them.
 
         Args:
             source: An ``nn.Linear`` (its bias, dtype and device are carried over) or a weight
@@ -280,15 +290,22 @@ class TTLinear(nn.Module):
             in_modes: ``d`` factors of ``in_features``; chosen automatically when omitted.
             out_modes: ``d`` factors of ``out_features``; chosen automatically when omitted.
             num_cores: ``d`` when the modes are omitted.
+            inputs: Sample inputs of the layer, shape ``(*, in_features)``, or their
+                :class:`~ttlayers.calibration.ActivationStatistics` (to stream many batches);
+                ``None`` for plain TT-SVD. The ``eps`` guarantee is TT-SVD's and no longer
+                holds for the fitted weight.
+            ridge: With ``inputs``: the relative ridge of the fit, pulling the weight toward
+                the original in input directions the data do not excite.
 
         Returns:
-            A new ``TTLinear`` with trainable cores; the achieved relative error is in its
-            ``conversion_error`` attribute.
+            A new ``TTLinear`` with trainable cores; the achieved relative weight error is in
+            its ``conversion_error`` attribute.
 
         Raises:
             TypeError: If ``source`` is neither an ``nn.Linear`` nor a 2-D tensor.
             ValueError: If the weight holds NaN or Inf, ``eps`` is outside ``(0, 1)``, a rank
-                is not positive, or the modes do not multiply to the sizes.
+                is not positive, the modes do not multiply to the sizes, or ``inputs`` have
+                another width than ``in_features`` or hold NaN/Inf.
         """
         if isinstance(source, nn.Linear):
             weight = source.weight.detach()
@@ -310,6 +327,24 @@ class TTLinear(nn.Module):
             in_features, out_features, in_modes, out_modes, num_cores
         )
         cores = decomposition.tt_svd(weight, in_modes_t, out_modes_t, rank=rank, eps=eps)
+        if inputs is not None:
+            statistics = (
+                inputs
+                if isinstance(inputs, ActivationStatistics)
+                else ActivationStatistics.from_inputs(inputs)
+            )
+            fit = fit_tt(
+                weight,
+                statistics,
+                in_modes_t,
+                out_modes_t,
+                rank=[int(core.shape[3]) for core in cores[:-1]],
+                bias=bias,
+                ridge=ridge,
+            )
+            layer = cls.from_cores(fit.cores, fit.bias)
+            layer.conversion_error = fit.weight_error
+            return layer
         layer = cls.from_cores(cores, bias)
         layer.conversion_error = decomposition.relative_error(weight, cores)
         return layer
@@ -375,9 +410,19 @@ class TTLinear(nn.Module):
                     f"{self.num_cores} with in_modes={self.in_modes}, "
                     f"out_modes={self.out_modes}. Build the layer with the checkpoint's modes."
                 )
+            resized = False
             for param, tensor in zip(self.cores, tensors, strict=True):
                 if param.shape != tensor.shape:
+                    # In place: the Parameter objects stay, so an optimizer built before the
+                    # load still holds them.
                     param.data = torch.empty(tensor.shape, dtype=param.dtype, device=param.device)
+                    resized = True
+            if resized:
+                # A new container around the same Parameters, so torch.compile notices the new
+                # shapes: Dynamo before pytorch/pytorch#177525 (torch 2.11 for one) skips the
+                # shape guards of tensors whose module dicts are unchanged, and would replay a
+                # graph planned for the old ranks.
+                self.cores = nn.ParameterList(list(self.cores))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -4,19 +4,45 @@ Modelled on torchao's ``quantize_`` and PEFT's ``inject_adapter``: select the ta
 ``filter_fn(module, qualified_name)``, convert every target first, and only then swap the
 modules in via ``model.get_submodule(parent)`` and ``setattr``, so that an error never leaves
 the model half converted.
+
+Two options turn the plain TT-SVD of each weight into a conversion of the model:
+
+- ``calibration=``: data-aware. The layers are converted one by one in forward order, each
+  fitted (:func:`ttlayers.calibration.fit_tt`) to reproduce the original model's outputs of
+  that layer from the inputs it receives with the layers before it already converted, so
+  that errors do not compound unseen. Activations are captured with hooks
+  (:mod:`ttlayers.capture`); one layer's statistics exist at a time.
+- ``compression=`` / ``params=``: one budget for all the selected layers; each layer's
+  shape (plain low rank or a TT of 2 or 3 cores) and ranks are chosen by
+  :func:`ttlayers.budget.allocate` to minimize the summed squared relative errors (of the
+  outputs on the calibration data when given, else of the weights).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from ttlayers import decomposition
+from ttlayers.budget import (
+    RankChoice,
+    allocate,
+    allocate_evenly,
+    candidate_shapes,
+    layer_options,
+)
+from ttlayers.calibration import fit_tt
+from ttlayers.capture import ActivationCapture
 from ttlayers.decomposition import check_eps
 from ttlayers.linear import TTLinear
+from ttlayers.shapes import num_parameters, suggest_modes, validate_modes
 
 __all__ = ["LayerReport", "SkippedLayer", "TensorizeReport", "tensorize_"]
 
@@ -39,6 +65,13 @@ class LayerReport:
         relative_error: ``||W - W_tt||_F / ||W||_F`` of the conversion.
         aliases: Further names of the same module (weight tying); the one ``TTLinear`` is
             installed under all of them.
+        tt_svd_error: With calibration: the weight error of plain TT-SVD at the same ranks
+            (``relative_error`` is then that of the data-aware fit). ``None`` otherwise.
+        output_error: With calibration: the relative output error of the installed layer on
+            the calibration data, ``||Y_tt - Y||_F / ||Y||_F``, where ``Y`` are the original
+            model's outputs of this layer and ``Y_tt`` the new layer's outputs on the inputs
+            it receives with the layers before it converted. ``None`` otherwise.
+        tt_svd_output_error: The same for plain TT-SVD at the same ranks. ``None`` otherwise.
     """
 
     name: str
@@ -51,6 +84,9 @@ class LayerReport:
     params_after: int
     relative_error: float
     aliases: tuple[str, ...] = ()
+    tt_svd_error: float | None = None
+    output_error: float | None = None
+    tt_svd_output_error: float | None = None
 
     @property
     def compression(self) -> float:
@@ -90,8 +126,43 @@ _COLUMNS: tuple[_Column, ...] = (
     _Column(
         "compression", lambda row: f"{row.compression:.1f}x", lambda rep: f"{rep.compression:.1f}x"
     ),
-    _Column("rel. error", lambda row: f"{row.relative_error:.2e}"),
+    _Column(
+        "rel. error",
+        lambda row: f"{row.relative_error:.2e}",
+        lambda rep: _format(_rms(rep, "relative_error")),
+    ),
 )
+
+# Shown only for a calibrated conversion.
+_CALIBRATED_COLUMNS: tuple[_Column, ...] = (
+    _Column(
+        "TT-SVD rel. error",
+        lambda row: _format(row.tt_svd_error),
+        lambda rep: _format(_rms(rep, "tt_svd_error")),
+    ),
+    _Column(
+        "TT-SVD out. error",
+        lambda row: _format(row.tt_svd_output_error),
+        lambda rep: _format(_rms(rep, "tt_svd_output_error")),
+    ),
+    _Column(
+        "out. error",
+        lambda row: _format(row.output_error),
+        lambda rep: _format(_rms(rep, "output_error")),
+    ),
+)
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def _rms(report: TensorizeReport, attribute: str) -> float | None:
+    """Root mean square of a per-layer error over the layers (``None`` if any is missing)."""
+    values = [getattr(row, attribute) for row in report.layers]
+    if not values or any(value is None for value in values):
+        return None
+    return math.sqrt(sum(value * value for value in values) / len(values))
 
 
 @dataclass
@@ -106,12 +177,20 @@ class TensorizeReport:
         skipped: One :class:`SkippedLayer` per ``nn.Linear`` left dense, with the reason.
         model_params_before: Distinct parameters of the whole model before conversion.
         model_params_after: Distinct parameters of the whole model after conversion.
+        budget: The parameter budget of the converted layers (cores and biases) when one was
+            given by ``compression=`` or ``params=``, else ``None``.
+        calibration_samples: Rows of activations the first converted layer saw (tokens, for a
+            sequence model), or 0 without calibration.
+
+    The error totals of the table are root mean squares over the layers.
     """
 
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
     model_params_before: int = 0
     model_params_after: int = 0
+    budget: int | None = None
+    calibration_samples: int = 0
 
     @property
     def params_before(self) -> int:
@@ -133,16 +212,23 @@ class TensorizeReport:
             f"tensorize_: {len(self.layers)} layer(s) converted, {len(self.skipped)} skipped; "
             f"model parameters {self.model_params_before:,} -> {self.model_params_after:,}"
         )
-        table = [[column.header for column in _COLUMNS]]
-        table += [[column.cell(row) for column in _COLUMNS] for row in self.layers]
+        if self.budget is not None:
+            header += f"; budget {self.budget:,}"
+        if self.calibration_samples:
+            header += f"; calibrated on {self.calibration_samples:,} samples"
+        columns = _COLUMNS
+        if any(row.output_error is not None for row in self.layers):
+            columns = _COLUMNS + _CALIBRATED_COLUMNS
+        table = [[column.header for column in columns]]
+        table += [[column.cell(row) for column in columns] for row in self.layers]
         if len(self.layers) > 1:
-            table.append([column.total(self) for column in _COLUMNS])
-        widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
+            table.append([column.total(self) for column in columns])
+        widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
         lines = [header, ""]
         for line in table:
             cells = [
                 f"{text:{column.align}{width}}"
-                for text, column, width in zip(line, _COLUMNS, widths, strict=True)
+                for text, column, width in zip(line, columns, widths, strict=True)
             ]
             lines.append("  ".join(cells).rstrip())
         if self.skipped:
@@ -187,6 +273,30 @@ def _check_arguments(
             raise ValueError(f"num_cores must be a positive int; got {num_cores}.")
 
 
+def _check_budget(compression: object, params: object, rank: object, eps: object) -> None:
+    if compression is not None:
+        if isinstance(compression, bool) or not isinstance(compression, numbers.Real):
+            raise TypeError(
+                f"compression must be a number > 1 or None; got {type(compression).__name__}."
+            )
+        if not 1.0 < float(compression) < math.inf:
+            raise ValueError(
+                f"compression must be a finite ratio > 1 (dense parameters / TT parameters); "
+                f"got {compression}."
+            )
+    if params is not None and (isinstance(params, bool) or not isinstance(params, int)):
+        raise TypeError(f"params must be an int or None; got {type(params).__name__}.")
+    if params is not None and params < 1:
+        raise ValueError(f"params must be a positive number of parameters; got {params}.")
+    if compression is not None and params is not None:
+        raise ValueError("pass either compression= or params=, not both; they set one budget.")
+    if (compression is not None or params is not None) and (rank is not None or eps is not None):
+        raise ValueError(
+            "a parameter budget (compression= or params=) chooses every layer's ranks; it "
+            "cannot be combined with rank= or eps=. Pass one or the other."
+        )
+
+
 def _structural_reason(model: nn.Module, linear: nn.Linear, names: list[str]) -> str | None:
     """Why a linear layer cannot be swapped at all, or ``None`` if it can."""
     if "" in names:
@@ -207,21 +317,49 @@ def tensorize_(
     eps: float | None = None,
     filter_fn: FilterFn | None = None,
     num_cores: int | None = None,
+    calibration: object = None,
+    compression: float | None = None,
+    params: int | None = None,
+    allocation: str = "errors",
+    ridge: float = 1e-3,
+    sweeps: int = 2,
+    progress: bool = False,
 ) -> TensorizeReport:
-    """Replace, in place, the ``nn.Linear`` layers of ``model`` by ``TTLinear`` (TT-SVD).
+    """Replace, in place, the ``nn.Linear`` layers of ``model`` by ``TTLinear``.
 
-    Each selected layer ``L`` becomes ``TTLinear.from_dense(L, rank, eps=eps,
-    num_cores=num_cores)``: same dtype, device, bias, training mode and ``requires_grad``
-    flags, with trainable cores ready to fine-tune. Layers nested anywhere (``Sequential``,
-    ``ModuleList``, ``ModuleDict``, custom modules) are found.
+    Each selected layer ``L`` becomes a ``TTLinear`` with the same dtype, device, bias,
+    training mode and ``requires_grad`` flags, with trainable cores ready to fine-tune. Layers
+    nested anywhere (``Sequential``, ``ModuleList``, ``ModuleDict``, custom modules) are found.
+    Without ``calibration`` the conversion is ``TTLinear.from_dense(L, rank, eps=eps,
+    num_cores=num_cores)`` (TT-SVD, minimizing the weight error).
+
+    Data-aware conversion (``calibration``):
+        The layers are converted one at a time in the order the model calls them. For each,
+        its inputs are captured with forward hooks on the calibration data, with the layers
+        before it already replaced by their conversions, and the cores (and the bias) are
+        fitted by :func:`ttlayers.calibration.fit_tt` to reproduce the *original* model's
+        outputs of that layer, so each layer also compensates what the earlier conversions
+        changed. The fit starts from TT-SVD at the same ranks and is never worse than it on
+        the calibration data. Ranks come from ``rank``/``eps`` (as for TT-SVD) or from the
+        budget. Passes run under ``torch.no_grad()`` in eval mode (training flags restored);
+        every row of a layer's input (every token, padding included) is a sample. The
+        statistics are float64 sums on the layer's device; only one layer's exist at a time.
+
+    One budget (``compression`` or ``params``):
+        Every selected layer's shape, among plain low rank and balanced TT shapes of 2 and 3
+        cores (only ``num_cores`` cores if given), and its ranks are chosen together by
+        :func:`ttlayers.budget.allocate` to minimize the sum of the layers' squared relative
+        errors (output errors on the calibration data when given, else weight errors)
+        within the budget. Without ``filter_fn`` every eligible layer is selected.
 
     Selection:
         - With ``filter_fn``, every ``nn.Linear`` for which ``filter_fn(module,
           qualified_name)`` is true (for a module under several names, true for any of them),
           whatever its compression.
-        - Without it, every ``nn.Linear`` whose TT form at the requested ``rank``/``eps`` has
-          fewer parameters than its dense weight, and whose weight is not shared with another
-          module (converting would untie it; select it with ``filter_fn`` to do so anyway).
+        - Without it, every ``nn.Linear`` whose weight is not shared with another module
+          (converting would untie it; select it with ``filter_fn`` to do so anyway) and,
+          without a budget, whose TT form at the requested ``rank``/``eps`` has fewer
+          parameters than its dense weight.
         - Never: layers that are already ``TTLinear``; the model itself; the ``out_proj`` of an
           ``nn.MultiheadAttention`` (which reads ``out_proj.weight`` directly); uninitialized
           lazy layers. Every ``nn.Linear`` not converted is listed in ``report.skipped``
@@ -229,7 +367,8 @@ def tensorize_(
 
     Guarantees:
         - Atomic: all selected layers are converted and checked before the first swap; on any
-          error the model is left exactly as it was, and the message names the layer.
+          error (a bad calibration batch, NaN activations, a bad weight) the model is left
+          exactly as it was, hooks removed, and the message names the layer or the batch.
         - Weight tying: an ``nn.Linear`` reachable under several names is converted once and
           the same ``TTLinear`` installed under every name.
         - Forward hooks registered on a replaced ``nn.Linear`` do not carry over.
@@ -239,19 +378,45 @@ def tensorize_(
         rank: Cap on every bond rank (an int), or the ``d - 1`` inner ranks (every converted
             layer must then have ``d`` cores).
         eps: Relative Frobenius error bound in ``(0, 1)`` per layer:
-            ``||W - W_tt||_F <= eps * ||W||_F``. With ``rank`` too, the smaller ranks win;
-            with neither, each conversion is exact (and rarely smaller than the dense layer).
+            ``||W - W_tt||_F <= eps * ||W||_F`` for TT-SVD. With ``rank`` too, the smaller
+            ranks win; with neither, each conversion is exact (and rarely smaller than the
+            dense layer). With calibration, ``eps`` picks the ranks and the fit then trades
+            weight error for output error.
         filter_fn: ``(module, qualified_name) -> bool``, called on ``nn.Linear`` modules only.
         num_cores: Number of cores ``d`` per layer; default
             :func:`ttlayers.shapes.default_num_cores` of each layer's sizes.
+        calibration: Real inputs of the model: a tensor (one batch), a list or tuple of
+            batches, or a re-iterable such as a ``DataLoader`` (not a generator: it is replayed
+            for every layer). A tensor batch is run as ``model(batch)``, a tuple or list as
+            ``model(*batch)``, a dict as ``model(**batch)``; for a loader of ``(input,
+            target)`` pairs pass ``[x for x, _ in loader]``. Batches must be on the model's
+            device. A few hundred to a few thousand samples are typical.
+        compression: Budget as a ratio > 1: the converted layers get at most their dense
+            parameter count (weights and biases) divided by this.
+        params: Budget as a count: the converted layers' parameters (cores and biases).
+        allocation: How a budget is shared: ``"errors"`` minimizes the sum of the layers'
+            squared relative errors (:func:`ttlayers.budget.allocate`); ``"even"`` gives every
+            layer the same compression and chooses only its shape and ranks within it
+            (:func:`ttlayers.budget.allocate_evenly`), for models whose layers' errors are not
+            comparable.
+        ridge: With calibration, the relative ridge of the fit
+            (:func:`ttlayers.calibration.fit_tt`): it pulls the TT weight toward the original
+            in input directions the calibration data do not excite.
+        sweeps: With calibration, ALS sweeps per layer.
+        progress: Print one line per layer to stderr (layer k of n, errors, time).
 
     Returns:
-        A :class:`TensorizeReport`; ``print(report)`` shows a table.
+        A :class:`TensorizeReport`; ``print(report)`` shows a table, with the output errors
+        before (TT-SVD) and after the fit when calibrated.
 
     Raises:
-        TypeError: If an argument has the wrong type.
-        ValueError: If ``eps``, ``rank`` or ``num_cores`` is invalid, a selected weight holds
-            NaN or Inf (naming the layer), or no layer was selected (listing those that exist).
+        TypeError: If an argument has the wrong type, or ``calibration`` is a one-shot
+            iterator.
+        ValueError: If ``eps``, ``rank``, ``num_cores`` or the budget is invalid or they
+            conflict, a selected weight or activation holds NaN or Inf (naming the layer), a
+            calibration batch fails in the model (naming the batch), the calibration data
+            never reach a selected layer, the budget is too small, or no layer was selected
+            (listing those that exist).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 3))
@@ -262,8 +427,25 @@ def tensorize_(
         ('2', 'Linear')
         >>> print(report)  # doctest: +ELLIPSIS
         tensorize_: 1 layer(s) converted, 1 skipped; model parameters 66,563 -> ...
+
+        Data-aware, with one budget for both layers:
+
+        >>> import torch
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        >>> report = tensorize_(model, calibration=torch.randn(256, 64), compression=4.0)
+        >>> report.params_after <= report.params_before / 4
+        True
+        >>> all(r.output_error <= r.tt_svd_output_error for r in report.layers)
+        True
     """
     _check_arguments(model, rank, eps, filter_fn, num_cores)
+    _check_budget(compression, params, rank, eps)
+    if allocation not in ("errors", "even"):
+        raise ValueError(f'allocation must be "errors" or "even"; got {allocation!r}.')
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise ValueError(f"sweeps must be an int >= 0; got {sweeps!r}.")
+    capture = None if calibration is None else ActivationCapture(model, calibration)
+    budgeted = compression is not None or params is not None
     model_params_before = _count_parameters(model)
 
     # Every nn.Linear, each once, with all the names it is reachable under.
@@ -314,45 +496,22 @@ def tensorize_(
         )
 
     # Convert and check everything before touching the model.
-    converted: list[tuple[list[str], TTLinear, LayerReport]] = []
-    for linear, layer_names in selected:
-        try:
-            layer = TTLinear.from_dense(linear, rank, eps=eps, num_cores=num_cores)
-        except (ValueError, TypeError, RuntimeError) as error:
-            # Same base type, so callers can catch what they would catch from from_dense.
-            kind = next(k for k in (ValueError, TypeError, RuntimeError) if isinstance(error, k))
-            raise kind(f"cannot tensorize layer '{layer_names[0]}': {error}") from error
-        dense = linear.in_features * linear.out_features
-        tt_cores = layer.num_parameters - (layer.out_features if layer.bias is not None else 0)
-        if filter_fn is None and tt_cores >= dense:
-            skipped.append(
-                SkippedLayer(
-                    layer_names[0],
-                    f"TT form at ranks {layer.ranks} has {tt_cores:,} weight parameters, not "
-                    f"fewer than the dense {dense:,}",
-                )
-            )
-            continue
-        layer.train(linear.training)
-        for core in layer.cores:
-            core.requires_grad_(linear.weight.requires_grad)
-        if layer.bias is not None and linear.bias is not None:
-            layer.bias.requires_grad_(linear.bias.requires_grad)
-        assert layer.conversion_error is not None
-        row = LayerReport(
-            name=layer_names[0],
-            in_features=layer.in_features,
-            out_features=layer.out_features,
-            in_modes=layer.in_modes,
-            out_modes=layer.out_modes,
-            ranks=layer.ranks,
-            params_before=dense + (linear.out_features if linear.bias is not None else 0),
-            params_after=layer.num_parameters,
-            relative_error=layer.conversion_error,
-            aliases=tuple(layer_names[1:]),
-        )
-        converted.append((layer_names, layer, row))
-    if not converted:
+    converted = _convert(
+        selected,
+        capture=capture,
+        rank=rank,
+        eps=eps,
+        num_cores=num_cores,
+        compression=compression,
+        params=params,
+        allocation=allocation,
+        ridge=ridge,
+        sweeps=sweeps,
+        progress=progress,
+        skip_larger=filter_fn is None and not budgeted,
+        skipped=skipped,
+    )
+    if not converted.layers:
         raise ValueError(
             "tensorize_ found no nn.Linear layer whose TT form is smaller than the dense one: "
             + "; ".join(f"'{skip.name}': {skip.reason}" for skip in skipped)
@@ -362,7 +521,7 @@ def tensorize_(
     # Swap. setattr on a registered child cannot fail in plain modules; undo if it ever does.
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:
-        for layer_names, layer, _ in converted:
+        for layer_names, layer, _ in converted.layers:
             for name in layer_names:
                 parent_name, _, attribute = name.rpartition(".")
                 parent = model.get_submodule(parent_name)
@@ -381,9 +540,287 @@ def tensorize_(
             stacklevel=2,
         )
     order = {layer_names[0]: k for k, layer_names in enumerate(names.values())}
+    rows = sorted((row for _, _, row in converted.layers), key=lambda row: order[row.name])
     return TensorizeReport(
-        layers=[row for _, _, row in converted],
+        layers=rows,
         skipped=sorted(skipped, key=lambda skip: order[skip.name]),
         model_params_before=model_params_before,
         model_params_after=_count_parameters(model),
+        budget=converted.budget,
+        calibration_samples=converted.samples,
     )
+
+
+@dataclass
+class _Converted:
+    layers: list[tuple[list[str], TTLinear, LayerReport]]
+    budget: int | None
+    samples: int
+
+
+def _wrap(names: list[str], error: Exception) -> Exception:
+    """The same kind of error, naming the layer (callers catch what from_dense raises)."""
+    kind = next(k for k in (ValueError, TypeError, RuntimeError) if isinstance(error, k))
+    return kind(f"cannot tensorize layer '{names[0]}': {error}")
+
+
+def _shapes(
+    linear: nn.Linear, num_cores: int | None
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The candidate (in_modes, out_modes) of a layer under a budget."""
+    if num_cores is not None:
+        return [suggest_modes(linear.in_features, linear.out_features, num_cores)]
+    return candidate_shapes(linear.in_features, linear.out_features, (2, 3))
+
+
+def _convert(
+    selected: list[tuple[nn.Linear, list[str]]],
+    *,
+    capture: ActivationCapture | None,
+    rank: int | Sequence[int] | None,
+    eps: float | None,
+    num_cores: int | None,
+    compression: float | None,
+    params: int | None,
+    allocation: str,
+    ridge: float,
+    sweeps: int,
+    progress: bool,
+    skip_larger: bool,
+    skipped: list[SkippedLayer],
+) -> _Converted:
+    """Convert the selected layers (forward order when calibrated), touching nothing."""
+    budget: int | None = None
+    samples = 0
+    if capture is None:
+        return _convert_without_data(
+            selected, rank, eps, num_cores, compression, params, allocation, skip_larger, skipped
+        )
+    with capture.session():
+        order = capture.order([linear for linear, _ in selected], [n[0] for _, n in selected])
+        selected = [selected[k] for k in order]
+        choices: list[RankChoice | None] = [None] * len(selected)
+        if compression is not None or params is not None:
+            options = []
+            for k, (linear, layer_names) in enumerate(selected):
+                try:
+                    stats = capture.statistics(
+                        linear, linear.in_features, linear.weight.device, paired=False
+                    )
+                    options.append(
+                        layer_options(
+                            linear.weight.detach(),
+                            statistics=stats,
+                            center=linear.bias is not None,
+                            ridge=ridge,
+                            shapes=_shapes(linear, num_cores),
+                        )
+                    )
+                except (ValueError, TypeError, RuntimeError) as error:
+                    raise _wrap(layer_names, error) from error
+                del stats
+                if progress:
+                    _say(f"[{k + 1}/{len(selected)}] {layer_names[0]}: options from activations")
+            budget, allocated = _budget(selected, compression, params, allocation, options)
+            choices = list(allocated)
+        converted: list[tuple[list[str], TTLinear, LayerReport]] = []
+        started = time.perf_counter()
+        for k, (linear, layer_names) in enumerate(selected):
+            try:
+                weight = linear.weight.detach()
+                bias = None if linear.bias is None else linear.bias.detach()
+                choice = choices[k]
+                if choice is None:
+                    in_modes, out_modes = validate_modes(
+                        linear.in_features, linear.out_features, None, None, num_cores
+                    )
+                    ranks = tuple(
+                        int(core.shape[3])
+                        for core in decomposition.tt_svd(
+                            weight, in_modes, out_modes, rank=rank, eps=eps
+                        )[:-1]
+                    )
+                else:
+                    in_modes, out_modes, ranks = (
+                        choice.in_modes,
+                        choice.out_modes,
+                        choice.ranks[1:-1],
+                    )
+                dense = linear.in_features * linear.out_features
+                cores = num_parameters(in_modes, out_modes, (1, *ranks, 1))
+                if skip_larger and cores >= dense:  # decided before spending passes on it
+                    skipped.append(
+                        SkippedLayer(
+                            layer_names[0],
+                            f"TT form at ranks {(1, *ranks, 1)} has {cores:,} weight "
+                            f"parameters, not fewer than the dense {dense:,}",
+                        )
+                    )
+                    continue
+                stats = capture.statistics(
+                    linear,
+                    linear.in_features,
+                    linear.weight.device,
+                    paired=bool(capture.substitutes),
+                )
+                fit = fit_tt(
+                    weight,
+                    stats,
+                    in_modes,
+                    out_modes,
+                    rank=list(ranks),
+                    bias=bias,
+                    ridge=ridge,
+                    sweeps=sweeps,
+                )
+                if k == 0:
+                    samples = stats.count
+                del stats
+                layer = TTLinear.from_cores(fit.cores, fit.bias)
+                layer.conversion_error = fit.weight_error
+            except (ValueError, TypeError, RuntimeError) as error:
+                raise _wrap(layer_names, error) from error
+            _match_flags(layer, linear)
+            capture.substitutes[linear] = layer
+            row = LayerReport(
+                name=layer_names[0],
+                in_features=layer.in_features,
+                out_features=layer.out_features,
+                in_modes=layer.in_modes,
+                out_modes=layer.out_modes,
+                ranks=layer.ranks,
+                params_before=dense + (linear.out_features if linear.bias is not None else 0),
+                params_after=layer.num_parameters,
+                relative_error=fit.weight_error,
+                aliases=tuple(layer_names[1:]),
+                tt_svd_error=fit.weight_error_start,
+                output_error=fit.output_error,
+                tt_svd_output_error=fit.output_error_start,
+            )
+            converted.append((layer_names, layer, row))
+            if progress:
+                so_far = math.sqrt(
+                    sum((r.output_error or 0.0) ** 2 for _, _, r in converted) / len(converted)
+                )
+                _say(
+                    f"[{k + 1}/{len(selected)}] {layer_names[0]}: ranks {layer.ranks}, output "
+                    f"error {fit.output_error:.3g} (TT-SVD {fit.output_error_start:.3g}), "
+                    f"RMS so far {so_far:.3g}, {time.perf_counter() - started:.1f} s"
+                )
+    return _Converted(converted, budget, samples)
+
+
+def _say(message: str) -> None:
+    print(f"tensorize_: {message}", file=sys.stderr, flush=True)
+
+
+def _bias_count(layer: TTLinear) -> int:
+    return layer.out_features if layer.bias is not None else 0
+
+
+def _larger(name: str, layer: TTLinear, dense: int) -> SkippedLayer:
+    return SkippedLayer(
+        name,
+        f"TT form at ranks {layer.ranks} has {layer.num_parameters - _bias_count(layer):,} "
+        f"weight parameters, not fewer than the dense {dense:,}",
+    )
+
+
+def _match_flags(layer: TTLinear, linear: nn.Linear) -> None:
+    layer.train(linear.training)
+    for core in layer.cores:
+        core.requires_grad_(linear.weight.requires_grad)
+    if layer.bias is not None and linear.bias is not None:
+        layer.bias.requires_grad_(linear.bias.requires_grad)
+
+
+def _budget(
+    selected: list[tuple[nn.Linear, list[str]]],
+    compression: float | None,
+    params: int | None,
+    allocation: str,
+    options: list[list[RankChoice]],
+) -> tuple[int, list[RankChoice]]:
+    """The budget of the converted layers (cores and biases), and each layer's choice."""
+    sizes = [
+        lin.weight.numel() + (0 if lin.bias is None else lin.bias.numel()) for lin, _ in selected
+    ]
+    biases = [0 if lin.bias is None else lin.bias.numel() for lin, _ in selected]
+    dense = sum(sizes)
+    budget = int(dense / compression) if compression is not None else int(params or 0)
+    if budget <= sum(biases):
+        raise ValueError(
+            f"the parameter budget {budget:,} does not even cover the {sum(biases):,} bias "
+            f"parameters of the {len(selected)} selected layers; allow more parameters."
+        )
+    if allocation == "even":
+        shares = [
+            int(budget * size / dense) - bias for size, bias in zip(sizes, biases, strict=True)
+        ]
+        return budget, allocate_evenly(options, shares)
+    return budget, allocate(options, budget - sum(biases))
+
+
+def _convert_without_data(
+    selected: list[tuple[nn.Linear, list[str]]],
+    rank: int | Sequence[int] | None,
+    eps: float | None,
+    num_cores: int | None,
+    compression: float | None,
+    params: int | None,
+    allocation: str,
+    skip_larger: bool,
+    skipped: list[SkippedLayer],
+) -> _Converted:
+    """TT-SVD of each selected layer, with ranks from rank/eps or from the budget."""
+    budget: int | None = None
+    plans: list[tuple[Sequence[int] | None, Sequence[int] | None, int | Sequence[int] | None]]
+    plans = [(None, None, rank)] * len(selected)
+    if compression is not None or params is not None:
+        options = []
+        for linear, layer_names in selected:
+            try:
+                options.append(
+                    layer_options(linear.weight.detach(), shapes=_shapes(linear, num_cores))
+                )
+            except (ValueError, TypeError, RuntimeError) as error:
+                raise _wrap(layer_names, error) from error
+        budget, allocated = _budget(selected, compression, params, allocation, options)
+        plans = [
+            (choice.in_modes, choice.out_modes, list(choice.ranks[1:-1])) for choice in allocated
+        ]
+    converted: list[tuple[list[str], TTLinear, LayerReport]] = []
+    for (linear, layer_names), (in_modes, out_modes, layer_rank) in zip(
+        selected, plans, strict=True
+    ):
+        try:
+            layer = TTLinear.from_dense(
+                linear,
+                layer_rank,
+                eps=eps,
+                in_modes=in_modes,
+                out_modes=out_modes,
+                num_cores=None if in_modes is not None else num_cores,
+            )
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise _wrap(layer_names, error) from error
+        dense = linear.in_features * linear.out_features
+        if skip_larger and layer.num_parameters - _bias_count(layer) >= dense:
+            skipped.append(_larger(layer_names[0], layer, dense))
+            continue
+        _match_flags(layer, linear)
+        assert layer.conversion_error is not None
+        row = LayerReport(
+            name=layer_names[0],
+            in_features=layer.in_features,
+            out_features=layer.out_features,
+            in_modes=layer.in_modes,
+            out_modes=layer.out_modes,
+            ranks=layer.ranks,
+            params_before=dense + (linear.out_features if linear.bias is not None else 0),
+            params_after=layer.num_parameters,
+            relative_error=layer.conversion_error,
+            aliases=tuple(layer_names[1:]),
+        )
+        converted.append((layer_names, layer, row))
+    return _Converted(converted, budget, 0)

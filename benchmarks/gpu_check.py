@@ -1,0 +1,135 @@
+"""One run on a GPU machine: the test suite and the CUDA benchmark, everything saved to $OUT.
+
+Run from the repository root on a machine with a CUDA GPU and an importable ``torch`` (the
+package need not be installed: ``src/`` is put on ``PYTHONPATH``; nothing is downloaded)::
+
+    OUT=/tmp/out python3 benchmarks/gpu_check.py
+
+It writes six files under ``$OUT`` (or ``./gpu_check_out``): ``pytest.txt`` (``pytest -q
+-k cuda``, then the whole suite: the CUDA tests run, the rest as on a CPU),
+``bench_float32.{txt,json}`` and ``bench_bfloat16.{txt,json}`` (``bench_linear.py --device
+cuda``), and ``summary.md`` (GPU, driver and versions, the two tables in Markdown ready for
+``docs/benchmarks.md``, and the exit codes). Each step has a time limit, so that the whole
+stays under eight minutes (about five on an H100 with pytest-xdist installed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = Path(os.environ.get("OUT") or ROOT / "gpu_check_out")
+LIMITS = {"pytest-cuda": 90, "pytest": 240, "bench": 80}
+
+
+def run(name: str, command: list[str], limit: int, log: Path, mode: str = "w") -> int:
+    """Run ``command`` with ``limit`` seconds, its output to ``log``; return the exit code."""
+    env = dict(
+        os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    start = time.time()
+    print(f"=== {name}: {' '.join(command)}", flush=True)
+    with log.open(mode) as f:
+        f.write(f"$ {' '.join(command)}\n")
+        f.flush()
+        try:
+            code = subprocess.run(
+                command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit
+            ).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"\n[gpu_check] stopped after the {limit} s limit\n")
+            code = 124
+    print(f"    exit {code} after {time.time() - start:.0f} s -> {log}", flush=True)
+    return code
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    try:
+        import torch
+    except ImportError:
+        message = (
+            "gpu_check: no importable torch for this python3. Install a CUDA build of torch "
+            "(or point python3 at an environment that has one) and run again."
+        )
+        (OUT / "summary.md").write_text(message + "\n")
+        print(message, file=sys.stderr)
+        return 2
+    lines = [
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}, available: {torch.cuda.is_available()}",
+    ]
+    if torch.cuda.is_available():
+        lines.append(f"device: {torch.cuda.get_device_name()}")
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20)
+        lines.append(smi.stdout)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        lines.append(f"nvidia-smi: {error}")
+    print(lines[0], flush=True)
+    if not torch.cuda.is_available():
+        print("gpu_check: torch sees no CUDA device; running the CPU parts only.", file=sys.stderr)
+
+    python = sys.executable
+    codes = {}
+    for dtype in ("float32", "bfloat16"):
+        stem = OUT / f"bench_{dtype}"
+        codes[f"bench {dtype}"] = run(
+            f"benchmark {dtype}",
+            [
+                python,
+                "benchmarks/bench_linear.py",
+                "--device",
+                "cuda" if torch.cuda.is_available() else "cpu",
+                "--dtype",
+                dtype,
+                "--markdown",
+                "--json",
+                str(stem.with_suffix(".json")),
+            ],
+            LIMITS["bench"],
+            stem.with_suffix(".txt"),
+        )
+    # The CUDA tests first, so that they run even if the whole suite outlasts its limit.
+    pytest = [python, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests"]
+    codes["pytest -k cuda"] = run(
+        "CUDA tests", [*pytest, "-k", "cuda"], LIMITS["pytest-cuda"], OUT / "pytest.txt"
+    )
+    if importlib.util.find_spec("xdist") is not None:  # the whole suite, in parallel
+        pytest += ["-n", "8"]
+    codes["pytest"] = run("all tests", pytest, LIMITS["pytest"], OUT / "pytest.txt", "a")
+
+    summary = [f"# GPU check, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    summary += [f"- {line}" for line in lines[:-1]]
+    summary += ["", "```", lines[-1].strip(), "```", ""]
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
+    for dtype in ("float32", "bfloat16"):
+        summary += [f"## `bench_linear.py --device cuda --dtype {dtype}`", ""]
+        try:  # the table from the JSON, which holds every case finished, even if cut short
+            import json
+
+            from bench_linear import CASES, table, targets
+
+            records = json.loads((OUT / f"bench_{dtype}.json").read_text())["records"]
+            names = {r["case"] for r in records}
+            summary += [table(records, markdown=True), ""]
+            summary += [
+                f"- {line}" for line in targets(records, [c for c in CASES if c.name in names])
+            ]
+        except Exception as error:
+            summary += [f"(no table: {error!r}; see bench_{dtype}.txt)"]
+        summary += [""]
+    summary += ["## exit codes", ""] + [f"- {name}: {code}" for name, code in codes.items()]
+    (OUT / "summary.md").write_text("\n".join(summary) + "\n")
+    print("\n".join(f"{name}: exit {code}" for name, code in codes.items()))
+    return 0 if all(code == 0 for code in codes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+r"""The two-block product and its hand-written backward pass.
+
+Split a TT matrix at bond ``s`` into a left block (cores ``1..s``, modes ``M_1 = prod m_k``,
+``N_1 = prod n_k``) and a right block (cores ``s+1..d``, ``M_2``, ``N_2``), joined by the bond
+of rank ``r``. With the input row ``x[b]`` viewed as an ``(M_1, M_2)`` matrix,
+
+.. math::
+
+    y[b, n_1, n_2] = \sum_{a, m_1, m_2} L[m_1, a, n_1]\, x[b, m_1, m_2]\, R[m_2, a, n_2].
+
+The input meets one block first (``F``, sizes ``M_f, N_f``) and then the other (``S``,
+``M_s, N_s``), in ``2 B r M (N_f + N_s M_s / M_f ...)`` operations; for the right block first
+that is ``2 B r (M_1 M_2 N_2 + M_1 N_1 N_2)``, a fraction of the dense ``2 B M N`` for
+moderate ranks. The intermediate ``Z[b, m_s, a, n_f] = sum_{m_f} x[b, m_s, m_f] F[m_f, a, n_f]``
+is laid out batch-major, so that every step is one matrix product or one batched product
+over the rows, with no permutation of ``Z`` (for the left block first, the rows of ``x``
+and ``y`` are transposed instead, copies of the size of the input and the output):
+
+- forward: ``Z = x F`` as one ``(B M_s, M_f) @ (M_f, r N_f)`` product; then
+  ``y[b] = S^T Z[b]``, ``B`` products ``(N_s, M_s r) @ (M_s r, N_f)`` in one batched call.
+- backward, with ``g`` the output gradient: ``dZ[b] = S g[b]`` (batched),
+  ``dS = sum_b Z[b] g[b]^T`` (batched, then summed over the rows), ``dx = dZ F^T`` and
+  ``dF = x^T dZ`` (one product each, over ``B M_s`` rows).
+
+Rows are processed in chunks (a static count, chosen by the planner) so that each chunk's
+``Z`` stays in the CPU cache; ``Z`` is then recomputed in the backward pass rather than
+kept, since recomputing it in cache costs less than writing it to memory and reading it
+back, and the layer keeps no more than its input for the backward pass. Unchunked (the
+planner's choice on GPUs), ``Z`` is kept when the layout says so (the planner does when it
+fits in the memory ``nn.Linear`` would spend on its weight gradient) and recomputed
+otherwise. No tensor of the size of ``W`` exists in either pass.
+
+When the backward pass is itself differentiated (``create_graph=True`` or ``torch.func``),
+``Z`` is recomputed from the saved inputs, so that second derivatives are exact too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["TwoBlockLayout", "TwoBlockProduct", "two_block_forward"]
+
+
+class TwoBlockLayout(NamedTuple):
+    """The static sizes and choices of a two-block product.
+
+    Attributes:
+        m1: Product of the input modes of the left block.
+        m2: Product of the input modes of the right block.
+        n1: Product of the output modes of the left block.
+        n2: Product of the output modes of the right block.
+        first: ``"right"`` or ``"left"``: the block that meets the input first.
+        keep: Keep the intermediate for the backward pass (only when ``chunks == 1``).
+        chunks: Process the rows in this many chunks (``torch.tensor_split``).
+    """
+
+    m1: int
+    m2: int
+    n1: int
+    n2: int
+    first: str
+    keep: bool
+    chunks: int = 1
+
+    @property
+    def sides(self) -> tuple[int, int, int, int]:
+        """``(M_s, M_f, N_s, N_f)``: the sizes of the second and of the first block."""
+        if self.first == "right":
+            return self.m1, self.m2, self.n1, self.n2
+        return self.m2, self.m1, self.n2, self.n1
+
+
+def _rows_first_major(x: torch.Tensor, layout: TwoBlockLayout) -> torch.Tensor:
+    """Rows of ``x`` as ``(B, M_s, M_f)`` matrices: a view, or a transposed copy."""
+    x3 = x.reshape(x.shape[0], layout.m1, layout.m2)
+    return x3 if layout.first == "right" else x3.transpose(1, 2).contiguous()
+
+
+def _rows_out(y: torch.Tensor, layout: TwoBlockLayout) -> torch.Tensor:
+    """``(B, N_s, N_f)`` products back to rows ``(B, N_1 N_2)``."""
+    if layout.first == "left":
+        y = y.transpose(1, 2)
+    return y.reshape(y.shape[0], layout.n1 * layout.n2)
+
+
+def _grad_rows(grad_y: torch.Tensor, layout: TwoBlockLayout) -> torch.Tensor:
+    """Output gradient rows as ``(B, N_s, N_f)`` matrices."""
+    g = grad_y.reshape(grad_y.shape[0], layout.n1, layout.n2)
+    return g if layout.first == "right" else g.transpose(1, 2).contiguous()
+
+
+def _intermediate(xs: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``Z[b] = x[b] F``: ``(B, M_s, M_f)`` rows and ``F`` of shape ``(M_f, r, N_f)``."""
+    batch, ms, mf = xs.shape
+    _, r, nf = first.shape
+    z = torch.mm(xs.reshape(batch * ms, mf), first.reshape(mf, r * nf))
+    return z.view(batch, ms * r, nf)
+
+
+def _forward_chunk(
+    xs: torch.Tensor, first: torch.Tensor, second: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y[b] = S^T Z[b] (+ bias)`` for a chunk of rows: ``(Bc, N_s, N_f)``, and ``Z``."""
+    batch = xs.shape[0]
+    ms, r, ns = second.shape
+    z = _intermediate(xs, first)  # (Bc, Ms r, Nf)
+    s_t = second.reshape(ms * r, ns).t().unsqueeze(0).expand(batch, ns, ms * r)
+    if bias is None:
+        return torch.bmm(s_t, z), z
+    # The bias enters the batched product (beta = 1): no separate pass over the output.
+    return torch.baddbmm(bias.unsqueeze(0).expand(batch, -1, -1), s_t, z), z
+
+
+def two_block_forward(
+    x: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    bias: torch.Tensor | None,
+    layout: TwoBlockLayout,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward pass of :class:`TwoBlockProduct` (also the whole of inference).
+
+    Returns ``y`` and ``Z`` when the layout keeps it (else an empty tensor).
+    """
+    xs = _rows_first_major(x, layout)  # (B, Ms, Mf)
+    if bias is not None:  # as the products' (N_s, N_f)
+        bias = bias.view(layout.n1, layout.n2)
+        bias = bias if layout.first == "right" else bias.t()
+    if layout.chunks > 1:
+        pieces = [
+            _forward_chunk(rows, first, second, bias)[0] for rows in xs.tensor_split(layout.chunks)
+        ]
+        y = _rows_out(torch.cat(pieces), layout)
+        z = x.new_empty(0)
+    else:
+        yb, z = _forward_chunk(xs, first, second, bias)
+        y = _rows_out(yb, layout)
+        if not layout.keep:
+            z = x.new_empty(0)
+    return y, z
+
+
+class TwoBlockProduct(torch.autograd.Function):
+    """``y = x W^T (+ bias)`` for ``W`` given as two blocks; see the module docstring.
+
+    Inputs of :meth:`forward`: ``x`` of shape ``(B, M_1 M_2)``; ``first`` of shape
+    ``(M_f, r, N_f)``; ``second`` of shape ``(M_s, r, N_s)`` (both contiguous); ``bias`` of
+    shape ``(N_1 N_2,)`` or ``None``; a :class:`TwoBlockLayout`. All tensors of one dtype and
+    device.
+
+    Outputs: ``y`` of shape ``(B, N_1 N_2)``, and the intermediate ``Z`` when it is kept
+    (else an empty tensor), not differentiable.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        bias: torch.Tensor | None,
+        layout: TwoBlockLayout,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute ``y``, and ``Z`` if it is to be kept."""
+        return two_block_forward(x, first, second, bias, layout)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        """Keep the input, the blocks, and ``Z`` if the layout says so."""
+        x, first, second, _, layout = inputs
+        _, z = output
+        ctx.mark_non_differentiable(z)
+        ctx.layout = layout
+        kept = z if layout.keep and layout.chunks == 1 else None
+        ctx.save_for_backward(x, first, second, kept)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor, grad_z: Any) -> tuple[Any, ...]:
+        """Gradients of ``x``, ``first``, ``second`` and ``bias``."""
+        layout: TwoBlockLayout = ctx.layout
+        x, first, second, z = ctx.saved_tensors
+        need_x, need_first, need_second, need_bias, _ = ctx.needs_input_grad
+        if not torch.is_grad_enabled():
+            z_kept = z
+        else:
+            z_kept = None  # the backward is differentiated: Z must be a function of x
+        xs_all = _rows_first_major(x, layout)
+        g_all = _grad_rows(grad_y, layout)  # (B, Ns, Nf)
+        grad_xs: list[torch.Tensor] = []
+        grad_first = grad_second = None
+        pieces = xs_all.tensor_split(layout.chunks), g_all.tensor_split(layout.chunks)
+        chunks = zip(*pieces, strict=True)
+        for xs, g in chunks:
+            step = _backward_chunk(xs, g, first, second, z_kept, need_x, need_first, need_second)
+            gx, gf, gs = step
+            if gx is not None:
+                grad_xs.append(gx)
+            grad_first = _accumulate(grad_first, gf)
+            grad_second = _accumulate(grad_second, gs)
+        grad_x = None
+        if need_x:
+            grad_xs_rows = grad_xs[0] if len(grad_xs) == 1 else torch.cat(grad_xs)
+            ms, mf, _, _ = layout.sides
+            grad_x = grad_xs_rows.view(-1, ms, mf)
+            if layout.first == "left":
+                grad_x = grad_x.transpose(1, 2)
+            grad_x = grad_x.reshape(x.shape)
+        grad_bias = grad_y.sum(0) if need_bias else None
+        if grad_first is not None:
+            grad_first = grad_first.to(first.dtype)
+        if grad_second is not None:
+            grad_second = grad_second.to(second.dtype)
+        return grad_x, grad_first, grad_second, grad_bias, None
+
+
+def _backward_chunk(
+    xs: torch.Tensor,
+    g: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    z: torch.Tensor | None,
+    need_x: bool,
+    need_first: bool,
+    need_second: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients for one chunk of rows: ``xs`` ``(Bc, Ms, Mf)``, ``g`` ``(Bc, Ns, Nf)``."""
+    batch, ms, mf = xs.shape
+    _, r, nf = first.shape
+    ns = second.shape[2]
+    grad_xs = grad_first = grad_second = None
+    if need_second:
+        if z is None:
+            z = _intermediate(xs, first)  # (Bc, Ms r, Nf)
+        # sum_b Z[b] g[b]^T, in float32 for low-precision dtypes (one rounding).
+        per_row = torch.bmm(z, g.transpose(1, 2))  # (Bc, Ms r, Ns)
+        grad_second = per_row.sum(0, dtype=_accumulation(per_row.dtype)).view(ms, r, ns)
+    if need_x or need_first:
+        s = second.reshape(ms * r, ns).unsqueeze(0).expand(batch, ms * r, ns)
+        gz = torch.bmm(s, g).reshape(batch * ms, r * nf)  # (Bc Ms, r Nf)
+        if need_x:
+            grad_xs = torch.mm(gz, first.reshape(mf, r * nf).t())  # (Bc Ms, Mf)
+        if need_first:
+            grad_first = torch.mm(xs.reshape(batch * ms, mf).t(), gz).view(mf, r, nf)
+    return grad_xs, grad_first, grad_second
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    # Sums over chunks and rows of low-precision products run in float32: one rounding.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _accumulate(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
+    if part is None:
+        return total
+    if total is None:
+        return part.to(_accumulation(part.dtype))
+    return total.add_(part)

@@ -1,0 +1,652 @@
+"""Choosing how to multiply an input by a TT matrix: candidate plans and a cost model.
+
+``y = x W^T`` with ``W`` a TT matrix can be computed in many orders, and their costs differ by
+orders of magnitude. The cheapest order by floating-point operations (opt_einsum's optimal
+path) is often not the fastest: small, badly shaped contractions run far below the speed of
+one large matrix product, every permutation of a large intermediate costs memory traffic, and
+every operator call costs a fixed overhead. This module enumerates a few kinds of plan, each
+a sequence of large matrix products, and picks one per input shape with a cost model of the
+device:
+
+- ``"dense"``: contract the cores into ``W`` (cheap: it does not depend on the batch), then one
+  matrix product. Best when the ranks are high or the batch is large compared with ``W``.
+- ``"twoblock"``: contract cores ``0..split-1`` into a left block and the rest into a right
+  block, then multiply the input by the two blocks, one after the other, in two large matrix
+  products (see :mod:`ttlayers.autograd`). This is the cheapest order for moderate ranks.
+- ``"chain"``: opt_einsum's FLOP-optimal pairwise order, run as two-operand einsums. Best
+  for very low ranks, where the blocks themselves would be large.
+
+The cost model counts, for each matrix product, ``2 m k n`` operations at a speed that drops
+when the smallest of ``m, k, n`` is small (``speed = peak * d / (d + half_dim)``), bounded
+below by the time to move its operands; every copy at the memory bandwidth; and a fixed
+overhead per operator call. The constants are per device type, measured with
+:func:`calibrate`; the defaults are such measurements (see ``DEFAULT_COST_MODELS``).
+
+A plan is chosen per (batch size, modes, ranks, dtype, device type, training or not). Plans
+are tabulated over batch sizes ``1, 2, 4, ...`` once per layer shape, so choosing one is a
+few integer comparisons, and under ``torch.compile`` the table is a constant of the graph
+and the comparisons become guards (a dynamic batch size recompiles only when it crosses into
+another plan's range).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import opt_einsum
+import torch
+
+__all__ = [
+    "DEFAULT_COST_MODELS",
+    "CostModel",
+    "Plan",
+    "calibrate",
+    "candidate_plans",
+    "choose_plan",
+    "estimate_time",
+    "plan_table",
+    "set_cost_model",
+]
+
+_KINDS = ("dense", "twoblock", "chain")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the forward pass contracts the input with the cores.
+
+    Attributes:
+        kind: ``"dense"``, ``"twoblock"`` or ``"chain"`` (see the module docstring).
+        split: For ``"dense"`` and ``"twoblock"``: cores ``0..split-1`` form the left block,
+            ``split..d-1`` the right block (``0 < split < d``; ``0`` when ``d == 1``).
+        first: For ``"twoblock"``: which block meets the input first, ``"left"`` or
+            ``"right"``.
+        save_max_batch: For ``"twoblock"`` unchunked: the largest batch size for which the
+            intermediate product is kept for the backward pass; above it, it is recomputed
+            there, so that the layer never keeps more memory for training than
+            ``nn.Linear`` (its input, weight and weight gradient).
+        chunks: For ``"twoblock"``: the rows are processed in this many chunks, so that each
+            chunk's intermediate fits in the cache (``CostModel.cache_bytes``); chunked, the
+            intermediate is always recomputed.
+        steps: For ``"chain"``: one ``(i, j, equation)`` per pairwise contraction, in
+            opt_einsum's linear path format (operands ``i < j`` are removed and the result
+            appended).
+        equation: For ``"chain"``: the whole network as one einsum string.
+    """
+
+    kind: str
+    split: int = 0
+    first: str = "right"
+    save_max_batch: int = 0
+    chunks: int = 1
+    steps: tuple[tuple[int, int, str], ...] = ()
+    equation: str = ""
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Speed constants of one device type, for float32; other dtypes scale ``flops``.
+
+    On CPUs ``flops`` and ``cache_bytes`` are per thread and scale with
+    ``torch.get_num_threads()``; on other devices the thread count is 1.
+
+    Attributes:
+        flops: Floating-point operations per second of a large matrix product in float32.
+        half_dim: A matrix product whose smallest dimension is ``half_dim`` runs at half of
+            ``flops``.
+        bandwidth: Bytes per second read plus written by a copy or a memory-bound product.
+        overhead: Seconds of fixed cost per operator call (dispatch, kernel launch).
+        cache_bytes: Size of the intermediate of a two-block product that still runs from the
+            cache; larger ones are split into chunks of rows. 0: never split (GPUs, where
+            more kernel launches cost more than the memory traffic they save).
+        max_chunks: At most this many chunks: each costs a dozen operator calls.
+        matrix_overhead: Seconds of fixed cost per matrix of a batched product.
+        dtype_speedup: ``(dtype name, factor)`` pairs: the peak of a dtype relative to float32.
+    """
+
+    flops: float
+    half_dim: float
+    bandwidth: float
+    overhead: float
+    cache_bytes: int = 0
+    max_chunks: int = 128
+    matrix_overhead: float = 0.0
+    dtype_speedup: tuple[tuple[str, float], ...] = ()
+
+    def speedup(self, dtype: torch.dtype) -> float:
+        """The peak of ``dtype`` relative to float32 (1.0 when not listed)."""
+        name = str(dtype).removeprefix("torch.")
+        return dict(self.dtype_speedup).get(name, 1.0)
+
+
+# "cpu": one thread of a Xeon (Sapphire Rapids, AVX-512, 2 MiB L2 per core), torch 2.13, from
+# calibrate() and from timing every plan of the benchmark's layers (bench_linear.py); the
+# overhead is that of an operator call with its Python around it, not of a bare matmul.
+# "cuda": an H100 (float32 without TF32, PyTorch's default) by its data sheet, launch-bound
+# eager calls.
+DEFAULT_COST_MODELS: dict[str, CostModel] = {
+    "cpu": CostModel(
+        flops=1.0e11,
+        half_dim=6.0,
+        bandwidth=2.0e10,
+        overhead=1.5e-5,
+        cache_bytes=2**20,
+        matrix_overhead=3e-7,
+        dtype_speedup=(("float64", 0.5), ("bfloat16", 2.0), ("float16", 0.5)),
+    ),
+    "cuda": CostModel(
+        flops=4.0e13,
+        half_dim=64.0,
+        bandwidth=2.5e12,
+        overhead=8e-6,
+        dtype_speedup=(("float64", 1.0), ("bfloat16", 12.0), ("float16", 12.0)),
+    ),
+}
+
+_cost_models: dict[str, CostModel] = dict(DEFAULT_COST_MODELS)
+
+
+def set_cost_model(device_type: str, model: CostModel | None) -> None:
+    """Use ``model`` for plans on ``device_type`` from now on (``None``: the default).
+
+    Plans already compiled into a ``torch.compile`` graph keep their choice until Dynamo
+    recompiles (``torch._dynamo.reset()``).
+    """
+    if model is None:
+        _cost_models.pop(device_type, None)
+        if device_type in DEFAULT_COST_MODELS:
+            _cost_models[device_type] = DEFAULT_COST_MODELS[device_type]
+    else:
+        _cost_models[device_type] = model
+    plan_table.cache_clear()
+
+
+def _cost_model(device_type: str) -> CostModel:
+    # Devices without a model of their own (meta, mps, xpu) are planned like the CPU.
+    return _cost_models.get(device_type, _cost_models["cpu"])
+
+
+# --- the cost of elementary operations --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Costing:
+    model: CostModel
+    itemsize: int
+    speedup: float  # of the dtype, times the threads
+    cache_bytes: int
+    reuses_blocks: bool = False  # inference reuses merged blocks (ttlayers.contraction)
+
+    def gemm(
+        self, batch: int, m: int, k: int, n: int, calls: int = 1, in_cache: bool = False
+    ) -> float:
+        """``batch`` products ``(m, k) @ (k, n)`` in ``calls`` operator calls.
+
+        Plus the memory traffic of the operands, unless they are in cache: a product with a
+        small inner dimension and a large result spends as long writing it as computing it.
+        """
+        if min(batch, m, k, n) == 0:
+            return calls * self.model.overhead
+        smallest = min(m, k, n)
+        speed = self.model.flops * self.speedup * smallest / (smallest + self.model.half_dim)
+        compute = 2.0 * batch * m * k * n / speed
+        traffic = 0.0
+        if not in_cache:
+            # The result is written back, which costs reading it first (write-allocate).
+            traffic = self.itemsize * batch * (m * k + k * n + 2 * m * n) / self.model.bandwidth
+        fixed = calls * self.model.overhead + (batch - 1) * self.model.matrix_overhead
+        return compute + traffic + fixed
+
+    def copy(self, elements: int, calls: int = 1) -> float:
+        """A copy (permutation, cast, elementwise op) writing ``elements`` values."""
+        return 2.0 * self.itemsize * elements / self.model.bandwidth + calls * self.model.overhead
+
+
+def _merge_cost(c: _Costing, shapes: Sequence[tuple[int, int, int, int]]) -> float:
+    """Forward cost of contracting neighbouring cores into one block, left to right."""
+    ra, m, n, r = shapes[0]
+    total = 0.0
+    for _, p, q, rb in shapes[1:]:
+        total += c.gemm(1, ra * m * n, r, p * q * rb) + c.copy(ra * m * p * n * q * rb)
+        m, n, r = m * p, n * q, rb
+    return total
+
+
+def _core_shapes(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
+) -> list[tuple[int, int, int, int]]:
+    return [(ranks[k], in_modes[k], out_modes[k], ranks[k + 1]) for k in range(len(in_modes))]
+
+
+# --- the cost of each kind of plan ------------------------------------------------------------
+
+
+def _blocks(
+    plan: Plan, in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
+) -> tuple[int, int, int, int, int]:
+    s = plan.split
+    return (
+        math.prod(in_modes[:s]),
+        math.prod(in_modes[s:]),
+        math.prod(out_modes[:s]),
+        math.prod(out_modes[s:]),
+        ranks[s],
+    )
+
+
+def _twoblock_time(
+    c: _Costing,
+    plan: Plan,
+    batch: int,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
+    training: bool,
+) -> float:
+    """The steps of :class:`ttlayers.autograd.TwoBlockProduct`, chunk by chunk."""
+    m1, m2, n1, n2, r = _blocks(plan, in_modes, out_modes, ranks)
+    ms, mf, ns, nf = (m1, m2, n1, n2) if plan.first == "right" else (m2, m1, n2, n1)
+    shapes = _core_shapes(in_modes, out_modes, ranks)
+    merge = _merge_cost(c, shapes[: plan.split]) + _merge_cost(c, shapes[plan.split :])
+    if c.reuses_blocks and not training:  # checking that the cores are unchanged instead
+        merge = c.copy(sum(math.prod(shape) for shape in shapes), calls=len(shapes))
+    chunks = plan.chunks
+    rows = -(-batch // chunks)
+    # A chunk's intermediate that fits in the cache costs no memory traffic.
+    cached = rows * ms * r * nf * c.itemsize <= 2 * c.cache_bytes
+    rows_in, rows_out = batch * m1 * m2, batch * n1 * n2
+    transposes = plan.first == "left"
+    first_product = chunks * c.gemm(1, rows * ms, mf, r * nf, in_cache=cached)
+    forward = (
+        merge
+        + first_product
+        + chunks * c.gemm(rows, ns, ms * r, nf, in_cache=cached)
+        + (c.copy(rows_in) + c.copy(rows_out) if transposes else 0.0)
+        + (c.copy(rows_out) if chunks > 1 else 0.0)  # the chunks concatenated
+    )
+    if not training:
+        return forward
+    backward = (
+        2 * merge
+        + chunks * c.gemm(rows, ms * r, nf, ns, in_cache=cached)  # dS, per row
+        + chunks * c.copy(rows * ms * r * ns)  # ... summed over the rows
+        + chunks * c.gemm(rows, ms * r, ns, nf, in_cache=cached)  # dZ
+        + chunks * c.gemm(1, rows * ms, r * nf, mf, in_cache=cached)  # dx
+        + chunks * c.gemm(1, mf, rows * ms, r * nf, in_cache=cached)  # dF
+        + (c.copy(rows_in) + c.copy(rows_out) if transposes else 0.0)
+        + (c.copy(rows_in) if chunks > 1 else 0.0)
+        + c.copy(rows_out)  # bias gradient
+    )
+    if chunks > 1 or batch > plan.save_max_batch:
+        backward += first_product
+    return forward + backward
+
+
+def _dense_time(
+    c: _Costing,
+    plan: Plan,
+    batch: int,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
+    training: bool,
+) -> float:
+    m, n = math.prod(in_modes), math.prod(out_modes)
+    shapes = _core_shapes(in_modes, out_modes, ranks)
+    s = plan.split
+    if s == 0:
+        merge = 0.0
+    else:
+        m1, m2, n1, n2, r = _blocks(plan, in_modes, out_modes, ranks)
+        merge = _merge_cost(c, shapes[:s]) + _merge_cost(c, shapes[s:])
+        merge += c.gemm(1, m1 * n1, r, m2 * n2) + c.copy(m * n)
+    forward = merge + c.gemm(1, batch, m, n)
+    if not training:
+        return forward
+    # Input gradient, weight gradient, and the merge backward (about twice its forward).
+    return forward + 2 * c.gemm(1, batch, m, n) + 2 * merge
+
+
+def _chain_time(
+    c: _Costing,
+    plan: Plan,
+    batch: int,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
+    training: bool,
+) -> float:
+    shapes = _chain_operand_shapes(batch, in_modes, out_modes, ranks)
+    sizes: dict[str, int] = {}
+    terms = plan.equation.split("->")[0].split(",")
+    for term, shape in zip(terms, shapes, strict=True):
+        sizes.update(zip(term, shape, strict=True))
+    current = list(terms)
+    forward = backward = 0.0
+    for i, j, equation in plan.steps:
+        inputs, result = equation.split("->")
+        left, right = inputs.split(",")
+        current.pop(j)
+        current.pop(i)
+        current.append(result)
+        shared = set(left) & set(right)
+        batch_dims = shared & set(result)
+        contracted = shared - batch_dims
+        dims = [
+            math.prod(sizes[a] for a in group)
+            for group in (batch_dims, set(left) - shared, contracted, set(right) - shared)
+        ]
+        operands = math.prod(sizes[a] for a in left) + math.prod(sizes[a] for a in right)
+        out_size = math.prod(sizes[a] for a in result)
+        # torch.einsum permutes both operands into a batched product and the result back,
+        # and its backward does so for two products: copies of everything, at least twice.
+        product = c.gemm(dims[0], dims[1], dims[2], dims[3])
+        forward += product + c.copy(operands + out_size, calls=4)
+        backward += 2 * product + c.copy(2 * (operands + out_size), calls=8)
+    return forward + (backward if training else 0.0)
+
+
+_TIMERS = {"dense": _dense_time, "twoblock": _twoblock_time, "chain": _chain_time}
+
+
+def estimate_time(
+    plan: Plan,
+    batch: int,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device_type: str = "cpu",
+    threads: int = 1,
+    training: bool = True,
+) -> float:
+    """The cost model's estimate, in seconds, of one forward (and backward) pass of ``plan``.
+
+    Args:
+        plan: A plan for these modes and ranks.
+        batch: Number of input rows.
+        in_modes: The ``d`` input modes.
+        out_modes: The ``d`` output modes.
+        ranks: The ``d + 1`` bond ranks.
+        dtype: The dtype the products run in.
+        device_type: ``"cpu"``, ``"cuda"``, ...: selects the :class:`CostModel`.
+        threads: CPU threads (``torch.get_num_threads()``); ignored on other devices.
+        training: Include the backward pass.
+
+    Returns:
+        Estimated seconds.
+    """
+    costing = _costing(dtype, device_type, threads)
+    return _TIMERS[plan.kind](costing, plan, batch, in_modes, out_modes, ranks, training)
+
+
+def _costing(dtype: torch.dtype, device_type: str, threads: int) -> _Costing:
+    model = _cost_model(device_type)
+    units = max(1, threads) if device_type == "cpu" else 1
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    speedup = model.speedup(dtype) * units
+    reuse = device_type == "cpu"
+    return _Costing(model, itemsize, speedup, model.cache_bytes * units, reuses_blocks=reuse)
+
+
+# --- candidates and the choice ----------------------------------------------------------------
+
+
+def _chain_operand_shapes(
+    batch: int, in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
+) -> list[tuple[int, ...]]:
+    return [(batch, *in_modes), *_core_shapes(in_modes, out_modes, ranks)]
+
+
+def chain_equation(d: int) -> tuple[list[str], str]:
+    """Einsum terms of the input and the ``d`` cores, and the output term.
+
+    The input is ``b m_1..m_d``, core ``k`` is ``r_k m_k n_k r_{k+1}``, the output
+    ``b n_1..n_d``; letters come from ``opt_einsum.get_symbol``.
+    """
+    letters = [opt_einsum.get_symbol(k) for k in range(3 * d + 2)]
+    b, inp, out = letters[0], letters[1 : d + 1], letters[d + 1 : 2 * d + 1]
+    rank = letters[2 * d + 1 :]
+    cores = [rank[k] + inp[k] + out[k] + rank[k + 1] for k in range(d)]
+    return [b + "".join(inp), *cores], b + "".join(out)
+
+
+@lru_cache(maxsize=1024)
+def _chain_plan(
+    batch: int, in_modes: tuple[int, ...], out_modes: tuple[int, ...], ranks: tuple[int, ...]
+) -> Plan:
+    terms, output = chain_equation(len(in_modes))
+    equation = ",".join(terms) + "->" + output
+    shapes = _chain_operand_shapes(batch, in_modes, out_modes, ranks)
+    path, _ = opt_einsum.contract_path(
+        equation, *shapes, shapes=True, optimize="optimal" if len(terms) <= 7 else "dp"
+    )
+    current = list(terms)
+    steps: list[tuple[int, int, str]] = []
+    for position in path:
+        i, j = sorted(position)
+        right, left = current.pop(j), current.pop(i)
+        if current:
+            keep = set(output).union(*current)
+            result = "".join(dict.fromkeys(a for a in left + right if a in keep))
+        else:
+            result = output
+        steps.append((i, j, f"{left},{right}->{result}"))
+        current.append(result)
+    return Plan("chain", steps=tuple(steps), equation=equation)
+
+
+def candidate_plans(
+    batch: int,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device_type: str = "cpu",
+    threads: int = 1,
+) -> list[Plan]:
+    """Every plan the cost model chooses from, for this batch size and shape.
+
+    ``"dense"`` at every split; ``"twoblock"`` at every split and in both orders, unchunked
+    (keeping the intermediate up to the memory bound) and, where the device has a
+    ``cache_bytes``, in as many chunks of rows as keep each chunk's intermediate within it
+    (at most ``max_chunks``); and the ``"chain"`` of opt_einsum's FLOP-optimal order. For
+    ``d == 1`` only ``"dense"``.
+
+    Args:
+        batch: Number of input rows (``>= 0``).
+        in_modes: The ``d`` input modes.
+        out_modes: The ``d`` output modes.
+        ranks: The ``d + 1`` bond ranks.
+        dtype: The dtype the products run in (sizes the chunks).
+        device_type: Selects the :class:`CostModel` (sizes the chunks).
+        threads: CPU threads (sizes the chunks on CPUs).
+
+    Returns:
+        The plans, each valid for :func:`ttlayers.contraction.tt_linear` with these shapes
+        (the chunk count is a choice of speed, not of correctness, at any batch size).
+    """
+    in_modes, out_modes, ranks = tuple(in_modes), tuple(out_modes), tuple(ranks)
+    d = len(in_modes)
+    if d == 1:
+        return [Plan("dense")]
+    plans = [Plan("dense", split=s) for s in range(1, d)]
+    budget = 2 * math.prod(in_modes) * math.prod(out_modes)  # nn.Linear's weight and gradient
+    costing = _costing(dtype, device_type, threads)
+    for s in range(1, d):
+        m1, m2 = math.prod(in_modes[:s]), math.prod(in_modes[s:])
+        n1, n2 = math.prod(out_modes[:s]), math.prod(out_modes[s:])
+        for first, per_row in (("right", m1 * n2), ("left", m2 * n1)):
+            row_elements = max(1, ranks[s] * per_row)  # of the intermediate
+            keep = budget // row_elements
+            plans.append(Plan("twoblock", split=s, first=first, save_max_batch=keep))
+            if costing.cache_bytes:
+                chunks = -(-batch * row_elements * costing.itemsize // costing.cache_bytes)
+                chunks = min(chunks, batch, costing.model.max_chunks)
+                if chunks > 1:
+                    plans.append(Plan("twoblock", split=s, first=first, chunks=chunks))
+    plans.append(_chain_plan(max(batch, 1), in_modes, out_modes, ranks))
+    return plans
+
+
+def choose_plan(
+    batch: int,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device_type: str = "cpu",
+    threads: int = 1,
+    training: bool = True,
+) -> Plan:
+    """The candidate plan with the least estimated time (ties: the first candidate).
+
+    For training, a ``"dense"`` plan must be estimated more than ``DENSE_TRAINING_MARGIN``
+    faster than the best other plan to be chosen: it makes a gradient of the size of ``W``,
+    which the other plans never do.
+
+    Arguments as for :func:`estimate_time`.
+    """
+    candidates = candidate_plans(
+        batch, in_modes, out_modes, ranks, dtype=dtype, device_type=device_type, threads=threads
+    )
+    times = [
+        estimate_time(
+            plan,
+            max(batch, 1),
+            in_modes,
+            out_modes,
+            ranks,
+            dtype=dtype,
+            device_type=device_type,
+            threads=threads,
+            training=training,
+        )
+        for plan in candidates
+    ]
+    if training:
+        times = [
+            t * (1 + DENSE_TRAINING_MARGIN) if plan.kind == "dense" else t
+            for plan, t in zip(candidates, times, strict=True)
+        ]
+    return candidates[times.index(min(times))]
+
+
+DENSE_TRAINING_MARGIN = 0.05
+
+
+_LARGEST_TABULATED_BATCH_LOG2 = 24
+
+
+@lru_cache(maxsize=512)
+def plan_table(
+    in_modes: tuple[int, ...],
+    out_modes: tuple[int, ...],
+    ranks: tuple[int, ...],
+    dtype: torch.dtype,
+    device_type: str,
+    threads: int,
+    training: bool,
+) -> tuple[tuple[int, Plan], ...]:
+    """The chosen plan for every batch size, as ``((lowest batch, plan), ...)``.
+
+    Entry ``(b, plan)`` applies to batch sizes from ``b`` up to the next entry's ``b``. Plans
+    are chosen at batch sizes ``1, 2, 4, ..., 2**24`` and apply up to the next power of two
+    (batch 0 takes the plan of batch 1). Cached per argument tuple.
+    """
+    table: list[tuple[int, Plan]] = []
+    for k in range(_LARGEST_TABULATED_BATCH_LOG2 + 1):
+        plan = choose_plan(
+            2**k,
+            in_modes,
+            out_modes,
+            ranks,
+            dtype=dtype,
+            device_type=device_type,
+            threads=threads,
+            training=training,
+        )
+        if not table or table[-1][1] != plan:
+            table.append((0 if k == 0 else 2**k, plan))
+    return tuple(table)
+
+
+# --- calibration --------------------------------------------------------------------------------
+
+
+def _seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The fastest of ``repeats`` runs of ``fn``, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def calibrate(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, repeats: int = 10
+) -> CostModel:
+    """Measure a :class:`CostModel` for ``device`` (a second or so of products and copies).
+
+    Times, each the fastest of ``repeats`` runs: a tiny product (``overhead``); a large
+    square product (``flops``); a batch of products with an inner dimension of 16 whose
+    operands fit in the cache (``half_dim``, from how far below ``flops`` they run); and a
+    copy of 16 MiB (``bandwidth``). ``cache_bytes`` and ``dtype_speedup`` are copied from the
+    default model of the device type. Install the result with :func:`set_cost_model`.
+
+    Args:
+        device: The device to measure.
+        dtype: The dtype of the products.
+        repeats: Runs of each measurement.
+
+    Returns:
+        The measured model, expressed for float32 (``flops`` divided by the default speedup
+        of ``dtype``) and, on CPUs, per thread.
+    """
+    device = torch.device(device)
+
+    def make(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    tiny = make(2, 2)
+    overhead = _seconds(lambda: tiny @ tiny, device, 10 * repeats)
+    n = 2048 if device.type == "cuda" else 1024
+    a, b = make(n, n), make(n, n)
+    peak = 2.0 * n**3 / _seconds(lambda: a @ b, device, repeats)
+    k, batch, side = 16, 8, 128  # output of 512 KiB in float32: in cache
+    tall, wide = make(batch, side, k), make(batch, k, side)
+    thin_seconds = _seconds(lambda: torch.bmm(tall, wide), device, repeats) - overhead
+    thin_speed = 2.0 * batch * side * k * side / max(thin_seconds, 1e-9)
+    half_dim = max(1.0, k * (peak / max(thin_speed, 1.0) - 1.0))
+    source = make(2**24 // torch.empty((), dtype=dtype).element_size())  # 16 MiB
+    target = torch.empty_like(source)
+    copy_seconds = _seconds(lambda: target.copy_(source), device, repeats)
+    bandwidth = 2.0 * source.numel() * source.element_size() / copy_seconds
+    default = _cost_model(device.type)
+    units = torch.get_num_threads() if device.type == "cpu" else 1
+    return CostModel(
+        flops=peak / default.speedup(dtype) / units,
+        half_dim=half_dim,
+        bandwidth=bandwidth,
+        overhead=overhead,
+        cache_bytes=default.cache_bytes,
+        max_chunks=default.max_chunks,
+        dtype_speedup=default.dtype_speedup,
+    )
+
+
+if __debug__:
+    assert set(_TIMERS) == set(_KINDS)

@@ -1,0 +1,421 @@
+import dataclasses
+import math
+
+import opt_einsum
+import pytest
+import torch
+
+from ttlayers import TTLinear, tt_to_dense
+from ttlayers.contraction import core_shapes, merge_cores, select_plan, tt_linear
+from ttlayers.planner import (
+    DEFAULT_COST_MODELS,
+    CostModel,
+    Plan,
+    calibrate,
+    candidate_plans,
+    choose_plan,
+    estimate_time,
+    plan_table,
+    set_cost_model,
+)
+
+# (in_modes, out_modes, rank): d = 1..5, odd and unit modes, rank 1, ranks at their cap.
+CASES = [
+    ((5,), (3,), 4),
+    ((3, 5), (2, 7), 3),
+    ((4, 4), (4, 4), 16),  # full rank: the blocks are the whole matrix
+    ((2, 3, 5), (5, 1, 3), 4),
+    ((1, 7, 1), (3, 1, 2), 2),
+    ((4, 2, 3, 2), (2, 3, 1, 5), (2, 5, 3)),
+    ((2, 3, 2, 1, 3), (3, 2, 2, 2, 1), 1),
+]
+BATCHES = [0, 1, 6]
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_cores(in_modes, out_modes, rank, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    layer = TTLinear(
+        math.prod(in_modes), math.prod(out_modes), rank, in_modes=in_modes, out_modes=out_modes
+    )
+    return [core.detach().to(dtype) for core in layer.cores]
+
+
+def reference_weight(cores):
+    """W (N, M) by one multi-operand einsum over all cores, independent of merge_cores."""
+    d = len(cores)
+    sym = [opt_einsum.get_symbol(k) for k in range(3 * d + 1)]
+    m, n, r = sym[:d], sym[d : 2 * d], sym[2 * d :]
+    terms = [r[k] + m[k] + n[k] + r[k + 1] for k in range(d)]
+    equation = ",".join(terms) + "->" + "".join(n) + "".join(m)
+    w = torch.einsum(equation, *[c.double() for c in cores])
+    return w.reshape(math.prod(c.shape[2] for c in cores), -1)
+
+
+def all_plans(batch, in_modes, out_modes, ranks):
+    """Every candidate; each twoblock unchunked keeping and recomputing its intermediate,
+    and in 3 chunks of rows (more chunks than rows for small batches)."""
+    plans = []
+    for plan in candidate_plans(batch, in_modes, out_modes, ranks):
+        if plan.kind == "twoblock":
+            plans += [
+                dataclasses.replace(plan, save_max_batch=-1, chunks=1),
+                dataclasses.replace(plan, save_max_batch=10**9, chunks=1),
+                dataclasses.replace(plan, chunks=3),
+            ]
+        else:
+            plans.append(plan)
+    return plans
+
+
+def plan_id(plan):
+    return f"{plan.kind}-s{plan.split}-{plan.first}-keep{plan.save_max_batch}-ch{plan.chunks}"
+
+
+# --- every plan against the dense float64 reference -----------------------------------------
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes", "rank"), CASES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_plan_matches_dense_reference_float64(in_modes, out_modes, rank, batch, bias):
+    cores = make_cores(in_modes, out_modes, rank)
+    _, _, ranks = core_shapes(cores)
+    b = torch.randn(math.prod(out_modes), dtype=torch.float64) if bias else None
+    x = torch.randn(batch, math.prod(in_modes), dtype=torch.float64)
+    expected = x @ reference_weight(cores).T + (0 if b is None else b)
+    for plan in all_plans(batch, in_modes, out_modes, ranks):
+        y = tt_linear(x, cores, b, plan=plan)
+        assert y.shape == expected.shape, plan_id(plan)
+        # float64 sums of <= 64 products of d + 1 factors of order 1: 1e-12 is ample.
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12, msg=plan_id(plan))
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes", "rank"), CASES)
+def test_every_plan_has_the_reference_gradients(in_modes, out_modes, rank):
+    cores = make_cores(in_modes, out_modes, rank)
+    _, _, ranks = core_shapes(cores)
+    x = torch.randn(5, math.prod(in_modes), dtype=torch.float64)
+    bias = torch.randn(math.prod(out_modes), dtype=torch.float64)
+    target = torch.randn(5, math.prod(out_modes), dtype=torch.float64)
+
+    def gradients(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, bias, *cores)]
+        loss = (fn(leaves[0], leaves[2:], leaves[1]) * target).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    expected = gradients(lambda x, c, b: x @ reference_weight(c).T + b)
+    for plan in all_plans(5, in_modes, out_modes, ranks):
+        got = gradients(lambda x, c, b, plan=plan: tt_linear(x, c, b, plan=plan))
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12, msg=plan_id(plan))
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes", "rank"), [CASES[1], CASES[3]])
+def test_gradcheck_every_plan(in_modes, out_modes, rank):
+    cores = [c.requires_grad_() for c in make_cores(in_modes, out_modes, rank)]
+    _, _, ranks = core_shapes(cores)
+    x = torch.randn(2, math.prod(in_modes), dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(math.prod(out_modes), dtype=torch.float64, requires_grad=True)
+    for plan in all_plans(2, in_modes, out_modes, ranks):
+
+        def fn(x, bias, *cores, plan=plan):
+            return tt_linear(x, cores, bias, plan=plan)
+
+        assert torch.autograd.gradcheck(fn, (x, bias, *cores)), plan_id(plan)
+        if plan.kind == "twoblock" and in_modes == (3, 5):
+            # Not required of the hand-written backward pass, but it holds, and exactly.
+            assert torch.autograd.gradgradcheck(fn, (x, bias, *cores)), plan_id(plan)
+
+
+@pytest.mark.parametrize("first", ["left", "right"])
+@pytest.mark.parametrize("wanted", ["input", "cores", "bias"])
+def test_twoblock_computes_only_the_gradients_asked_for(first, wanted):
+    in_modes, out_modes = (4, 2, 3), (2, 3, 4)
+    cores = make_cores(in_modes, out_modes, 3)
+    plan = Plan("twoblock", split=1, first=first, save_max_batch=100)
+    x = torch.randn(4, 24, dtype=torch.float64, requires_grad=wanted == "input")
+    cores = [c.requires_grad_(wanted == "cores") for c in cores]
+    bias = torch.randn(24, dtype=torch.float64, requires_grad=wanted == "bias")
+    tt_linear(x, cores, bias, plan=plan).square().sum().backward()
+    reference = [t.detach().clone().requires_grad_() for t in (x, bias, *cores)]
+    (reference[0] @ reference_weight(reference[2:]).T + reference[1]).square().sum().backward()
+    for got, ref in zip((x, bias, *cores), reference, strict=True):
+        if got.requires_grad:
+            torch.testing.assert_close(got.grad, ref.grad, rtol=1e-12, atol=1e-12)
+        else:
+            assert got.grad is None
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 5e-2)]
+)
+def test_every_plan_in_low_precision(dtype, tol):
+    in_modes, out_modes = (4, 4, 4), (4, 3, 4)
+    cores64 = make_cores(in_modes, out_modes, 4)
+    cores = [c.to(dtype).requires_grad_() for c in cores64]
+    x = torch.randn(16, 64, dtype=torch.float64)
+    reference = x @ reference_weight([c.detach() for c in cores]).T
+    for plan in all_plans(16, in_modes, out_modes, (1, 4, 4, 1)):
+        y = tt_linear(x.to(dtype), cores, plan=plan)
+        assert y.dtype == dtype
+        err = (y.double() - reference).norm() / reference.norm()
+        assert err.item() < tol, plan_id(plan)
+        y.float().sum().backward()
+        assert all(c.grad is not None and c.grad.dtype == dtype for c in cores)
+
+
+def test_leading_dimensions_and_noncontiguous_input():
+    cores = make_cores((4, 6), (3, 5), 3)
+    x = torch.randn(2, 3, 48, dtype=torch.float64).transpose(0, 1)[..., ::2]  # (3, 2, 24)
+    expected = x @ reference_weight(cores).T
+    for plan in all_plans(6, (4, 6), (3, 5), (1, 3, 1)):
+        torch.testing.assert_close(tt_linear(x, cores, plan=plan), expected, msg=plan_id(plan))
+
+
+# --- the blocks ------------------------------------------------------------------------------
+
+
+def test_merge_cores_is_a_core_of_the_merged_chain():
+    cores = make_cores((2, 3, 4, 2), (3, 1, 2, 2), (2, 3, 2))
+    merged = merge_cores(cores[1:3])
+    assert merged.shape == (2, 12, 2, 2)
+    torch.testing.assert_close(
+        reference_weight([cores[0], merged, cores[3]]), reference_weight(cores)
+    )
+    assert merge_cores(cores[:1]) is cores[0]
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes", "rank"), CASES)
+def test_tt_to_dense_matches_reference(in_modes, out_modes, rank):
+    cores = make_cores(in_modes, out_modes, rank)
+    w = tt_to_dense(cores)
+    assert w.is_contiguous()
+    torch.testing.assert_close(w, reference_weight(cores), rtol=1e-13, atol=1e-14)
+
+
+def test_twoblock_keeps_at_most_the_input_when_over_the_memory_bound():
+    # The rank-8 case of the issue at batch 8192: keeping Z would hold 8x the input.
+    in_modes = out_modes = (4, 8, 8, 4)
+    batch = 8192
+    cores = [c.float().requires_grad_() for c in make_cores(in_modes, out_modes, 8)]
+    plan = select_plan(batch, in_modes, out_modes, (1, 8, 8, 8, 1), torch.float32, "cpu", True)
+    assert plan.kind == "twoblock" and batch > plan.save_max_batch
+    x = torch.randn(batch, 1024, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = tt_linear(x, cores, plan=plan)
+    activations = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in saved
+        if not any(t.untyped_storage().data_ptr() == c.untyped_storage().data_ptr() for c in cores)
+    }
+    weight_bytes = 1024 * 1024 * 4
+    # nn.Linear keeps its input (and its weight, and makes a dense weight gradient).
+    assert sum(activations.values()) <= x.numel() * 4 + weight_bytes // 4
+    y.sum().backward()
+    assert all(c.grad.shape == c.shape for c in cores)
+
+
+def test_inference_reuses_blocks_only_while_the_cores_are_unchanged():
+    in_modes = out_modes = (4, 8, 8, 4)
+    cores = [c.float() for c in make_cores(in_modes, out_modes, 8)]
+    plan = Plan("twoblock", split=2, first="right", save_max_batch=10**9)
+    x = torch.randn(3, 1024)
+
+    def check(y):  # float32 products of order 1: 1e-4 is generous, a stale block is far off
+        expected = x.double() @ reference_weight(cores).T
+        torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+
+    with torch.no_grad():
+        first = tt_linear(x, cores, plan=plan)
+        torch.testing.assert_close(tt_linear(x, cores, plan=plan), first, rtol=0, atol=0)
+        cores[1].data.mul_(2.0)  # invisible to autograd's version counter
+        check(tt_linear(x, cores, plan=plan))
+        cores[3].add_(1.0)
+        check(tt_linear(x, cores, plan=plan))
+        cores[2] = cores[2] * 0.5  # another tensor in the list
+        check(tt_linear(x, cores, plan=plan))
+
+
+# --- the planner -----------------------------------------------------------------------------
+
+
+def test_candidates_cover_every_kind_split_and_order():
+    plans = candidate_plans(32, (4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1))
+    kinds = {(p.kind, p.split, p.first) for p in plans if p.kind != "chain"}
+    assert {("dense", s, "right") for s in (1, 2, 3)} <= kinds
+    assert {("twoblock", s, f) for s in (1, 2, 3) for f in ("left", "right")} <= kinds
+    assert sum(p.kind == "chain" for p in plans) == 1
+    assert candidate_plans(5, (7,), (3,), (1, 1)) == [Plan("dense")]
+
+
+def test_plan_table_is_ordered_and_agrees_with_choose_plan():
+    shape = ((4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1))
+    threads = torch.get_num_threads()
+    for training in (True, False):
+        table = plan_table(*shape, torch.float32, "cpu", threads, training)
+        bounds = [b for b, _ in table]
+        assert bounds[0] == 0 and bounds == sorted(set(bounds))
+        for batch in (1, 32, 256, 8192):
+            chosen = select_plan(batch, *shape, torch.float32, "cpu", training)
+            assert chosen == choose_plan(batch, *shape, threads=threads, training=training)
+
+
+def test_chunks_keep_the_intermediate_within_the_cache():
+    shape = ((4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1))
+    cache = DEFAULT_COST_MODELS["cpu"].cache_bytes
+    for batch in (64, 256, 1024):
+        chunked = [p for p in candidate_plans(batch, *shape) if p.chunks > 1]
+        assert chunked and all(p.kind == "twoblock" for p in chunked)
+        for plan in chunked:
+            rows = -(-batch // plan.chunks)
+            assert rows * 8 * 32 * 32 * 4 <= cache  # rows x r x M_s x N_f floats
+    assert not any(p.chunks > 1 for p in candidate_plans(256, *shape, device_type="cuda"))
+
+
+def test_training_prefers_plans_without_a_dense_weight_gradient():
+    # Batch 8192, rank 8: the dense product is about as fast, but would make a 1024 x 1024
+    # gradient; the issue asks for none.
+    shape = ((4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1))
+    assert choose_plan(8192, *shape, threads=2).kind == "twoblock"
+
+
+@pytest.mark.parametrize(
+    ("shape", "batch", "kind"),
+    [
+        # The issue's cases: half the dense FLOPs by two blocks; rank 32 only by W itself.
+        (((4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1)), 256, "twoblock"),
+        (((8, 8, 8, 8), (8, 8, 8, 8), (1, 16, 16, 16, 1)), 128, "twoblock"),
+        (((8, 16, 8), (8, 16, 8), (1, 32, 32, 1)), 256, "dense"),
+    ],
+)
+def test_cost_model_choices_for_the_issue_cases(shape, batch, kind):
+    assert choose_plan(batch, *shape).kind == kind
+
+
+def test_estimates_grow_with_batch_and_training():
+    shape = ((4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1))
+    for plan in candidate_plans(64, *shape):
+        small = estimate_time(plan, 64, *shape, training=False)
+        assert 0 < small < estimate_time(plan, 64, *shape, training=True)
+        assert small < estimate_time(plan, 4096, *shape, training=False)
+
+
+def test_set_cost_model_changes_and_restores_the_choice():
+    shape = ((4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1))
+    before = plan_table(*shape, torch.float32, "cpu", 1, True)
+    # A device where every operator call costs a second: chunks (a dozen calls each) lose.
+    slow_calls = dataclasses.replace(DEFAULT_COST_MODELS["cpu"], overhead=1.0)
+    try:
+        set_cost_model("cpu", slow_calls)
+        chosen = select_plan(1024, *shape, torch.float32, "cpu", True)
+        assert chosen.kind != "chain" and chosen.chunks == 1
+    finally:
+        set_cost_model("cpu", None)
+    assert plan_table(*shape, torch.float32, "cpu", 1, True) == before
+
+
+def test_calibrate_returns_a_positive_model():
+    model = calibrate("cpu", repeats=1)
+    assert isinstance(model, CostModel)
+    assert min(model.flops, model.half_dim, model.bandwidth, model.overhead) > 0
+
+
+# --- with the rest of PyTorch ----------------------------------------------------------------
+
+
+def test_compile_fullgraph_matches_eager_for_every_kind():
+    torch._dynamo.reset()
+    cores = [c.float().requires_grad_() for c in make_cores((4, 8, 8, 4), (4, 8, 8, 4), 4)]
+    bias = torch.randn(1024, requires_grad=True)
+    x = torch.randn(8, 1024)
+    for plan in all_plans(8, (4, 8, 8, 4), (4, 8, 8, 4), (1, 4, 4, 4, 1))[::2]:
+        torch._dynamo.reset()  # one code object per plan: do not pile up recompiles
+
+        def fn(x, bias, *cores, plan=plan):
+            return tt_linear(x, cores, bias, plan=plan)
+
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        grads = torch.autograd.grad(compiled(x, bias, *cores).square().sum(), [bias, *cores])
+        expected = torch.autograd.grad(fn(x, bias, *cores).square().sum(), [bias, *cores])
+        for g, e in zip(grads, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=plan_id(plan))
+    torch._dynamo.reset()
+
+
+def test_compile_fullgraph_with_the_planner_choosing():
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    cores = [c.float().requires_grad_() for c in make_cores((4, 8, 8, 4), (4, 8, 8, 4), 8)]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda x: tt_linear(x, cores), backend=counter, fullgraph=True)
+    for batch in (64, 64, 300):  # planned per batch range: 64 and 300 differ in chunks
+        x = torch.randn(batch, 1024)
+        torch.testing.assert_close(compiled(x), tt_linear(x, cores), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
+
+
+def test_per_sample_gradients_through_twoblock_with_vmap():
+    cores = make_cores((3, 4), (2, 4), 3)
+    plan = Plan("twoblock", split=1, first="left", save_max_batch=100)
+    x = torch.randn(5, 12, dtype=torch.float64)
+
+    def loss(cores, x):
+        return tt_linear(x.unsqueeze(0), cores, plan=plan).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(cores, x)
+    for i in range(5):
+        expected = torch.func.grad(loss)(cores, x[i])
+        for got, e in zip(per_sample, expected, strict=True):
+            torch.testing.assert_close(got[i], e)
+
+
+def test_autocast_bfloat16_twoblock_output_and_gradient_dtypes():
+    cores = [c.float().requires_grad_() for c in make_cores((4, 8, 8, 4), (4, 8, 8, 4), 8)]
+    x = torch.randn(32, 1024)
+    plan = Plan("twoblock", split=2, first="right", save_max_batch=10**9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = tt_linear(x, cores, torch.zeros(1024), plan=plan)
+    assert y.dtype == torch.bfloat16
+    reference = x.double() @ reference_weight([c.detach() for c in cores]).T
+    assert ((y.double() - reference).norm() / reference.norm()).item() < 11 * 2.0**-8
+    y.float().sum().backward()
+    assert all(c.grad.dtype == torch.float32 for c in cores)
+
+
+def test_meta_tensors_give_shapes():
+    cores = [c.to("meta") for c in make_cores((4, 8), (2, 8), 3)]
+    for plan in all_plans(7, (4, 8), (2, 8), (1, 3, 1)):
+        x = torch.empty(7, 32, device="meta", dtype=torch.float64)
+        assert tt_linear(x, cores, plan=plan).shape == (7, 16)
+
+
+@requires_cuda
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-4), (torch.bfloat16, 5e-2)]
+)
+def test_every_plan_on_cuda_matches_the_cpu_reference(dtype, tol):
+    in_modes, out_modes = (4, 8, 8, 4), (4, 8, 8, 4)
+    cores64 = make_cores(in_modes, out_modes, 8)
+    x64 = torch.randn(40, 1024, dtype=torch.float64)
+    reference = x64 @ reference_weight(cores64).T
+    cores = [c.to("cuda", dtype).requires_grad_() for c in cores64]
+    x = x64.to("cuda", dtype)
+    plans = all_plans(40, in_modes, out_modes, (1, 8, 8, 8, 1))
+    plans.append(select_plan(40, in_modes, out_modes, (1, 8, 8, 8, 1), dtype, "cuda", True))
+    for plan in plans:
+        y = tt_linear(x, cores, plan=plan)
+        assert y.device.type == "cuda" and y.dtype == dtype
+        err = (y.double().cpu() - reference).norm() / reference.norm()
+        assert err.item() < tol, plan_id(plan)
+        y.float().square().sum().backward()
+        assert all(c.grad is not None and c.grad.dtype == dtype for c in cores)
