@@ -599,11 +599,6 @@ def test_per_sample_gradients_with_vmap_and_grad(build):
             assert_close(per_sample[name][i], expected[name], rtol=1e-12, atol=1e-14, msg=name)
 
 
-@pytest.mark.xfail(
-    raises=NotImplementedError,
-    reason="ttlayers.autograd.TwoBlockProduct defines no jvp, so forward-mode AD fails",
-    strict=False,
-)
 def test_forward_mode_ad_agrees_with_reverse_mode():
     model = _wide_model(dtype=torch.float64)
     params = {name: p.detach() for name, p in model.named_parameters()}

@@ -9,12 +9,14 @@ of rank ``r``. With the input row ``x[b]`` viewed as an ``(M_1, M_2)`` matrix,
     y[b, n_1, n_2] = \sum_{a, m_1, m_2} L[m_1, a, n_1]\, x[b, m_1, m_2]\, R[m_2, a, n_2].
 
 The input meets one block first (``F``, sizes ``M_f, N_f``) and then the other (``S``,
-``M_s, N_s``), in ``2 B r M (N_f + N_s M_s / M_f ...)`` operations; for the right block first
-that is ``2 B r (M_1 M_2 N_2 + M_1 N_1 N_2)``, a fraction of the dense ``2 B M N`` for
-moderate ranks. The intermediate ``Z[b, m_s, a, n_f] = sum_{m_f} x[b, m_s, m_f] F[m_f, a, n_f]``
-is laid out batch-major, so that every step is one matrix product or one batched product
-over the rows, with no permutation of ``Z`` (for the left block first, the rows of ``x``
-and ``y`` are transposed instead, copies of the size of the input and the output):
+``M_s, N_s``), in ``2 B r M_s (M_f N_f + N_s N_f)`` operations (Novikov et al. 2015 contract
+core by core; merging the cores into two blocks first is what makes the products large), a
+fraction of the dense ``2 B M N`` for moderate ranks: half of it for ``1024 x 1024``, modes
+``(4, 8, 8, 4)``, rank 8. The intermediate
+``Z[b, m_s, a, n_f] = sum_{m_f} x[b, m_s, m_f] F[m_f, a, n_f]`` is laid out batch-major, so
+that every step is one matrix product or one batched product over the rows, with no
+permutation of ``Z`` (for the left block first, the rows of ``x`` and ``y`` are transposed
+instead, copies of the size of the input and the output):
 
 - forward: ``Z = x F`` as one ``(B M_s, M_f) @ (M_f, r N_f)`` product; then
   ``y[b] = S^T Z[b]``, ``B`` products ``(N_s, M_s r) @ (M_s r, N_f)`` in one batched call.
