@@ -682,17 +682,11 @@ def _convert(
                 raise _wrap(layer_names, error) from error
             _match_flags(layer, linear)
             capture.substitutes[linear] = layer
-            row = LayerReport(
-                name=layer_names[0],
-                in_features=layer.in_features,
-                out_features=layer.out_features,
-                in_modes=layer.in_modes,
-                out_modes=layer.out_modes,
-                ranks=layer.ranks,
-                params_before=dense + (linear.out_features if linear.bias is not None else 0),
-                params_after=layer.num_parameters,
-                relative_error=fit.weight_error,
-                aliases=tuple(layer_names[1:]),
+            row = _row(
+                layer_names,
+                linear,
+                layer,
+                fit.weight_error,
                 tt_svd_error=fit.weight_error_start,
                 output_error=fit.output_error,
                 tt_svd_output_error=fit.output_error_start,
@@ -712,6 +706,29 @@ def _convert(
 
 def _say(message: str) -> None:
     print(f"tensorize_: {message}", file=sys.stderr, flush=True)
+
+
+def _row(
+    names: Sequence[str],
+    linear: nn.Linear,
+    layer: TTLinear,
+    relative_error: float,
+    **errors: float | None,
+) -> LayerReport:
+    """The report row of ``linear`` (known under ``names``) converted into ``layer``."""
+    return LayerReport(
+        name=names[0],
+        in_features=layer.in_features,
+        out_features=layer.out_features,
+        in_modes=layer.in_modes,
+        out_modes=layer.out_modes,
+        ranks=layer.ranks,
+        params_before=linear.weight.numel() + (0 if linear.bias is None else linear.out_features),
+        params_after=layer.num_parameters,
+        relative_error=relative_error,
+        aliases=tuple(names[1:]),
+        **errors,
+    )
 
 
 def _bias_count(layer: TTLinear) -> int:
@@ -810,17 +827,6 @@ def _convert_without_data(
             continue
         _match_flags(layer, linear)
         assert layer.conversion_error is not None
-        row = LayerReport(
-            name=layer_names[0],
-            in_features=layer.in_features,
-            out_features=layer.out_features,
-            in_modes=layer.in_modes,
-            out_modes=layer.out_modes,
-            ranks=layer.ranks,
-            params_before=dense + (linear.out_features if linear.bias is not None else 0),
-            params_after=layer.num_parameters,
-            relative_error=layer.conversion_error,
-            aliases=tuple(layer_names[1:]),
-        )
+        row = _row(layer_names, linear, layer, layer.conversion_error)
         converted.append((layer_names, layer, row))
     return _Converted(converted, budget, 0)
