@@ -24,6 +24,7 @@ docs/examples.md has the results on Fashion-MNIST and how the defaults below wer
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import hashlib
 import math
@@ -426,8 +427,16 @@ def fit(model, device, train_loader, test_loader, args, epochs, lr) -> tuple[flo
     return accuracy, times
 
 
-def convert(model: nn.Sequential, rank: int | None, eps: float | None) -> None:
+def convert(
+    model: nn.Sequential,
+    rank: int | None,
+    eps: float | None,
+    calibration: torch.Tensor | None = None,
+) -> None:
     """Replace the hidden ``nn.Linear`` by a TTLinear, in place, by TT-SVD; print the report.
+
+    With ``calibration`` (model inputs, ``(N, 1, 28, 28)``), the cores are then fitted to
+    reproduce the hidden layer's outputs on those images (data-aware conversion).
 
     Four cores give the hidden layer of ``ttmlp`` its modes, ``(4, 7, 7, 4) x (4, 8, 8, 4)``:
     image rows on one side of the middle bond, columns on the other. Only the hidden layer
@@ -439,6 +448,7 @@ def convert(model: nn.Sequential, rank: int | None, eps: float | None) -> None:
         eps=eps,
         filter_fn=lambda module, name: name == "hidden",
         num_cores=len(HIDDEN_MODES[0]),
+        calibration=calibration,
     )
     print(report)
 
@@ -476,6 +486,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--eps", type=float, help="--convert: relative Frobenius error bound of the TT-SVD")
     add("--finetune-epochs", type=int, default=1, help="--convert: epochs (default: 1)")
     add("--finetune-lr", type=float, help="--convert: learning rate (default: --lr / 10)")
+    add(
+        "--calibrate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--convert: also fit the cores to the layer's outputs on N training images and "
+        "compare with plain TT-SVD before fine-tuning (default: 0, plain TT-SVD only)",
+    )
     # Data.
     add("--dataset", choices=tuple(DATASETS), default="mnist", help="default: mnist")
     add("--data-dir", type=Path, help="IDX files (default: ~/.pytorch/MNIST or FashionMNIST)")
@@ -492,6 +510,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rank = DEFAULT_RANK.get("convert" if args.convert else args.model)
     if args.lr is None:
         args.lr = DEFAULT_LR["seed" if args.init == "seed" else args.model]
+    if args.calibrate and not args.convert:
+        parser.error("--calibrate applies to --convert only")
+    if args.calibrate < 0:
+        parser.error(f"--calibrate takes a number of images >= 0; got {args.calibrate}")
     if args.finetune_lr is None:
         args.finetune_lr = args.lr / 10
     if args.data_dir is None:
@@ -524,10 +546,25 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model
     if args.convert:
         dense_accuracy = accuracy
-        convert(model, args.rank, args.eps)
+        calibration = None
+        if args.calibrate:
+            # The same dense model converted twice: plain TT-SVD, then data-aware, on the
+            # first N training images (never the test set).
+            plain = copy.deepcopy(model)
+            convert(plain, args.rank, args.eps)
+            print("\nPlain TT-SVD, before fine-tuning:")
+            plain_before = test(plain, device, test_loader)
+            calibration = train_set.tensors[0][: args.calibrate].to(device)
+            print(f"Data-aware conversion on {len(calibration)} training images:")
+        convert(model, args.rank, args.eps, calibration)
         print(describe(model, args.model))
         print("\nConverted, before fine-tuning:")
         before = test(model, device, test_loader)
+        if args.calibrate:
+            print(
+                f"Before fine-tuning: plain TT-SVD {plain_before:.2f}%, calibrated on "
+                f"{len(calibration)} images {before:.2f}% (dense {dense_accuracy:.2f}%)"
+            )
         print(f"Fine-tuning, Adam lr {args.finetune_lr:g}:")
         accuracy, times = fit(
             model, device, train_loader, test_loader, args, args.finetune_epochs, args.finetune_lr

@@ -247,7 +247,9 @@ MODES = {
     "ttmlp": ["--model", "ttmlp"],
     "dense": ["--model", "dense"],
     "convert": ["--convert"],
+    "calibrate": ["--convert", "--calibrate", "64"],
 }
+CONVERTS = {"convert", "calibrate"}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -270,11 +272,12 @@ def test_end_to_end(mnist, tiny_data, tmp_path, mode):
     # The log lines of PyTorch's example, 256 images / 16 per batch, every batch logged.
     trains = TRAIN_LINE.findall(out)
     tests = TEST_LINE.findall(out)
-    epochs = 2 if mode == "convert" else 1  # --convert: 1 epoch dense + 1 fine-tuning
+    epochs = 2 if mode in CONVERTS else 1  # --convert: 1 epoch dense + 1 fine-tuning
     assert len(trains) == 16 * epochs
     assert trains[0][:4] == ("1", "0", "256", "0")
     assert trains[15][:4] == ("1", "240", "256", "94")
-    assert len(tests) == epochs + (1 if mode == "convert" else 0)  # + before fine-tuning
+    # + before fine-tuning; with --calibrate, + plain TT-SVD before fine-tuning too
+    assert len(tests) == epochs + {"convert": 1, "calibrate": 2}.get(mode, 0)
     assert all(total == "128" for _, _, total, _ in tests)
     losses = [float(loss) for *_, loss in trains]
     for start in range(0, len(losses), 16):  # training, then fine-tuning
@@ -285,16 +288,20 @@ def test_end_to_end(mnist, tiny_data, tmp_path, mode):
     assert re.search(r"^Result: .* test accuracy [\d.]+%, .* s/epoch on cpu$", out, re.M)
 
     # --save-model wrote the model that was tested last, loadable into a fresh one.
-    model_name = "dense" if mode == "convert" else MODES[mode][1]
+    model_name = "dense" if mode in CONVERTS else MODES[mode][1]
     model = mnist.build_model(model_name, mnist.DEFAULT_RANK.get(model_name))
-    if mode == "convert":
+    if mode == "calibrate":
+        assert "calibrated on 64 samples" in out  # the data-aware report's header
+        before = r"^Before fine-tuning: plain TT-SVD [\d.]+%, calibrated on 64 images [\d.]+%"
+        assert re.search(before, out, re.M)
+    if mode in CONVERTS:
         assert "tensorize_: 1 layer(s) converted" in out
         conversion = r"^Conversion: dense [\d.]+% -> converted [\d.]+% -> fine-tuned"
         assert re.search(conversion, out, re.M)
         # A TTLinear of the same modes takes the checkpoint's ranks when it loads it.
         in_modes, out_modes = mnist.HIDDEN_MODES
         model.hidden = TTLinear(784, mnist.HIDDEN, 1, in_modes=in_modes, out_modes=out_modes)
-    name = "dense_tensorized" if mode == "convert" else mode
+    name = "dense_tensorized" if mode in CONVERTS else mode
     model.load_state_dict(torch.load(tmp_path / f"mnist_{name}.pt", weights_only=True))
     _, test_set = mnist.load_dataset("mnist", tiny_data, allow_download=False)
     images, labels = test_set.tensors
