@@ -46,7 +46,7 @@ from torch import nn
 
 from ttlayers import TTLinear
 from ttlayers.contraction import select_plan
-from ttlayers.planner import Plan, chain_equation
+from ttlayers.planner import Plan, chain_equation, pairwise_steps
 from ttlayers.shapes import resolve_ranks, suggest_modes
 
 
@@ -91,24 +91,6 @@ CASES = [
 # --- the methods ---------------------------------------------------------------------------------
 
 
-def _pairwise(
-    path: list[tuple[int, ...]], terms: list[str], output: str
-) -> list[tuple[int, int, str]]:
-    current = list(terms)
-    steps = []
-    for position in path:
-        i, j = sorted(position)
-        right, left = current.pop(j), current.pop(i)
-        if current:
-            keep = set(output).union(*current)
-            result = "".join(dict.fromkeys(a for a in left + right if a in keep))
-        else:
-            result = output
-        steps.append((i, j, f"{left},{right}->{result}"))
-        current.append(result)
-    return steps
-
-
 class EinsumChain(nn.Module):
     """The TT layer's cores applied by a fixed list of pairwise einsums (a reference method)."""
 
@@ -125,7 +107,7 @@ class EinsumChain(nn.Module):
             )
         else:  # the input meets core 1, then core 2, ...
             path = [(0, 1)] * layer.num_cores
-        self.steps = _pairwise([tuple(p) for p in path], terms, output)
+        self.steps = pairwise_steps([tuple(p) for p in path], terms, output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         current = [x.reshape(x.shape[0], *self.in_modes), *self.cores]

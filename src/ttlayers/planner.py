@@ -426,6 +426,17 @@ def _chain_plan(
     path, _ = opt_einsum.contract_path(
         equation, *shapes, shapes=True, optimize="optimal" if len(terms) <= 7 else "dp"
     )
+    return Plan("chain", steps=pairwise_steps(path, terms, output), equation=equation)
+
+
+def pairwise_steps(
+    path: Sequence[tuple[int, ...]], terms: Sequence[str], output: str
+) -> tuple[tuple[int, int, str], ...]:
+    """Turn an opt_einsum path into two-operand einsum steps ``(i, j, equation)``.
+
+    Operands ``i < j`` of the current list are removed and their contraction is appended,
+    as in opt_einsum's path format; each result keeps only the letters still needed later.
+    """
     current = list(terms)
     steps: list[tuple[int, int, str]] = []
     for position in path:
@@ -438,7 +449,7 @@ def _chain_plan(
             result = output
         steps.append((i, j, f"{left},{right}->{result}"))
         current.append(result)
-    return Plan("chain", steps=tuple(steps), equation=equation)
+    return tuple(steps)
 
 
 def candidate_plans(
