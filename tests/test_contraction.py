@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from ttlayers import TTLinear, tt_to_dense
-from ttlayers.contraction import core_shapes, merge_cores, select_plan, tt_linear
+from ttlayers.contraction import (
+    _inference_entry,
+    _InferenceEntry,
+    _twoblock_prepared,
+    core_shapes,
+    merge_cores,
+    select_plan,
+    tt_linear,
+)
 from ttlayers.planner import (
     DEFAULT_COST_MODELS,
     CostModel,
@@ -242,6 +250,51 @@ def test_inference_reuses_blocks_only_while_the_cores_are_unchanged():
         check(tt_linear(x, cores, plan=plan))
         cores[2] = cores[2] * 0.5  # another tensor in the list
         check(tt_linear(x, cores, plan=plan))
+
+
+@pytest.mark.parametrize("first", ["right", "left"])
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_prepared_inference_matches_the_dense_reference(first, batch, with_bias):
+    # The lean inference path (operands prepared once per plan) in both orders, at batch 1
+    # (one product) and above (a batched one), against x W^T + b in float64: 1e-10 is
+    # rounding of products of order 1 in double precision.
+    in_modes, out_modes = (3, 4, 2), (2, 5, 3)
+    cores = make_cores(in_modes, out_modes, 3)
+    bias = torch.randn(30, dtype=torch.float64) if with_bias else None
+    x = torch.randn(batch, 24, dtype=torch.float64)
+    entry = _InferenceEntry(cores)
+    plan = Plan("twoblock", split=2, first=first)
+    y = _twoblock_prepared(x, *entry.operands(plan), bias, first)
+    expected = x @ reference_weight(cores).T + (0 if bias is None else bias)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_inference_fast_path_sees_every_change_to_the_cores():
+    # The planner's own choice, no plan given: the path that skips the shape checks.
+    layer = TTLinear(1024, 1024, rank=8, in_modes=(4, 8, 8, 4), out_modes=(4, 8, 8, 4))
+    x = torch.randn(1, 1024)
+    cores = list(layer.cores)
+
+    def check():  # float32 products of order 1: 1e-4 is generous, a stale block is far off
+        with torch.no_grad():
+            y = layer(x)
+        expected = x.double() @ reference_weight(cores).T + layer.bias.double()
+        torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+
+    plan = select_plan(1, layer.in_modes, layer.out_modes, layer.ranks, x.dtype, "cpu", False)
+    assert (plan.kind, plan.chunks) == ("twoblock", 1)  # what the fast path runs
+    check()
+    assert _inference_entry(cores) is not None  # the fast path is live from here on
+    check()
+    layer.cores[1].data.mul_(2.0)  # invisible to autograd's version counter
+    check()
+    with torch.no_grad():
+        layer.cores[3].add_(1.0)
+    check()
+    layer.cores[2] = torch.nn.Parameter(layer.cores[2].detach() * 0.5)
+    cores = list(layer.cores)
+    check()
 
 
 # --- the planner -----------------------------------------------------------------------------

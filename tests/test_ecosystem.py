@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -63,6 +64,27 @@ def clone_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # --- torch.compile ---------------------------------------------------------------------------
+
+
+def test_plan_table_mark_is_what_the_public_decorator_sets():
+    # ttlayers sets Dynamo's constant-result flag itself, so that importing it does not import
+    # Dynamo; this holds only while the flag is all that torch.compiler's decorator sets.
+    from ttlayers.contraction import _assume_constant_result
+
+    def ours() -> None: ...
+
+    def public() -> None: ...
+
+    _assume_constant_result(ours)
+    torch.compiler.assume_constant_result(public)
+    assert vars(ours) == vars(public) == {"_dynamo_marked_constant": True}
+
+
+def test_import_does_not_load_dynamo():
+    code = "import sys, ttlayers; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 @pytest.fixture

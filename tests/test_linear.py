@@ -175,6 +175,26 @@ def test_plan_is_cached_not_searched_per_call(monkeypatch):
     assert calls == []
 
 
+def test_parametrized_core_is_used_in_forward_and_backward():
+    # torch.nn.utils.parametrize moves a core out of the ParameterList's own dict; the layer
+    # must still see all d cores, the parametrized one as its parametrization computes it.
+    layer = TTLinear(24, 30, rank=3, in_modes=(3, 4, 2), out_modes=(2, 5, 3)).double()
+
+    class Doubled(nn.Module):
+        def forward(self, core: torch.Tensor) -> torch.Tensor:
+            return 2 * core
+
+    torch.nn.utils.parametrize.register_parametrization(layer.cores, "0", Doubled())
+    x = torch.randn(4, 24, dtype=torch.float64)
+    weight = tt_to_dense([layer.cores[k] for k in range(3)])
+    torch.testing.assert_close(layer(x), x @ weight.T + layer.bias, rtol=1e-12, atol=1e-12)
+    layer(x).sum().backward()
+    assert layer.cores.parametrizations["0"].original.grad is not None
+    # Removing it re-registers core 0 after the others; the layer must keep the chain order.
+    torch.nn.utils.parametrize.remove_parametrizations(layer.cores, "0")
+    torch.testing.assert_close(layer(x), x @ weight.T + layer.bias, rtol=1e-12, atol=1e-12)
+
+
 def test_state_dict_roundtrip_weights_only(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(TTLinear(32, 16, 3), nn.ReLU(), TTLinear(16, 4, 2, bias=False))

@@ -108,6 +108,10 @@ def _forward_chunk(
     batch = xs.shape[0]
     ms, r, ns = second.shape
     z = _intermediate(xs, first)  # (Bc, Ms r, Nf)
+    if batch == 1:  # one product, without the batched call's expands
+        s_t1 = second.reshape(ms * r, ns).t()
+        y1 = torch.mm(s_t1, z[0]) if bias is None else torch.addmm(bias, s_t1, z[0])
+        return y1.unsqueeze(0), z
     s_t = second.reshape(ms * r, ns).t().unsqueeze(0).expand(batch, ns, ms * r)
     if bias is None:
         return torch.bmm(s_t, z), z

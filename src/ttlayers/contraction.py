@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -189,17 +190,16 @@ def _run_twoblock(
         or any(core.requires_grad for core in cores)
         or (bias is not None and bias.requires_grad)
     )
-    if needs_grad or torch.compiler.is_compiling():
-        left, right = _rank_middle_blocks(cores, plan.split)
-    else:
-        left, right = _cached_blocks(cores, plan.split)
+    if not needs_grad and not torch.compiler.is_compiling():
+        # Inference: the forward alone, without an autograd.Function around it.
+        return _twoblock_inference(x, *_cached_blocks(cores, plan.split), bias, plan)
+    left, right = _rank_middle_blocks(cores, plan.split)
     m1, _, n1 = left.shape  # (M1, r, N1)
     m2, _, n2 = right.shape  # (M2, r, N2)
     first, second = (right, left) if plan.first == "right" else (left, right)
     keep = batch <= plan.save_max_batch
     layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, keep, plan.chunks)
-    if not needs_grad:
-        # Inference: the forward alone, without an autograd.Function around it.
+    if not needs_grad:  # under torch.compile
         return two_block_forward(x, first, second, bias, layout._replace(keep=False))[0]
     y, _ = TwoBlockProduct.apply(x, first, second, bias, layout)  # type: ignore[no-untyped-call]
     return y  # type: ignore[no-any-return]
@@ -215,27 +215,103 @@ def _rank_middle_blocks(
 # merging the cores costs more than the product itself. An entry is keyed weakly by the first
 # core (it goes with the layer) and holds copies of all cores; it is used only if every core
 # still equals its copy (torch.equal: exact, and cheap next to a merge), so no change made to
-# the cores, in place, through .data or by reassignment, can go unseen.
+# the cores, in place, through .data or by reassignment, can go unseen. It also holds the
+# chain's shapes, so a call that finds it skips the checks of core_shapes.
+class _InferenceEntry:
+    __slots__ = ("blocks", "prepared", "saved", "shapes")
+
+    def __init__(self, cores: Sequence[torch.Tensor]) -> None:
+        self.saved = [c.detach().clone() for c in cores]
+        self.shapes = core_shapes(cores)
+        self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.prepared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def matches(self, cores: Sequence[torch.Tensor]) -> bool:
+        return len(cores) == len(self.saved) and all(
+            c.dtype == saved.dtype and torch.equal(c, saved)
+            for c, saved in zip(cores, self.saved, strict=True)
+        )
+
+    def split_blocks(self, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in self.blocks:
+            self.blocks[split] = _rank_middle_blocks(self.saved, split)
+        return self.blocks[split]
+
+    def operands(self, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """``F`` as ``(M_f, r N_f)`` and ``S^T`` as ``(N_s, M_s r)`` (views of the blocks)."""
+        key = (plan.split, plan.first)
+        if key not in self.prepared:
+            left, right = self.split_blocks(plan.split)
+            first, second = (right, left) if plan.first == "right" else (left, right)
+            mf, r, nf = first.shape
+            ms, _, ns = second.shape
+            self.prepared[key] = first.reshape(mf, r * nf), second.reshape(ms * r, ns).t()
+        return self.prepared[key]
+
+
 _block_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _inference_entry(cores: Sequence[torch.Tensor]) -> _InferenceEntry | None:
+    """The cache entry of ``cores`` if they are unchanged since it was made, else ``None``."""
+    entry: _InferenceEntry | None = _block_cache.get(cores[0])  # type: ignore[no-untyped-call]
+    return entry if entry is not None and entry.matches(cores) else None
 
 
 def _cached_blocks(cores: Sequence[torch.Tensor], split: int) -> tuple[torch.Tensor, torch.Tensor]:
     if cores[0].device.type != "cpu":  # a comparison would wait for the device
         return _rank_middle_blocks(cores, split)
-    entry = _block_cache.get(cores[0])  # type: ignore[no-untyped-call]
-    if (
-        entry is not None
-        and entry[0] == split
-        and len(entry[1]) == len(cores)
-        and all(
-            c.dtype == saved.dtype and torch.equal(c, saved)
-            for c, saved in zip(cores, entry[1], strict=True)
-        )
-    ):
-        return entry[2], entry[3]
-    left, right = _rank_middle_blocks(cores, split)
-    _block_cache[cores[0]] = (split, [c.detach().clone() for c in cores], left, right)
-    return left, right
+    entry = _inference_entry(cores)
+    if entry is None:
+        entry = _block_cache[cores[0]] = _InferenceEntry(cores)
+    return entry.split_blocks(split)
+
+
+def _twoblock_prepared(
+    x: torch.Tensor,
+    first: torch.Tensor,
+    second_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    side: str,
+) -> torch.Tensor:
+    """Unchunked inference from :meth:`_InferenceEntry.operands`: ``(B, M)`` to ``(B, N)``.
+
+    The steps of :func:`ttlayers.autograd.two_block_forward`, with as few operator calls as
+    possible: at small batches their overhead is most of the time.
+    """
+    batch = x.shape[0]
+    mf, rnf = first.shape
+    ns, msr = second_t.shape
+    ms = x.shape[1] // mf
+    nf = rnf // (msr // ms)
+    if side == "right":
+        xs = x.view(batch * ms, mf)
+    else:  # the rows of x as (M_f, M_s) matrices: transposed
+        xs = x.view(batch, mf, ms).transpose(1, 2).reshape(batch * ms, mf)
+    z = torch.mm(xs, first)  # (B Ms, r Nf)
+    if side == "right" and batch == 1:
+        z1 = z.view(msr, nf)
+        y = torch.mm(second_t, z1) if bias is None else torch.addmm(bias.view(ns, nf), second_t, z1)
+        return y.view(1, ns * nf)
+    y = torch.matmul(second_t, z.view(batch, msr, nf))  # (B, Ns, Nf)
+    if side == "left":
+        y = y.transpose(1, 2)
+    y = y.reshape(batch, ns * nf)
+    return y if bias is None else y + bias
+
+
+def _twoblock_inference(
+    x: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan: Plan,
+) -> torch.Tensor:
+    m1, _, n1 = left.shape  # (M1, r, N1)
+    m2, _, n2 = right.shape  # (M2, r, N2)
+    first, second = (right, left) if plan.first == "right" else (left, right)
+    layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, False, plan.chunks)
+    return two_block_forward(x, first, second, bias, layout)[0]
 
 
 def _run_chain(
@@ -265,7 +341,21 @@ _RUNNERS: dict[str, _Runner] = {
 # --- choosing and running -----------------------------------------------------------------------
 
 
-@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def _assume_constant_result(fn: _F) -> _F:
+    """Mark ``fn`` as ``torch.compiler.assume_constant_result`` does, without importing Dynamo.
+
+    That decorator imports ``torch._dynamo`` (about 2 s, as long as importing torch itself)
+    only to set this attribute; ``import ttlayers`` should not pay that when nothing is
+    compiled. tests/test_ecosystem.py checks that the attribute is all the decorator sets.
+    """
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_assume_constant_result
 def _plan_table_constant(
     in_modes: tuple[int, ...],
     out_modes: tuple[int, ...],
@@ -331,12 +421,30 @@ def tt_linear(
     Raises:
         ValueError: If the cores do not chain.
     """
+    device_type = input.device.type
+    if (
+        plan is None
+        and device_type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not autocast_enabled(device_type)
+    ):
+        # The fast path of inference: unchanged cores, their blocks at hand (see above).
+        entry = _inference_entry(cores)
+        if entry is not None:
+            in_modes, out_modes, ranks = entry.shapes
+            batch_shape = input.shape[:-1]
+            batch = math.prod(batch_shape)
+            plan = select_plan(batch, in_modes, out_modes, ranks, input.dtype, "cpu", False)
+            if plan.kind == "twoblock" and plan.chunks == 1:
+                x = input.reshape(batch, math.prod(in_modes))
+                y = _twoblock_prepared(x, *entry.operands(plan), bias, plan.first)
+                return y.reshape(*batch_shape, math.prod(out_modes))
     in_modes, out_modes, ranks = core_shapes(cores)
     m, n = math.prod(in_modes), math.prod(out_modes)
     batch_shape = input.shape[:-1]
     batch = math.prod(batch_shape)
     x = input.reshape(batch, m)  # (B, M)
-    device_type = input.device.type
     if autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype)

@@ -157,7 +157,8 @@ class TTLinear(nn.Module):
                 f"shape {tuple(input.shape)} with last dimension "
                 f"{input.shape[-1] if input.dim() else 'none (0-d tensor)'}."
             )
-        dtype = self.cores[0].dtype
+        cores = self._core_list()
+        dtype = cores[0].dtype
         if input.dtype != dtype and not autocast_enabled(input.device.type):
             raise TypeError(
                 f"TTLinear expected input of dtype {dtype}, the dtype of its cores; got "
@@ -167,7 +168,17 @@ class TTLinear(nn.Module):
         # The contraction order is planned per input shape, dtype and device by
         # ttlayers.planner; under autocast, input, cores and bias all take the autocast dtype,
         # so the output keeps it, as nn.Linear's does.
-        return tt_linear(input, list(self.cores), self.bias)
+        return tt_linear(input, cores, self.bias)
+
+    def _core_list(self) -> list[torch.Tensor]:
+        # Reading the ParameterList's dict directly costs a fraction of iterating over it, which
+        # matters at batch 1. By key, not in dict order: removing a parametrization re-inserts
+        # its core last. A parametrized core is not in that dict: then iterate.
+        params = self.cores._parameters
+        try:
+            return [params[str(k)] for k in range(len(self.cores))]  # type: ignore[misc]
+        except KeyError:
+            return list(self.cores)
 
     def to_dense(self) -> torch.Tensor:
         """The weight ``W`` the cores represent, shape ``(out_features, in_features)``.
