@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.testing import assert_close
 
-from ttlayers import TTLinear, tensorize_
+from ttlayers import TTLinear, tensorize_, tt_to_dense
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -638,6 +638,62 @@ def test_forward_mode_ad_agrees_with_reverse_mode():
     lhs = (cotangent * forward).sum()
     rhs = sum((backward[name] * tangents[name]).sum() for name in params)
     assert_close(lhs, rhs, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_forward_ad_dual_cores_through_every_two_block_path(chunks, grad_enabled):
+    # Dual cores must not meet the inference cache (which would drop their tangents, even
+    # after plain cores of equal value filled it) nor products written into buffers.
+    # Reference: the jvp of the dense weight, in float64; 1e-12 is rounding.
+    from torch.autograd import forward_ad as fwAD
+
+    from ttlayers.contraction import tt_linear
+    from ttlayers.planner import Plan
+
+    generator = torch.Generator().manual_seed(0)
+    cores = [
+        torch.randn(*shape, dtype=torch.float64, generator=generator)
+        for shape in [(1, 4, 4, 3), (3, 4, 4, 1)]
+    ]
+    tangents = [torch.randn(c.shape, dtype=torch.float64, generator=generator) for c in cores]
+    x = torch.randn(64, 16, dtype=torch.float64, generator=generator)
+    _, weight_tangent = torch.func.jvp(
+        lambda *c: tt_to_dense(list(c)), tuple(cores), tuple(tangents)
+    )
+    expected = x @ weight_tangent.T
+    plan = Plan("twoblock", split=1, first="right", chunks=chunks)
+    with torch.set_grad_enabled(grad_enabled), fwAD.dual_level():
+        tt_linear(x, cores)  # plain cores of the same values first (fills the cache)
+        duals = [fwAD.make_dual(c, t) for c, t in zip(cores, tangents, strict=True)]
+        for y in (tt_linear(x, duals, plan=plan), tt_linear(x, duals)):
+            assert_close(fwAD.unpack_dual(y).tangent, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_vmap_per_sample_gradients_through_the_chunked_plan():
+    # The chunked plan writes into buffers only for plain tensors; under vmap it must take the
+    # allocating path and give each sample its own gradient (float64: 1e-12 is rounding).
+    from ttlayers.contraction import tt_linear
+    from ttlayers.planner import Plan
+
+    generator = torch.Generator().manual_seed(1)
+    cores = [
+        torch.randn(*shape, dtype=torch.float64, generator=generator)
+        for shape in [(1, 4, 4, 3), (3, 4, 4, 1)]
+    ]
+    x = torch.randn(5, 8, 16, dtype=torch.float64, generator=generator)
+    plan = Plan("twoblock", split=1, first="right", chunks=4)
+
+    def loss(core0, core1, rows):
+        return tt_linear(rows, [core0, core1], plan=plan).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(
+        *cores, x
+    )
+    for i in range(len(x)):
+        expected = torch.func.grad(loss, argnums=(0, 1))(*cores, x[i])
+        for got, want in zip(per_sample, expected, strict=True):
+            assert_close(got[i], want, rtol=1e-12, atol=1e-12)
 
 
 def test_deepcopy_is_independent_and_equal():

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["TwoBlockLayout", "TwoBlockProduct", "two_block_forward"]
+__all__ = ["TwoBlockLayout", "TwoBlockProduct", "plain_tensors", "two_block_forward"]
 
 
 class TwoBlockLayout(NamedTuple):
@@ -119,6 +119,57 @@ def _forward_chunk(
     return torch.baddbmm(bias.unsqueeze(0).expand(batch, -1, -1), s_t, z), z
 
 
+def plain_tensors(*tensors: torch.Tensor | None) -> bool:
+    """Whether ``tensors`` are ordinary eager tensors, outside every AD transform.
+
+    False while Dynamo traces, inside a forward-mode AD level, and for the wrapped tensors of
+    ``torch.func`` transforms. Only then may products write into buffers (``out=``, which
+    those have no rules for) or results be cached by value (a cache drops tangents).
+    """
+    if torch.compiler.is_compiling() or torch.autograd.forward_ad._current_level >= 0:
+        return False
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and not any(t is not None and wrapped(t) for t in tensors)
+
+
+def _forward_into(
+    xs: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunks: int,
+) -> torch.Tensor:
+    """The chunked forward, ``(B, M_s, M_f)`` rows to ``(B, N_s, N_f)``, into one output.
+
+    One buffer holds every chunk's ``Z`` in turn and each chunk's product is written into its
+    rows of the output, so there is no concatenation and no fresh ``Z`` per chunk: freeing and
+    allocating a few MiB per chunk lets the C allocator hand the pages back to the system and
+    fault them in again, which cost as much as the products.
+    """
+    batch, ms, mf = xs.shape
+    _, r, nf = first.shape
+    ns = second.shape[2]
+    first2 = first.reshape(mf, r * nf)
+    s_t = second.reshape(ms * r, ns).t().unsqueeze(0)
+    bias3 = None if bias is None else bias.unsqueeze(0)
+    out = xs.new_empty(batch, ns, nf)
+    pieces = xs.tensor_split(chunks)
+    z_buffer = xs.new_empty(pieces[0].shape[0] * ms * r * nf)  # the first chunk is the largest
+    start = 0
+    for rows in pieces:
+        bc = rows.shape[0]
+        z = z_buffer[: bc * ms * r * nf].view(bc * ms, r * nf)
+        torch.mm(rows.reshape(bc * ms, mf), first2, out=z)
+        s_tb = s_t.expand(bc, ns, ms * r)
+        target = out[start : start + bc]
+        if bias3 is None:
+            torch.bmm(s_tb, z.view(bc, ms * r, nf), out=target)
+        else:
+            torch.baddbmm(bias3.expand(bc, ns, nf), s_tb, z.view(bc, ms * r, nf), out=target)
+        start += bc
+    return out
+
+
 def two_block_forward(
     x: torch.Tensor,
     first: torch.Tensor,
@@ -134,7 +185,10 @@ def two_block_forward(
     if bias is not None:  # as the products' (N_s, N_f)
         bias = bias.view(layout.n1, layout.n2)
         bias = bias if layout.first == "right" else bias.t()
-    if layout.chunks > 1:
+    if layout.chunks > 1 and plain_tensors(x, first, second, bias):
+        y = _rows_out(_forward_into(xs, first, second, bias, layout.chunks), layout)
+        z = x.new_empty(0)
+    elif layout.chunks > 1:
         pieces = [
             _forward_chunk(rows, first, second, bias)[0] for rows in xs.tensor_split(layout.chunks)
         ]
@@ -195,20 +249,31 @@ class TwoBlockProduct(torch.autograd.Function):
             z_kept = None  # the backward is differentiated: Z must be a function of x
         xs_all = _rows_first_major(x, layout)
         g_all = _grad_rows(grad_y, layout)  # (B, Ns, Nf)
-        grad_xs: list[torch.Tensor] = []
-        grad_first = grad_second = None
-        pieces = xs_all.tensor_split(layout.chunks), g_all.tensor_split(layout.chunks)
-        chunks = zip(*pieces, strict=True)
-        for xs, g in chunks:
-            step = _backward_chunk(xs, g, first, second, z_kept, need_x, need_first, need_second)
-            gx, gf, gs = step
-            if gx is not None:
-                grad_xs.append(gx)
-            grad_first = _accumulate(grad_first, gf)
-            grad_second = _accumulate(grad_second, gs)
+        needs = need_x, need_first, need_second
+        if (
+            layout.chunks > 1
+            and not torch.is_grad_enabled()  # else the backward is itself differentiated
+            and _accumulation(x.dtype) == x.dtype
+            and plain_tensors(x, first, second, grad_y)
+        ):
+            grad_xs_rows, grad_first, grad_second = _backward_into(
+                xs_all, g_all, first, second, layout.chunks, *needs
+            )
+        else:
+            grad_xs: list[torch.Tensor] = []
+            grad_first = grad_second = None
+            pieces = xs_all.tensor_split(layout.chunks), g_all.tensor_split(layout.chunks)
+            for xs, g in zip(*pieces, strict=True):
+                gx, gf, gs = _backward_chunk(xs, g, first, second, z_kept, *needs)
+                if gx is not None:
+                    grad_xs.append(gx)
+                grad_first = _accumulate(grad_first, gf)
+                grad_second = _accumulate(grad_second, gs)
+            grad_xs_rows = None
+            if need_x:
+                grad_xs_rows = grad_xs[0] if len(grad_xs) == 1 else torch.cat(grad_xs)
         grad_x = None
-        if need_x:
-            grad_xs_rows = grad_xs[0] if len(grad_xs) == 1 else torch.cat(grad_xs)
+        if grad_xs_rows is not None:
             ms, mf, _, _ = layout.sides
             grad_x = grad_xs_rows.view(-1, ms, mf)
             if layout.first == "left":
@@ -220,6 +285,61 @@ class TwoBlockProduct(torch.autograd.Function):
         if grad_second is not None:
             grad_second = grad_second.to(second.dtype)
         return grad_x, grad_first, grad_second, grad_bias, None
+
+
+def _backward_into(
+    xs_all: torch.Tensor,
+    g_all: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    chunks: int,
+    need_x: bool,
+    need_first: bool,
+    need_second: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The chunked backward with buffers, as :func:`_forward_into` (same dtype throughout).
+
+    ``xs_all`` ``(B, M_s, M_f)`` and ``g_all`` ``(B, N_s, N_f)``; returns the input gradient
+    as ``(B M_s, M_f)`` rows, written chunk by chunk into one tensor, and the gradients of
+    ``F`` and ``S``, accumulated in place.
+    """
+    batch, ms, mf = xs_all.shape
+    _, r, nf = first.shape
+    ns = second.shape[2]
+    first2 = first.reshape(mf, r * nf)
+    s_b = second.reshape(ms * r, ns).unsqueeze(0)
+    x_pieces, g_pieces = xs_all.tensor_split(chunks), g_all.tensor_split(chunks)
+    largest = x_pieces[0].shape[0]
+    z_buffer = xs_all.new_empty(largest * ms * r * nf) if need_second else None
+    row_buffer = xs_all.new_empty(largest * ms * r * ns) if need_second else None
+    gz_buffer = xs_all.new_empty(largest * ms * r * nf) if need_x or need_first else None
+    grad_x = xs_all.new_empty(batch * ms, mf) if need_x else None
+    grad_first = first.new_zeros(mf, r * nf) if need_first else None
+    grad_second = second.new_zeros(ms * r, ns) if need_second else None
+    start = 0
+    for xs, g in zip(x_pieces, g_pieces, strict=True):
+        bc = xs.shape[0]
+        xs2 = xs.reshape(bc * ms, mf)
+        if z_buffer is not None and row_buffer is not None and grad_second is not None:
+            z = z_buffer[: bc * ms * r * nf].view(bc * ms, r * nf)
+            torch.mm(xs2, first2, out=z)
+            per_row = row_buffer[: bc * ms * r * ns].view(bc, ms * r, ns)
+            torch.bmm(z.view(bc, ms * r, nf), g.transpose(1, 2), out=per_row)
+            grad_second.add_(per_row.sum(0))
+        if gz_buffer is not None:
+            gz = gz_buffer[: bc * ms * r * nf].view(bc, ms * r, nf)
+            torch.bmm(s_b.expand(bc, ms * r, ns), g, out=gz)
+            gz2 = gz.view(bc * ms, r * nf)
+            if grad_x is not None:
+                torch.mm(gz2, first2.t(), out=grad_x[start * ms : (start + bc) * ms])
+            if grad_first is not None:
+                grad_first.addmm_(xs2.t(), gz2)
+        start += bc
+    return (
+        grad_x,
+        None if grad_first is None else grad_first.view(mf, r, nf),
+        None if grad_second is None else grad_second.view(ms, r, ns),
+    )
 
 
 def _backward_chunk(

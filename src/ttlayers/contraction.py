@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ttlayers.autograd import TwoBlockLayout, TwoBlockProduct, two_block_forward
+from ttlayers.autograd import TwoBlockLayout, TwoBlockProduct, plain_tensors, two_block_forward
 from ttlayers.planner import Plan, plan_table
 
 __all__ = [
@@ -259,7 +259,9 @@ def _inference_entry(cores: Sequence[torch.Tensor]) -> _InferenceEntry | None:
 
 
 def _cached_blocks(cores: Sequence[torch.Tensor], split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if cores[0].device.type != "cpu":  # a comparison would wait for the device
+    # Not on devices, where a comparison would wait for the device; not for tensors that carry
+    # tangents or are wrapped by torch.func, whose blocks must be computed from them.
+    if cores[0].device.type != "cpu" or not plain_tensors(*cores):
         return _rank_middle_blocks(cores, split)
     entry = _inference_entry(cores)
     if entry is None:
@@ -426,8 +428,8 @@ def tt_linear(
         plan is None
         and device_type == "cpu"
         and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
         and not autocast_enabled(device_type)
+        and plain_tensors(input, *cores)
     ):
         # The fast path of inference: unchanged cores, their blocks at hand (see above).
         entry = _inference_entry(cores)
