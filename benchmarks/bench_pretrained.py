@@ -211,6 +211,63 @@ def convert(
         raise ValueError(f"unknown method {method!r}")
 
 
+def _block_error(layer: nn.Module, h: torch.Tensor, target: torch.Tensor) -> float:
+    """Relative error of an encoder layer's feed-forward block output on all tokens."""
+    with torch.no_grad():
+        block = layer.output(layer.intermediate(h), h)
+        return float((block - target).norm() / target.norm())
+
+
+def refit_blocks(
+    original: nn.Module,
+    converted: nn.Module,
+    calibration: list[dict[str, torch.Tensor]],
+    steps: int,
+    lr: float,
+) -> None:
+    """Block-wise reconstruction after the layer-wise fit (an experiment, not in ttlayers).
+
+    Each encoder layer's feed-forward block, ``LayerNorm(h + W2 GELU(W1 h))``, is refitted to
+    the original layer's output through the nonlinearity, with Adam on the converted layers'
+    parameters (TT cores and biases), in forward order, on the calibration tokens (padding
+    excluded): ``h`` is the converted model's input to the block, the target the original
+    model's output of the layer. Not end-to-end fine-tuning: each block sees only its own
+    input and target.
+    """
+
+    def captured(model: nn.Module, module: nn.Module, take_input: bool) -> torch.Tensor:
+        rows: list[torch.Tensor] = []
+
+        def hook(_: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            rows.append((args[0] if take_input else out).detach())
+
+        handle = module.register_forward_hook(hook)
+        with torch.no_grad():
+            for batch in calibration:
+                model(**batch)
+        handle.remove()
+        masks = [batch["attention_mask"].bool() for batch in calibration]
+        return torch.cat([r[m] for r, m in zip(rows, masks, strict=True)])  # (tokens, 384)
+
+    generator = torch.Generator().manual_seed(0)
+    for layer, reference in zip(converted.encoder.layer, original.encoder.layer, strict=True):
+        h = captured(converted, layer.intermediate, take_input=True)
+        target = captured(original, reference.output, take_input=False)
+        params = [*layer.intermediate.dense.parameters(), *layer.output.dense.parameters()]
+        optimizer = torch.optim.Adam(params, lr=lr)
+
+        before = _block_error(layer, h, target)
+        for _ in range(steps):
+            rows = torch.randint(0, h.shape[0], (1024,), generator=generator)
+            block = layer.output(layer.intermediate(h[rows]), h[rows])
+            loss = (block - target[rows]).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        after = _block_error(layer, h, target)
+        print(f"  block refit, layer output error {before:.3f} -> {after:.3f}", file=sys.stderr)
+
+
 def run_minilm(args: argparse.Namespace) -> int:
     try:
         texts = sentences()
@@ -246,6 +303,10 @@ def run_minilm(args: argparse.Namespace) -> int:
             work = copy.deepcopy(model)
             started = time.perf_counter()
             convert(work, method, names, compression, calibration, args.progress, args.ridge)
+            if args.refit_steps and method.startswith("calibrated"):
+                refit_blocks(model, work, calibration, args.refit_steps, args.refit_lr)
+                work.eval()
+                method += f" + block refit ({args.refit_steps} steps)"
             seconds = time.perf_counter() - started
             params = dense_parameters(work, names)
             values = cosines(work, evaluation, reference)
@@ -373,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--progress", action="store_true", help="tensorize_'s per-layer lines")
     parser.add_argument("--ridge", type=float, default=1e-3, help="tensorize_'s ridge")
+    parser.add_argument(
+        "--refit-steps", type=int, default=0, help="block-wise refit after calibrated methods"
+    )
+    parser.add_argument("--refit-lr", type=float, default=1e-3)
     parser.add_argument("--calibration-sentences", type=int, default=256)
     parser.add_argument("--eval-sentences", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)

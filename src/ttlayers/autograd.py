@@ -233,13 +233,18 @@ class TwoBlockProduct(torch.autograd.Function):
         x, first, second, _, layout = inputs
         _, z = output
         ctx.mark_non_differentiable(z)
+        # Z has no gradient: without this, autograd would fill a tensor of Z's size with zeros
+        # for it before every backward pass.
+        ctx.set_materialize_grads(False)
         ctx.layout = layout
         kept = z if layout.keep and layout.chunks == 1 else None
         ctx.save_for_backward(x, first, second, kept)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor, grad_z: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_y: torch.Tensor | None, grad_z: Any) -> tuple[Any, ...]:
         """Gradients of ``x``, ``first``, ``second`` and ``bias``."""
+        if grad_y is None:  # grads are not materialized: y took no part in the result
+            return None, None, None, None, None
         layout: TwoBlockLayout = ctx.layout
         x, first, second, z = ctx.saved_tensors
         need_x, need_first, need_second, need_bias, _ = ctx.needs_input_grad
@@ -361,11 +366,18 @@ def _backward_chunk(
         if z is None:
             z = _intermediate(xs, first)  # (Bc, Ms r, Nf)
         # sum_b Z[b] g[b]^T, in float32 for low-precision dtypes (one rounding).
-        per_row = torch.bmm(z, g.transpose(1, 2))  # (Bc, Ms r, Ns)
-        grad_second = per_row.sum(0, dtype=_accumulation(per_row.dtype)).view(ms, r, ns)
+        if batch == 1:  # one product, no sum over rows (which would zero-fill and add)
+            per_one = torch.mm(z[0], g[0].t())
+            grad_second = per_one.to(_accumulation(per_one.dtype)).view(ms, r, ns)
+        else:
+            per_row = torch.bmm(z, g.transpose(1, 2))  # (Bc, Ms r, Ns)
+            grad_second = per_row.sum(0, dtype=_accumulation(per_row.dtype)).view(ms, r, ns)
     if need_x or need_first:
-        s = second.reshape(ms * r, ns).unsqueeze(0).expand(batch, ms * r, ns)
-        gz = torch.bmm(s, g).reshape(batch * ms, r * nf)  # (Bc Ms, r Nf)
+        s2 = second.reshape(ms * r, ns)
+        if batch == 1:
+            gz = torch.mm(s2, g[0]).view(ms, r * nf)
+        else:
+            gz = torch.bmm(s2.unsqueeze(0).expand(batch, ms * r, ns), g).reshape(batch * ms, r * nf)
         if need_x:
             grad_xs = torch.mm(gz, first.reshape(mf, r * nf).t())  # (Bc Ms, Mf)
         if need_first:
