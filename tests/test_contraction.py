@@ -262,12 +262,13 @@ def test_prepared_inference_matches_the_dense_reference(first, batch, with_bias)
     in_modes, out_modes = (3, 4, 2), (2, 5, 3)
     cores = make_cores(in_modes, out_modes, 3)
     bias = torch.randn(30, dtype=torch.float64) if with_bias else None
-    x = torch.randn(batch, 24, dtype=torch.float64)
     entry = _InferenceEntry(cores)
     plan = Plan("twoblock", split=2, first=first)
-    y = _twoblock_prepared(x, *entry.operands(plan), bias, first)
-    expected = x @ reference_weight(cores).T + (0 if bias is None else bias)
-    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    x = torch.randn(batch, 24, dtype=torch.float64)
+    for rows in (x, x.T.contiguous().T):  # laid out by rows, and by columns
+        y = _twoblock_prepared(rows, *entry.operands(plan), bias, first)
+        expected = x @ reference_weight(cores).T + (0 if bias is None else bias)
+        torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_inference_fast_path_sees_every_change_to_the_cores():

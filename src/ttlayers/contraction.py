@@ -287,13 +287,17 @@ def _twoblock_prepared(
     ms = x.shape[1] // mf
     nf = rnf // (msr // ms)
     if side == "right":
-        xs = x.view(batch * ms, mf)
+        xs = x.reshape(batch * ms, mf)  # a view unless the input is not laid out by rows
     else:  # the rows of x as (M_f, M_s) matrices: transposed
-        xs = x.view(batch, mf, ms).transpose(1, 2).reshape(batch * ms, mf)
+        xs = x.reshape(batch, mf, ms).transpose(1, 2).reshape(batch * ms, mf)
     z = torch.mm(xs, first)  # (B Ms, r Nf)
     if side == "right" and batch == 1:
         z1 = z.view(msr, nf)
-        y = torch.mm(second_t, z1) if bias is None else torch.addmm(bias.view(ns, nf), second_t, z1)
+        y = (
+            torch.mm(second_t, z1)
+            if bias is None
+            else torch.addmm(bias.reshape(ns, nf), second_t, z1)
+        )
         return y.view(1, ns * nf)
     y = torch.matmul(second_t, z.view(batch, msr, nf))  # (B, Ns, Nf)
     if side == "left":
