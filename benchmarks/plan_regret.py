@@ -1,0 +1,146 @@
+"""How good are the planner's choices? Every candidate plan timed, against the one it picks.
+
+For each case (a layer shape, TT modes and rank, a batch size), training and inference, this
+times every candidate plan of :func:`ttlayers.planner.candidate_plans` whose cost-model
+estimate is within ``--keep`` times the best estimate (the rest would take long and cannot
+win), interleaved, median of ``--repeats`` rounds after two warm-up rounds, through
+:func:`ttlayers.contraction.tt_linear` with the plan given. The *regret* of a case is the
+measured time of the plan the planner picks over the measured time of the fastest
+candidate: 1.00 means the cost model chose right.
+
+Usage::
+
+    python benchmarks/plan_regret.py                  # CPU, float32, 2 threads
+    python benchmarks/plan_regret.py --threads 1 --json regret.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+from ttlayers.contraction import select_plan, tt_linear
+from ttlayers.planner import Plan, candidate_plans, estimate_time
+from ttlayers.shapes import resolve_ranks, suggest_modes
+
+M4, M8 = (4, 8, 8, 4), (8, 8, 8, 8)
+# (in_features, out_features, rank, batch, in_modes, out_modes); None: the default modes.
+CASES: list[tuple[int, int, int, int, tuple[int, ...] | None, tuple[int, ...] | None]] = [
+    (1024, 1024, 8, 1, M4, M4),
+    (1024, 1024, 8, 32, M4, M4),
+    (1024, 1024, 8, 256, M4, M4),
+    (1024, 1024, 8, 1024, M4, M4),
+    (1024, 1024, 4, 256, M4, M4),
+    (1024, 1024, 16, 32, M4, M4),
+    (1024, 1024, 32, 256, M4, M4),
+    (1024, 1024, 8, 256, None, None),
+    (4096, 4096, 16, 1, M8, M8),
+    (4096, 4096, 16, 128, M8, M8),
+    (4096, 11008, 16, 1, None, None),
+]
+
+
+def describe(plan: Plan) -> str:
+    if plan.kind == "chain":
+        return "chain"
+    if plan.kind == "dense":
+        return f"dense@{plan.split}"
+    return f"twoblock@{plan.split} {plan.first} first, {plan.chunks} chunks"
+
+
+def run_case(
+    case: tuple[int, int, int, int, tuple[int, ...] | None, tuple[int, ...] | None],
+    training: bool,
+    args: argparse.Namespace,
+) -> dict[str, object]:
+    in_features, out_features, rank, batch, in_modes, out_modes = case
+    if in_modes is None or out_modes is None:
+        in_modes, out_modes = suggest_modes(in_features, out_features)
+    ranks = resolve_ranks(rank, in_modes, out_modes)
+    generator = torch.Generator().manual_seed(0)
+    cores = [
+        torch.nn.Parameter(0.3 * torch.randn(ranks[k], m, n, ranks[k + 1], generator=generator))
+        for k, (m, n) in enumerate(zip(in_modes, out_modes, strict=True))
+    ]
+    bias = torch.nn.Parameter(torch.zeros(out_features))
+    x = torch.randn(batch, in_features, generator=generator, requires_grad=True)
+    grad = torch.randn(batch, out_features, generator=generator)
+    threads = torch.get_num_threads()
+
+    def estimate(plan: Plan) -> float:
+        return estimate_time(
+            plan, batch, in_modes, out_modes, ranks, training=training, threads=threads
+        )
+
+    plans = candidate_plans(batch, in_modes, out_modes, ranks)
+    best_estimate = min(estimate(p) for p in plans)
+    plans = [p for p in plans if estimate(p) <= args.keep * best_estimate]
+    # What TTLinear runs: the plan table's entry for this batch size.
+    chosen = select_plan(batch, in_modes, out_modes, ranks, torch.float32, "cpu", training)
+    if chosen not in plans:
+        plans.append(chosen)
+    times: dict[int, list[float]] = {i: [] for i in range(len(plans))}
+    for round_ in range(args.repeats + 2):
+        for i, plan in enumerate(plans):
+            started = time.perf_counter()
+            if training:
+                tt_linear(x, cores, bias, plan=plan).backward(grad)
+            else:
+                with torch.no_grad():
+                    tt_linear(x, cores, bias, plan=plan)
+            if round_ >= 2:
+                times[i].append(time.perf_counter() - started)
+    medians = [sorted(t)[len(t) // 2] for t in times.values()]
+    fastest = min(range(len(plans)), key=medians.__getitem__)
+    picked = plans.index(chosen)
+    return {
+        "case": f"{in_features}->{out_features} {in_modes} r{rank} b{batch}",
+        "pass": "training" if training else "inference",
+        "chosen": describe(chosen),
+        "chosen_ms": medians[picked] * 1e3,
+        "fastest": describe(plans[fastest]),
+        "fastest_ms": medians[fastest] * 1e3,
+        "regret": medians[picked] / medians[fastest],
+        "plans": [
+            {"plan": describe(p), "estimate_ms": estimate(p) * 1e3, "ms": t * 1e3}
+            for p, t in zip(plans, medians, strict=True)
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--keep", type=float, default=6.0, help="time plans within this factor")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    records = []
+    print("| case | pass | planner's choice | ms | fastest candidate | ms | regret |")
+    print("|---|---|---|---|---|---|---|")
+    for case in CASES:
+        for training in (True, False):
+            r = run_case(case, training, args)
+            records.append(r)
+            print(
+                f"| {r['case']} | {r['pass']} | {r['chosen']} | {r['chosen_ms']:.3f} "
+                f"| {r['fastest']} | {r['fastest_ms']:.3f} | {r['regret']:.2f} |",
+                flush=True,
+            )
+    regrets = [float(r["regret"]) for r in records]  # type: ignore[arg-type]
+    geomean = math.exp(sum(math.log(v) for v in regrets) / len(regrets))
+    print(f"\nregret: geometric mean {geomean:.3f}, worst {max(regrets):.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "torch": torch.__version__, "records": records}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
