@@ -288,16 +288,18 @@ def _twoblock_prepared(
     nf = rnf // (msr // ms)
     if side == "right":
         xs = x.reshape(batch * ms, mf)  # a view unless the input is not laid out by rows
+    elif batch == 1:  # the row as an (M_f, M_s) matrix, transposed: a view
+        xs = x.reshape(mf, ms).t()
     else:  # the rows of x as (M_f, M_s) matrices: transposed
         xs = x.reshape(batch, mf, ms).transpose(1, 2).reshape(batch * ms, mf)
     z = torch.mm(xs, first)  # (B Ms, r Nf)
-    if side == "right" and batch == 1:
+    if batch == 1:  # one product for the output, in the layout of the output
         z1 = z.view(msr, nf)
-        y = (
-            torch.mm(second_t, z1)
-            if bias is None
-            else torch.addmm(bias.reshape(ns, nf), second_t, z1)
-        )
+        if side == "right":  # y (N_s, N_f) = S^T Z
+            a, b, shape = second_t, z1, (ns, nf)
+        else:  # y (N_f, N_s) = Z^T S
+            a, b, shape = z1.t(), second_t.t(), (nf, ns)
+        y = torch.mm(a, b) if bias is None else torch.addmm(bias.reshape(shape), a, b)
         return y.view(1, ns * nf)
     y = torch.matmul(second_t, z.view(batch, msr, nf))  # (B, Ns, Nf)
     if side == "left":
