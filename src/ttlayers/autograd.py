@@ -27,10 +27,11 @@ instead, copies of the size of the input and the output):
 Rows are processed in chunks (a static count, chosen by the planner) so that each chunk's
 ``Z`` stays in the CPU cache; ``Z`` is then recomputed in the backward pass rather than
 kept, since recomputing it in cache costs less than writing it to memory and reading it
-back, and the layer keeps no more than its input for the backward pass. Unchunked (the
-planner's choice on GPUs), ``Z`` is kept when the layout says so (the planner does when it
-fits in the memory ``nn.Linear`` would spend on its weight gradient) and recomputed
-otherwise. No tensor of the size of ``W`` exists in either pass.
+back, and the layer keeps no more than its input for the backward pass. For ordinary eager
+tensors (:func:`plain_tensors`) the chunks write into buffers allocated once per call.
+Unchunked (the planner's choice on GPUs), ``Z`` is kept when the layout says so (the planner
+does when it fits in the memory ``nn.Linear`` would spend on its weight gradient) and
+recomputed otherwise. No tensor of the size of ``W`` exists in either pass.
 
 When the backward pass is itself differentiated (``create_graph=True`` or ``torch.func``),
 ``Z`` is recomputed from the saved inputs, so that second derivatives are exact too.
@@ -126,7 +127,9 @@ def plain_tensors(*tensors: torch.Tensor | None) -> bool:
     ``torch.func`` transforms. Only then may products write into buffers (``out=``, which
     those have no rules for) or results be cached by value (a cache drops tangents).
     """
-    if torch.compiler.is_compiling() or torch.autograd.forward_ad._current_level >= 0:
+    # The current forward-mode AD level (-1 outside any); unknown on another torch: say no.
+    level = getattr(torch.autograd.forward_ad, "_current_level", None)
+    if torch.compiler.is_compiling() or level is None or level >= 0:
         return False
     wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return wrapped is not None and not any(t is not None and wrapped(t) for t in tensors)

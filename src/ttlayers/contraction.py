@@ -443,10 +443,10 @@ def tt_linear(
             in_modes, out_modes, ranks = entry.shapes
             batch_shape = input.shape[:-1]
             batch = math.prod(batch_shape)
-            plan = select_plan(batch, in_modes, out_modes, ranks, input.dtype, "cpu", False)
-            if plan.kind == "twoblock" and plan.chunks == 1:
+            chosen = select_plan(batch, in_modes, out_modes, ranks, input.dtype, "cpu", False)
+            if chosen.kind == "twoblock" and chosen.chunks == 1:  # else: the general path
                 x = input.reshape(batch, math.prod(in_modes))
-                y = _twoblock_prepared(x, *entry.operands(plan), bias, plan.first)
+                y = _twoblock_prepared(x, *entry.operands(chosen), bias, chosen.first)
                 return y.reshape(*batch_shape, math.prod(out_modes))
     in_modes, out_modes, ranks = core_shapes(cores)
     m, n = math.prod(in_modes), math.prod(out_modes)
