@@ -101,12 +101,13 @@ def test_every_plan_matches_dense_reference_float64(in_modes, out_modes, rank, b
 
 
 @pytest.mark.parametrize(("in_modes", "out_modes", "rank"), CASES)
-def test_every_plan_has_the_reference_gradients(in_modes, out_modes, rank):
+@pytest.mark.parametrize("batch", [2, 5])  # 3 chunks: one left empty, and of unequal sizes
+def test_every_plan_has_the_reference_gradients(in_modes, out_modes, rank, batch):
     cores = make_cores(in_modes, out_modes, rank)
     _, _, ranks = core_shapes(cores)
-    x = torch.randn(5, math.prod(in_modes), dtype=torch.float64)
+    x = torch.randn(batch, math.prod(in_modes), dtype=torch.float64)
     bias = torch.randn(math.prod(out_modes), dtype=torch.float64)
-    target = torch.randn(5, math.prod(out_modes), dtype=torch.float64)
+    target = torch.randn(batch, math.prod(out_modes), dtype=torch.float64)
 
     def gradients(fn):
         leaves = [t.clone().requires_grad_() for t in (x, bias, *cores)]
@@ -114,7 +115,7 @@ def test_every_plan_has_the_reference_gradients(in_modes, out_modes, rank):
         return torch.autograd.grad(loss, leaves)
 
     expected = gradients(lambda x, c, b: x @ reference_weight(c).T + b)
-    for plan in all_plans(5, in_modes, out_modes, ranks):
+    for plan in all_plans(batch, in_modes, out_modes, ranks):
         got = gradients(lambda x, c, b, plan=plan: tt_linear(x, c, b, plan=plan))
         for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12, msg=plan_id(plan))
