@@ -192,7 +192,7 @@ def _run_twoblock(
     )
     if not needs_grad and not torch.compiler.is_compiling():
         # Inference: the forward alone, without an autograd.Function around it.
-        return _twoblock_inference(x, *_cached_blocks(cores, plan.split), bias, plan)
+        return _twoblock_inference(x, cores, bias, plan, _cached_entry(cores))
     left, right = _rank_middle_blocks(cores, plan.split)
     m1, _, n1 = left.shape  # (M1, r, N1)
     m2, _, n2 = right.shape  # (M2, r, N2)
@@ -238,14 +238,9 @@ class _InferenceEntry:
         return self.blocks[split]
 
     def operands(self, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-        """``F`` as ``(M_f, r N_f)`` and ``S^T`` as ``(N_s, M_s r)`` (views of the blocks)."""
         key = (plan.split, plan.first)
         if key not in self.prepared:
-            left, right = self.split_blocks(plan.split)
-            first, second = (right, left) if plan.first == "right" else (left, right)
-            mf, r, nf = first.shape
-            ms, _, ns = second.shape
-            self.prepared[key] = first.reshape(mf, r * nf), second.reshape(ms * r, ns).t()
+            self.prepared[key] = _operands(*self.split_blocks(plan.split), plan.first)
         return self.prepared[key]
 
 
@@ -258,15 +253,26 @@ def _inference_entry(cores: Sequence[torch.Tensor]) -> _InferenceEntry | None:
     return entry if entry is not None and entry.matches(cores) else None
 
 
-def _cached_blocks(cores: Sequence[torch.Tensor], split: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _cached_entry(cores: Sequence[torch.Tensor]) -> _InferenceEntry | None:
+    """The cache entry of ``cores``, made anew if they changed; ``None`` where none is kept."""
     # Not on devices, where a comparison would wait for the device; not for tensors that carry
     # tangents or are wrapped by torch.func, whose blocks must be computed from them.
     if cores[0].device.type != "cpu" or not plain_tensors(*cores):
-        return _rank_middle_blocks(cores, split)
+        return None
     entry = _inference_entry(cores)
     if entry is None:
         entry = _block_cache[cores[0]] = _InferenceEntry(cores)
-    return entry.split_blocks(split)
+    return entry
+
+
+def _operands(
+    left: torch.Tensor, right: torch.Tensor, side: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F`` as ``(M_f, r N_f)`` and ``S^T`` as ``(N_s, M_s r)``: views of the blocks."""
+    first, second = (right, left) if side == "right" else (left, right)
+    mf, r, nf = first.shape
+    ms, _, ns = second.shape
+    return first.reshape(mf, r * nf), second.reshape(ms * r, ns).t()
 
 
 def _twoblock_prepared(
@@ -276,7 +282,7 @@ def _twoblock_prepared(
     bias: torch.Tensor | None,
     side: str,
 ) -> torch.Tensor:
-    """Unchunked inference from :meth:`_InferenceEntry.operands`: ``(B, M)`` to ``(B, N)``.
+    """Unchunked inference from the operands of :func:`_operands`: ``(B, M)`` to ``(B, N)``.
 
     The steps of :func:`ttlayers.autograd.two_block_forward`, with as few operator calls as
     possible: at small batches their overhead is most of the time.
@@ -301,20 +307,33 @@ def _twoblock_prepared(
             a, b, shape = z1.t(), second_t.t(), (nf, ns)
         y = torch.mm(a, b) if bias is None else torch.addmm(bias.reshape(shape), a, b)
         return y.view(1, ns * nf)
-    y = torch.matmul(second_t, z.view(batch, msr, nf))  # (B, Ns, Nf)
+    s_t = second_t.unsqueeze(0).expand(batch, ns, msr)
+    z3 = z.view(batch, msr, nf)
+    if bias is None:
+        y = torch.bmm(s_t, z3)  # (B, Ns, Nf)
+    else:  # the bias as the product's (N_s, N_f), added by the batched product
+        bias_sf = bias.reshape(ns, nf) if side == "right" else bias.reshape(nf, ns).t()
+        y = torch.baddbmm(bias_sf.unsqueeze(0).expand(batch, ns, nf), s_t, z3)
     if side == "left":
         y = y.transpose(1, 2)
-    y = y.reshape(batch, ns * nf)
-    return y if bias is None else y + bias
+    return y.reshape(batch, ns * nf)
 
 
 def _twoblock_inference(
     x: torch.Tensor,
-    left: torch.Tensor,
-    right: torch.Tensor,
+    cores: Sequence[torch.Tensor],
     bias: torch.Tensor | None,
     plan: Plan,
+    entry: _InferenceEntry | None,
 ) -> torch.Tensor:
+    """Inference by a two-block plan, from the cached blocks of ``entry`` when there is one."""
+    if entry is not None:
+        left, right = entry.split_blocks(plan.split)
+    else:
+        left, right = _rank_middle_blocks(cores, plan.split)
+    if plan.chunks == 1:
+        operands = entry.operands(plan) if entry is not None else _operands(left, right, plan.first)
+        return _twoblock_prepared(x, *operands, bias, plan.first)
     m1, _, n1 = left.shape  # (M1, r, N1)
     m2, _, n2 = right.shape  # (M2, r, N2)
     first, second = (right, left) if plan.first == "right" else (left, right)
@@ -444,9 +463,9 @@ def tt_linear(
             batch_shape = input.shape[:-1]
             batch = math.prod(batch_shape)
             chosen = select_plan(batch, in_modes, out_modes, ranks, input.dtype, "cpu", False)
-            if chosen.kind == "twoblock" and chosen.chunks == 1:  # else: the general path
+            if chosen.kind == "twoblock":  # else: the general path
                 x = input.reshape(batch, math.prod(in_modes))
-                y = _twoblock_prepared(x, *entry.operands(chosen), bias, chosen.first)
+                y = _twoblock_inference(x, cores, bias, chosen, entry)
                 return y.reshape(*batch_shape, math.prod(out_modes))
     in_modes, out_modes, ranks = core_shapes(cores)
     m, n = math.prod(in_modes), math.prod(out_modes)
