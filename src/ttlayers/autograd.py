@@ -21,20 +21,23 @@ instead, copies of the size of the input and the output):
 - forward: ``Z = x F`` as one ``(B M_s, M_f) @ (M_f, r N_f)`` product; then
   ``y[b] = S^T Z[b]``, ``B`` products ``(N_s, M_s r) @ (M_s r, N_f)`` in one batched call.
 - backward, with ``g`` the output gradient: ``dZ[b] = S g[b]`` (batched),
-  ``dS = sum_b Z[b] g[b]^T`` (batched, then summed over the rows), ``dx = dZ F^T`` and
-  ``dF = x^T dZ`` (one product each, over ``B M_s`` rows).
+  ``dx = dZ F^T`` and ``dF = x^T dZ`` (one product each, over ``B M_s`` rows). For ``dS``,
+  ``sum_b Z[b] g[b]^T`` (batched, then summed over the rows) when ``Z`` was kept; otherwise
+  ``Q[b] = F g[b]^T`` (batched) and ``dS = sum_{b, m_f} x[b, :, m_f] Q[b, m_f]``, one product
+  over ``B M_f`` with the rows of ``x`` transposed, which needs no recomputed ``Z``.
 
 Rows are processed in chunks (a static count, chosen by the planner) so that each chunk's
-``Z`` stays in the CPU cache; ``Z`` is then recomputed in the backward pass rather than
-kept, since recomputing it in cache costs less than writing it to memory and reading it
-back, and the layer keeps no more than its input for the backward pass. For ordinary eager
-tensors (:func:`plain_tensors`) the chunks write into buffers allocated once per call.
-Unchunked (the planner's choice on GPUs), ``Z`` is kept when the layout says so (the planner
-does when it fits in the memory ``nn.Linear`` would spend on its weight gradient) and
-recomputed otherwise. No tensor of the size of ``W`` exists in either pass.
+``Z`` stays in the CPU cache, and ``Z`` is not kept: the backward pass does without it
+(``Q`` costs what recomputing ``Z`` would, and needs no sum over the rows), and the layer
+keeps no more than its input for the backward pass. For ordinary eager tensors
+(:func:`plain_tensors`) the chunks write into buffers allocated once per call. Unchunked
+(the planner's choice on GPUs), ``Z`` is kept when the layout says so (the planner does when
+it fits in the memory ``nn.Linear`` would spend on its weight gradient). No tensor of the
+size of ``W`` exists in either pass.
 
-When the backward pass is itself differentiated (``create_graph=True`` or ``torch.func``),
-``Z`` is recomputed from the saved inputs, so that second derivatives are exact too.
+When the backward pass is itself differentiated (``create_graph=True`` or ``torch.func``), a
+kept ``Z`` is not used and ``dS`` goes through ``Q``, which autograd sees as a function of
+the inputs, so that second derivatives are exact too.
 """
 
 from __future__ import annotations
@@ -315,25 +318,25 @@ def _backward_into(
     _, r, nf = first.shape
     ns = second.shape[2]
     first2 = first.reshape(mf, r * nf)
+    first_b = first.reshape(1, mf * r, nf)
     s_b = second.reshape(ms * r, ns).unsqueeze(0)
     x_pieces, g_pieces = xs_all.tensor_split(chunks), g_all.tensor_split(chunks)
     largest = x_pieces[0].shape[0]
-    z_buffer = xs_all.new_empty(largest * ms * r * nf) if need_second else None
-    row_buffer = xs_all.new_empty(largest * ms * r * ns) if need_second else None
+    q_buffer = xs_all.new_empty(largest * mf * r * ns) if need_second else None
+    xt_buffer = xs_all.new_empty(largest * ms * mf) if need_second else None
     gz_buffer = xs_all.new_empty(largest * ms * r * nf) if need_x or need_first else None
     grad_x = xs_all.new_empty(batch * ms, mf) if need_x else None
     grad_first = first.new_zeros(mf, r * nf) if need_first else None
-    grad_second = second.new_zeros(ms * r, ns) if need_second else None
+    grad_second = second.new_zeros(ms, r * ns) if need_second else None
     start = 0
     for xs, g in zip(x_pieces, g_pieces, strict=True):
         bc = xs.shape[0]
-        xs2 = xs.reshape(bc * ms, mf)
-        if z_buffer is not None and row_buffer is not None and grad_second is not None:
-            z = z_buffer[: bc * ms * r * nf].view(bc * ms, r * nf)
-            torch.mm(xs2, first2, out=z)
-            per_row = row_buffer[: bc * ms * r * ns].view(bc, ms * r, ns)
-            torch.bmm(z.view(bc, ms * r, nf), g.transpose(1, 2), out=per_row)
-            grad_second.add_(per_row.sum(0))
+        if q_buffer is not None and xt_buffer is not None and grad_second is not None:
+            q = q_buffer[: bc * mf * r * ns].view(bc, mf * r, ns)
+            torch.bmm(first_b.expand(bc, mf * r, nf), g.transpose(1, 2), out=q)
+            xt = xt_buffer[: bc * ms * mf].view(ms, bc, mf)
+            xt.copy_(xs.transpose(0, 1))
+            grad_second.addmm_(xt.view(ms, bc * mf), q.view(bc * mf, r * ns))
         if gz_buffer is not None:
             gz = gz_buffer[: bc * ms * r * nf].view(bc, ms * r, nf)
             torch.bmm(s_b.expand(bc, ms * r, ns), g, out=gz)
@@ -341,7 +344,7 @@ def _backward_into(
             if grad_x is not None:
                 torch.mm(gz2, first2.t(), out=grad_x[start * ms : (start + bc) * ms])
             if grad_first is not None:
-                grad_first.addmm_(xs2.t(), gz2)
+                grad_first.addmm_(xs.reshape(bc * ms, mf).t(), gz2)
         start += bc
     return (
         grad_x,
@@ -365,16 +368,21 @@ def _backward_chunk(
     _, r, nf = first.shape
     ns = second.shape[2]
     grad_xs = grad_first = grad_second = None
-    if need_second:
-        if z is None:
-            z = _intermediate(xs, first)  # (Bc, Ms r, Nf)
-        # sum_b Z[b] g[b]^T, in float32 for low-precision dtypes (one rounding).
+    if need_second and z is not None:
+        # sum_b Z[b] g[b]^T from the kept Z, in float32 for low-precision dtypes (one rounding).
         if batch == 1:  # one product, no sum over rows (which would zero-fill and add)
             per_one = torch.mm(z[0], g[0].t())
             grad_second = per_one.to(_accumulation(per_one.dtype)).view(ms, r, ns)
         else:
             per_row = torch.bmm(z, g.transpose(1, 2))  # (Bc, Ms r, Ns)
             grad_second = per_row.sum(0, dtype=_accumulation(per_row.dtype)).view(ms, r, ns)
+    elif need_second:
+        # Without Z: Q[b] = F g[b]^T, then one product that sums over the rows and M_f at once
+        # (no recomputed Z, no per-row products to sum; the product rounds once).
+        first_b = first.reshape(1, mf * r, nf).expand(batch, mf * r, nf)
+        q = torch.bmm(first_b, g.transpose(1, 2)).reshape(batch * mf, r * ns)
+        xt = xs.transpose(0, 1).reshape(ms, batch * mf)
+        grad_second = torch.mm(xt, q).to(_accumulation(q.dtype)).view(ms, r, ns)
     if need_x or need_first:
         s2 = second.reshape(ms * r, ns)
         if batch == 1:

@@ -270,10 +270,17 @@ def _twoblock_time(
     )
     if not training:
         return forward
+    if chunks == 1 and batch <= plan.save_max_batch:  # Z kept: per row, then summed
+        grad_second = c.gemm(batch, ms * r, nf, ns, in_cache=cached) + c.copy(batch * ms * r * ns)
+    else:  # Q[b] = F g[b]^T per row, then one product with the transposed rows of x
+        grad_second = chunks * (
+            c.gemm(rows, mf * r, nf, ns, in_cache=cached)
+            + c.copy(rows * ms * mf)
+            + c.gemm(1, ms, rows * mf, r * ns, in_cache=cached)
+        )
     backward = (
         2 * merge
-        + chunks * c.gemm(rows, ms * r, nf, ns, in_cache=cached)  # dS, per row
-        + chunks * c.copy(rows * ms * r * ns)  # ... summed over the rows
+        + grad_second
         + chunks * c.gemm(rows, ms * r, ns, nf, in_cache=cached)  # dZ
         + chunks * c.gemm(1, rows * ms, r * nf, mf, in_cache=cached)  # dx
         + chunks * c.gemm(1, mf, rows * ms, r * nf, in_cache=cached)  # dF
@@ -281,8 +288,6 @@ def _twoblock_time(
         + (c.copy(rows_in) if chunks > 1 else 0.0)
         + c.copy(rows_out)  # bias gradient
     )
-    if chunks > 1 or batch > plan.save_max_batch:
-        backward += first_product
     return forward + backward
 
 
