@@ -2,7 +2,9 @@
 
 For each case (a layer shape, TT modes and rank, and a batch size) every method gets the
 same cores, bias, input and output gradient, and is timed in one process, interleaved with
-the others (one round = one run of each method, so drifting machine load hits all alike),
+the others (one round = one run of each method, so drifting machine load hits all alike;
+each round starts one method later than the one before, so that no method always runs
+right after the same other one, whose memory traffic and freed memory it would inherit),
 reporting the median of ``--repeats`` rounds after ``--warmup`` rounds:
 
 - ``forward``: the forward pass with autograd recording; ``backward``: the backward pass
@@ -229,8 +231,13 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     }
     failed: dict[str, str] = {}
 
-    def one_round(record: bool) -> None:
-        for name, module in methods.items():
+    def rotated(start: int) -> list[tuple[str, nn.Module]]:
+        items = list(methods.items())
+        start %= len(items)
+        return items[start:] + items[:start]
+
+    def one_round(record: bool, start: int) -> None:
+        for name, module in rotated(start):
             if name in failed:
                 continue
             try:
@@ -254,11 +261,11 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
                 rec["backward"].append(t2 - t1)
                 rec["total"].append(t2 - t0)
 
-    def inference_round(record: bool) -> None:
+    def inference_round(record: bool, start: int) -> None:
         # Inference in rounds of its own, as a model runs it: each call follows other
         # forward passes, not a backward pass that has just evicted the caches.
         with torch.no_grad():
-            for name, module in methods.items():
+            for name, module in rotated(start):
                 if name in failed:
                     continue
                 try:
@@ -273,14 +280,14 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
                 if record:
                     times[name]["infer"].append(t1 - t0)
 
-    for _ in range(args.warmup):
-        one_round(False)
-    for _ in range(args.repeats):
-        one_round(True)
-    for _ in range(args.warmup):
-        inference_round(False)
-    for _ in range(args.repeats):
-        inference_round(True)
+    for k in range(args.warmup):
+        one_round(False, k)
+    for k in range(args.repeats):
+        one_round(True, k)
+    for k in range(args.warmup):
+        inference_round(False, k)
+    for k in range(args.repeats):
+        inference_round(True, k)
 
     tt = methods["ttlayers"]
     assert isinstance(tt, TTLinear)
