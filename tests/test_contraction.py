@@ -140,10 +140,12 @@ def test_gradcheck_every_plan(in_modes, out_modes, rank):
 
 @pytest.mark.parametrize("first", ["left", "right"])
 @pytest.mark.parametrize("wanted", ["input", "cores", "bias"])
-def test_twoblock_computes_only_the_gradients_asked_for(first, wanted):
+# The intermediate kept, recomputed unchunked, and in chunks (the buffered loop).
+@pytest.mark.parametrize(("keep_below", "chunks"), [(100, 1), (-1, 1), (0, 3)])
+def test_twoblock_computes_only_the_gradients_asked_for(first, wanted, keep_below, chunks):
     in_modes, out_modes = (4, 2, 3), (2, 3, 4)
     cores = make_cores(in_modes, out_modes, 3)
-    plan = Plan("twoblock", split=1, first=first, save_max_batch=100)
+    plan = Plan("twoblock", split=1, first=first, save_max_batch=keep_below, chunks=chunks)
     x = torch.randn(4, 24, dtype=torch.float64, requires_grad=wanted == "input")
     cores = [c.requires_grad_(wanted == "cores") for c in cores]
     bias = torch.randn(24, dtype=torch.float64, requires_grad=wanted == "bias")
@@ -166,13 +168,23 @@ def test_every_plan_in_low_precision(dtype, tol):
     cores = [c.to(dtype).requires_grad_() for c in cores64]
     x = torch.randn(16, 64, dtype=torch.float64)
     reference = x @ reference_weight([c.detach() for c in cores]).T
+    grad_y = torch.randn(16, 48, dtype=torch.float64)
+    reference_cores = [c.detach().double().requires_grad_() for c in cores]
+    (x @ reference_weight(reference_cores).T).backward(grad_y)
     for plan in all_plans(16, in_modes, out_modes, (1, 4, 4, 1)):
         y = tt_linear(x.to(dtype), cores, plan=plan)
         assert y.dtype == dtype
         err = (y.double() - reference).norm() / reference.norm()
         assert err.item() < tol, plan_id(plan)
-        y.float().sum().backward()
-        assert all(c.grad is not None and c.grad.dtype == dtype for c in cores)
+        for c in cores:
+            c.grad = None
+        y.backward(grad_y.to(dtype))
+        # Each gradient is a sum of a few products, rounded a few times: the same tolerance,
+        # 10-20 units of roundoff, bounds it (measured: about 1 unit for every plan).
+        for c, ref in zip(cores, reference_cores, strict=True):
+            assert c.grad is not None and c.grad.dtype == dtype
+            grad_err = (c.grad.double() - ref.grad).norm() / ref.grad.norm()
+            assert grad_err.item() < tol, plan_id(plan)
 
 
 def test_leading_dimensions_and_noncontiguous_input():
