@@ -23,6 +23,7 @@ from ttlayers.planner import (
     candidate_plans,
     choose_plan,
     estimate_time,
+    pairwise_steps,
     plan_table,
     set_cost_model,
 )
@@ -309,6 +310,46 @@ def test_inference_fast_path_sees_every_change_to_the_cores():
     layer.cores[2] = torch.nn.Parameter(layer.cores[2].detach() * 0.5)
     cores = list(layer.cores)
     check()
+
+
+@pytest.mark.parametrize("d", [7, 8])
+def test_many_cores_every_plan_against_the_reference(d):
+    # Past 6 cores the chain's order comes from opt_einsum's "dp" search, whose paths have
+    # one-operand steps (summing out the boundary ranks).
+    in_modes, out_modes = (2,) * d, (1, 3) + (2,) * (d - 2)
+    cores = make_cores(in_modes, out_modes, 3)
+    _, _, ranks = core_shapes(cores)
+    x = torch.randn(3, math.prod(in_modes), dtype=torch.float64)
+    bias = torch.randn(math.prod(out_modes), dtype=torch.float64)
+    target = torch.randn(3, math.prod(out_modes), dtype=torch.float64)
+
+    def gradients(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, bias, *cores)]
+        y = fn(leaves[0], leaves[2:], leaves[1])
+        return (y, *torch.autograd.grad((y * target).sum(), leaves))
+
+    expected = gradients(lambda x, c, b: x @ reference_weight(c).T + b)
+    plans = candidate_plans(3, in_modes, out_modes, ranks)
+    assert any(plan.kind == "chain" for plan in plans)
+    for plan in [*plans, None]:
+        got = gradients(lambda x, c, b, plan=plan: tt_linear(x, c, b, plan=plan))
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
+
+
+def test_pairwise_steps_of_one_and_three_operand_path_steps():
+    # One operand: its letters are summed out by the next step that uses it. Three: two
+    # pairwise steps. Positions refer to the list the steps act on, as in opt_einsum.
+    assert pairwise_steps([(1,), (0, 1)], ["xab", "bc"], "ac") == ((0, 1, "xab,bc->ac"),)
+    assert pairwise_steps([(0,), (0, 1)], ["xab", "bc"], "ac") == ((0, 1, "xab,bc->ac"),)
+    three = pairwise_steps([(0, 1, 2)], ["ab", "bc", "cd"], "ad")
+    assert three == ((0, 1, "ab,bc->ac"), (0, 1, "cd,ac->ad"))
+    a, b, c = (torch.randn(2, 3), torch.randn(3, 4), torch.randn(4, 5))
+    current = [a, b, c]
+    for i, j, equation in three:
+        right, left = current.pop(j), current.pop(i)
+        current.append(torch.einsum(equation, left, right))
+    torch.testing.assert_close(current[0], a @ b @ c)
 
 
 # --- the planner -----------------------------------------------------------------------------

@@ -441,19 +441,35 @@ def pairwise_steps(
 
     Operands ``i < j`` of the current list are removed and their contraction is appended,
     as in opt_einsum's path format; each result keeps only the letters still needed later.
+    A path step of one operand (opt_einsum's ``"dp"`` sums out indices that occur once, such
+    as the boundary ranks of size 1, that way) runs no einsum of its own: its letters are
+    summed out by the next step that uses the operand. A step of three or more operands
+    becomes successive pairwise steps.
     """
-    current = list(terms)
+    # opt_einsum's list of operands, as ids, and the list that the steps act on: they differ
+    # after a one-operand step, which moves its operand to the end of opt_einsum's list only.
+    planned = list(range(len(terms)))
+    current = list(range(len(terms)))
+    term = dict(enumerate(terms))
     steps: list[tuple[int, int, str]] = []
     for position in path:
-        i, j = sorted(position)
-        right, left = current.pop(j), current.pop(i)
-        if current:
-            keep = set(output).union(*current)
-            result = "".join(dict.fromkeys(a for a in left + right if a in keep))
-        else:
-            result = output
-        steps.append((i, j, f"{left},{right}->{result}"))
-        current.append(result)
+        ids = [planned[k] for k in position]
+        for k in sorted(position, reverse=True):
+            planned.pop(k)
+        merged = ids[0]
+        for other in ids[1:]:
+            i, j = sorted((current.index(merged), current.index(other)))
+            right, left = term[current.pop(j)], term[current.pop(i)]
+            if current:
+                keep = set(output).union(*(term[t] for t in current))
+                result = "".join(dict.fromkeys(a for a in left + right if a in keep))
+            else:
+                result = output
+            merged = len(term)
+            term[merged] = result
+            steps.append((i, j, f"{left},{right}->{result}"))
+            current.append(merged)
+        planned.append(merged)
     return tuple(steps)
 
 
