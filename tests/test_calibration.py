@@ -352,6 +352,7 @@ def test_tensorize_calibrated_beats_tt_svd_in_forward_order(capsys):
     progress = capsys.readouterr().err.splitlines()
     assert "[1/2] first" in progress[0] and "[2/2] second" in progress[1]  # forward order
     assert model.training and model.drop.training  # flags restored
+    assert model.first.training and model.second.training  # the new layers' flags too
     for row in report.layers:
         assert row.output_error <= row.tt_svd_output_error
         assert row.tt_svd_error is not None and row.relative_error > 0

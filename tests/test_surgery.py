@@ -322,6 +322,20 @@ def test_root_linear_and_multihead_attention_are_skipped():
     model(torch.randn(3, 1, 16))  # still runs
 
 
+def test_parametrized_and_lazy_layers_are_skipped_with_a_reason():
+    model = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(64, 64)),
+        nn.LazyLinear(64),
+        nn.Linear(64, 64),
+    )
+    report = tensorize_(model, rank=2)
+    assert [row.name for row in report.layers] == ["2"]
+    reasons = {row.name: row.reason for row in report.skipped}
+    assert "parametrized" in reasons["0"] and "lazy" in reasons["1"]
+    assert not isinstance(model[0], TTLinear) and isinstance(model[2], TTLinear)
+    model(torch.randn(3, 64))  # the lazy layer initializes; everything still runs
+
+
 def test_gradients_flow_into_new_cores_and_train():
     model = make_net()
     tensorize_(model, rank=3)
@@ -338,9 +352,10 @@ def test_gradients_flow_into_new_cores_and_train():
 def test_training_mode_requires_grad_and_state_dict():
     model = make_net()
     model.eval()
+    model.blocks[1].train()
     model.blocks[0].up.weight.requires_grad_(False)
     tensorize_(model, rank=2)
-    assert not model.blocks[0].up.training
+    assert not model.blocks[0].up.training and model.blocks[1].up.training
     assert not any(c.requires_grad for c in model.blocks[0].up.cores)
     assert all(c.requires_grad for c in model.blocks[0].down.cores)
     # The converted model round-trips through a state_dict.

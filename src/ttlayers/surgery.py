@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ttlayers import decomposition
 from ttlayers.budget import (
@@ -239,7 +240,12 @@ class TensorizeReport:
 
 
 def _count_parameters(model: nn.Module) -> int:
-    return sum(param.numel() for param in model.parameters())
+    # A lazy layer's parameters have no size until its first forward pass: count them as 0.
+    return sum(
+        param.numel()
+        for param in model.parameters()
+        if not isinstance(param, nn.parameter.UninitializedParameter)
+    )
 
 
 def _check_arguments(
@@ -301,6 +307,11 @@ def _structural_reason(model: nn.Module, linear: nn.Linear, names: list[str]) ->
     """Why a linear layer cannot be swapped at all, or ``None`` if it can."""
     if "" in names:
         return "the model itself cannot be replaced in place; use TTLinear.from_dense(model)"
+    if parametrize.is_parametrized(linear):
+        return (
+            "its weight is parametrized (torch.nn.utils.parametrize); remove the "
+            "parametrization first (parametrize.remove_parametrizations)"
+        )
     if isinstance(linear.weight, nn.parameter.UninitializedParameter):
         return "lazy layer not initialized yet; run a forward pass first"
     for name in names:
@@ -473,7 +484,11 @@ def tensorize_(
         layer_names = names[key]
         reason = _structural_reason(model, linear, layer_names)
         own = {f"{name}.weight".lstrip(".") for name in layer_names}
-        shared = [owner for owner in owners[id(linear.weight)] if owner not in own]
+        shared = (
+            []
+            if reason is not None  # e.g. a parametrized weight, computed on access
+            else [owner for owner in owners[id(linear.weight)] if owner not in own]
+        )
         if reason is None and filter_fn is not None:
             if not any(bool(filter_fn(linear, name)) for name in layer_names):
                 reason = "not selected by filter_fn"
@@ -596,6 +611,8 @@ def _convert(
         return _convert_without_data(
             selected, rank, eps, num_cores, compression, params, allocation, skip_larger, skipped
         )
+    # The session below puts every module in eval mode: read the layers' own flags first.
+    training = {id(linear): linear.training for linear, _ in selected}
     with capture.session():
         order = capture.order([linear for linear, _ in selected], [n[0] for _, n in selected])
         selected = [selected[k] for k in order]
@@ -680,7 +697,7 @@ def _convert(
                 layer.conversion_error = fit.weight_error
             except (ValueError, TypeError, RuntimeError) as error:
                 raise _wrap(layer_names, error) from error
-            _match_flags(layer, linear)
+            _match_flags(layer, linear, training[id(linear)])
             capture.substitutes[linear] = layer
             row = _row(
                 layer_names,
@@ -743,8 +760,8 @@ def _larger(name: str, layer: TTLinear, dense: int) -> SkippedLayer:
     )
 
 
-def _match_flags(layer: TTLinear, linear: nn.Linear) -> None:
-    layer.train(linear.training)
+def _match_flags(layer: TTLinear, linear: nn.Linear, training: bool) -> None:
+    layer.train(training)
     for core in layer.cores:
         core.requires_grad_(linear.weight.requires_grad)
     if layer.bias is not None and linear.bias is not None:
@@ -825,7 +842,7 @@ def _convert_without_data(
         if skip_larger and layer.num_parameters - _bias_count(layer) >= dense:
             skipped.append(_larger(layer_names[0], layer, dense))
             continue
-        _match_flags(layer, linear)
+        _match_flags(layer, linear, linear.training)
         assert layer.conversion_error is not None
         row = _row(layer_names, linear, layer, layer.conversion_error)
         converted.append((layer_names, layer, row))
