@@ -65,6 +65,21 @@ def test_to_dense_matches_entrywise_formula(in_modes, out_modes, rank):
     np.testing.assert_allclose(layer.to_dense().detach().numpy(), expected, rtol=1e-12, atol=1e-14)
 
 
+def test_weight_is_the_dense_matrix_for_code_that_reads_it():
+    torch.manual_seed(0)
+    layer = make((4, 3), (2, 5), 3, dtype=torch.float64)
+    weight = layer.weight
+    np.testing.assert_allclose(
+        weight.detach().numpy(), reference_dense(list(layer.cores)), rtol=1e-12, atol=1e-14
+    )
+    assert weight.shape == (layer.out_features, layer.in_features)
+    assert "weight" not in dict(layer.named_parameters()) and "weight" not in layer.state_dict()
+    weight.sum().backward()  # differentiable with respect to the cores
+    assert all(core.grad is not None for core in layer.cores)
+    with pytest.raises(AttributeError, match="from_dense"):
+        layer.weight = torch.zeros(10, 12, dtype=torch.float64)
+
+
 @pytest.mark.parametrize(("in_modes", "out_modes", "rank"), CASES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_matches_dense_float64(in_modes, out_modes, rank, bias):

@@ -336,6 +336,27 @@ def test_parametrized_and_lazy_layers_are_skipped_with_a_reason():
     model(torch.randn(3, 64))  # the lazy layer initializes; everything still runs
 
 
+def test_converted_transformer_runs_in_torch_fast_path():
+    # nn.TransformerEncoderLayer in eval mode without gradients reads linear1.weight and
+    # linear2.weight for its fused kernel: TTLinear.weight gives the dense matrices.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    report = tensorize_(encoder, rank=4)
+    assert {row.name.rpartition(".")[2] for row in report.layers} == {"linear1", "linear2"}
+    encoder.eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        fused = encoder(x)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            unfused = encoder(x)  # every TTLinear through its own forward
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    # float32 through two encoder layers computed two ways: 1e-5 is ~100 units of roundoff.
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_flow_into_new_cores_and_train():
     model = make_net()
     tensorize_(model, rank=3)

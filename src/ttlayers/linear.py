@@ -187,6 +187,24 @@ class TTLinear(nn.Module):
         """
         return tt_to_dense(list(self.cores))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """``W``, shape ``(out_features, in_features)``, computed from the cores on each access.
+
+        For code written against ``nn.Linear`` that reads ``.weight``, such as the fast path
+        of ``nn.TransformerEncoderLayer`` in eval mode, or a check of its dtype or device. The
+        same as :meth:`to_dense`: differentiable with respect to the cores, the size of the
+        dense weight, not a parameter (change the cores to change the layer).
+        """
+        return self.to_dense()
+
+    @weight.setter
+    def weight(self, value: object) -> None:
+        raise AttributeError(
+            "TTLinear.weight is computed from the cores and cannot be assigned; build a layer "
+            "from the new matrix with TTLinear.from_dense, or change the cores."
+        )
+
     def to_linear(self) -> nn.Linear:
         """The ``nn.Linear`` this layer computes (same dtype, device and bias)."""
         core = self.cores[0]
