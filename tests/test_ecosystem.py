@@ -670,6 +670,42 @@ def test_forward_ad_dual_cores_through_every_two_block_path(chunks, grad_enabled
             assert_close(fwAD.unpack_dual(y).tangent, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(("chunks", "keep_below"), [(1, 100), (1, -1), (3, 0)])
+def test_forward_mode_ad_through_the_two_block_function(chunks, keep_below):
+    # With parameters that require grad, a two-block plan runs TwoBlockProduct: its jvp, and
+    # forward-over-reverse (a Hessian), against the dense weight in float64 (1e-10: rounding).
+    from torch.autograd import forward_ad as fwAD
+
+    from ttlayers.contraction import tt_linear
+    from ttlayers.planner import Plan
+
+    torch.manual_seed(0)
+    layer = TTLinear(16, 12, 3, in_modes=(4, 4), out_modes=(3, 4)).double()
+    plan = Plan("twoblock", split=1, first="left", save_max_batch=keep_below, chunks=chunks)
+    x, tangent = torch.randn(5, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
+    tangents = [torch.randn_like(core) for core in layer.cores]
+    bias_tangent = torch.randn_like(layer.bias)
+
+    def tt(x, *params):
+        return tt_linear(x, list(params[:-1]), params[-1], plan=plan)
+
+    def dense(x, *params):
+        return x @ tt_to_dense(list(params[:-1])).T + params[-1]
+
+    params = (*layer.cores, layer.bias)
+    all_tangents = (tangent, *tangents, bias_tangent)
+    got = torch.func.jvp(tt, (x, *params), all_tangents)[1]
+    want = torch.func.jvp(dense, (x, *[p.detach() for p in params]), all_tangents)[1]
+    assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, tangent)
+        got = fwAD.unpack_dual(tt(dual, *params)).tangent
+    assert_close(got, torch.func.jvp(lambda v: dense(v, *params), (x,), (tangent,))[1])
+    hessian = torch.func.hessian(lambda v: tt(v.unsqueeze(0), *params).square().sum())(x[0])
+    expected = torch.func.hessian(lambda v: dense(v.unsqueeze(0), *params).square().sum())(x[0])
+    assert_close(hessian, expected, rtol=1e-10, atol=1e-10)
+
+
 def test_vmap_per_sample_gradients_through_the_chunked_plan():
     # The chunked plan writes into buffers only for plain tensors; under vmap it must take the
     # allocating path and give each sample its own gradient (float64: 1e-12 is rounding).

@@ -37,7 +37,9 @@ size of ``W`` exists in either pass.
 
 When the backward pass is itself differentiated (``create_graph=True`` or ``torch.func``), a
 kept ``Z`` is not used and ``dS`` goes through ``Q``, which autograd sees as a function of
-the inputs, so that second derivatives are exact too.
+the inputs, so that second derivatives are exact too. Forward-mode AD (``torch.func.jvp``,
+``torch.func.hessian``) goes through :meth:`EagerTwoBlockProduct.jvp`: the product is linear
+in each of ``x``, ``F`` and ``S``, so its tangent is three products of the same kind.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["TwoBlockLayout", "TwoBlockProduct", "plain_tensors", "two_block_forward"]
+__all__ = [
+    "EagerTwoBlockProduct",
+    "TwoBlockLayout",
+    "TwoBlockProduct",
+    "plain_tensors",
+    "two_block_forward",
+]
 
 
 class TwoBlockLayout(NamedTuple):
@@ -296,6 +304,50 @@ class TwoBlockProduct(torch.autograd.Function):
         if grad_second is not None:
             grad_second = grad_second.to(second.dtype)
         return grad_x, grad_first, grad_second, grad_bias, None
+
+
+class EagerTwoBlockProduct(TwoBlockProduct):
+    """:class:`TwoBlockProduct` with forward-mode AD, for use outside ``torch.compile``.
+
+    Dynamo cannot trace an ``autograd.Function`` that defines ``jvp``; compiled code uses
+    :class:`TwoBlockProduct`, eager code this class (``torch.func.jvp``, ``hessian``, dual
+    tensors of ``torch.autograd.forward_ad``).
+    """
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        """As :meth:`TwoBlockProduct.setup_context`; also keep the inputs for :meth:`jvp`."""
+        TwoBlockProduct.setup_context(ctx, inputs, output)
+        x, first, second, _, _ = inputs
+        ctx.save_for_forward(x, first, second)
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        x_t: torch.Tensor | None,
+        first_t: torch.Tensor | None,
+        second_t: torch.Tensor | None,
+        bias_t: torch.Tensor | None,
+        _: Any,
+    ) -> tuple[torch.Tensor | None, None]:
+        """Forward-mode derivative: the product is linear in each of ``x``, ``F`` and ``S``."""
+        x, first, second = ctx.saved_tensors
+        layout: TwoBlockLayout = ctx.layout._replace(keep=False)
+        terms = []
+        if x_t is not None:
+            terms.append(two_block_forward(x_t, first, second, None, layout)[0])
+        if first_t is not None:
+            terms.append(two_block_forward(x, first_t, second, None, layout)[0])
+        if second_t is not None:
+            terms.append(two_block_forward(x, first, second_t, None, layout)[0])
+        if bias_t is not None:
+            terms.append(bias_t.expand(x.shape[0], -1))
+        if not terms:
+            return None, None
+        y_t = terms[0]
+        for term in terms[1:]:
+            y_t = y_t + term
+        return y_t, None
 
 
 def _backward_into(

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ttlayers.autograd import TwoBlockLayout, TwoBlockProduct, plain_tensors, two_block_forward
+from ttlayers.autograd import (
+    EagerTwoBlockProduct,
+    TwoBlockLayout,
+    TwoBlockProduct,
+    plain_tensors,
+    two_block_forward,
+)
 from ttlayers.planner import Plan, plan_table
 
 __all__ = [
@@ -201,7 +207,9 @@ def _run_twoblock(
     layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, keep, plan.chunks)
     if not needs_grad:  # under torch.compile
         return two_block_forward(x, first, second, bias, layout._replace(keep=False))[0]
-    y, _ = TwoBlockProduct.apply(x, first, second, bias, layout)  # type: ignore[no-untyped-call]
+    # Dynamo cannot trace a custom jvp: compiled code gets the Function without one.
+    product = TwoBlockProduct if torch.compiler.is_compiling() else EagerTwoBlockProduct
+    y, _ = product.apply(x, first, second, bias, layout)  # type: ignore[no-untyped-call]
     return y  # type: ignore[no-any-return]
 
 
