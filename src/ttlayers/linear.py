@@ -443,7 +443,8 @@ class TTLinear(nn.Module):
             for param, tensor in zip(self.cores, tensors, strict=True):
                 if param.shape != tensor.shape:
                     # In place: the Parameter objects stay, so an optimizer built before the
-                    # load still holds them.
+                    # load still holds them (its per-parameter state, such as Adam's moments,
+                    # keeps the old shapes: load the optimizer's state_dict too, or reset it).
                     param.data = torch.empty(tensor.shape, dtype=param.dtype, device=param.device)
                     resized = True
             if resized:
