@@ -74,3 +74,17 @@ def test_init_on_meta_and_half_precision():
     assert layer.cores[0].is_meta
     half = TTLinear(64, 32, 4, dtype=torch.float16)
     assert torch.isfinite(half.to_dense()).all()
+
+
+@pytest.mark.parametrize("std", [0.0, -1.0, float("nan"), float("inf"), True])
+def test_bad_std_is_a_clear_error(std):
+    cores = list(TTLinear(16, 16, 2).cores)
+    with pytest.raises(ValueError, match="std must be a positive finite number"):
+        tt_normal_(cores, std)
+
+
+def test_cores_must_be_a_sequence_of_4d_tensors():
+    layer = TTLinear(16, 16, 2)
+    for bad in (layer.cores[0], [], [torch.ones(3, 3)]):
+        with pytest.raises(TypeError, match="non-empty sequence of 4-D tensors"):
+            tt_normal_(bad, 1.0)

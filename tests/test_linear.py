@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ttlayers import TTLinear, tt_to_dense
+from ttlayers.contraction import tt_linear
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -299,6 +300,26 @@ def test_wrong_input_width_message_names_both_widths():
         layer(torch.randn(4, 31))
     with pytest.raises(ValueError, match="in_features=32"):
         layer(torch.tensor(1.0))
+
+
+def test_integer_input_and_tt_linear_width_messages():
+    layer = TTLinear(24, 6, 2)
+    with pytest.raises(TypeError, match=r"floating-point.*int64.*\.to\(torch\.float32\)"):
+        layer(torch.ones(3, 24, dtype=torch.int64))
+    cores = list(layer.cores)
+    for grad in (True, False):  # the general path, and the inference fast path once cached
+        with torch.set_grad_enabled(grad):
+            layer(torch.randn(2, 24))
+            with pytest.raises(ValueError, match=r"\(\*, 24\).*\(4, 6\).*\(3, 23\)"):
+                tt_linear(torch.randn(3, 23), cores)
+
+
+def test_numpy_integers_are_accepted_as_sizes_and_ranks():
+    layer = TTLinear(np.int64(24), np.int64(6), rank=np.int32(3), num_cores=np.int64(2))
+    assert (layer.in_features, layer.out_features, layer.ranks) == (24, 6, (1, 3, 1))
+    assert all(type(v) is int for v in (layer.in_features, *layer.in_modes, *layer.out_modes))
+    with pytest.raises(TypeError, match="in_features"):
+        TTLinear(24.0, 6)
 
 
 def test_to_linear_roundtrip():

@@ -226,11 +226,12 @@ def _rank_middle_blocks(
 # the cores, in place, through .data or by reassignment, can go unseen. It also holds the
 # chain's shapes, so a call that finds it skips the checks of core_shapes.
 class _InferenceEntry:
-    __slots__ = ("blocks", "prepared", "saved", "shapes")
+    __slots__ = ("blocks", "in_features", "prepared", "saved", "shapes")
 
     def __init__(self, cores: Sequence[torch.Tensor]) -> None:
         self.saved = [c.detach().clone() for c in cores]
         self.shapes = core_shapes(cores)
+        self.in_features = math.prod(self.shapes[0])
         self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.prepared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -454,7 +455,8 @@ def tt_linear(
         Shape ``(*, prod n_k)``.
 
     Raises:
-        ValueError: If the cores do not chain.
+        ValueError: If the cores do not chain, or the input's last dimension is not
+            ``prod m_k``.
     """
     device_type = input.device.type
     if (
@@ -466,17 +468,22 @@ def tt_linear(
     ):
         # The fast path of inference: unchanged cores, their blocks at hand (see above).
         entry = _inference_entry(cores)
-        if entry is not None:
+        if entry is not None and input.dim() > 0 and input.shape[-1] == entry.in_features:
             in_modes, out_modes, ranks = entry.shapes
             batch_shape = input.shape[:-1]
             batch = math.prod(batch_shape)
             chosen = select_plan(batch, in_modes, out_modes, ranks, input.dtype, "cpu", False)
             if chosen.kind == "twoblock":  # else: the general path
-                x = input.reshape(batch, math.prod(in_modes))
+                x = input.reshape(batch, entry.in_features)
                 y = _twoblock_inference(x, cores, bias, chosen, entry)
                 return y.reshape(*batch_shape, math.prod(out_modes))
     in_modes, out_modes, ranks = core_shapes(cores)
     m, n = math.prod(in_modes), math.prod(out_modes)
+    if input.dim() == 0 or input.shape[-1] != m:
+        raise ValueError(
+            f"tt_linear expected input of shape (*, {m}), the product of the cores' input modes "
+            f"{in_modes}; got shape {tuple(input.shape)}."
+        )
     batch_shape = input.shape[:-1]
     batch = math.prod(batch_shape)
     x = input.reshape(batch, m)  # (B, M)

@@ -14,6 +14,7 @@ exponentially in ``d``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +31,14 @@ def core_std(ranks: Sequence[int], std: float) -> float:
 
     Returns:
         ``(std^2 / prod_{k=1}^{d-1} r_k) ** (1 / (2 d))``, computed in log space.
+
+    Raises:
+        ValueError: If ``std`` is not a positive finite number.
     """
+    given: object = std  # checked as what a caller may pass, not as annotated
+    real = isinstance(given, numbers.Real) and not isinstance(given, bool)
+    if not real or not 0 < float(given) < math.inf:  # type: ignore[arg-type]
+        raise ValueError(f"std must be a positive finite number; got {std!r}.")
     d = len(ranks) - 1
     log_var = 2.0 * math.log(std) - sum(math.log(r) for r in ranks[1:-1])
     return math.exp(log_var / (2 * d))
@@ -48,7 +56,22 @@ def tt_normal_(cores: Sequence[torch.Tensor], std: float) -> None:
     Args:
         cores: ``d`` tensors of shape ``(r_k, m_k, n_k, r_{k+1})``.
         std: Target standard deviation of the dense matrix entries, ``> 0``.
+
+    Raises:
+        TypeError: If ``cores`` is not a non-empty sequence of 4-D tensors.
+        ValueError: If ``std`` is not a positive finite number.
     """
+    given: object = cores  # checked as what a caller may pass, not as annotated
+    if (
+        isinstance(given, torch.Tensor)
+        or not isinstance(given, Sequence)
+        or not given
+        or not all(isinstance(core, torch.Tensor) and core.dim() == 4 for core in given)
+    ):
+        raise TypeError(
+            "cores must be a non-empty sequence of 4-D tensors (r_k, m_k, n_k, r_{k+1}); got "
+            f"{type(cores).__name__}."
+        )
     ranks = [cores[0].shape[0]] + [core.shape[3] for core in cores]
     scale = core_std(ranks, std)
     for core in cores:

@@ -103,8 +103,8 @@ class TTLinear(nn.Module):
         self.in_modes, self.out_modes = validate_modes(
             in_features, out_features, in_modes, out_modes, num_cores
         )
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = math.prod(self.in_modes)  # a Python int, even from a NumPy one
+        self.out_features = math.prod(self.out_modes)
         ranks = resolve_ranks(rank, self.in_modes, self.out_modes)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.cores = nn.ParameterList(
@@ -112,7 +112,7 @@ class TTLinear(nn.Module):
             for k, (m, n) in enumerate(zip(self.in_modes, self.out_modes, strict=True))
         )
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
         else:
             self.register_parameter("bias", None)
         self.conversion_error = None
@@ -160,6 +160,11 @@ class TTLinear(nn.Module):
         cores = self._core_list()
         dtype = cores[0].dtype
         if input.dtype != dtype and not autocast_enabled(input.device.type):
+            if not (input.is_floating_point() or input.is_complex()):
+                raise TypeError(
+                    f"TTLinear expected a floating-point input of dtype {dtype}, the dtype of "
+                    f"its cores; got {input.dtype}. Convert it with .to({dtype})."
+                )
             raise TypeError(
                 f"TTLinear expected input of dtype {dtype}, the dtype of its cores; got "
                 f"{input.dtype}. Convert the input with .to({dtype}) or the layer with "

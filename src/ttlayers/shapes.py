@@ -9,6 +9,7 @@ holds the pure-Python rules that relate them; nothing here touches tensors.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
 from collections.abc import Sequence
@@ -29,12 +30,18 @@ def _prod(values: Sequence[int]) -> int:
     return reduce(operator.mul, values, 1)
 
 
+def _is_int(value: object) -> bool:
+    # NumPy's integers too, as nn.Linear accepts them; bools are not sizes.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value}.")
-    return value
+    number: int = operator.index(value)  # type: ignore[arg-type]
+    if number < 1:
+        raise ValueError(f"{name} must be a positive int; got {number}.")
+    return number
 
 
 def _prime_factors(n: int) -> list[int]:
@@ -160,10 +167,10 @@ def validate_modes(
         ValueError: If a product is wrong, a mode is not positive, the lengths differ, or
             ``num_cores`` disagrees with the given modes.
     """
-    _check_positive_int("in_features", in_features)
-    _check_positive_int("out_features", out_features)
+    in_features = _check_positive_int("in_features", in_features)
+    out_features = _check_positive_int("out_features", out_features)
     if num_cores is not None:
-        _check_positive_int("num_cores", num_cores)
+        num_cores = _check_positive_int("num_cores", num_cores)
     given = {
         name: _as_int_tuple(name, modes)
         for name, modes in (("in_modes", in_modes), ("out_modes", out_modes))
@@ -209,7 +216,7 @@ def _as_int_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:
     if len(values) == 0:
         raise ValueError(f"{name} must hold at least one mode; got an empty sequence.")
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not _is_int(value):
             raise TypeError(f"{name} must hold ints; got {tuple(values)!r}.")
         if value < 1:
             raise ValueError(f"{name} must hold positive ints; got {tuple(values)}.")
@@ -264,10 +271,11 @@ def resolve_ranks(
     d = len(caps) - 1
     if isinstance(rank, bool):
         raise TypeError(f"rank must be an int or a sequence of ints; got {rank!r}.")
-    if isinstance(rank, int):
-        if rank < 1:
-            raise ValueError(f"rank must be a positive int; got {rank}.")
-        return tuple(min(rank, cap) for cap in caps)
+    if _is_int(rank):
+        cap_all = operator.index(rank)  # type: ignore[arg-type]
+        if cap_all < 1:
+            raise ValueError(f"rank must be a positive int; got {cap_all}.")
+        return tuple(min(cap_all, cap) for cap in caps)
     if isinstance(rank, (str, bytes)) or not isinstance(rank, Sequence):
         raise TypeError(
             f"rank must be an int or a sequence of ints; got {type(rank).__name__} {rank!r}."
