@@ -177,6 +177,17 @@ def test_tensorize_params_budget_and_num_cores():
     assert [row.name for row in report.layers] == ["0", "2"]
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_budget_above_the_model_never_makes_a_layer_larger(calibrated):
+    model = mlp()
+    x = torch.randn(200, 64, dtype=F64)
+    report = tensorize_(model, params=10**7, calibration=x if calibrated else None)
+    assert report.layers  # every layer still gets its largest TT form below its dense size
+    for row in report.layers:
+        assert row.params_after < row.params_before, row.name
+    assert report.params_after < report.params_before
+
+
 @pytest.mark.parametrize(
     ("kwargs", "kind", "match"),
     [

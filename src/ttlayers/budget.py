@@ -153,16 +153,17 @@ def _rank_path(
         return RankChoice(in_modes, out_modes, tuple(ranks), params, error)
 
     path = [point()]
-    while path[-1].parameters < limit:
-        best, best_ratio = 0, -1.0
+    while True:
+        best, best_ratio, best_cost = 0, -1.0, 0
         for k in range(1, d):
             if ranks[k] >= caps[k]:
                 continue
             gain = energy[k - 1][ranks[k]]
             cost = sizes[k - 1] * ranks[k - 1] + sizes[k] * ranks[k + 1]
             if gain / cost > best_ratio:
-                best, best_ratio = k, gain / cost
-        if best == 0:
+                best, best_ratio, best_cost = k, gain / cost, cost
+        # Never as many parameters as the dense layer: that would not compress it.
+        if best == 0 or path[-1].parameters + best_cost >= limit:
             break
         tails[best - 1] -= energy[best - 1][ranks[best]]
         ranks[best] += 1
@@ -192,7 +193,8 @@ def layer_options(
         shapes: The candidate ``(in_modes, out_modes)``; default :func:`candidate_shapes`.
 
     Returns:
-        The points of every candidate's greedy path, each up to the dense parameter count.
+        The points of every candidate's greedy path, each with fewer parameters than the
+        dense layer (except a first point, all ranks 1, that has as many or more).
     """
     out_features, in_features = (int(s) for s in weight.shape)
     if shapes is None:
