@@ -314,6 +314,15 @@ def test_integer_input_and_tt_linear_width_messages():
                 tt_linear(torch.randn(3, 23), cores)
 
 
+def test_cores_of_mixed_dtypes_are_a_clear_error():
+    cores = list(TTLinear(16, 16, 2, num_cores=2).cores)
+    mixed = [cores[0].detach(), cores[1].detach().double()]
+    with pytest.raises(TypeError, match=r"one dtype and device.*cores\[1\] torch.float64"):
+        tt_to_dense(mixed)
+    with pytest.raises(TypeError, match="one dtype and device"):
+        TTLinear.from_cores(mixed)
+
+
 def test_numpy_integers_are_accepted_as_sizes_and_ranks():
     layer = TTLinear(np.int64(24), np.int64(6), rank=np.int32(3), num_cores=np.int64(2))
     assert (layer.in_features, layer.out_features, layer.ranks) == (24, 6, (1, 3, 1))

@@ -99,5 +99,10 @@ def test_validate_modes_messages():
     assert validate_modes(784, 10, (28, 28), None) == ((28, 28), (2, 5))
 
 
+def test_max_ranks_rejects_modes_of_different_lengths():
+    with pytest.raises(ValueError, match="same length"):
+        max_ranks((2, 3), (2,))
+
+
 def test_num_parameters():
     assert num_parameters((784, 1), (1, 10), (1, 50, 1)) == 784 * 50 + 50 * 10

@@ -287,6 +287,10 @@ def test_atomic_when_a_swap_fails():
         ({"num_cores": 0}, ValueError, "num_cores"),
         ({"num_cores": "3"}, TypeError, "num_cores"),
         ({"filter_fn": "up"}, TypeError, "filter_fn"),
+        ({"rank": 2, "sweeps": 2.0}, TypeError, "sweeps"),
+        ({"rank": 2, "sweeps": -1}, ValueError, "sweeps"),
+        ({"rank": 2, "ridge": -1.0}, ValueError, "ridge"),
+        ({"rank": 2, "ridge": "0.1"}, TypeError, "ridge"),
     ],
 )
 def test_bad_arguments_leave_model_alone(kwargs, error, match):

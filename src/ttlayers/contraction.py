@@ -30,6 +30,7 @@ from ttlayers.planner import Plan, plan_table
 
 __all__ = [
     "autocast_enabled",
+    "check_same_kind",
     "core_shapes",
     "merge_cores",
     "rank_middle_block",
@@ -47,6 +48,17 @@ def autocast_enabled(device_type: str) -> bool:
     ``torch.is_autocast_enabled`` would raise.
     """
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def check_same_kind(cores: Sequence[torch.Tensor]) -> None:
+    """Raise ``TypeError`` unless all ``cores`` share the first one's dtype and device."""
+    first = cores[0]
+    for k, core in enumerate(cores):
+        if core.dtype != first.dtype or core.device != first.device:
+            raise TypeError(
+                "the cores must share one dtype and device; got cores[0] "
+                f"{first.dtype} on {first.device} and cores[{k}] {core.dtype} on {core.device}."
+            )
 
 
 def core_shapes(
@@ -154,8 +166,10 @@ def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
 
     Raises:
         ValueError: If the cores are not 4-D or their ranks do not chain.
+        TypeError: If the cores are not all of one dtype and device.
     """
     in_modes, out_modes, _ = core_shapes(cores)
+    check_same_kind(cores)
     block = _dense_block(cores, len(cores) // 2)
     return block.reshape(math.prod(in_modes), math.prod(out_modes)).t().contiguous()
 

@@ -11,7 +11,13 @@ from torch import nn
 
 from ttlayers import decomposition
 from ttlayers.calibration import ActivationStatistics, fit_tt
-from ttlayers.contraction import autocast_enabled, core_shapes, tt_linear, tt_to_dense
+from ttlayers.contraction import (
+    autocast_enabled,
+    check_same_kind,
+    core_shapes,
+    tt_linear,
+    tt_to_dense,
+)
 from ttlayers.init import tt_normal_
 from ttlayers.shapes import num_parameters, resolve_ranks, validate_modes
 
@@ -264,12 +270,14 @@ class TTLinear(nn.Module):
 
         Raises:
             ValueError: If the cores do not chain or the bias has the wrong shape.
-            TypeError: If a core or the bias is not a tensor.
+            TypeError: If a core or the bias is not a tensor, or the cores differ in dtype or
+                device.
         """
         for k, core in enumerate(cores):
             if not isinstance(core, torch.Tensor):
                 raise TypeError(f"cores[{k}] must be a tensor; got {type(core).__name__}.")
         in_modes, out_modes, ranks = core_shapes(cores)
+        check_same_kind(cores)
         layer = cls(
             math.prod(in_modes),
             math.prod(out_modes),

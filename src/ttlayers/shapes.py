@@ -236,7 +236,15 @@ def max_ranks(in_modes: Sequence[int], out_modes: Sequence[int]) -> tuple[int, .
 
     Returns:
         A tuple of ``d + 1`` ints, 1 at both ends.
+
+    Raises:
+        ValueError: If the two sequences differ in length.
     """
+    if len(in_modes) != len(out_modes):
+        raise ValueError(
+            f"in_modes and out_modes must have the same length; got {tuple(in_modes)} and "
+            f"{tuple(out_modes)}."
+        )
     sizes = [m * n for m, n in zip(in_modes, out_modes, strict=True)]
     total = _prod(sizes)
     caps = [1]

@@ -453,8 +453,15 @@ def tensorize_(
     _check_budget(compression, params, rank, eps)
     if allocation not in ("errors", "even"):
         raise ValueError(f'allocation must be "errors" or "even"; got {allocation!r}.')
-    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int):
+        raise TypeError(f"sweeps must be an int >= 0; got {type(sweeps).__name__} {sweeps!r}.")
+    if sweeps < 0:
         raise ValueError(f"sweeps must be an int >= 0; got {sweeps!r}.")
+    given_ridge: object = ridge
+    if isinstance(given_ridge, bool) or not isinstance(given_ridge, (int, float)):
+        raise TypeError(f"ridge must be a number >= 0; got {type(ridge).__name__} {ridge!r}.")
+    if not 0 <= ridge < math.inf:
+        raise ValueError(f"ridge must be a finite number >= 0; got {ridge!r}.")
     capture = None if calibration is None else ActivationCapture(model, calibration)
     budgeted = compression is not None or params is not None
     model_params_before = _count_parameters(model)
