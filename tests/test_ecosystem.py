@@ -524,6 +524,18 @@ def test_load_cores_that_do_not_chain_names_the_layer():
         model.load_state_dict(state)
 
 
+def test_a_core_missing_from_the_checkpoint_is_a_missing_key():
+    source = TTLinear(64, 64, rank=4, num_cores=3)
+    state = source.state_dict()
+    del state["cores.2"]
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\).*"cores\.2"'):
+        TTLinear(64, 64, rank=4, num_cores=3).load_state_dict(state)
+    target = TTLinear(64, 64, rank=4, num_cores=3)
+    result = target.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["cores.2"]
+    assert torch.equal(target.cores[0], source.cores[0])
+
+
 def _compressible_mlp(seed: int) -> nn.Sequential:
     """An MLP whose weights are TT matrices of rank 3 plus 1% noise: eps finds ranks near 3."""
     torch.manual_seed(seed)
