@@ -361,6 +361,14 @@ def test_converted_transformer_runs_in_torch_fast_path():
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
 
 
+def test_progress_without_calibration_prints_a_line_per_layer(capsys):
+    model = make_net()
+    tensorize_(model, rank=2, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(LINEAR_NAMES)
+    assert lines[0].startswith("tensorize_: [1/6] blocks.0.up: ranks (1, 2,")
+
+
 def test_gradients_flow_into_new_cores_and_train():
     model = make_net()
     tensorize_(model, rank=3)

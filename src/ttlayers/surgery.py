@@ -616,7 +616,16 @@ def _convert(
     samples = 0
     if capture is None:
         return _convert_without_data(
-            selected, rank, eps, num_cores, compression, params, allocation, skip_larger, skipped
+            selected,
+            rank,
+            eps,
+            num_cores,
+            compression,
+            params,
+            allocation,
+            skip_larger,
+            skipped,
+            progress,
         )
     # The session below puts every module in eval mode: read the layers' own flags first.
     training = {id(linear): linear.training for linear, _ in selected}
@@ -812,6 +821,7 @@ def _convert_without_data(
     allocation: str,
     skip_larger: bool,
     skipped: list[SkippedLayer],
+    progress: bool,
 ) -> _Converted:
     """TT-SVD of each selected layer, with ranks from rank/eps or from the budget."""
     budget: int | None = None
@@ -831,8 +841,9 @@ def _convert_without_data(
             (choice.in_modes, choice.out_modes, list(choice.ranks[1:-1])) for choice in allocated
         ]
     converted: list[tuple[list[str], TTLinear, LayerReport]] = []
-    for (linear, layer_names), (in_modes, out_modes, layer_rank) in zip(
-        selected, plans, strict=True
+    started = time.perf_counter()
+    for k, ((linear, layer_names), (in_modes, out_modes, layer_rank)) in enumerate(
+        zip(selected, plans, strict=True)
     ):
         try:
             layer = TTLinear.from_dense(
@@ -846,11 +857,16 @@ def _convert_without_data(
         except (ValueError, TypeError, RuntimeError) as error:
             raise _wrap(layer_names, error) from error
         dense = linear.in_features * linear.out_features
+        assert layer.conversion_error is not None
+        if progress:
+            _say(
+                f"[{k + 1}/{len(selected)}] {layer_names[0]}: ranks {layer.ranks}, weight error "
+                f"{layer.conversion_error:.3g}, {time.perf_counter() - started:.1f} s"
+            )
         if skip_larger and layer.num_parameters - _bias_count(layer) >= dense:
             skipped.append(_larger(layer_names[0], layer, dense))
             continue
         _match_flags(layer, linear, linear.training)
-        assert layer.conversion_error is not None
         row = _row(layer_names, linear, layer, layer.conversion_error)
         converted.append((layer_names, layer, row))
     return _Converted(converted, budget, 0)
