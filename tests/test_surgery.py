@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import ttlayers.surgery
-from ttlayers import TensorizeReport, TTLinear, tensorize_
+from ttlayers import TensorizeReport, TTLinear, load_tensorized_, tensorize_
 from ttlayers.surgery import LayerReport, SkippedLayer
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -423,3 +423,85 @@ def test_cuda_model():
 
 def test_docstring_examples():
     assert doctest.testmod(ttlayers.surgery).failed == 0
+
+
+# --- load_tensorized_ ------------------------------------------------------------------------
+
+
+def test_load_tensorized_rebuilds_a_budget_conversion_in_a_fresh_model():
+    # A budget picks each layer's modes from its weights: a fresh model converted the same
+    # way would differ, so the checkpoint itself must say what to build.
+    model = make_net()
+    tensorize_(model, compression=3.0, filter_fn=lambda module, name: name != "out")
+    fresh = make_net()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)  # other values, so that only the load can make the outputs equal
+    result = load_tensorized_(fresh, model.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    for name in LINEAR_NAMES:
+        got, want = fresh.get_submodule(name), model.get_submodule(name)
+        assert type(got) is type(want), name
+        if isinstance(want, TTLinear):
+            assert (got.in_modes, got.out_modes, got.ranks) == (
+                want.in_modes,
+                want.out_modes,
+                want.ranks,
+            )
+    x = torch.randn(4, 16, dtype=torch.float64)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_load_tensorized_keeps_a_shared_module_shared():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+    model.append(model[0])
+    tensorize_(model, rank=2)
+    assert model[0] is model[2]
+    fresh = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+    fresh.append(fresh[0])
+    load_tensorized_(fresh, model.state_dict())
+    assert isinstance(fresh[0], TTLinear) and fresh[0] is fresh[2]
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "match"),
+    [
+        (lambda s: s.pop("blocks.0.norm.bias"), RuntimeError, 'missing key "blocks.0.norm.bias"'),
+        (lambda s: s.update(extra=torch.ones(1)), RuntimeError, 'unexpected key "extra"'),
+        (lambda s: s.update({"out.weight": torch.ones(3, 16)}), RuntimeError, "out.weight"),
+        (
+            lambda s: s.update({"blocks.0.norm.cores.0": torch.ones(1, 4, 4, 1)}),
+            ValueError,
+            "LayerNorm",
+        ),
+        (
+            lambda s: s.update({"nowhere.cores.0": torch.ones(1, 4, 4, 1)}),
+            ValueError,
+            "not a module",
+        ),
+        (lambda s: s.pop("blocks.0.up.cores.1"), ValueError, "'blocks.0.up'"),
+    ],
+    ids=["missing", "unexpected", "shape", "not-linear", "no-module", "broken-chain"],
+)
+def test_load_tensorized_errors_leave_the_model_alone(edit, error, match):
+    model = make_net()
+    tensorize_(model, rank=2)
+    state = model.state_dict()
+    edit(state)
+    fresh = make_net()
+    before = snapshot(fresh)
+    with pytest.raises(error, match=match):
+        load_tensorized_(fresh, state)
+    assert_unchanged(fresh, before)
+    assert all(isinstance(fresh.get_submodule(name), nn.Linear) for name in LINEAR_NAMES)
+
+
+def test_load_tensorized_non_strict_reports_the_keys():
+    model = make_net()
+    tensorize_(model, rank=2)
+    state = model.state_dict()
+    del state["blocks.1.norm.bias"]
+    fresh = make_net()
+    result = load_tensorized_(fresh, state, strict=False)
+    assert result.missing_keys == ["blocks.1.norm.bias"]
+    assert isinstance(fresh.blocks[0].up, TTLinear)

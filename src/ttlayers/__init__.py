@@ -6,7 +6,13 @@ from ttlayers.decomposition import tt_round, tt_svd
 from ttlayers.init import tt_normal_
 from ttlayers.linear import TTLinear
 from ttlayers.shapes import factorize, max_ranks, suggest_modes
-from ttlayers.surgery import LayerReport, SkippedLayer, TensorizeReport, tensorize_
+from ttlayers.surgery import (
+    LayerReport,
+    SkippedLayer,
+    TensorizeReport,
+    load_tensorized_,
+    tensorize_,
+)
 
 __version__ = "0.1.0"
 
@@ -20,6 +26,7 @@ __all__ = [
     "__version__",
     "factorize",
     "fit_tt",
+    "load_tensorized_",
     "max_ranks",
     "suggest_modes",
     "tensorize_",

@@ -25,9 +25,11 @@ import numbers
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -41,11 +43,12 @@ from ttlayers.budget import (
 )
 from ttlayers.calibration import fit_tt
 from ttlayers.capture import ActivationCapture
+from ttlayers.contraction import core_shapes
 from ttlayers.decomposition import check_eps
 from ttlayers.linear import TTLinear
 from ttlayers.shapes import num_parameters, suggest_modes, validate_modes
 
-__all__ = ["LayerReport", "SkippedLayer", "TensorizeReport", "tensorize_"]
+__all__ = ["LayerReport", "SkippedLayer", "TensorizeReport", "load_tensorized_", "tensorize_"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -870,3 +873,136 @@ def _convert_without_data(
         row = _row(layer_names, linear, layer, layer.conversion_error)
         converted.append((layer_names, layer, row))
     return _Converted(converted, budget, 0)
+
+
+def load_tensorized_(
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    assign: bool = False,
+) -> Any:
+    """Load a checkpoint of a converted model into the unconverted ``model``, in place.
+
+    Every layer that ``state_dict`` stores as a ``TTLinear`` (keys ``<name>.cores.<k>``)
+    becomes one with the stored modes, ranks and bias, whatever conversion made it (a
+    budget, a filter, ``eps``), and then ``state_dict`` is loaded as by
+    ``model.load_state_dict``. ``model`` is the model as built before the conversion: those
+    layers are ``nn.Linear`` (or ``TTLinear`` of other modes) of the same sizes.
+
+    Args:
+        model: The model to convert and load into.
+        state_dict: A ``state_dict()`` of the converted model (for example
+            ``torch.load(path, weights_only=True)``).
+        strict: As for ``load_state_dict``: every key must match.
+        assign: As for ``load_state_dict``: take the checkpoint's tensors instead of copying
+            them (for a model built on the meta device).
+
+    Returns:
+        What ``model.load_state_dict`` returns (the missing and unexpected keys).
+
+    Raises:
+        ValueError: If a stored TT layer is not a linear layer of ``model`` of the same
+            sizes, or its cores do not chain.
+        RuntimeError: If, with ``strict``, keys are missing or unexpected, or a tensor has
+            the wrong shape; the model is then left as it was.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from ttlayers import load_tensorized_, tensorize_
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        >>> _ = tensorize_(model, compression=4.0)
+        >>> fresh = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        >>> _ = load_tensorized_(fresh, model.state_dict())
+        >>> x = torch.randn(2, 64)
+        >>> torch.equal(fresh(x), model(x))
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping; got {type(state_dict).__name__}.")
+    cores: dict[str, dict[int, Any]] = {}
+    for key, value in state_dict.items():
+        prefix, _, index = key.rpartition(".")
+        layer_name, _, attribute = prefix.rpartition(".")
+        if attribute == "cores" and index.isdigit():
+            cores.setdefault(layer_name, {})[int(index)] = value
+
+    # Build every layer first: an error leaves the model as it was. A module reachable under
+    # several names gets one layer, installed under all of them.
+    built: dict[str, TTLinear] = {}
+    by_module: dict[int, TTLinear] = {}
+    for name, found in cores.items():
+        shown = name or "<root>"
+        tensors = [found[k] for k in range(len(found)) if isinstance(found.get(k), torch.Tensor)]
+        if len(tensors) != len(found):
+            raise ValueError(f"the cores of '{shown}' in state_dict are not tensors 0..d-1.")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"state_dict has TTLinear cores for '{shown}', which is not a module of the model."
+            ) from None
+        if not isinstance(module, (nn.Linear, TTLinear)):
+            raise ValueError(
+                f"state_dict has TTLinear cores for '{shown}', a {type(module).__name__} in the "
+                "model; expected an nn.Linear or a TTLinear."
+            )
+        try:
+            in_modes, out_modes, ranks = core_shapes(tensors)
+        except ValueError as error:
+            raise ValueError(f"cannot load TTLinear '{shown}': {error}") from None
+        sizes = (math.prod(in_modes), math.prod(out_modes))
+        if sizes != (module.in_features, module.out_features):
+            raise ValueError(
+                f"state_dict's TTLinear '{shown}' maps {sizes[0]} to {sizes[1]} features; the "
+                f"model's layer maps {module.in_features} to {module.out_features}."
+            )
+        if id(module) in by_module:
+            built[name] = by_module[id(module)]
+            continue
+        reference = module.weight if isinstance(module, nn.Linear) else module.cores[0]
+        built[name] = by_module[id(module)] = TTLinear(
+            sizes[0],
+            sizes[1],
+            rank=ranks[1:-1],
+            in_modes=in_modes,
+            out_modes=out_modes,
+            bias=f"{name}.bias".lstrip(".") in state_dict,
+            device=reference.device,
+            dtype=reference.dtype,
+        ).train(module.training)
+
+    if "" in built:  # the model itself is the layer
+        raise ValueError("the model itself is a stored TTLinear; use TTLinear.load_state_dict.")
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name, layer in built.items():
+            parent_name, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            swapped.append((parent, attribute, getattr(parent, attribute)))
+            setattr(parent, attribute, layer)
+        if strict:  # checked before anything is copied, so that a failure changes nothing
+            expected = model.state_dict(keep_vars=True)
+            problems = [f'missing key "{k}"' for k in expected if k not in state_dict]
+            problems += [f'unexpected key "{k}"' for k in state_dict if k not in expected]
+            problems += [
+                f'"{k}": shape {tuple(v.shape)} in state_dict, {tuple(expected[k].shape)} in '
+                "the model"
+                for k, v in state_dict.items()
+                if k in expected
+                and isinstance(v, torch.Tensor)
+                and isinstance(expected[k], torch.Tensor)
+                and v.shape != expected[k].shape
+            ]
+            if problems:
+                raise RuntimeError(
+                    "load_tensorized_ cannot load state_dict: " + "; ".join(problems)
+                )
+        return model.load_state_dict(state_dict, strict=strict, assign=assign)
+    except BaseException:
+        for parent, attribute, old in reversed(swapped):
+            setattr(parent, attribute, old)
+        raise
