@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -205,8 +206,17 @@ class TTLinear(nn.Module):
         For code written against ``nn.Linear`` that reads ``.weight``, such as the fast path
         of ``nn.TransformerEncoderLayer`` in eval mode, or a check of its dtype or device. The
         same as :meth:`to_dense`: differentiable with respect to the cores, the size of the
-        dense weight, not a parameter (change the cores to change the layer).
+        dense weight, not a parameter (change the cores to change the layer). It warns (once
+        per place that reads it, under Python's default filter): code that reads it in every
+        forward pass spends the dense layer's time and memory on it.
         """
+        warnings.warn(
+            f"TTLinear.weight computes the dense {self.out_features} x {self.in_features} "
+            "matrix from the cores on each access; code that reads it in every forward pass "
+            "pays the dense layer's cost (call to_dense() where that is intended).",
+            UserWarning,
+            stacklevel=2,
+        )
         return self.to_dense()
 
     @weight.setter
