@@ -372,7 +372,7 @@ def _run_chain(
     batch: int,
 ) -> torch.Tensor:
     in_modes = [int(core.shape[1]) for core in cores]
-    out_features = math.prod(int(core.shape[2]) for core in cores)
+    out_features = math.prod([int(core.shape[2]) for core in cores])  # a list: Dynamo traces it
     y = run_chain(plan, [x.reshape(batch, *in_modes), *cores])  # (B, n_1, ..., n_d)
     y = y.reshape(batch, out_features)
     return y if bias is None else y + bias

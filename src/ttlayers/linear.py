@@ -210,13 +210,14 @@ class TTLinear(nn.Module):
         per place that reads it, under Python's default filter): code that reads it in every
         forward pass spends the dense layer's time and memory on it.
         """
-        warnings.warn(
-            f"TTLinear.weight computes the dense {self.out_features} x {self.in_features} "
-            "matrix from the cores on each access; code that reads it in every forward pass "
-            "pays the dense layer's cost (call to_dense() where that is intended).",
-            UserWarning,
-            stacklevel=2,
-        )
+        if not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn
+            warnings.warn(
+                f"TTLinear.weight computes the dense {self.out_features} x {self.in_features} "
+                "matrix from the cores on each access; code that reads it in every forward "
+                "pass pays the dense layer's cost (call to_dense() where that is intended).",
+                UserWarning,
+                stacklevel=2,
+            )
         return self.to_dense()
 
     @weight.setter

@@ -884,11 +884,12 @@ def load_tensorized_(
 ) -> Any:
     """Load a checkpoint of a converted model into the unconverted ``model``, in place.
 
-    Every layer that ``state_dict`` stores as a ``TTLinear`` (keys ``<name>.cores.<k>``)
-    becomes one with the stored modes, ranks and bias, whatever conversion made it (a
-    budget, a filter, ``eps``), and then ``state_dict`` is loaded as by
-    ``model.load_state_dict``. ``model`` is the model as built before the conversion: those
-    layers are ``nn.Linear`` (or ``TTLinear`` of other modes) of the same sizes.
+    Every ``nn.Linear`` of ``model`` that ``state_dict`` stores as a ``TTLinear`` (keys
+    ``<name>.cores.<k>``) becomes one with the stored modes and ranks, whatever conversion
+    made it (a budget, a filter, ``eps``), with the bias, ``requires_grad`` flags and training
+    mode of the layer it replaces; a ``TTLinear`` of other modes is rebuilt the same way, one
+    of the same modes is kept (it takes the stored ranks itself). Then ``state_dict`` is
+    loaded as by ``model.load_state_dict``, which reports any key that matches nothing.
 
     Args:
         model: The model to convert and load into.
@@ -902,10 +903,12 @@ def load_tensorized_(
         What ``model.load_state_dict`` returns (the missing and unexpected keys).
 
     Raises:
-        ValueError: If a stored TT layer is not a linear layer of ``model`` of the same
-            sizes, or its cores do not chain.
-        RuntimeError: If, with ``strict``, keys are missing or unexpected, or a tensor has
-            the wrong shape; the model is then left as it was.
+        ValueError: If stored cores do not chain or do not fit the sizes of the layer they
+            belong to; the model is then left as it was.
+        RuntimeError: What ``load_state_dict`` raises (with ``strict``, keys that match
+            nothing; a tensor of the wrong shape). As with ``load_state_dict``, the other
+            modules may already hold the checkpoint's values; the converted layers are put
+            back.
 
     Example:
         >>> import torch
@@ -931,31 +934,36 @@ def load_tensorized_(
             cores.setdefault(layer_name, {})[int(index)] = value
 
     # Build every layer first: an error leaves the model as it was. A module reachable under
-    # several names gets one layer, installed under all of them.
+    # several names gets one layer, installed under all of them. Keys of anything but a
+    # linear layer (a module of the model's own with a list called "cores", a layer the
+    # model lacks) are left to load_state_dict.
     built: dict[str, TTLinear] = {}
     by_module: dict[int, TTLinear] = {}
     for name, found in cores.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if not isinstance(module, (nn.Linear, TTLinear)):
+            continue
         shown = name or "<root>"
         tensors = [found[k] for k in range(len(found)) if isinstance(found.get(k), torch.Tensor)]
         if len(tensors) != len(found):
             raise ValueError(f"the cores of '{shown}' in state_dict are not tensors 0..d-1.")
         try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(
-                f"state_dict has TTLinear cores for '{shown}', which is not a module of the model."
-            ) from None
-        if not isinstance(module, (nn.Linear, TTLinear)):
-            raise ValueError(
-                f"state_dict has TTLinear cores for '{shown}', a {type(module).__name__} in the "
-                "model; expected an nn.Linear or a TTLinear."
-            )
-        try:
             in_modes, out_modes, ranks = core_shapes(tensors)
         except ValueError as error:
             raise ValueError(f"cannot load TTLinear '{shown}': {error}") from None
+        if isinstance(module, TTLinear) and (module.in_modes, module.out_modes) == (
+            in_modes,
+            out_modes,
+        ):
+            continue
         sizes = (math.prod(in_modes), math.prod(out_modes))
-        if sizes != (module.in_features, module.out_features):
+        lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin) and (
+            module.has_uninitialized_params()
+        )
+        if sizes[1] != module.out_features or (not lazy and sizes[0] != module.in_features):
             raise ValueError(
                 f"state_dict's TTLinear '{shown}' maps {sizes[0]} to {sizes[1]} features; the "
                 f"model's layer maps {module.in_features} to {module.out_features}."
@@ -963,17 +971,25 @@ def load_tensorized_(
         if id(module) in by_module:
             built[name] = by_module[id(module)]
             continue
-        reference = module.weight if isinstance(module, nn.Linear) else module.cores[0]
-        built[name] = by_module[id(module)] = TTLinear(
+        if isinstance(module, TTLinear):
+            reference, grad = module.cores[0], module.cores[0].requires_grad
+        else:
+            reference, grad = module.weight, module.weight.requires_grad
+        layer = TTLinear(
             sizes[0],
             sizes[1],
             rank=ranks[1:-1],
             in_modes=in_modes,
             out_modes=out_modes,
-            bias=f"{name}.bias".lstrip(".") in state_dict,
+            bias=module.bias is not None,
             device=reference.device,
             dtype=reference.dtype,
         ).train(module.training)
+        for core in layer.cores:
+            core.requires_grad_(grad)
+        if layer.bias is not None and module.bias is not None:
+            layer.bias.requires_grad_(module.bias.requires_grad)
+        built[name] = by_module[id(module)] = layer
 
     if "" in built:  # the model itself is the layer
         raise ValueError("the model itself is a stored TTLinear; use TTLinear.load_state_dict.")
@@ -984,23 +1000,6 @@ def load_tensorized_(
             parent = model.get_submodule(parent_name)
             swapped.append((parent, attribute, getattr(parent, attribute)))
             setattr(parent, attribute, layer)
-        if strict:  # checked before anything is copied, so that a failure changes nothing
-            expected = model.state_dict(keep_vars=True)
-            problems = [f'missing key "{k}"' for k in expected if k not in state_dict]
-            problems += [f'unexpected key "{k}"' for k in state_dict if k not in expected]
-            problems += [
-                f'"{k}": shape {tuple(v.shape)} in state_dict, {tuple(expected[k].shape)} in '
-                "the model"
-                for k, v in state_dict.items()
-                if k in expected
-                and isinstance(v, torch.Tensor)
-                and isinstance(expected[k], torch.Tensor)
-                and v.shape != expected[k].shape
-            ]
-            if problems:
-                raise RuntimeError(
-                    "load_tensorized_ cannot load state_dict: " + "; ".join(problems)
-                )
         return model.load_state_dict(state_dict, strict=strict, assign=assign)
     except BaseException:
         for parent, attribute, old in reversed(swapped):
