@@ -252,6 +252,21 @@ def test_rank_deficient_inputs_fall_back_to_the_weight():
     torch.testing.assert_close(tt_to_dense(fit.cores)[:, 2], w[:, 2], rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("spread", [0.0, 1e-9])
+def test_constant_inputs_with_a_bias_and_paired_statistics(spread):
+    # Centered moments of (nearly) constant inputs cancel to rounding noise that can be
+    # indefinite; the fit must still be what the data say: the outputs, up to rounding
+    # (the bias alone reproduces a constant input's output), never worse than TT-SVD.
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(20, 24, dtype=F64, generator=g), torch.randn(20, dtype=F64, generator=g)
+    x = torch.randn(24, dtype=F64, generator=g).expand(50, 24).clone()
+    x += spread * torch.randn(50, 24, dtype=F64, generator=g)
+    fit = fit_tt(w, ActivationStatistics.from_inputs(x, x), (4, 6), (5, 4), rank=3, bias=b)
+    y = x @ w.T + b
+    true = ((x @ tt_to_dense(fit.cores).T + fit.bias - y).norm() / y.norm()).item()
+    assert true <= 1e-6 < fit.output_error_start
+
+
 @pytest.mark.parametrize(
     ("kwargs", "kind", "match"),
     [
@@ -259,6 +274,8 @@ def test_rank_deficient_inputs_fall_back_to_the_weight():
         ({"sweeps": -1}, ValueError, "sweeps"),
         ({"rank": 0}, ValueError, "rank"),
         ({"bias": torch.zeros(3, dtype=F64)}, ValueError, "bias"),
+        ({"bias": torch.full((4,), math.nan, dtype=F64)}, ValueError, "bias holds NaN"),
+        ({"bias": torch.ones(4, dtype=torch.long)}, TypeError, "floating-point"),
     ],
 )
 def test_fit_rejects_bad_options(kwargs, kind, match):

@@ -409,10 +409,20 @@ def weighted_problem(
     # Scale-free ridge; the floor keeps an all-zero input layer well-posed.
     delta = ridge * max(float(torch.diagonal(c_xx).mean()), 0.0)
     delta = max(delta, torch.finfo(_FLOAT).eps * float(torch.diagonal(c_xx).abs().max()), 1e-300)
-    covariance = c_xx + delta * torch.eye(in_features, dtype=_FLOAT, device=device)
+    eye = torch.eye(in_features, dtype=_FLOAT, device=device)
+    covariance = c_xx + delta * eye
+    chol, info = torch.linalg.cholesky_ex(covariance)
+    # Centered moments of (nearly) constant inputs cancel to rounding noise, which can be
+    # indefinite: raise the ridge until the covariance is positive definite, on the scale of
+    # the uncentered moments whose rounding that noise is.
+    if int(info) != 0:
+        raw_scale = float(torch.diagonal(statistics._raw()[2]).abs().max()) / statistics.count
+        while int(info) != 0:
+            delta = max(10.0 * delta, torch.finfo(_FLOAT).eps * raw_scale, 1e-300)
+            covariance = c_xx + delta * eye
+            chol, info = torch.linalg.cholesky_ex(covariance)
     cross = w @ c_xr.T + delta * w  # T = W E[x° x^T] + δ W, (out, in)
     if statistics.paired:
-        chol, _ = torch.linalg.cholesky_ex(covariance)
         optimum = torch.cholesky_solve(cross.T, chol).T  # W* = T C^{-1}
     else:
         optimum = w  # T = W (C + δI) exactly, so W* = W
@@ -750,11 +760,18 @@ def fit_tt(
         raise ValueError("weight holds NaN or Inf values; a TT fit needs finite entries.")
     out_features, in_features = (int(s) for s in weight.shape)
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(
+                f"bias must be a floating-point tensor of shape ({out_features},) or None; got "
+                f"{bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__}."
+            )
+        if tuple(bias.shape) != (out_features,):
             raise ValueError(
                 f"bias must be a tensor of shape ({out_features},) or None; got "
-                f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}."
+                f"{tuple(bias.shape)}."
             )
+        if not bool(torch.isfinite(bias).all()):
+            raise ValueError("bias holds NaN or Inf values; a TT fit needs finite entries.")
     for name, value, low in (
         ("sweeps", sweeps, 0),
         ("max_direct", max_direct, 0),
