@@ -484,7 +484,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Convert then fine-tune.
     add("--convert", action="store_true", help="train dense, tensorize_ the hidden layer, tune")
     add("--eps", type=float, help="--convert: relative Frobenius error bound of the TT-SVD")
-    add("--finetune-epochs", type=int, default=1, help="--convert: epochs (default: 1)")
+    add("--finetune-epochs", type=int, help="--convert: epochs (default: 1)")
     add("--finetune-lr", type=float, help="--convert: learning rate (default: --lr / 10)")
     add(
         "--calibrate",
@@ -499,6 +499,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--data-dir", type=Path, help="IDX files (default: ~/.pytorch/MNIST or FashionMNIST)")
     add("--no-download", action="store_true", help="fail if the files are not on disk")
     args = parser.parse_args(argv)
+    # Bad values fail here, before any training (a bad --eps used to surface after the dense
+    # model had trained).
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--test-batch-size", args.test_batch_size, 1),
+        ("--epochs", args.epochs, 1),
+        ("--log-interval", args.log_interval, 1),
+        ("--rank", args.rank, 1),
+        ("--finetune-epochs", args.finetune_epochs, 0),
+        ("--calibrate", args.calibrate, 0),
+    ):
+        if value is not None and value < low:
+            parser.error(f"{flag} takes a number >= {low}; got {value}")
+    for flag, value in (("--lr", args.lr), ("--finetune-lr", args.finetune_lr)):
+        if value is not None and not value > 0:
+            parser.error(f"{flag} must be positive; got {value}")
+    if args.eps is not None and not 0 < args.eps < 1:
+        parser.error(f"--eps is a relative error bound in (0, 1); got {args.eps}")
+    if not args.convert:
+        given = {
+            "--eps": args.eps,
+            "--finetune-epochs": args.finetune_epochs,
+            "--finetune-lr": args.finetune_lr,
+            "--calibrate": args.calibrate or None,
+        }
+        for flag, value in given.items():
+            if value is not None:
+                parser.error(f"{flag} applies to --convert only")
+        if args.model == "dense" and args.rank is not None:
+            parser.error("--rank applies to the TT models and to --convert, not to --model dense")
+    if args.finetune_epochs is None:
+        args.finetune_epochs = 1
     if args.convert and args.model not in (None, "dense"):
         parser.error("--convert trains and converts the dense model; drop --model")
     args.model = "dense" if args.convert else (args.model or "ttnet")
@@ -510,10 +542,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rank = DEFAULT_RANK.get("convert" if args.convert else args.model)
     if args.lr is None:
         args.lr = DEFAULT_LR["seed" if args.init == "seed" else args.model]
-    if args.calibrate and not args.convert:
-        parser.error("--calibrate applies to --convert only")
-    if args.calibrate < 0:
-        parser.error(f"--calibrate takes a number of images >= 0; got {args.calibrate}")
     if args.finetune_lr is None:
         args.finetune_lr = args.lr / 10
     if args.data_dir is None:

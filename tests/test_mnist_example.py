@@ -308,3 +308,29 @@ def test_end_to_end(mnist, tiny_data, tmp_path, mode):
     with torch.no_grad():
         correct = (model(images).argmax(1) == labels).sum().item()
     assert int(tests[-1][1]) == correct
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--convert", "--eps", "1.5"], "--eps is a relative error bound"),
+        (["--rank", "0"], "--rank takes a number >= 1"),
+        (["--batch-size", "0"], "--batch-size takes a number >= 1"),
+        (["--log-interval", "0"], "--log-interval takes a number >= 1"),
+        (["--epochs", "0"], "--epochs takes a number >= 1"),
+        (["--calibrate", "-3"], "--calibrate takes a number >= 0"),
+        (["--model", "ttmlp", "--eps", "0.5"], "--eps applies to --convert only"),
+        (["--model", "ttmlp", "--finetune-epochs", "3"], "--finetune-epochs applies"),
+        (["--model", "dense", "--rank", "3"], "--rank applies to the TT models"),
+    ],
+)
+def test_bad_flags_fail_before_any_training(mnist, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        mnist.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_convert_flags_get_their_defaults(mnist):
+    args = mnist.parse_args(["--convert"])
+    assert args.finetune_epochs == 1 and args.finetune_lr == args.lr / 10
