@@ -199,3 +199,19 @@ def test_half_precision_layers_initialize_convert_and_run_finite(dtype):
     # stored core: a few units of roundoff.
     unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     assert converted.conversion_error <= 8 * unit
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e4, 6e4])
+def test_float16_weights_of_large_entries_convert_without_overflow(scale):
+    # Entries well inside float16's range (max 65504): the decomposition's norm must not pile
+    # up in one core, which overflowed from entries of about 1e3 on. Exact ranks, so the error
+    # is the rounding of the cores to float16: a few units (2^-11) of roundoff.
+    generator = torch.Generator().manual_seed(0)
+    weight = (scale * (1 + 0.01 * torch.randn(64, 48, generator=generator))).half()
+    layer = TTLinear.from_dense(weight, in_modes=(4, 3, 4), out_modes=(4, 4, 4))
+    assert _cores_finite(layer)
+    dense = layer.to_dense().detach().double()
+    error = float((dense - weight.double()).norm() / weight.double().norm())
+    assert error <= 8 * 2.0**-11
+    rounded = layer.round(eps=0.5)
+    assert _cores_finite(rounded) and rounded.conversion_error <= 0.5 + 8 * 2.0**-11

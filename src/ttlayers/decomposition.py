@@ -245,7 +245,23 @@ def tt_svd(
         cores.append(u.reshape(r, m, n, u.shape[1]))
         r = u.shape[1]
     cores.append(rest.reshape(r, in_modes_t[-1], out_modes_t[-1], 1))
-    return [core.to(matrix.dtype).contiguous() for core in cores]
+    return _cast(cores, matrix.dtype)
+
+
+def _cast(cores: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The working-precision cores in ``dtype``; into a low-precision one with equal norms.
+
+    The decompositions leave the whole norm of ``W`` in one core; float16 overflows past
+    65504, at entries of ``W`` far below that. Scaling every core to the geometric mean of
+    their norms (the product, hence ``W``, unchanged) keeps each core's entries near those of
+    ``W`` to the power ``1/d``.
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        norms = [float(torch.linalg.vector_norm(core)) for core in cores]
+        if all(0.0 < norm < math.inf for norm in norms):
+            mean = math.exp(sum(math.log(norm) for norm in norms) / len(norms))
+            cores = [core * (mean / norm) for core, norm in zip(cores, norms, strict=True)]
+    return [core.to(dtype).contiguous() for core in cores]
 
 
 def _orthogonalize_right(cores: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -318,7 +334,7 @@ def tt_round(
         )
         work[k] = u.reshape(r_left, m, n, u.shape[1])
         work[k + 1] = torch.tensordot(rest, work[k + 1], dims=([1], [0]))
-    return [core.to(dtype).contiguous() for core in work]
+    return _cast(work, dtype)
 
 
 # --- achieved errors -----------------------------------------------------------------------
