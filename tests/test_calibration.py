@@ -497,6 +497,16 @@ def test_cuda_model_is_calibrated_on_its_device():
         assert torch.isfinite(budgeted(x)).all()
 
 
+def test_calibration_samples_counted_when_the_first_layer_is_skipped():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 256), nn.ReLU())
+    model.append(nn.Linear(256, 256))
+    report = tensorize_(model, rank=4, calibration=torch.randn(100, 8))
+    assert [row.name for row in report.skipped] == ["0"]  # its TT form would not be smaller
+    assert report.calibration_samples == 100
+    assert "calibrated on 100 samples" in str(report)
+
+
 def test_calibrated_default_selection_skips_layers_that_would_grow():
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).double()
     report = tensorize_(model, rank=8, num_cores=2, calibration=calibration_data())

@@ -248,6 +248,7 @@ def allocate(options: Sequence[Sequence[RankChoice]], budget: int) -> list[RankC
         ``budget``.
 
     Raises:
+        TypeError: If ``budget`` is not an int.
         ValueError: If a layer has no option, or even the smallest options exceed the budget.
 
     Example:

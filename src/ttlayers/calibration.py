@@ -730,7 +730,9 @@ def fit_tt(
         bias: ``b``, shape ``(out_features,)``, or ``None``. With a bias it is refitted (the
             optimal ``b_tt`` for the fitted ``W_tt``) and the moments are centered.
         ridge: Relative ridge ``δ = ridge * tr(C) / in_features`` pulling ``W_tt`` toward ``W``
-            in the input directions the data leave undetermined; ``0`` disables it.
+            in the input directions the data leave undetermined; ``0`` leaves only a floor at
+            the level of rounding (raised as far as the covariance needs to be positive
+            definite).
         sweeps: Number of ALS sweeps (each a left-to-right and a right-to-left pass).
         max_direct: Largest core subproblem ``r_k m_k r_{k+1}`` solved by Cholesky; larger
             ones use ``cg_steps`` steps of conjugate gradients.
@@ -740,7 +742,8 @@ def fit_tt(
         A :class:`TTFit` with the cores, the bias and the errors before and after the fit.
 
     Raises:
-        TypeError: If ``weight`` or ``bias`` is not a floating-point tensor.
+        TypeError: If ``weight`` is not a 2-D floating-point tensor, or ``bias`` not a
+            floating-point one.
         ValueError: If shapes disagree, a value is NaN/Inf, the statistics are empty, or an
             option is out of range.
 

@@ -66,12 +66,13 @@ class Plan:
         first: For ``"twoblock"``: which block meets the input first, ``"left"`` or
             ``"right"``.
         save_max_batch: For ``"twoblock"`` unchunked: the largest batch size for which the
-            intermediate product is kept for the backward pass; above it, it is recomputed
-            there, so that the layer never keeps more memory for training than
-            ``nn.Linear`` (its input, weight and weight gradient).
+            intermediate product is kept for the backward pass; above it, it is not kept
+            (the backward pass does without it, see :mod:`ttlayers.autograd`), so that the
+            layer never keeps more memory for training than ``nn.Linear`` (its input, weight
+            and weight gradient).
         chunks: For ``"twoblock"``: the rows are processed in this many chunks, so that each
             chunk's intermediate fits in the cache (``CostModel.cache_bytes``); chunked, the
-            intermediate is always recomputed.
+            intermediate is never kept.
         steps: For ``"chain"``: one ``(i, j, equation)`` per pairwise contraction, in
             opt_einsum's linear path format (operands ``i < j`` are removed and the result
             appended).

@@ -376,8 +376,8 @@ def tensorize_(
           parameters than its dense weight.
         - Never: layers that are already ``TTLinear``; the model itself; the ``out_proj`` of an
           ``nn.MultiheadAttention`` (which reads ``out_proj.weight`` directly); uninitialized
-          lazy layers. Every ``nn.Linear`` not converted is listed in ``report.skipped``
-          with the reason.
+          lazy layers; layers whose weight is parametrized (``torch.nn.utils.parametrize``).
+          Every ``nn.Linear`` not converted is listed in ``report.skipped`` with the reason.
 
     Guarantees:
         - Atomic: all selected layers are converted and checked before the first swap; on any
@@ -426,11 +426,11 @@ def tensorize_(
     Raises:
         TypeError: If an argument has the wrong type, or ``calibration`` is a one-shot
             iterator.
-        ValueError: If ``eps``, ``rank``, ``num_cores`` or the budget is invalid or they
-            conflict, a selected weight or activation holds NaN or Inf (naming the layer), a
-            calibration batch fails in the model (naming the batch), the calibration data
-            never reach a selected layer, the budget is too small, or no layer was selected
-            (listing those that exist).
+        ValueError: If ``eps``, ``rank``, ``num_cores``, ``sweeps``, ``ridge``,
+            ``allocation`` or the budget is invalid or they conflict, a selected weight or
+            activation holds NaN or Inf (naming the layer), a calibration batch fails in the
+            model (naming the batch), the calibration data never reach a selected layer, the
+            budget is too small, or no layer was selected (listing those that exist).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 3))
@@ -709,7 +709,7 @@ def _convert(
                     ridge=ridge,
                     sweeps=sweeps,
                 )
-                if k == 0:
+                if samples == 0:  # the first layer converted (earlier ones may be skipped)
                     samples = stats.count
                 del stats
                 layer = TTLinear.from_cores(fit.cores, fit.bias)
@@ -903,8 +903,10 @@ def load_tensorized_(
         What ``model.load_state_dict`` returns (the missing and unexpected keys).
 
     Raises:
+        TypeError: If ``model`` is not a module or ``state_dict`` not a mapping.
         ValueError: If stored cores do not chain or do not fit the sizes of the layer they
-            belong to; the model is then left as it was.
+            belong to, or the model itself is a stored ``TTLinear``; the model is then left
+            as it was.
         RuntimeError: What ``load_state_dict`` raises (with ``strict``, keys that match
             nothing; a tensor of the wrong shape). As with ``load_state_dict``, the other
             modules may already hold the checkpoint's values; the converted layers are put
