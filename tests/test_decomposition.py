@@ -9,6 +9,7 @@ no slack, because the implementation keeps a rounding margin to make them hold a
 import doctest
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -463,3 +464,15 @@ def test_cuda(dtype, gen):
 
 def test_docstring_examples():
     assert doctest.testmod(decomposition).failed == 0
+
+
+def test_eps_below_the_working_precision_warns():
+    # float32 cannot keep eps = 1e-8 (its SVDs round at about 1e-7); float64 can.
+    weight = torch.randn(16, 12)
+    with pytest.warns(UserWarning, match=r"eps=1e-08 is below what torch.float32 can resolve"):
+        tt_svd(weight, (4, 3), (4, 4), eps=1e-8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cores = tt_svd(weight.double(), (4, 3), (4, 4), eps=1e-8)
+    error = (tt_to_dense(cores) - weight.double()).norm() / weight.double().norm()
+    assert error <= 1e-8

@@ -92,6 +92,19 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _warn_below_precision(eps: float | None, dtype: torch.dtype) -> None:
+    # The bound is kept in the working precision; below a few hundred units of its roundoff
+    # the SVDs' own rounding can exceed it (float32: eps = 1e-8 ends near 1e-6).
+    resolution = 100 * torch.finfo(dtype).eps
+    if eps is not None and eps < resolution:
+        warnings.warn(
+            f"eps={eps:g} is below what {dtype} can resolve (about {resolution:.0e}); the "
+            "error bound cannot be kept that tight. Decompose in float64 for a smaller eps.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _check_cores(
     name: str, cores: object
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -230,6 +243,7 @@ def tt_svd(
 
     d = len(in_modes_t)
     work = matrix.detach().to(_working_dtype(matrix.dtype))
+    _warn_below_precision(eps, work.dtype)
     # (n_1..n_d, m_1..m_d) -> (m_1, n_1, m_2, n_2, ..., m_d, n_d): core k's middle dims.
     pairs = [axis for k in range(d) for axis in (d + k, k)]
     rest = work.reshape(*out_modes_t, *in_modes_t).permute(pairs).reshape(1, -1)
@@ -321,6 +335,7 @@ def tt_round(
     caps = _bond_caps(rank, in_modes, out_modes)
     dtype = cores[0].dtype
     d = len(cores)
+    _warn_below_precision(eps, _working_dtype(dtype))
     work = _orthogonalize_right([core.detach().to(_working_dtype(dtype)) for core in cores])
     norm = _norm(work[0])
     tolerance = _bond_tolerance(eps, d, norm, work[0].dtype)
