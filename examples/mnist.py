@@ -244,6 +244,9 @@ def load_dataset(
             paths = download(info, data_dir)
         except DataError as error:
             raise DataError(missing_message(dataset, data_dir, str(error))) from None
+    elif paths[0].parent not in (data_dir, data_dir / info.folder / "raw"):
+        # A system copy (Debian's package): say so, or a mistyped --data-dir goes unnoticed.
+        print(f"Using the {info.title} files in {paths[0].parent} (none in {data_dir}).")
     splits = []
     for images_path, labels_path in (paths[:2], paths[2:]):
         images, labels = read_idx(images_path), read_idx(labels_path)

@@ -425,6 +425,11 @@ def test_calibration_accepts_tuple_dict_and_dataloader_batches():
         (torch.full((8, 16), math.nan, dtype=F64), ValueError, "NaN"),
         ((x for x in [torch.randn(8, 16, dtype=F64)]), TypeError, "re-iterable"),
         ([], ValueError, "no batches"),
+        (
+            torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(0, 16))),
+            ValueError,
+            "no batches",
+        ),
         ("text", TypeError, "calibration must be"),
     ],
 )

@@ -434,6 +434,12 @@ def test_calibrate_returns_a_positive_model():
     model = calibrate("cpu", repeats=1)
     assert isinstance(model, CostModel)
     assert min(model.flops, model.half_dim, model.bandwidth, model.overhead) > 0
+    default = DEFAULT_COST_MODELS["cpu"]  # what is not measured is the default's
+    assert (model.cache_bytes, model.max_chunks, model.matrix_overhead) == (
+        default.cache_bytes,
+        default.max_chunks,
+        default.matrix_overhead,
+    )
 
 
 # --- with the rest of PyTorch ----------------------------------------------------------------

@@ -126,6 +126,17 @@ def test_load_dataset_normalizes_and_finds_torchvision_layout(mnist, tmp_path):
     assert images.min() == pytest.approx((0 - 0.2860) / 0.3530, abs=1e-3)
 
 
+def test_load_dataset_says_when_it_uses_a_system_copy(mnist, tmp_path, monkeypatch, capsys):
+    system = tmp_path / "usr-share"
+    write_dataset(system, n_train=4, n_test=4)
+    fashion = dataclasses.replace(mnist.DATASETS["fashion-mnist"], system_dirs=(str(system),))
+    monkeypatch.setitem(mnist.DATASETS, "fashion-mnist", fashion)
+    train, _ = mnist.load_dataset("fashion-mnist", tmp_path / "typo", allow_download=False)
+    assert len(train) == 4
+    out = capsys.readouterr().out
+    assert f"files in {system} (none in {tmp_path / 'typo'})" in out
+
+
 # ---------------------------------------------------------------------------------------
 # Missing data: the offline message, downloads
 

@@ -637,8 +637,9 @@ def calibrate(
     Times, each the fastest of ``repeats`` runs: a tiny product (``overhead``); a large
     square product (``flops``); a batch of products with an inner dimension of 16 whose
     operands fit in the cache (``half_dim``, from how far below ``flops`` they run); and a
-    copy of 16 MiB (``bandwidth``). ``cache_bytes`` and ``dtype_speedup`` are copied from the
-    default model of the device type. Install the result with :func:`set_cost_model`.
+    copy of 16 MiB (``bandwidth``). ``cache_bytes``, ``max_chunks``, ``matrix_overhead`` and
+    ``dtype_speedup`` are copied from the default model of the device type. Install the
+    result with :func:`set_cost_model`.
 
     Args:
         device: The device to measure.
@@ -677,6 +678,7 @@ def calibrate(
         overhead=overhead,
         cache_bytes=default.cache_bytes,
         max_chunks=default.max_chunks,
+        matrix_overhead=default.matrix_overhead,
         dtype_speedup=default.dtype_speedup,
     )
 
