@@ -344,10 +344,7 @@ class EagerTwoBlockProduct(TwoBlockProduct):
             terms.append(bias_t.expand(x.shape[0], -1))
         if not terms:
             return None, None
-        y_t = terms[0]
-        for term in terms[1:]:
-            y_t = y_t + term
-        return y_t, None
+        return sum(terms[1:], terms[0]), None
 
 
 def _backward_into(

@@ -149,12 +149,10 @@ class ActivationCapture:
             first.setdefault(module, len(first))
             calls[module] += 1
 
-        seen = 0
         for index, batch in enumerate(self.batches):
             self._pass(index, batch, [module.register_forward_hook(hook) for module in modules])
-            seen += 1
             break
-        if not seen:
+        else:
             raise ValueError("the calibration data hold no batches (an empty DataLoader?).")
         missing = [name for module, name in zip(modules, names, strict=True) if module not in first]
         if missing:

@@ -50,14 +50,19 @@ def autocast_enabled(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-def check_same_kind(cores: Sequence[torch.Tensor]) -> None:
-    """Raise ``TypeError`` unless all ``cores`` share the first one's dtype and device."""
+def check_same_kind(
+    cores: Sequence[torch.Tensor], name: str = "cores", error: type[Exception] = TypeError
+) -> None:
+    """Raise ``error`` unless all ``cores`` share the first one's dtype and device.
+
+    ``name`` is the argument named in the message.
+    """
     first = cores[0]
     for k, core in enumerate(cores):
         if core.dtype != first.dtype or core.device != first.device:
-            raise TypeError(
-                "the cores must share one dtype and device; got cores[0] "
-                f"{first.dtype} on {first.device} and cores[{k}] {core.dtype} on {core.device}."
+            raise error(
+                f"{name} must share one dtype and device; got {name}[0] {first.dtype} on "
+                f"{first.device} and {name}[{k}] {core.dtype} on {core.device}."
             )
 
 

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ttlayers.contraction import core_shapes, tt_to_dense
+from ttlayers.contraction import check_same_kind, core_shapes, tt_to_dense
 from ttlayers.shapes import max_ranks, resolve_ranks, validate_modes
 
 __all__ = ["relative_error", "tt_relative_error", "tt_round", "tt_svd"]
@@ -116,13 +116,8 @@ def _check_cores(
         if not core.is_floating_point():
             raise TypeError(f"{name}[{k}] must be a floating-point tensor; got {core.dtype}.")
     shapes = core_shapes(cores)
-    first = cores[0]
+    check_same_kind(cores, name, ValueError)
     for k, core in enumerate(cores):
-        if core.dtype != first.dtype or core.device != first.device:
-            raise ValueError(
-                f"{name} must share one dtype and device; {name}[0] is {first.dtype} on "
-                f"{first.device}, {name}[{k}] is {core.dtype} on {core.device}."
-            )
         _check_finite(f"{name}[{k}]", core)
     return shapes
 

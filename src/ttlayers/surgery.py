@@ -543,19 +543,7 @@ def tensorize_(
             + ". Pass a smaller rank or a larger eps, or a filter_fn to convert regardless."
         )
 
-    # Swap. setattr on a registered child cannot fail in plain modules; undo if it ever does.
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
-        for layer_names, layer, _ in converted.layers:
-            for name in layer_names:
-                parent_name, _, attribute = name.rpartition(".")
-                parent = model.get_submodule(parent_name)
-                swapped.append((parent, attribute, getattr(parent, attribute)))
-                setattr(parent, attribute, layer)
-    except BaseException:
-        for parent, attribute, old in reversed(swapped):
-            setattr(parent, attribute, old)
-        raise
+    _swap(model, [(name, layer) for names, layer, _ in converted.layers for name in names])
 
     for name, shared in untying:  # layers chosen by filter_fn are always converted
         warnings.warn(
@@ -779,12 +767,39 @@ def _larger(name: str, layer: TTLinear, dense: int) -> SkippedLayer:
     )
 
 
-def _match_flags(layer: TTLinear, linear: nn.Linear, training: bool) -> None:
+def _match_flags(layer: TTLinear, linear: nn.Linear | TTLinear, training: bool) -> None:
+    """Give ``layer`` the mode ``training`` and the ``requires_grad`` flags of ``linear``."""
+    # Not TTLinear.weight, which would build the dense matrix to read one flag.
+    weight = linear.cores[0] if isinstance(linear, TTLinear) else linear.weight
     layer.train(training)
     for core in layer.cores:
-        core.requires_grad_(linear.weight.requires_grad)
+        core.requires_grad_(weight.requires_grad)
     if layer.bias is not None and linear.bias is not None:
         layer.bias.requires_grad_(linear.bias.requires_grad)
+
+
+def _swap(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Callable[[], None]:
+    """Install each module under its qualified name; return what puts the old ones back.
+
+    ``setattr`` on a registered child cannot fail in plain modules; if it ever does, what was
+    swapped is put back before the error propagates.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def undo() -> None:
+        for parent, attribute, old in reversed(swapped):
+            setattr(parent, attribute, old)
+
+    try:
+        for name, layer in layers:
+            parent_name, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            swapped.append((parent, attribute, getattr(parent, attribute)))
+            setattr(parent, attribute, layer)
+    except BaseException:
+        undo()
+        raise
+    return undo
 
 
 def _budget(
@@ -973,10 +988,7 @@ def load_tensorized_(
         if id(module) in by_module:
             built[name] = by_module[id(module)]
             continue
-        if isinstance(module, TTLinear):
-            reference, grad = module.cores[0], module.cores[0].requires_grad
-        else:
-            reference, grad = module.weight, module.weight.requires_grad
+        reference = module.cores[0] if isinstance(module, TTLinear) else module.weight
         layer = TTLinear(
             sizes[0],
             sizes[1],
@@ -986,24 +998,15 @@ def load_tensorized_(
             bias=module.bias is not None,
             device=reference.device,
             dtype=reference.dtype,
-        ).train(module.training)
-        for core in layer.cores:
-            core.requires_grad_(grad)
-        if layer.bias is not None and module.bias is not None:
-            layer.bias.requires_grad_(module.bias.requires_grad)
+        )
+        _match_flags(layer, module, module.training)
         built[name] = by_module[id(module)] = layer
 
     if "" in built:  # the model itself is the layer
         raise ValueError("the model itself is a stored TTLinear; use TTLinear.load_state_dict.")
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    undo = _swap(model, list(built.items()))
     try:
-        for name, layer in built.items():
-            parent_name, _, attribute = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            swapped.append((parent, attribute, getattr(parent, attribute)))
-            setattr(parent, attribute, layer)
         return model.load_state_dict(state_dict, strict=strict, assign=assign)
     except BaseException:
-        for parent, attribute, old in reversed(swapped):
-            setattr(parent, attribute, old)
+        undo()
         raise
