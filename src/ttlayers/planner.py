@@ -46,8 +46,10 @@ __all__ = [
     "Plan",
     "calibrate",
     "candidate_plans",
+    "chain_equation",
     "choose_plan",
     "estimate_time",
+    "pairwise_steps",
     "plan_table",
     "set_cost_model",
 ]
