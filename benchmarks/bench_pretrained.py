@@ -33,6 +33,11 @@ sentence-transformers computes it) and the original model's, and the conversion 
 - ``calibrated (even)``: the same with ``allocation="even"``: every layer at the same
   compression, its shape chosen from the activation-weighted spectra.
 
+With ``--one-layer``, each layer is converted alone instead (by ``--methods``, default
+``calibrated``), the other eleven kept dense: what one layer's conversion costs.
+
+    python benchmarks/bench_pretrained.py --one-layer --compression 4 --threads 2
+
 ``fashion-mnist``: the hidden layer of a 784-H-10 MLP trained here on Fashion-MNIST (8 epochs
 of Adam, fixed seed; ``--hidden 256`` or ``1024``), read from the IDX files of Debian's
 ``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``) or
@@ -294,6 +299,8 @@ def run_minilm(args: argparse.Namespace) -> int:
         f"{torch.__version__}, {torch.get_num_threads()} threads, ttlayers {ttlayers.__version__}"
     )
     reference = embed(model, evaluation)
+    if args.one_layer:
+        return one_layer_at_a_time(args, model, names, calibration, evaluation, reference)
     print()
     print("| compression | method | FFN parameters | mean cosine | 5th pct. cosine | time (s) |")
     print("|---|---|---|---|---|---|")
@@ -316,6 +323,41 @@ def run_minilm(args: argparse.Namespace) -> int:
                 f"| {low:.3f} | {seconds:.1f} |",
                 flush=True,
             )
+    return 0
+
+
+def one_layer_at_a_time(
+    args: argparse.Namespace,
+    model: nn.Module,
+    names: list[str],
+    calibration: list[dict[str, torch.Tensor]],
+    evaluation: list[dict[str, torch.Tensor]],
+    reference: torch.Tensor,
+) -> int:
+    """Each feed-forward layer converted alone, the other eleven kept dense.
+
+    What converting one layer costs the embeddings (``1 - mean cosine``), layer by layer, and
+    the sum of these costs over the layers.
+    """
+    print()
+    print("| compression | method | layer | mean cosine | 1 - cosine | 5th pct. cosine |")
+    print("|---|---|---|---|---|---|")
+    for compression in args.compression:
+        for method in args.methods or ["calibrated"]:
+            deficits = []
+            for name in names:
+                work = copy.deepcopy(model)
+                convert(work, method, [name], compression, calibration, False, args.ridge)
+                values = cosines(work, evaluation, reference)
+                mean = float(values.mean())
+                deficits.append(1 - mean)
+                low = float(torch.quantile(values, 0.05))
+                print(
+                    f"| {compression:g}x | {method} | {name.removeprefix('encoder.')} | "
+                    f"{mean:.4f} | {1 - mean:.4f} | {low:.4f} |",
+                    flush=True,
+                )
+            print(f"| {compression:g}x | {method} | sum over the layers | | {sum(deficits):.3f} | |")
     return 0
 
 
@@ -438,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         "--refit-steps", type=int, default=0, help="block-wise refit after calibrated methods"
     )
     parser.add_argument("--refit-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--one-layer", action="store_true", help="minilm: convert each layer alone, in turn"
+    )
     parser.add_argument("--calibration-sentences", type=int, default=256)
     parser.add_argument("--eval-sentences", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
