@@ -357,7 +357,8 @@ def one_layer_at_a_time(
                     f"{mean:.4f} | {1 - mean:.4f} | {low:.4f} |",
                     flush=True,
                 )
-            print(f"| {compression:g}x | {method} | sum over the layers | | {sum(deficits):.3f} | |")
+            total = sum(deficits)
+            print(f"| {compression:g}x | {method} | sum over the layers | | {total:.3f} | |")
     return 0
 
 
