@@ -28,6 +28,10 @@ Usage::
     python benchmarks/bench_linear.py                       # CPU, float32, 2 threads
     python benchmarks/bench_linear.py --device cuda --dtype bfloat16 --json out.json
     python benchmarks/bench_linear.py --cases issue --repeats 30 --markdown
+    python benchmarks/bench_linear.py --device cuda --compile reduce-overhead --cases issue
+
+``--compile MODE`` runs every method, dense included, under ``torch.compile`` (compiled in
+the warm-up rounds); ``saved MB`` is then not measured.
 """
 
 from __future__ import annotations
@@ -215,11 +219,25 @@ def peak_bytes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int | 
     return torch.cuda.max_memory_allocated() - base
 
 
+def compiled(methods: dict[str, nn.Module], mode: str) -> dict[str, nn.Module]:
+    """Every method under ``torch.compile`` (``mode``: ``"default"`` or a compile mode).
+
+    Dense included, so that the ratios compare like with like. Compiling happens in the
+    warm-up rounds (training and inference graphs separately); a method that fails to compile
+    is reported as failed.
+    """
+    return {
+        name: torch.compile(module, mode=None if mode == "default" else mode)  # type: ignore[misc]
+        for name, module in methods.items()
+    }
+
+
 def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     device, dtype = args.device, getattr(torch, args.dtype)
-    methods = make_methods(case, device, dtype)
+    originals = make_methods(case, device, dtype)
     if args.methods:
-        methods = {k: v for k, v in methods.items() if k in args.methods or k == "dense"}
+        originals = {k: v for k, v in originals.items() if k in args.methods or k == "dense"}
+    methods = originals if args.compile == "off" else compiled(originals, args.compile)
     generator = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(case.batch, case.in_features, device=device, dtype=dtype, generator=generator)
     x.requires_grad_(True)
@@ -289,7 +307,7 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     for k in range(args.repeats):
         inference_round(True, k)
 
-    tt = methods["ttlayers"]
+    tt = originals["ttlayers"]
     assert isinstance(tt, TTLinear)
     training_plan = select_plan(
         case.batch, tt.in_modes, tt.out_modes, tt.ranks, dtype, torch.device(device).type, True
@@ -315,7 +333,9 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
         else:
             for key, values in times[name].items():
                 record[f"{key}_ms"] = 1e3 * statistics.median(values)
-            record["saved_bytes"] = saved_bytes(module, x)
+            # Compiled graphs save what AOTAutograd decides, out of reach of the hooks.
+            compiled_graph = args.compile != "off"
+            record["saved_bytes"] = None if compiled_graph else saved_bytes(module, x)
             record["peak_bytes"] = peak_bytes(module, x, grad)
         if name == "ttlayers":
             record["plan_training"] = _describe(training_plan)
@@ -385,11 +405,10 @@ def table(records: list[dict[str, object]], markdown: bool) -> str:
             f"{r['infer_ms']:.3f}",
             f"{r['total_ms'] / base['total_ms']:.2f}" if base else "",  # type: ignore[operator]
             f"{r['infer_ms'] / base['infer_ms']:.2f}" if base else "",  # type: ignore[operator]
-            f"{r['saved_bytes'] / 2**20:.1f}",  # type: ignore[operator]
+            _megabytes(r["saved_bytes"]),
         ]
         if "peak MB" in header:
-            peak = r.get("peak_bytes")
-            row.append("" if peak is None else f"{peak / 2**20:.1f}")  # type: ignore[operator]
+            row.append(_megabytes(r.get("peak_bytes")))
         rows.append(row)
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -403,6 +422,10 @@ def table(records: list[dict[str, object]], markdown: bool) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
 
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+
+
+def _megabytes(size: object) -> str:
+    return "" if size is None else f"{float(size) / 2**20:.1f}"  # type: ignore[arg-type]
 
 
 def targets(records: list[dict[str, object]], cases: list[Case]) -> list[str]:
@@ -466,6 +489,12 @@ def main() -> None:
     parser.add_argument("--methods", default="", help="comma-separated methods (and dense)")
     parser.add_argument("--json", default="", help="write the records and the setup here")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "default", "reduce-overhead", "max-autotune"],
+        help="run every method under torch.compile with this mode (reduce-overhead: CUDA graphs)",
+    )
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     if args.device == "cpu":
@@ -492,6 +521,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "repeats": args.repeats,
+        "compile": args.compile,
         "load_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     print(json.dumps(setup))

@@ -5,12 +5,14 @@ package need not be installed: ``src/`` is put on ``PYTHONPATH``; nothing is dow
 
     OUT=/tmp/out python3 benchmarks/gpu_check.py
 
-It writes six files under ``$OUT`` (or ``./gpu_check_out``): ``pytest.txt`` (``pytest -q
+It writes eight files under ``$OUT`` (or ``./gpu_check_out``): ``pytest.txt`` (``pytest -q
 -k cuda``, then the whole suite: the CUDA tests run, the rest as on a CPU),
 ``bench_float32.{txt,json}`` and ``bench_bfloat16.{txt,json}`` (``bench_linear.py --device
-cuda``), and ``summary.md`` (GPU, driver and versions, the two tables in Markdown ready for
-``docs/benchmarks.md``, and the exit codes). Each step has a time limit, so that the whole
-stays under eight minutes (about five on an H100 with pytest-xdist installed).
+cuda``), ``bench_bfloat16_graphs.{txt,json}`` (the issue's cases again, every method under
+``torch.compile(mode="reduce-overhead")``, i.e. CUDA graphs, which remove the launch overhead
+that bounds the eager TT layer), and ``summary.md`` (GPU, driver and versions, the tables in
+Markdown ready for ``docs/benchmarks.md``, and the exit codes). Each step has a time limit,
+so that the whole stays under nine minutes (about six on an H100 with pytest-xdist).
 """
 
 from __future__ import annotations
@@ -24,7 +26,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(os.environ.get("OUT") or ROOT / "gpu_check_out")
-LIMITS = {"pytest-cuda": 90, "pytest": 240, "bench": 80}
+LIMITS = {"pytest-cuda": 90, "pytest": 180, "bench": 80, "bench-graphs": 100}
+# (file stem, dtype, extra arguments of bench_linear.py, time limit)
+BENCHES = [
+    ("bench_float32", "float32", [], LIMITS["bench"]),
+    ("bench_bfloat16", "bfloat16", [], LIMITS["bench"]),
+    (
+        "bench_bfloat16_graphs",
+        "bfloat16",
+        ["--compile", "reduce-overhead", "--cases", "issue", "--methods", "ttlayers"],
+        LIMITS["bench-graphs"],
+    ),
+]
 
 
 def run(name: str, command: list[str], limit: int, log: Path, mode: str = "w") -> int:
@@ -78,10 +91,10 @@ def main() -> int:
 
     python = sys.executable
     codes = {}
-    for dtype in ("float32", "bfloat16"):
-        stem = OUT / f"bench_{dtype}"
-        codes[f"bench {dtype}"] = run(
-            f"benchmark {dtype}",
+    for name, dtype, extra, limit in BENCHES:
+        stem = OUT / name
+        codes[name] = run(
+            name,
             [
                 python,
                 "benchmarks/bench_linear.py",
@@ -89,11 +102,12 @@ def main() -> int:
                 "cuda" if torch.cuda.is_available() else "cpu",
                 "--dtype",
                 dtype,
+                *extra,
                 "--markdown",
                 "--json",
                 str(stem.with_suffix(".json")),
             ],
-            LIMITS["bench"],
+            limit,
             stem.with_suffix(".txt"),
         )
     # The CUDA tests first, so that they run even if the whole suite outlasts its limit.
@@ -109,21 +123,21 @@ def main() -> int:
     summary += [f"- {line}" for line in lines[:-1]]
     summary += ["", "```", lines[-1].strip(), "```", ""]
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
-    for dtype in ("float32", "bfloat16"):
-        summary += [f"## `bench_linear.py --device cuda --dtype {dtype}`", ""]
+    for name, dtype, extra, _ in BENCHES:
+        summary += [f"## `bench_linear.py --device cuda --dtype {dtype} {' '.join(extra)}`", ""]
         try:  # the table from the JSON, which holds every case finished, even if cut short
             import json
 
             from bench_linear import CASES, table, targets
 
-            records = json.loads((OUT / f"bench_{dtype}.json").read_text())["records"]
+            records = json.loads((OUT / f"{name}.json").read_text())["records"]
             names = {r["case"] for r in records}
             summary += [table(records, markdown=True), ""]
             summary += [
                 f"- {line}" for line in targets(records, [c for c in CASES if c.name in names])
             ]
         except Exception as error:
-            summary += [f"(no table: {error!r}; see bench_{dtype}.txt)"]
+            summary += [f"(no table: {error!r}; see {name}.txt)"]
         summary += [""]
     summary += ["## exit codes", ""] + [f"- {name}: {code}" for name, code in codes.items()]
     (OUT / "summary.md").write_text("\n".join(summary) + "\n")
