@@ -124,7 +124,8 @@ def main() -> int:
     summary += ["", "```", lines[-1].strip(), "```", ""]
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
     for name, dtype, extra, _ in BENCHES:
-        summary += [f"## `bench_linear.py --device cuda --dtype {dtype} {' '.join(extra)}`", ""]
+        arguments = " ".join(["--device cuda --dtype", dtype, *extra])
+        summary += [f"## `bench_linear.py {arguments}`", ""]
         try:  # the table from the JSON, which holds every case finished, even if cut short
             import json
 
