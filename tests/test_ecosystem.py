@@ -29,6 +29,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from ttlayers import TTLinear, tensorize_, tt_to_dense
+from ttlayers.contraction import select_plan
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -209,6 +210,64 @@ def test_compile_inductor_matches_eager(fresh_dynamo):
     assert_close(y, y_ref, **EAGER_TOL)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         assert_close(g, g_ref, **EAGER_TOL)
+
+
+# --- torch.export ----------------------------------------------------------------------------
+
+
+def _dense_float64(model: nn.Module) -> nn.Module:
+    """``model`` in float64 with every TTLinear replaced by the nn.Linear of its dense W."""
+    reference = copy.deepcopy(model).double()
+    for name, layer in list(reference.named_children()):
+        if isinstance(layer, TTLinear):
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(tt_to_dense(list(layer.cores)))
+                if layer.bias is not None:
+                    dense.bias.copy_(layer.bias)
+            setattr(reference, name, dense.double())
+    return reference
+
+
+def _export_dynamic_batch(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    return program.module()
+
+
+# Float32 against float64 on values of order 1, each a sum of at most a few hundred products:
+# 1e-5 relative leaves ample room for the roundoff of any contraction order.
+EXPORT_TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("build", [make_model, _wide_model], ids=["small", "wide"])
+def test_export_with_dynamic_batch_matches_dense_float64(build, training):
+    # The plan table's bounds must not become guards on a batch dimension declared dynamic
+    # (torch.export refuses those): one plan, chosen for the example, serves every size.
+    model = build().train(training)
+    width = model[0].in_features
+    exported = _export_dynamic_batch(model, torch.randn(8, width))
+    reference = _dense_float64(model)
+    with torch.no_grad():
+        for rows in (1, 2, 8, 300, 5000):  # across several of the planner's batch ranges
+            x = torch.randn(rows, width)
+            assert_close(exported(x).double(), reference(x.double()), **EXPORT_TOL)
+
+
+def test_export_of_a_chunked_plan_runs_unchunked_at_every_batch_size():
+    torch.manual_seed(0)
+    modes = (4, 8, 8, 4)
+    model = nn.Sequential(TTLinear(1024, 1024, rank=8, in_modes=modes, out_modes=modes)).eval()
+    layer = model[0]
+    plan = select_plan(1024, modes, modes, layer.ranks, torch.float32, "cpu", False)
+    assert plan.kind == "twoblock" and plan.chunks > 1  # else this test checks nothing
+    exported = _export_dynamic_batch(model, torch.randn(1024, 1024))
+    reference = _dense_float64(model)
+    with torch.no_grad():
+        for rows in (1, 3, 1024, 1500):
+            x = torch.randn(rows, 1024)
+            assert_close(exported(x).double(), reference(x.double()), **EXPORT_TOL)
 
 
 # --- autocast --------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ __all__ = [
     "EagerTwoBlockProduct",
     "TwoBlockLayout",
     "TwoBlockProduct",
+    "is_one",
     "plain_tensors",
     "two_block_forward",
 ]
@@ -105,6 +106,19 @@ def _grad_rows(grad_y: torch.Tensor, layout: TwoBlockLayout) -> torch.Tensor:
     return g if layout.first == "right" else g.transpose(1, 2).contiguous()
 
 
+def is_one(size: int | torch.SymInt) -> bool:
+    """``size == 1`` for a concrete size; for a symbolic one, only if that needs no guard.
+
+    A symbolic batch size (``torch.export`` with a dynamic batch dimension) is never
+    specialized by a test here: the general path is right for a single row too.
+    """
+    if isinstance(size, int):
+        return size == 1
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(size == 1))
+
+
 def _intermediate(xs: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
     """``Z[b] = x[b] F``: ``(B, M_s, M_f)`` rows and ``F`` of shape ``(M_f, r, N_f)``."""
     batch, ms, mf = xs.shape
@@ -120,7 +134,7 @@ def _forward_chunk(
     batch = xs.shape[0]
     ms, r, ns = second.shape
     z = _intermediate(xs, first)  # (Bc, Ms r, Nf)
-    if batch == 1:  # one product, without the batched call's expands
+    if is_one(batch):  # one product, without the batched call's expands
         s_t1 = second.reshape(ms * r, ns).t()
         y1 = torch.mm(s_t1, z[0]) if bias is None else torch.addmm(bias, s_t1, z[0])
         return y1.unsqueeze(0), z
@@ -419,7 +433,7 @@ def _backward_chunk(
     grad_xs = grad_first = grad_second = None
     if need_second and z is not None:
         # sum_b Z[b] g[b]^T from the kept Z, in float32 for low-precision dtypes (one rounding).
-        if batch == 1:  # one product, no sum over rows (which would zero-fill and add)
+        if is_one(batch):  # one product, no sum over rows (which would zero-fill and add)
             per_one = torch.mm(z[0], g[0].t())
             grad_second = per_one.to(_accumulation(per_one.dtype)).view(ms, r, ns)
         else:
@@ -434,7 +448,7 @@ def _backward_chunk(
         grad_second = torch.mm(xt, q).to(_accumulation(q.dtype)).view(ms, r, ns)
     if need_x or need_first:
         s2 = second.reshape(ms * r, ns)
-        if batch == 1:
+        if is_one(batch):
             gz = torch.mm(s2, g[0]).view(ms, r * nf)
         else:
             gz = torch.bmm(s2.unsqueeze(0).expand(batch, ms * r, ns), g).reshape(batch * ms, r * nf)

@@ -11,6 +11,7 @@ no search on the hot path and nothing for ``torch.compile`` to break the graph o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -33,6 +34,7 @@ __all__ = [
     "check_same_kind",
     "core_shapes",
     "merge_cores",
+    "planning_size",
     "rank_middle_block",
     "run_chain",
     "select_plan",
@@ -222,7 +224,7 @@ def _run_twoblock(
     m1, _, n1 = left.shape  # (M1, r, N1)
     m2, _, n2 = right.shape  # (M2, r, N2)
     first, second = (right, left) if plan.first == "right" else (left, right)
-    keep = batch <= plan.save_max_batch
+    keep = planning_size(batch) <= plan.save_max_batch
     layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, keep, plan.chunks)
     if not needs_grad:  # under torch.compile
         return two_block_forward(x, first, second, bias, layout._replace(keep=False))[0]
@@ -428,8 +430,36 @@ def _plan_table_constant(
     return plan_table(in_modes, out_modes, ranks, dtype, device_type, threads, training)
 
 
+def _exported_dynamic(batch: int | torch.SymInt) -> bool:
+    """Whether ``batch`` is a dynamic batch size of a graph being traced by ``torch.export``."""
+    if isinstance(batch, int):
+        return False
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return exporting is not None and bool(exporting())
+
+
+def planning_size(batch: int | torch.SymInt) -> int | torch.SymInt:
+    """The batch size to choose a plan for: ``batch``, or under ``torch.export`` its example's.
+
+    Compared with the plan table's bounds, a symbolic batch size gives guards, which
+    ``torch.compile`` turns into recompilations for other ranges but ``torch.export`` rejects
+    for a batch dimension declared dynamic. An exported graph therefore runs the plan chosen
+    for the example input's batch size at every batch size (plans differ in speed, never in
+    their results), unchunked: splitting a symbolic number of rows into chunks would guard
+    on it too.
+    """
+    if not _exported_dynamic(batch):
+        return batch
+    from torch.fx.experimental import symbolic_shapes
+
+    hint = getattr(symbolic_shapes, "optimization_hint", None) or getattr(
+        symbolic_shapes, "hint_int", None
+    )
+    return batch if hint is None else int(hint(batch))
+
+
 def select_plan(
-    batch: int,
+    batch: int | torch.SymInt,
     in_modes: tuple[int, ...],
     out_modes: tuple[int, ...],
     ranks: tuple[int, ...],
@@ -442,6 +472,8 @@ def select_plan(
     On CPUs the plan also depends on ``torch.get_num_threads()``. A symbolic batch size
     (``torch.compile`` with dynamic shapes) is only compared with the table's bounds, which
     Dynamo turns into guards: the graph is reused for every batch size in the same range.
+    Under ``torch.export``, :func:`tt_linear` passes a concrete size instead
+    (:func:`planning_size`).
     """
     table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
     plan: Plan = table[0][1]
@@ -517,6 +549,10 @@ def tt_linear(
             or any(core.requires_grad for core in cores)
             or (bias is not None and bias.requires_grad)
         )
-        plan = select_plan(batch, in_modes, out_modes, ranks, x.dtype, device_type, training)
+        plan = select_plan(
+            planning_size(batch), in_modes, out_modes, ranks, x.dtype, device_type, training
+        )
+        if plan.chunks > 1 and _exported_dynamic(batch):
+            plan = dataclasses.replace(plan, chunks=1)
     y = _RUNNERS[plan.kind](x, cores, bias, plan, batch)  # (B, N)
     return y.reshape(*batch_shape, n)
