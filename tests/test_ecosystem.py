@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections import OrderedDict
 from datetime import timedelta
 from pathlib import Path
@@ -268,6 +269,48 @@ def test_export_of_a_chunked_plan_runs_unchunked_at_every_batch_size():
         for rows in (1, 3, 1024, 1500):
             x = torch.randn(rows, 1024)
             assert_close(exported(x).double(), reference(x.double()), **EXPORT_TOL)
+
+
+# --- torch.jit.trace -------------------------------------------------------------------------
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    # Expected warnings: torch.jit.trace is deprecated in recent torch, it reads every attribute
+    # of a module (TTLinear.weight too, which warns of its cost), and shapes become constants.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(model, example)  # checks that a second trace matches
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("build", [make_model, _wide_model], ids=["small", "wide"])
+def test_jit_trace_matches_dense_float64_at_other_batch_sizes(build, grad):
+    model = build().eval()
+    width = model[0].in_features
+    with torch.set_grad_enabled(grad):
+        traced = _trace(model, torch.randn(8, width))
+    reference = _dense_float64(model)
+    with torch.no_grad():
+        for rows in (2, 3, 8, 300):
+            x = torch.randn(rows, width)
+            assert_close(traced(x).double(), reference(x.double()), **EXPORT_TOL)
+
+
+def test_jit_trace_reads_the_current_cores_and_backpropagates():
+    model = _wide_model().eval()
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        model(x)  # an inference call first: its cached blocks must not enter the trace
+    traced = _trace(model, x)
+    with torch.no_grad():
+        model[0].cores[1].mul_(-2.0)  # the trace shares the parameters
+    assert_close(traced(x).double(), _dense_float64(model)(x.double()), **EXPORT_TOL)
+    traced(x).square().sum().backward()
+    traced_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for got, expected in zip(traced_grads, [p.grad for p in model.parameters()], strict=True):
+        assert_close(got, expected, **EAGER_TOL)
 
 
 # --- autocast --------------------------------------------------------------------------------

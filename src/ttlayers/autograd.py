@@ -53,6 +53,7 @@ __all__ = [
     "TwoBlockLayout",
     "TwoBlockProduct",
     "is_one",
+    "jit_tracing",
     "plain_tensors",
     "two_block_forward",
 ]
@@ -112,8 +113,8 @@ def is_one(size: int | torch.SymInt) -> bool:
     A symbolic batch size (``torch.export`` with a dynamic batch dimension) is never
     specialized by a test here: the general path is right for a single row too.
     """
-    if isinstance(size, int):
-        return size == 1
+    if not isinstance(size, torch.SymInt):  # an int (or a traced size under torch.jit.trace)
+        return bool(size == 1)
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     return bool(statically_known_true(size == 1))
@@ -145,16 +146,22 @@ def _forward_chunk(
     return torch.baddbmm(bias.unsqueeze(0).expand(batch, -1, -1), s_t, z), z
 
 
+def jit_tracing() -> bool:
+    """Whether ``torch.jit.trace`` is recording (``torch.jit.is_tracing``, typed)."""
+    return bool(torch.jit.is_tracing())  # type: ignore[attr-defined,no-untyped-call]
+
+
 def plain_tensors(*tensors: torch.Tensor | None) -> bool:
     """Whether ``tensors`` are ordinary eager tensors, outside every AD transform.
 
-    False while Dynamo traces, inside a forward-mode AD level, and for the wrapped tensors of
-    ``torch.func`` transforms. Only then may products write into buffers (``out=``, which
-    those have no rules for) or results be cached by value (a cache drops tangents).
+    False while Dynamo or ``torch.jit.trace`` traces, inside a forward-mode AD level, and for
+    the wrapped tensors of ``torch.func`` transforms. Only then may products write into
+    buffers (``out=``, which those have no rules for) or results be cached by value (a cache
+    drops tangents, and a trace would keep the cached values as constants).
     """
     # The current forward-mode AD level (-1 outside any); unknown on another torch: say no.
     level = getattr(torch.autograd.forward_ad, "_current_level", None)
-    if torch.compiler.is_compiling() or level is None or level >= 0:
+    if torch.compiler.is_compiling() or jit_tracing() or level is None or level >= 0:
         return False
     wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return wrapped is not None and not any(t is not None and wrapped(t) for t in tensors)

@@ -24,6 +24,7 @@ from ttlayers.autograd import (
     EagerTwoBlockProduct,
     TwoBlockLayout,
     TwoBlockProduct,
+    jit_tracing,
     plain_tensors,
     two_block_forward,
 )
@@ -217,7 +218,9 @@ def _run_twoblock(
         or any(core.requires_grad for core in cores)
         or (bias is not None and bias.requires_grad)
     )
-    if not needs_grad and not torch.compiler.is_compiling():
+    # torch.jit.trace records ATen operations: no cache, no custom autograd.Function.
+    tracing = jit_tracing()
+    if not needs_grad and not tracing and not torch.compiler.is_compiling():
         # Inference: the forward alone, without an autograd.Function around it.
         return _twoblock_inference(x, cores, bias, plan, _cached_entry(cores))
     left, right = _rank_middle_blocks(cores, plan.split)
@@ -226,7 +229,7 @@ def _run_twoblock(
     first, second = (right, left) if plan.first == "right" else (left, right)
     keep = planning_size(batch) <= plan.save_max_batch
     layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, keep, plan.chunks)
-    if not needs_grad:  # under torch.compile
+    if not needs_grad or tracing:  # under torch.compile, or autograd through the trace's ops
         return two_block_forward(x, first, second, bias, layout._replace(keep=False))[0]
     # Dynamo cannot trace a custom jvp: compiled code gets the Function without one.
     product = TwoBlockProduct if torch.compiler.is_compiling() else EagerTwoBlockProduct
@@ -432,7 +435,7 @@ def _plan_table_constant(
 
 def _exported_dynamic(batch: int | torch.SymInt) -> bool:
     """Whether ``batch`` is a dynamic batch size of a graph being traced by ``torch.export``."""
-    if isinstance(batch, int):
+    if not isinstance(batch, torch.SymInt):
         return False
     exporting = getattr(torch.compiler, "is_exporting", None)
     return exporting is not None and bool(exporting())
@@ -544,10 +547,16 @@ def tt_linear(
         cores = [core.to(dtype) for core in cores]
         bias = None if bias is None else bias.to(dtype)
     if plan is None:
-        training = torch.is_grad_enabled() and (
-            x.requires_grad
-            or any(core.requires_grad for core in cores)
-            or (bias is not None and bias.requires_grad)
+        # A trace gets the inference plan whatever the grad mode: torch.jit.trace checks its
+        # graph by tracing again, without gradients, and a traced model is for deployment.
+        training = (
+            torch.is_grad_enabled()
+            and not jit_tracing()
+            and (
+                x.requires_grad
+                or any(core.requires_grad for core in cores)
+                or (bias is not None and bias.requires_grad)
+            )
         )
         plan = select_plan(
             planning_size(batch), in_modes, out_modes, ranks, x.dtype, device_type, training
