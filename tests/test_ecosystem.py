@@ -271,6 +271,45 @@ def test_export_of_a_chunked_plan_runs_unchunked_at_every_batch_size():
             assert_close(exported(x).double(), reference(x.double()), **EXPORT_TOL)
 
 
+def _onnx_bytes(model: nn.Module, example: torch.Tensor, dynamo: bool) -> bytes:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated; see _trace
+        if dynamo:  # through torch.export
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False
+            )
+            return program.model_proto.SerializeToString()  # type: ignore[union-attr]
+        buffer = io.BytesIO()  # through torch.jit.trace
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+        )
+        return buffer.getvalue()
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("build", [make_model, _wide_model], ids=["small", "wide"])
+def test_onnx_export_runs_in_onnxruntime_at_other_batch_sizes(build, dynamo):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript" if dynamo else "onnx")
+    model = build().eval()
+    width = model[0].in_features
+    session = onnxruntime.InferenceSession(
+        _onnx_bytes(model, torch.randn(8, width), dynamo), providers=["CPUExecutionProvider"]
+    )
+    name = session.get_inputs()[0].name
+    reference = _dense_float64(model)
+    for rows in (1, 3, 300):
+        x = torch.randn(rows, width)
+        y = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        assert_close(y.double(), reference(x.double()), **EXPORT_TOL)
+
+
 # --- torch.jit.trace -------------------------------------------------------------------------
 
 
