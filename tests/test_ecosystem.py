@@ -236,9 +236,29 @@ def _export_dynamic_batch(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return program.module()
 
 
-# Float32 against float64 on values of order 1, each a sum of at most a few hundred products:
-# 1e-5 relative leaves ample room for the roundoff of any contraction order.
+def _chunked_model() -> nn.Sequential:
+    """A 1024 x 1024 layer whose inference plan at 1024 rows is a chunked two-block product."""
+    torch.manual_seed(0)
+    modes = (4, 8, 8, 4)
+    model = nn.Sequential(TTLinear(1024, 1024, rank=8, in_modes=modes, out_modes=modes)).eval()
+    plan = select_plan(1024, modes, modes, model[0].ranks, torch.float32, "cpu", False)
+    assert plan.kind == "twoblock" and plan.chunks > 1  # else the tests using it check less
+    return model
+
+
+# Float32 against float64 on values of order 1, each a sum of at most about a thousand
+# products (roundoff around 1e-6): 1e-5 leaves room for any contraction order.
 EXPORT_TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _check_at_other_batch_sizes(run, model: nn.Module, sizes: tuple[int, ...]) -> None:
+    """``run(x)`` equals the dense float64 model at every batch size in ``sizes``."""
+    reference = _dense_float64(model)
+    width = model[0].in_features
+    with torch.no_grad():
+        for rows in sizes:
+            x = torch.randn(rows, width)
+            assert_close(run(x).double(), reference(x.double()), **EXPORT_TOL)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -247,28 +267,15 @@ def test_export_with_dynamic_batch_matches_dense_float64(build, training):
     # The plan table's bounds must not become guards on a batch dimension declared dynamic
     # (torch.export refuses those): one plan, chosen for the example, serves every size.
     model = build().train(training)
-    width = model[0].in_features
-    exported = _export_dynamic_batch(model, torch.randn(8, width))
-    reference = _dense_float64(model)
-    with torch.no_grad():
-        for rows in (1, 2, 8, 300, 5000):  # across several of the planner's batch ranges
-            x = torch.randn(rows, width)
-            assert_close(exported(x).double(), reference(x.double()), **EXPORT_TOL)
+    exported = _export_dynamic_batch(model, torch.randn(8, model[0].in_features))
+    # Sizes across several of the planner's batch ranges.
+    _check_at_other_batch_sizes(exported, model, (1, 2, 8, 300, 5000))
 
 
 def test_export_of_a_chunked_plan_runs_unchunked_at_every_batch_size():
-    torch.manual_seed(0)
-    modes = (4, 8, 8, 4)
-    model = nn.Sequential(TTLinear(1024, 1024, rank=8, in_modes=modes, out_modes=modes)).eval()
-    layer = model[0]
-    plan = select_plan(1024, modes, modes, layer.ranks, torch.float32, "cpu", False)
-    assert plan.kind == "twoblock" and plan.chunks > 1  # else this test checks nothing
+    model = _chunked_model()
     exported = _export_dynamic_batch(model, torch.randn(1024, 1024))
-    reference = _dense_float64(model)
-    with torch.no_grad():
-        for rows in (1, 3, 1024, 1500):
-            x = torch.randn(rows, 1024)
-            assert_close(exported(x).double(), reference(x.double()), **EXPORT_TOL)
+    _check_at_other_batch_sizes(exported, model, (1, 3, 1024, 1500))
 
 
 def _onnx_bytes(model: nn.Module, example: torch.Tensor, dynamo: bool) -> bytes:
@@ -292,47 +299,69 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, dynamo: bool) -> bytes:
         return buffer.getvalue()
 
 
+ONNX_CASES = [(make_model, 8), (_wide_model, 8), (_chunked_model, 1024)]
+
+
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
-@pytest.mark.parametrize("build", [make_model, _wide_model], ids=["small", "wide"])
-def test_onnx_export_runs_in_onnxruntime_at_other_batch_sizes(build, dynamo):
+@pytest.mark.parametrize("case", ONNX_CASES, ids=["small", "wide", "chunked"])
+def test_onnx_export_runs_in_onnxruntime_at_other_batch_sizes(case, dynamo):
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript" if dynamo else "onnx")
+    build, example_rows = case
     model = build().eval()
     width = model[0].in_features
     session = onnxruntime.InferenceSession(
-        _onnx_bytes(model, torch.randn(8, width), dynamo), providers=["CPUExecutionProvider"]
+        _onnx_bytes(model, torch.randn(example_rows, width), dynamo),
+        providers=["CPUExecutionProvider"],
     )
     name = session.get_inputs()[0].name
-    reference = _dense_float64(model)
-    for rows in (1, 3, 300):
-        x = torch.randn(rows, width)
-        y = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
-        assert_close(y.double(), reference(x.double()), **EXPORT_TOL)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    _check_at_other_batch_sizes(run, model, (1, 3, 300))
 
 
 # --- torch.jit.trace -------------------------------------------------------------------------
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    # Expected warnings: torch.jit.trace is deprecated in recent torch, it reads every attribute
-    # of a module (TTLinear.weight too, which warns of its cost), and shapes become constants.
+    # Expected warnings: torch.jit.trace is deprecated in recent torch, and shapes become
+    # constants of the trace.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.jit.trace(model, example)  # checks that a second trace matches
 
 
+@pytest.mark.parametrize("example_rows", [1, 8])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("build", [make_model, _wide_model], ids=["small", "wide"])
-def test_jit_trace_matches_dense_float64_at_other_batch_sizes(build, grad):
+def test_jit_trace_matches_dense_float64_at_other_batch_sizes(build, grad, example_rows):
+    # A trace keeps whatever Python decided on the example: not the single-row shortcut.
     model = build().eval()
-    width = model[0].in_features
     with torch.set_grad_enabled(grad):
-        traced = _trace(model, torch.randn(8, width))
-    reference = _dense_float64(model)
+        traced = _trace(model, torch.randn(example_rows, model[0].in_features))
+    _check_at_other_batch_sizes(traced, model, (1, 2, 3, 8, 300))
+
+
+def test_jit_trace_of_a_chunked_plan_at_other_batch_sizes():
+    model = _chunked_model()
     with torch.no_grad():
-        for rows in (2, 3, 8, 300):
-            x = torch.randn(rows, width)
-            assert_close(traced(x).double(), reference(x.double()), **EXPORT_TOL)
+        traced = _trace(model, torch.randn(1024, 1024))
+    _check_at_other_batch_sizes(traced, model, (1, 3, 1024, 1500))
+
+
+def test_jit_trace_never_builds_the_dense_weight(monkeypatch):
+    # torch.jit.trace reads every attribute that dir() lists; TTLinear.weight would build W,
+    # which for the large layers TT is made for need not fit in memory.
+    model = _wide_model().eval()
+
+    def refuse(self: TTLinear) -> torch.Tensor:
+        raise AssertionError("the dense weight was built")
+
+    monkeypatch.setattr(TTLinear, "to_dense", refuse)
+    traced = _trace(model, torch.randn(8, 256))
+    _check_at_other_batch_sizes(traced, model, (3,))
 
 
 def test_jit_trace_reads_the_current_cores_and_backpropagates():

@@ -107,17 +107,24 @@ def _grad_rows(grad_y: torch.Tensor, layout: TwoBlockLayout) -> torch.Tensor:
     return g if layout.first == "right" else g.transpose(1, 2).contiguous()
 
 
+def jit_tracing() -> bool:
+    """Whether ``torch.jit.trace`` is recording (``torch.jit.is_tracing``, typed)."""
+    return bool(torch.jit.is_tracing())  # type: ignore[attr-defined,no-untyped-call]
+
+
 def is_one(size: int | torch.SymInt) -> bool:
-    """``size == 1`` for a concrete size; for a symbolic one, only if that needs no guard.
+    """``size == 1`` for a concrete size; false for a size that a graph keeps variable.
 
-    A symbolic batch size (``torch.export`` with a dynamic batch dimension) is never
-    specialized by a test here: the general path is right for a single row too.
+    The single-row shortcut must not be baked into a graph that serves other sizes: under
+    ``torch.jit.trace`` (sizes are traced values) it is never taken, and for a symbolic size
+    (``torch.export`` with a dynamic batch dimension) only if that needs no guard. The general
+    path is right for a single row too.
     """
-    if not isinstance(size, torch.SymInt):  # an int (or a traced size under torch.jit.trace)
-        return bool(size == 1)
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    if isinstance(size, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    return bool(statically_known_true(size == 1))
+        return bool(statically_known_true(size == 1))
+    return not jit_tracing() and size == 1
 
 
 def _intermediate(xs: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -144,11 +151,6 @@ def _forward_chunk(
         return torch.bmm(s_t, z), z
     # The bias enters the batched product (beta = 1): no separate pass over the output.
     return torch.baddbmm(bias.unsqueeze(0).expand(batch, -1, -1), s_t, z), z
-
-
-def jit_tracing() -> bool:
-    """Whether ``torch.jit.trace`` is recording (``torch.jit.is_tracing``, typed)."""
-    return bool(torch.jit.is_tracing())  # type: ignore[attr-defined,no-untyped-call]
 
 
 def plain_tensors(*tensors: torch.Tensor | None) -> bool:

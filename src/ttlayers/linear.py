@@ -208,7 +208,9 @@ class TTLinear(nn.Module):
         same as :meth:`to_dense`: differentiable with respect to the cores, the size of the
         dense weight, not a parameter (change the cores to change the layer). It warns (once
         per place that reads it, under Python's default filter): code that reads it in every
-        forward pass spends the dense layer's time and memory on it.
+        forward pass spends the dense layer's time and memory on it. ``dir()`` does not list
+        it, so that tools which read every listed attribute (``torch.jit.trace``) do not
+        build ``W``.
         """
         if not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn
             warnings.warn(
@@ -226,6 +228,12 @@ class TTLinear(nn.Module):
             "TTLinear.weight is computed from the cores and cannot be assigned; build a layer "
             "from the new matrix with TTLinear.from_dense, or change the cores."
         )
+
+    def __dir__(self) -> list[str]:
+        # Code that reads every attribute dir() lists (torch.jit.trace does, twice per trace)
+        # would build the dense W, which may not fit in memory: weight is left out of the
+        # listing, still there for code that asks for it by name.
+        return [name for name in super().__dir__() if name != "weight"]  # type: ignore[no-untyped-call]
 
     def to_linear(self) -> nn.Linear:
         """The ``nn.Linear`` this layer computes (same dtype, device and bias)."""
