@@ -388,6 +388,22 @@ def test_chunks_keep_the_intermediate_within_the_cache():
     assert not any(p.chunks > 1 for p in candidate_plans(256, *shape, device_type="cuda"))
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_unchunked_choice_takes_no_chunks_and_agrees_where_none_are_needed(training):
+    # For graphs that serve every batch size (torch.export): where the table would chunk, the
+    # choice is the best of the rest by the same estimates, not the chunked plan unchunked.
+    shape = ((4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1))
+    for batch in (1, 256, 1024, 8192):
+        chosen = choose_plan(batch, *shape, threads=2, training=training, unchunked=True)
+        assert chosen.chunks == 1
+        rest = [p for p in candidate_plans(batch, *shape, threads=2) if p.chunks == 1]
+        assert chosen in rest
+        if choose_plan(batch, *shape, threads=2, training=training).chunks == 1:
+            assert chosen == choose_plan(batch, *shape, threads=2, training=training)
+    chunked = choose_plan(1024, *shape, threads=2, training=training)
+    assert chunked.chunks > 1  # else the loop above checked no chunked case
+
+
 def test_training_prefers_plans_without_a_dense_weight_gradient():
     # Batch 8192, rank 8: the dense product is about as fast, but would make a 1024 x 1024
     # gradient; the issue asks for none.

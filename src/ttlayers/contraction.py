@@ -11,7 +11,6 @@ no search on the hot path and nothing for ``torch.compile`` to break the graph o
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -28,7 +27,7 @@ from ttlayers.autograd import (
     plain_tensors,
     two_block_forward,
 )
-from ttlayers.planner import Plan, plan_table
+from ttlayers.planner import Plan, choose_plan, plan_table
 
 __all__ = [
     "autocast_enabled",
@@ -446,19 +445,23 @@ def planning_size(batch: int | torch.SymInt) -> int | torch.SymInt:
 
     Compared with the plan table's bounds, a symbolic batch size gives guards, which
     ``torch.compile`` turns into recompilations for other ranges but ``torch.export`` rejects
-    for a batch dimension declared dynamic. An exported graph therefore runs the plan chosen
-    for the example input's batch size at every batch size (plans differ in speed, never in
-    their results), unchunked: splitting a symbolic number of rows into chunks would guard
-    on it too.
+    for a batch dimension declared dynamic. An exported graph therefore runs, at every batch
+    size, the plan the cost model chooses for the example input's batch size among those
+    without chunks (splitting a symbolic number of rows into chunks would guard on it too);
+    plans differ in speed, never in their results.
     """
-    if not _exported_dynamic(batch):
-        return batch
+    return _example_size(batch) if _exported_dynamic(batch) else batch
+
+
+def _example_size(batch: int | torch.SymInt) -> int:
+    """The example's value of a symbolic size, read without adding a guard."""
     from torch.fx.experimental import symbolic_shapes
 
     hint = getattr(symbolic_shapes, "optimization_hint", None) or getattr(
         symbolic_shapes, "hint_int", None
     )
-    return batch if hint is None else int(hint(batch))
+    # Without either (an older torch), int() specializes the size: export reports the guard.
+    return int(hint(batch)) if hint is not None else int(batch)
 
 
 def select_plan(
@@ -558,10 +561,20 @@ def tt_linear(
                 or (bias is not None and bias.requires_grad)
             )
         )
-        plan = select_plan(
-            planning_size(batch), in_modes, out_modes, ranks, x.dtype, device_type, training
-        )
-        if plan.chunks > 1 and _exported_dynamic(batch):
-            plan = dataclasses.replace(plan, chunks=1)
+        if _exported_dynamic(batch):  # one plan for every batch size: no chunks
+            threads = torch.get_num_threads() if device_type == "cpu" else 1
+            plan = choose_plan(
+                _example_size(batch),
+                in_modes,
+                out_modes,
+                ranks,
+                dtype=x.dtype,
+                device_type=device_type,
+                threads=threads,
+                training=training,
+                unchunked=True,
+            )
+        else:
+            plan = select_plan(batch, in_modes, out_modes, ranks, x.dtype, device_type, training)
     y = _RUNNERS[plan.kind](x, cores, bias, plan, batch)  # (B, N)
     return y.reshape(*batch_shape, n)

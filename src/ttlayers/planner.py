@@ -540,6 +540,7 @@ def choose_plan(
     device_type: str = "cpu",
     threads: int = 1,
     training: bool = True,
+    unchunked: bool = False,
 ) -> Plan:
     """The candidate plan with the least estimated time (ties: the first candidate).
 
@@ -547,11 +548,15 @@ def choose_plan(
     faster than the best other plan to be chosen: it makes a gradient of the size of ``W``,
     which the other plans never do.
 
-    Arguments as for :func:`estimate_time`.
+    Arguments as for :func:`estimate_time`, and ``unchunked``: choose only among the plans
+    that take all rows at once (``chunks == 1``), as a graph that serves every batch size
+    must (``torch.export`` with a dynamic batch dimension).
     """
     candidates = candidate_plans(
         batch, in_modes, out_modes, ranks, dtype=dtype, device_type=device_type, threads=threads
     )
+    if unchunked:
+        candidates = [plan for plan in candidates if plan.chunks == 1]
     times = [
         estimate_time(
             plan,
