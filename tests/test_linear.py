@@ -3,6 +3,7 @@ import io
 import itertools
 import math
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -80,6 +81,11 @@ def test_weight_is_the_dense_matrix_for_code_that_reads_it():
     assert all(core.grad is not None for core in layer.cores)
     with pytest.raises(AttributeError, match="from_dense"):
         layer.weight = torch.zeros(10, 12, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # assigning must not read (and build) W first
+        with pytest.raises(AttributeError, match="from_dense"):
+            layer.weight = nn.Parameter(torch.zeros(10, 12, dtype=torch.float64))
+    assert "weight" not in dict(layer.named_parameters())
 
 
 @pytest.mark.parametrize(("in_modes", "out_modes", "rank"), CASES)

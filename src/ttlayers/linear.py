@@ -25,6 +25,12 @@ from ttlayers.shapes import num_parameters, resolve_ranks, validate_modes
 __all__ = ["TTLinear"]
 
 
+_WEIGHT_IS_COMPUTED = (
+    "TTLinear.weight is computed from the cores and cannot be assigned; build a layer from the "
+    "new matrix with TTLinear.from_dense, or change the cores."
+)
+
+
 class TTLinear(nn.Module):
     r"""A linear layer ``y = x W^T + b`` whose weight ``W`` is a Tensor-Train (TT) matrix.
 
@@ -224,10 +230,14 @@ class TTLinear(nn.Module):
 
     @weight.setter
     def weight(self, value: object) -> None:
-        raise AttributeError(
-            "TTLinear.weight is computed from the cores and cannot be assigned; build a layer "
-            "from the new matrix with TTLinear.from_dense, or change the cores."
-        )
+        raise AttributeError(_WEIGHT_IS_COMPUTED)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # nn.Module routes a Parameter to register_parameter before any property setter, which
+        # would build W (its hasattr check) and then raise a KeyError.
+        if name == "weight":
+            raise AttributeError(_WEIGHT_IS_COMPUTED)
+        super().__setattr__(name, value)
 
     def __dir__(self) -> list[str]:
         # Code that reads every attribute dir() lists (torch.jit.trace does, twice per trace)
