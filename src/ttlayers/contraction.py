@@ -531,6 +531,8 @@ def tt_linear(
             batch = math.prod(batch_shape)
             chosen = select_plan(batch, in_modes, out_modes, ranks, input.dtype, "cpu", False)
             if chosen.kind == "twoblock":  # else: the general path
+                if input.dim() == 2:  # already (B, M), and the result (B, N): no reshapes
+                    return _twoblock_inference(input, cores, bias, chosen, entry)
                 x = input.reshape(batch, entry.in_features)
                 y = _twoblock_inference(x, cores, bias, chosen, entry)
                 return y.reshape(*batch_shape, math.prod(out_modes))
