@@ -85,6 +85,8 @@ def test_weight_is_the_dense_matrix_for_code_that_reads_it():
         warnings.simplefilter("error")  # assigning must not read (and build) W first
         with pytest.raises(AttributeError, match="from_dense"):
             layer.weight = nn.Parameter(torch.zeros(10, 12, dtype=torch.float64))
+        with pytest.raises(AttributeError, match="from_dense"):
+            layer.register_parameter("weight", nn.Parameter(torch.zeros(10, 12)))
     assert "weight" not in dict(layer.named_parameters())
 
 

@@ -441,14 +441,13 @@ def _exported_dynamic(batch: int | torch.SymInt) -> bool:
 
 
 def planning_size(batch: int | torch.SymInt) -> int | torch.SymInt:
-    """The batch size to choose a plan for: ``batch``, or under ``torch.export`` its example's.
+    """The batch size to plan for: ``batch``, or under ``torch.export`` its example's value.
 
     Compared with the plan table's bounds, a symbolic batch size gives guards, which
     ``torch.compile`` turns into recompilations for other ranges but ``torch.export`` rejects
-    for a batch dimension declared dynamic. An exported graph therefore runs, at every batch
-    size, the plan the cost model chooses for the example input's batch size among those
-    without chunks (splitting a symbolic number of rows into chunks would guard on it too);
-    plans differ in speed, never in their results.
+    for a batch dimension declared dynamic; the example's value is read without a guard.
+    (:func:`tt_linear` then chooses, for that size, the best plan without chunks, which
+    serves every batch size.)
     """
     return _example_size(batch) if _exported_dynamic(batch) else batch
 
@@ -563,7 +562,9 @@ def tt_linear(
                 or (bias is not None and bias.requires_grad)
             )
         )
-        if _exported_dynamic(batch):  # one plan for every batch size: no chunks
+        if _exported_dynamic(batch):
+            # One plan must serve every batch size: no chunks, as splitting a symbolic number
+            # of rows would guard on it; plans differ in speed, never in their results.
             threads = torch.get_num_threads() if device_type == "cpu" else 1
             plan = choose_plan(
                 _example_size(batch),

@@ -239,6 +239,12 @@ class TTLinear(nn.Module):
             raise AttributeError(_WEIGHT_IS_COMPUTED)
         super().__setattr__(name, value)
 
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        """As ``nn.Module.register_parameter``; ``weight`` is computed, not registrable."""
+        if name == "weight":
+            raise AttributeError(_WEIGHT_IS_COMPUTED)
+        super().register_parameter(name, param)
+
     def __dir__(self) -> list[str]:
         # Code that reads every attribute dir() lists (torch.jit.trace does, twice per trace)
         # would build the dense W, which may not fit in memory: weight is left out of the
