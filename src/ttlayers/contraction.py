@@ -205,6 +205,15 @@ def _run_dense(
     return F.linear(x, weight.t(), bias)
 
 
+def _needs_grad(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> bool:
+    """Whether autograd records this call: the plans for training apply."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or any(core.requires_grad for core in cores)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
 def _run_twoblock(
     x: torch.Tensor,
     cores: Sequence[torch.Tensor],
@@ -212,11 +221,7 @@ def _run_twoblock(
     plan: Plan,
     batch: int,
 ) -> torch.Tensor:
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad
-        or any(core.requires_grad for core in cores)
-        or (bias is not None and bias.requires_grad)
-    )
+    needs_grad = _needs_grad(x, cores, bias)
     # torch.jit.trace records ATen operations: no cache, no custom autograd.Function.
     tracing = jit_tracing()
     if not needs_grad and not tracing and not torch.compiler.is_compiling():
@@ -428,8 +433,14 @@ def _plan_table_constant(
     # guards on, and on the CPU thread count, read here because Dynamo cannot trace
     # torch.get_num_threads. (The mark sits on a plain function: Dynamo looks through
     # lru_cache.)
-    threads = torch.get_num_threads() if device_type == "cpu" else 1
-    return plan_table(in_modes, out_modes, ranks, dtype, device_type, threads, training)
+    return plan_table(
+        in_modes, out_modes, ranks, dtype, device_type, _threads(device_type), training
+    )
+
+
+def _threads(device_type: str) -> int:
+    """The thread count plans depend on: ``torch.get_num_threads()`` on CPUs, else 1."""
+    return torch.get_num_threads() if device_type == "cpu" else 1
 
 
 def _exported_dynamic(batch: int | torch.SymInt) -> bool:
@@ -553,19 +564,10 @@ def tt_linear(
     if plan is None:
         # A trace gets the inference plan whatever the grad mode: torch.jit.trace checks its
         # graph by tracing again, without gradients, and a traced model is for deployment.
-        training = (
-            torch.is_grad_enabled()
-            and not jit_tracing()
-            and (
-                x.requires_grad
-                or any(core.requires_grad for core in cores)
-                or (bias is not None and bias.requires_grad)
-            )
-        )
+        training = not jit_tracing() and _needs_grad(x, cores, bias)
         if _exported_dynamic(batch):
             # One plan must serve every batch size: no chunks, as splitting a symbolic number
             # of rows would guard on it; plans differ in speed, never in their results.
-            threads = torch.get_num_threads() if device_type == "cpu" else 1
             plan = choose_plan(
                 _example_size(batch),
                 in_modes,
@@ -573,7 +575,7 @@ def tt_linear(
                 ranks,
                 dtype=x.dtype,
                 device_type=device_type,
-                threads=threads,
+                threads=_threads(device_type),
                 training=training,
                 unchunked=True,
             )
