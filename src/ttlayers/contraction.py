@@ -438,17 +438,47 @@ def _plan_table_constant(
     )
 
 
+@_assume_constant_result
+def _export_plan_constant(
+    example_size: int,
+    in_modes: tuple[int, ...],
+    out_modes: tuple[int, ...],
+    ranks: tuple[int, ...],
+    dtype: torch.dtype,
+    device_type: str,
+    training: bool,
+) -> Plan:
+    # The plan of a graph exported with a dynamic batch dimension: the best one without
+    # chunks for the example's size. A constant of the graph for Dynamo (strict export), as
+    # the plan table is above.
+    return choose_plan(
+        example_size,
+        in_modes,
+        out_modes,
+        ranks,
+        dtype=dtype,
+        device_type=device_type,
+        threads=_threads(device_type),
+        training=training,
+        unchunked=True,
+    )
+
+
 def _threads(device_type: str) -> int:
     """The thread count plans depend on: ``torch.get_num_threads()`` on CPUs, else 1."""
     return torch.get_num_threads() if device_type == "cpu" else 1
 
 
 def _exported_dynamic(batch: int | torch.SymInt) -> bool:
-    """Whether ``batch`` is a dynamic batch size of a graph being traced by ``torch.export``."""
-    if not isinstance(batch, torch.SymInt):
-        return False
+    """Whether ``batch`` is a dynamic batch size of a graph being traced by ``torch.export``.
+
+    Under Dynamo (``strict=True``) a symbolic size is not seen as a ``torch.SymInt``: there
+    every batch size counts as dynamic, which costs a static one at most the chunks of its plan.
+    """
     exporting = getattr(torch.compiler, "is_exporting", None)
-    return exporting is not None and bool(exporting())
+    if exporting is None or not exporting():
+        return False
+    return isinstance(batch, torch.SymInt) or torch.compiler.is_compiling()
 
 
 def planning_size(batch: int | torch.SymInt) -> int | torch.SymInt:
@@ -568,16 +598,8 @@ def tt_linear(
         if _exported_dynamic(batch):
             # One plan must serve every batch size: no chunks, as splitting a symbolic number
             # of rows would guard on it; plans differ in speed, never in their results.
-            plan = choose_plan(
-                _example_size(batch),
-                in_modes,
-                out_modes,
-                ranks,
-                dtype=x.dtype,
-                device_type=device_type,
-                threads=_threads(device_type),
-                training=training,
-                unchunked=True,
+            plan = _export_plan_constant(
+                _example_size(batch), in_modes, out_modes, ranks, x.dtype, device_type, training
             )
         else:
             plan = select_plan(batch, in_modes, out_modes, ranks, x.dtype, device_type, training)
