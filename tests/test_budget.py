@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ttlayers import tensorize_, tt_svd, tt_to_dense
+from ttlayers import TTLinear, tensorize_, tt_svd, tt_to_dense
 from ttlayers.budget import (
     RankChoice,
     allocate,
@@ -237,3 +237,14 @@ def test_tensorize_even_allocation_compresses_every_layer(calibrated):
     assert all(row.compression >= 4.0 for row in report.layers)
     with pytest.raises(ValueError, match="allocation"):
         tensorize_(mlp(), compression=4.0, allocation="uniform")
+
+
+def test_even_allocation_names_the_layer_whose_share_is_too_small():
+    # The 64 -> 10 layer's share of a 30x budget, 13,098 / 30 * 650 / 13,098 = 21
+    # parameters, cannot hold its 10 biases and its smallest TT form (32). The message names
+    # that layer by its name in the model (before, by its position among the selected ones,
+    # 2, also the name of another layer) and gives its whole share (before, minus the biases).
+    model = mlp()
+    with pytest.raises(ValueError, match=r"layer '4', 21 parameters, .*smallest TT form"):
+        tensorize_(model, compression=30.0, allocation="even")
+    assert not any(isinstance(module, TTLinear) for module in model)

@@ -526,3 +526,65 @@ def test_from_dense_rejects_bad_inputs():
         TTLinear.from_dense(linear, 2, num_cores=2, inputs=torch.randn(10, 7))
     with pytest.raises(ValueError, match="NaN"):
         TTLinear.from_dense(linear, 2, num_cores=2, inputs=torch.full((10, 8), math.nan))
+
+
+def test_a_layer_called_by_keyword_is_calibrated_like_a_positional_call():
+    # nn.Linear.forward(input): `self.fc(input=x)` is a valid call; forward hooks see the
+    # input in their kwargs then. Before, calibration failed on such a model.
+    class Net(nn.Module):
+        def __init__(self, keyword: bool) -> None:
+            super().__init__()
+            self.keyword = keyword
+            self.fc = nn.Linear(16, 16)
+            self.out = nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = torch.tanh(self.fc(input=x) if self.keyword else self.fc(x))
+            return self.out(input=h) if self.keyword else self.out(h)
+
+    x = calibration_data()
+    reports = []
+    for keyword in (False, True):
+        torch.manual_seed(0)
+        model = Net(keyword).double()
+        reports.append(tensorize_(model, rank=2, num_cores=2, calibration=x))
+        assert isinstance(model.fc, TTLinear) and isinstance(model.out, TTLinear)
+    for positional, keyword in zip(reports[0].layers, reports[1].layers, strict=True):
+        assert keyword.output_error == pytest.approx(positional.output_error, rel=1e-12)
+
+
+def test_ridge_trades_the_calibration_fit_for_closeness_to_the_weight():
+    # Inputs in an 8-dimensional subspace of 64 (as docs/converting.md describes): with the
+    # default small ridge the fit uses the 56 unexcited directions freely, so its weight
+    # error can exceed TT-SVD's, and even 1; a large ridge keeps it near TT-SVD's, at the
+    # cost of a larger output error on the calibration data.
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(64, 128).double()
+    basis = torch.randn(8, 64, generator=g, dtype=F64)
+    x = torch.randn(200, 8, generator=g, dtype=F64) @ basis
+    fits = {
+        ridge: TTLinear.from_dense(linear, 6, num_cores=2, inputs=x, ridge=ridge)
+        for ridge in (1e-3, 10.0)
+    }
+    plain = TTLinear.from_dense(linear, 6, num_cores=2)
+
+    def output_error(layer):
+        with torch.no_grad():
+            y = linear(x)
+            return float((layer(x) - y).norm() / y.norm())
+
+    assert fits[1e-3].conversion_error > 1.0 > plain.conversion_error
+    assert fits[10.0].conversion_error < 1.1 * plain.conversion_error
+    assert output_error(fits[1e-3]) < 0.5 * output_error(fits[10.0])
+    assert output_error(fits[10.0]) <= output_error(plain) + 1e-9
+
+
+def test_meta_and_uninitialized_lazy_weights_are_clear_errors():
+    with pytest.raises(ValueError, match="lazy"):
+        TTLinear.from_dense(nn.LazyLinear(8), 2)
+    with pytest.raises(ValueError, match="meta device"):
+        TTLinear.from_dense(nn.Linear(16, 16, device="meta"), 2)
+    model = nn.Sequential(nn.Linear(16, 16, device="meta"))
+    with pytest.raises(ValueError, match=r"layer '0'.*meta device"):
+        tensorize_(model, rank=2)
+    assert type(model[0]) is nn.Linear

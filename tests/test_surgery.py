@@ -7,11 +7,13 @@ import copy
 import dataclasses
 import doctest
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import ttlayers.surgery
 from ttlayers import TensorizeReport, TTLinear, load_tensorized_, tensorize_
@@ -340,6 +342,63 @@ def test_parametrized_and_lazy_layers_are_skipped_with_a_reason():
     model(torch.randn(3, 64))  # the lazy layer initializes; everything still runs
 
 
+@pytest.mark.parametrize("hook", ["prune", "weight_norm", "spectral_norm"])
+def test_layers_whose_weight_a_hook_computes_are_skipped_with_a_reason(hook):
+    # Their weight is a plain tensor recomputed before each call, not a parameter: a TT form
+    # of it would lose the hook. Before, any such layer made tensorize_ fail with a KeyError,
+    # even when filter_fn excluded it.
+    def hooked_model():  # built anew: such modules cannot be deep-copied
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy weight_norm/spectral_norm: deprecated
+            if hook == "prune":
+                prune.l1_unstructured(model[0], "weight", amount=0.5)
+            else:
+                getattr(nn.utils, hook)(model[0])
+        return model
+
+    for filter_fn in (None, lambda module, name: name == "2"):
+        model = hooked_model()
+        report = tensorize_(model, rank=2, filter_fn=filter_fn)
+        assert [row.name for row in report.layers] == ["2"]
+        assert "hook" in report.skipped[0].reason and report.skipped[0].name == "0"
+        assert type(model[0]) is nn.Linear and isinstance(model[2], TTLinear)
+        model(torch.randn(3, 64))  # the hooked layer still runs
+
+
+def test_linear_subclasses_that_override_forward_are_skipped():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 10 * super().forward(x)
+
+    class Plain(nn.Linear):  # a subclass that only adds a name: converted
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Scaled(64, 64), Plain(64, 64))
+    report = tensorize_(model, filter_fn=lambda module, name: True)  # exact conversion
+    assert [row.name for row in report.layers] == ["1"]
+    assert report.skipped[0].name == "0" and "overrides forward" in report.skipped[0].reason
+    assert isinstance(model[0], Scaled) and isinstance(model[1], TTLinear)
+
+
+def test_numpy_scalars_are_accepted_as_numbers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    reference = copy.deepcopy(model)
+    report = tensorize_(reference, rank=4, num_cores=2)
+    tensorize_(model, rank=np.int64(4), num_cores=np.int32(2))
+    assert [row.ranks for row in report.layers] == [(1, 4, 1), (1, 4, 1)]
+    for layer, expected in zip(model, reference, strict=True):
+        if isinstance(expected, TTLinear):
+            assert layer.ranks == expected.ranks
+    budgeted = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    assert tensorize_(budgeted, params=np.int64(3000)).budget == 3000
+    ratio = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    assert tensorize_(ratio, compression=np.float32(4.0)).budget == int(8320 / 4)
+
+
 def test_converted_transformer_runs_in_torch_fast_path():
     # nn.TransformerEncoderLayer in eval mode without gradients reads linear1.weight and
     # linear2.weight for its fused kernel: TTLinear.weight gives the dense matrices.
@@ -546,6 +605,22 @@ def test_load_tensorized_loads_plain_checkpoints_and_lazy_layers():
     load_tensorized_(lazy, model.state_dict())
     x = torch.randn(3, 64)
     torch.testing.assert_close(lazy(x), model(x), rtol=0, atol=0)
+
+
+def test_load_tensorized_non_strict_keeps_the_biases_a_checkpoint_lacks():
+    # load_state_dict(strict=False) keeps every value the checkpoint lacks; a layer rebuilt as
+    # a TTLinear keeps its bias too, instead of a freshly initialized one.
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 48))
+    converted = copy.deepcopy(original)
+    tensorize_(converted, rank=4)
+    cores_only = {k: v for k, v in converted.state_dict().items() if ".cores." in k}
+    fresh = copy.deepcopy(original)
+    result = load_tensorized_(fresh, cores_only, strict=False)
+    assert sorted(result.missing_keys) == ["0.bias", "2.bias"]
+    assert torch.equal(fresh[0].bias, original[0].bias)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(fresh(x), converted(x), rtol=0, atol=0)
 
 
 def test_load_tensorized_non_strict_reports_the_keys():

@@ -29,6 +29,14 @@ _HOW = (
 )
 
 
+def _layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The input of a linear layer's call, ``layer(x)`` or ``layer(input=x)``."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("a layer to convert was called without a tensor input.")
+    return x
+
+
 class _StopForward(Exception):
     """Raised by a capture hook once the layer of interest has seen its input."""
 
@@ -123,7 +131,7 @@ class ActivationCapture:
         except Exception as error:
             raise ValueError(
                 f"calibration batch {index} failed in the model's forward pass: "
-                f"{type(error).__name__}: {error}. {_HOW}"
+                f"{type(error).__name__}: {str(error).rstrip('.')}. {_HOW}"
             ) from error
         finally:
             for handle in handles:
@@ -171,10 +179,8 @@ class ActivationCapture:
         seen: list[torch.Tensor] = []
         stop = self._calls.get(target, 0) == 1  # a single call: nothing after it matters
 
-        def grab(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not args or not isinstance(args[0], torch.Tensor):
-                raise TypeError("a layer to convert was called without a tensor input.")
-            seen.append(args[0].detach())
+        def grab(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.append(_layer_input(args, kwargs).detach())
             if stop:
                 raise _StopForward
 
@@ -183,13 +189,17 @@ class ActivationCapture:
             for original, layer in self.substitutes.items():
 
                 def swap(
-                    module: nn.Module, args: tuple[Any, ...], output: Any, layer: nn.Module = layer
+                    module: nn.Module,
+                    args: tuple[Any, ...],
+                    kwargs: dict[str, Any],
+                    output: Any,
+                    layer: nn.Module = layer,
                 ) -> Any:
-                    return layer(args[0])
+                    return layer(_layer_input(args, kwargs))
 
-                handles.append(original.register_forward_hook(swap))
+                handles.append(original.register_forward_hook(swap, with_kwargs=True))
         # A pre-hook: it sees the input even if this very module is substituted.
-        handles.append(target.register_forward_pre_hook(grab))
+        handles.append(target.register_forward_pre_hook(grab, with_kwargs=True))
         self._pass(index, batch, handles)
         if not seen:
             return None

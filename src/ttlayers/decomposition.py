@@ -80,6 +80,11 @@ def _bond_caps(
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device, which holds no values to decompose; load the "
+            "weights first (for a model built on the meta device, its state_dict)."
+        )
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(
             f"{name} holds NaN or Inf values (shape {tuple(tensor.shape)}); a TT decomposition "

@@ -385,6 +385,10 @@ class TTLinear(nn.Module):
                 another width than ``in_features`` or hold NaN/Inf.
         """
         if isinstance(source, nn.Linear):
+            if isinstance(source.weight, nn.parameter.UninitializedParameter):
+                raise ValueError(
+                    "source is a lazy layer not initialized yet; run a forward pass first."
+                )
             weight = source.weight.detach()
             bias = None if source.bias is None else source.bias.detach()
         elif isinstance(source, torch.Tensor):

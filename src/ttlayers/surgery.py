@@ -264,11 +264,11 @@ def _check_arguments(
     if rank is not None:
         if (
             isinstance(rank, bool)
-            or not isinstance(rank, (int, Sequence))
+            or not isinstance(rank, (numbers.Integral, Sequence))
             or isinstance(rank, (str, bytes))
         ):
             raise TypeError(f"rank must be an int, a sequence of ints or None; got {rank!r}.")
-        if isinstance(rank, int) and rank < 1:
+        if isinstance(rank, numbers.Integral) and rank < 1:
             raise ValueError(f"rank must be a positive int; got {rank}.")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(
@@ -276,7 +276,7 @@ def _check_arguments(
             f"{type(filter_fn).__name__}."
         )
     if num_cores is not None:
-        if isinstance(num_cores, bool) or not isinstance(num_cores, int):
+        if isinstance(num_cores, bool) or not isinstance(num_cores, numbers.Integral):
             raise TypeError(f"num_cores must be an int or None; got {num_cores!r}.")
         if num_cores < 1:
             raise ValueError(f"num_cores must be a positive int; got {num_cores}.")
@@ -293,7 +293,9 @@ def _check_budget(compression: object, params: object, rank: object, eps: object
                 f"compression must be a finite ratio > 1 (dense parameters / TT parameters); "
                 f"got {compression}."
             )
-    if params is not None and (isinstance(params, bool) or not isinstance(params, int)):
+    if params is not None and (
+        isinstance(params, bool) or not isinstance(params, numbers.Integral)
+    ):
         raise TypeError(f"params must be an int or None; got {type(params).__name__}.")
     if params is not None and params < 1:
         raise ValueError(f"params must be a positive number of parameters; got {params}.")
@@ -317,6 +319,13 @@ def _structural_reason(model: nn.Module, linear: nn.Linear, names: list[str]) ->
         )
     if isinstance(linear.weight, nn.parameter.UninitializedParameter):
         return "lazy layer not initialized yet; run a forward pass first"
+    if not isinstance(linear.weight, nn.Parameter):
+        return (
+            "its weight is computed by a hook (torch.nn.utils.prune, or the legacy weight_norm "
+            "or spectral_norm); remove the hook first"
+        )
+    if type(linear).forward is not nn.Linear.forward:
+        return f"{type(linear).__name__} overrides forward, which a TTLinear would drop"
     for name in names:
         parent = model.get_submodule(name.rpartition(".")[0])
         if isinstance(parent, nn.MultiheadAttention):
@@ -358,6 +367,10 @@ def tensorize_(
         budget. Passes run under ``torch.no_grad()`` in eval mode (training flags restored);
         every row of a layer's input (every token, padding included) is a sample. The
         statistics are float64 sums on the layer's device; only one layer's exist at a time.
+        A layer called several times in one forward pass is fitted to the inputs of all its
+        calls, but those of its later calls come from its own original earlier calls: the
+        report's output errors are measured on those inputs, and in the converted model such
+        a layer's error can be larger.
 
     One budget (``compression`` or ``params``):
         Every selected layer's shape, among plain low rank and balanced TT shapes of 2 and 3
@@ -376,7 +389,9 @@ def tensorize_(
           parameters than its dense weight.
         - Never: layers that are already ``TTLinear``; the model itself; the ``out_proj`` of an
           ``nn.MultiheadAttention`` (which reads ``out_proj.weight`` directly); uninitialized
-          lazy layers; layers whose weight is parametrized (``torch.nn.utils.parametrize``).
+          lazy layers; layers whose weight is parametrized (``torch.nn.utils.parametrize``) or
+          computed by a hook (``torch.nn.utils.prune``, the legacy ``weight_norm`` and
+          ``spectral_norm``); subclasses of ``nn.Linear`` that override ``forward``.
           Every ``nn.Linear`` not converted is listed in ``report.skipped`` with the reason.
 
     Guarantees:
@@ -415,7 +430,9 @@ def tensorize_(
             comparable.
         ridge: With calibration, the relative ridge of the fit
             (:func:`ttlayers.calibration.fit_tt`): it pulls the TT weight toward the original
-            in input directions the calibration data do not excite.
+            in input directions the calibration data do not excite. Small (the default) fits
+            the calibration data closely but can stray far from ``W`` in the other
+            directions; raise it where the model will see inputs unlike the calibration data.
         sweeps: With calibration, ALS sweeps per layer.
         progress: Print one line per layer to stderr (layer k of n, errors, time).
 
@@ -456,15 +473,22 @@ def tensorize_(
     _check_budget(compression, params, rank, eps)
     if allocation not in ("errors", "even"):
         raise ValueError(f'allocation must be "errors" or "even"; got {allocation!r}.')
-    if isinstance(sweeps, bool) or not isinstance(sweeps, int):
+    given_sweeps: object = sweeps  # typed int, but checked: callers may pass anything
+    if isinstance(given_sweeps, bool) or not isinstance(given_sweeps, numbers.Integral):
         raise TypeError(f"sweeps must be an int >= 0; got {type(sweeps).__name__} {sweeps!r}.")
     if sweeps < 0:
         raise ValueError(f"sweeps must be an int >= 0; got {sweeps!r}.")
     given_ridge: object = ridge
-    if isinstance(given_ridge, bool) or not isinstance(given_ridge, (int, float)):
+    if isinstance(given_ridge, bool) or not isinstance(given_ridge, numbers.Real):
         raise TypeError(f"ridge must be a number >= 0; got {type(ridge).__name__} {ridge!r}.")
     if not 0 <= ridge < math.inf:
         raise ValueError(f"ridge must be a finite number >= 0; got {ridge!r}.")
+    # NumPy scalars are accepted; Python numbers go on (int subclasses as plain ints).
+    ridge, sweeps = float(ridge), int(sweeps)
+    rank = int(rank) if isinstance(rank, numbers.Integral) else rank
+    num_cores = None if num_cores is None else int(num_cores)
+    params = None if params is None else int(params)
+    compression = None if compression is None else float(compression)
     capture = None if calibration is None else ActivationCapture(model, calibration)
     budgeted = compression is not None or params is not None
     model_params_before = _count_parameters(model)
@@ -822,10 +846,20 @@ def _budget(
             f"parameters of the {len(selected)} selected layers; allow more parameters."
         )
     if allocation == "even":
-        shares = [
-            int(budget * size / dense) - bias for size, bias in zip(sizes, biases, strict=True)
-        ]
-        return budget, allocate_evenly(options, shares)
+        shares = [int(budget * size / dense) for size in sizes]
+        for (_, layer_names), share, bias, layer in zip(
+            selected, shares, biases, options, strict=True
+        ):
+            smallest = min((option.parameters for option in layer), default=0)
+            if share - bias < smallest:
+                raise ValueError(
+                    f"the share of the budget for layer '{layer_names[0]}', {share:,} parameters, "
+                    f"is below its smallest TT form ({smallest:,} core parameters"
+                    + (f" and {bias:,} bias parameters" if bias else "")
+                    + "); allow more parameters (a lower compression)."
+                )
+        cores = [share - bias for share, bias in zip(shares, biases, strict=True)]
+        return budget, allocate_evenly(options, cores)
     return budget, allocate(options, budget - sum(biases))
 
 
@@ -1000,6 +1034,11 @@ def load_tensorized_(
             dtype=reference.dtype,
         )
         _match_flags(layer, module, module.training)
+        if layer.bias is not None and module.bias is not None and not lazy:
+            # A checkpoint without the bias (strict=False) keeps the layer's own, as
+            # load_state_dict keeps every value the checkpoint lacks.
+            with torch.no_grad():
+                layer.bias.copy_(module.bias)
         built[name] = by_module[id(module)] = layer
 
     if "" in built:  # the model itself is the layer
