@@ -834,6 +834,17 @@ def fit_tt(
                 dense,
                 tt_bias,
             )
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        # The errors of what is returned: rounding the cores to half precision adds its own
+        # (about 1e-3 relative), as large as the smaller fits' errors.
+        def rounded(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(weight.dtype).to(_FLOAT)
+
+        plain_dense = tt_to_dense([rounded(core) for core in plain])
+        (start_sq,) = scorer.error(plain_dense, [b])
+        best_dense = tt_to_dense([rounded(core) for core in best_cores])
+        best_bias = None if best_bias is None else rounded(best_bias)
+        (best_sq,) = scorer.error(best_dense, [best_bias])
     norm = float(torch.linalg.vector_norm(w))
 
     def weight_error(dense: torch.Tensor) -> float:
