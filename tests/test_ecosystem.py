@@ -159,6 +159,34 @@ def test_compile_dynamic_batch_gives_eager_results(fresh_dynamo):
     assert counter.frame_count == compiled_graphs
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
+def test_compile_dynamic_batch_of_a_chunked_plan_compiles_once_per_plan(fresh_dynamo, training):
+    # Splitting a symbolic number of rows into chunks must not guard on the remainder: before,
+    # every value of B % chunks compiled a graph of its own, and fullgraph=True failed at
+    # Dynamo's recompile limit (8) on a run of batch sizes such as variable sequence lengths.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    modes = (4, 8, 8, 4)
+    layer = TTLinear(1024, 1024, rank=8, in_modes=modes, out_modes=modes).train(training)
+    sizes = range(300, 310)
+    plans = {
+        select_plan(b, modes, modes, layer.ranks, torch.float32, "cpu", training) for b in sizes
+    }
+    assert len(plans) == 1 and next(iter(plans)).chunks > 1  # one chunked plan for all sizes
+    reference = layer.to_linear().double()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+    for rows in sizes:
+        x = torch.randn(rows, 1024, requires_grad=training)
+        with torch.set_grad_enabled(training):
+            y = compiled(x)
+        assert_close(y.double(), reference(x.detach().double()), **EXPORT_TOL)
+        if training:
+            y.square().sum().backward()
+    assert counter.frame_count == 1
+
+
 def test_compile_sees_ranks_changed_by_load_state_dict(fresh_dynamo):
     # The plan is baked into the graph as a constant; Dynamo's guards on the cores' shapes must
     # throw it away when loading a checkpoint of other ranks resizes the cores.
@@ -463,6 +491,21 @@ def test_autocast_accepts_low_precision_input_like_linear():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(x)
     assert y.dtype == torch.bfloat16 and y.shape == (4, 5)
+
+
+def test_autocast_leaves_float64_layers_in_float64_like_linear():
+    # Autocast casts only float32 and half-precision arguments of F.linear; a float64 layer
+    # with a float64 input runs in float64. Before, TTLinear rounded it to bfloat16 (4e-3).
+    torch.manual_seed(0)
+    layer = TTLinear(64, 32, rank=4, num_cores=2, dtype=torch.float64)
+    x = torch.randn(5, 64, dtype=torch.float64)
+    exact = layer.to_linear()(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        with pytest.raises(TypeError, match=r"floating-point dtype.*int64"):
+            layer.float()(torch.ones(2, 64, dtype=torch.int64))  # nn.Linear raises too
+    assert y.dtype == torch.float64
+    assert_close(y, exact, rtol=1e-12, atol=1e-12)  # float64 roundoff of 64-term sums
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])

@@ -12,6 +12,7 @@ from torch import nn
 
 from ttlayers import TTLinear, tt_to_dense
 from ttlayers.contraction import tt_linear
+from ttlayers.planner import Plan, candidate_plans
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -321,6 +322,47 @@ def test_integer_input_and_tt_linear_width_messages():
             layer(torch.randn(2, 24))
             with pytest.raises(ValueError, match=r"\(\*, 24\).*\(4, 6\).*\(3, 23\)"):
                 tt_linear(torch.randn(3, 23), cores)
+
+
+def test_complex_and_integer_dtypes_are_rejected():
+    # The hand-written backward pass does not conjugate: complex layers would get wrong
+    # gradients silently, so they are refused wherever a dtype comes in.
+    for dtype in (torch.complex64, torch.int64):
+        with pytest.raises(TypeError, match=rf"real floating-point.*{dtype}"):
+            TTLinear(16, 16, 2, dtype=dtype)
+        cores = [torch.ones(1, 4, 4, 2, dtype=dtype), torch.ones(2, 4, 4, 1, dtype=dtype)]
+        with pytest.raises(TypeError, match="real floating-point"):
+            TTLinear.from_cores(cores)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch's warning about complex modules
+        layer = TTLinear(16, 16, 2).to(torch.complex64)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(TypeError, match="complex64"):
+            layer(torch.randn(3, 16, dtype=torch.complex64))
+
+
+def test_tt_linear_checks_its_bias_plan_and_dtypes():
+    torch.manual_seed(0)
+    layer = TTLinear(64, 32, 4, in_modes=(4, 4, 4), out_modes=(2, 4, 4))
+    cores = [core.detach() for core in layer.cores]
+    x = torch.randn(3, 64)
+    for grad in (True, False):  # the general path, and the inference fast path once cached
+        with torch.set_grad_enabled(grad):
+            tt_linear(x, cores)
+            with pytest.raises(ValueError, match=r"bias of shape \(32,\).*\(31,\)"):
+                tt_linear(x, cores, torch.zeros(31))
+            with pytest.raises(TypeError, match=r"one dtype.*input torch.float64"):
+                tt_linear(x.double(), cores)
+            with pytest.raises(TypeError, match=r"one dtype.*bias torch.float64"):
+                tt_linear(x, cores, torch.zeros(32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="plan must be a Plan of kind"):
+        tt_linear(x, cores, plan=Plan("bogus"))
+    with pytest.raises(ValueError, match="does not fit a chain of 3 cores"):
+        tt_linear(x, cores, plan=Plan("twoblock", split=3))
+    chain = candidate_plans(3, (2, 2), (2, 2), (1, 2, 1))[-1]
+    assert chain.kind == "chain"
+    with pytest.raises(ValueError, match="does not fit a chain of 3 cores"):
+        tt_linear(x, cores, plan=chain)
 
 
 def test_cores_of_mixed_dtypes_are_a_clear_error():

@@ -44,6 +44,7 @@ in each of ``x``, ``F`` and ``S``, so its tangent is three products of the same 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "is_one",
     "jit_tracing",
     "plain_tensors",
+    "row_chunks",
     "two_block_forward",
 ]
 
@@ -125,6 +127,22 @@ def is_one(size: int | torch.SymInt) -> bool:
 
         return bool(statically_known_true(size == 1))
     return not jit_tracing() and size == 1
+
+
+def row_chunks(x: torch.Tensor, chunks: int) -> Sequence[torch.Tensor]:
+    """``x`` split along its rows into ``chunks`` pieces (``chunks <= len(x)``), as views.
+
+    Eagerly ``torch.tensor_split``. For a symbolic number of rows (``torch.compile`` with a
+    dynamic batch size) the first ``chunks - 1`` pieces take ``B // chunks`` rows each and the
+    last the rest: ``tensor_split`` would guard on ``B % chunks``, and so compile a graph for
+    every remainder.
+    """
+    batch: int | torch.SymInt = x.shape[0]
+    if not (isinstance(batch, torch.SymInt) or torch.compiler.is_compiling()):
+        return x.tensor_split(chunks)
+    size = batch // chunks
+    pieces = [x.narrow(0, k * size, size) for k in range(chunks - 1)]
+    return [*pieces, x.narrow(0, (chunks - 1) * size, batch - (chunks - 1) * size)]
 
 
 def _intermediate(xs: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -227,7 +245,7 @@ def two_block_forward(
         z = x.new_empty(0)
     elif layout.chunks > 1:
         pieces = [
-            _forward_chunk(rows, first, second, bias)[0] for rows in xs.tensor_split(layout.chunks)
+            _forward_chunk(rows, first, second, bias)[0] for rows in row_chunks(xs, layout.chunks)
         ]
         y = _rows_out(torch.cat(pieces), layout)
         z = x.new_empty(0)
@@ -304,7 +322,7 @@ class TwoBlockProduct(torch.autograd.Function):
         else:
             grad_xs: list[torch.Tensor] = []
             grad_first = grad_second = None
-            pieces = xs_all.tensor_split(layout.chunks), g_all.tensor_split(layout.chunks)
+            pieces = row_chunks(xs_all, layout.chunks), row_chunks(g_all, layout.chunks)
             for xs, g in zip(*pieces, strict=True):
                 gx, gf, gs = _backward_chunk(xs, g, first, second, z_kept, *needs)
                 if gx is not None:

@@ -31,6 +31,7 @@ from ttlayers.planner import Plan, choose_plan, plan_table
 
 __all__ = [
     "autocast_enabled",
+    "check_real_floating",
     "check_same_kind",
     "core_shapes",
     "merge_cores",
@@ -50,6 +51,19 @@ def autocast_enabled(device_type: str) -> bool:
     ``torch.is_autocast_enabled`` would raise.
     """
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def check_real_floating(dtype: torch.dtype, name: str) -> None:
+    """Raise ``TypeError`` unless ``dtype`` is a real floating-point dtype.
+
+    Complex TT layers are not supported: the hand-written backward pass of
+    :mod:`ttlayers.autograd` does not conjugate. ``name`` is the argument named in the message.
+    """
+    if not dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must be a real floating-point dtype (float16, bfloat16, float32, float64); "
+            f"got {dtype}."
+        )
 
 
 def check_same_kind(
@@ -254,12 +268,14 @@ def _rank_middle_blocks(
 # the cores, in place, through .data or by reassignment, can go unseen. It also holds the
 # chain's shapes, so a call that finds it skips the checks of core_shapes.
 class _InferenceEntry:
-    __slots__ = ("blocks", "in_features", "prepared", "saved", "shapes")
+    __slots__ = ("blocks", "dtype", "in_features", "out_features", "prepared", "saved", "shapes")
 
     def __init__(self, cores: Sequence[torch.Tensor]) -> None:
         self.saved = [c.detach().clone() for c in cores]
         self.shapes = core_shapes(cores)
         self.in_features = math.prod(self.shapes[0])
+        self.out_features = math.prod(self.shapes[1])
+        self.dtype = cores[0].dtype
         self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.prepared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -529,6 +545,29 @@ def select_plan(
     return plan
 
 
+def _check_plan(plan: object, num_cores: int) -> None:
+    """Raise ``ValueError`` unless ``plan`` is a plan for a chain of ``num_cores`` cores."""
+    if not isinstance(plan, Plan) or plan.kind not in _RUNNERS:
+        raise ValueError(
+            f"plan must be a Plan of kind {', '.join(map(repr, _RUNNERS))}; got {plan!r}."
+        )
+    fits = {
+        "dense": num_cores == 1 or 0 < plan.split < num_cores,
+        "twoblock": 0 < plan.split < num_cores and plan.first in ("left", "right"),
+        "chain": len(plan.steps) == num_cores,  # one step per core: the input meets them all
+    }[plan.kind]
+    if not fits or plan.chunks < 1:
+        raise ValueError(
+            f"plan {plan} does not fit a chain of {num_cores} cores (see "
+            "ttlayers.planner.candidate_plans for the plans of a layer)."
+        )
+
+
+def _autocast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # As autocast casts the arguments of F.linear: float64 tensors keep their dtype.
+    return tensor if tensor.dtype == torch.float64 else tensor.to(dtype)
+
+
 def tt_linear(
     input: torch.Tensor,
     cores: Sequence[torch.Tensor],
@@ -539,7 +578,8 @@ def tt_linear(
     """``y = input W^T + bias`` for the TT matrix ``W`` of ``cores``, as ``F.linear`` does.
 
     Under ``torch.autocast`` the input, the cores and the bias are cast to the autocast dtype
-    first, and everything runs in it (products accumulate in float32), as ``F.linear`` does.
+    first, except float64 ones, and everything runs in it (products accumulate in float32), as
+    ``F.linear`` does.
 
     Args:
         input: Shape ``(*, prod m_k)``.
@@ -565,7 +605,15 @@ def tt_linear(
     ):
         # The fast path of inference: unchanged cores, their blocks at hand (see above).
         entry = _inference_entry(cores)
-        if entry is not None and input.dim() > 0 and input.shape[-1] == entry.in_features:
+        if (
+            entry is not None
+            and input.dim() > 0
+            and input.shape[-1] == entry.in_features
+            and input.dtype == entry.dtype
+            and (
+                bias is None or (bias.shape == (entry.out_features,) and bias.dtype == entry.dtype)
+            )
+        ):  # else the general path, whose checks name what is wrong
             in_modes, out_modes, ranks = entry.shapes
             batch_shape = input.shape[:-1]
             batch = math.prod(batch_shape)
@@ -577,20 +625,36 @@ def tt_linear(
                 y = _twoblock_inference(x, cores, bias, chosen, entry)
                 return y.reshape(*batch_shape, math.prod(out_modes))
     in_modes, out_modes, ranks = core_shapes(cores)
+    check_real_floating(cores[0].dtype, "the cores' dtype")
+    check_real_floating(input.dtype, "input's dtype")
     m, n = math.prod(in_modes), math.prod(out_modes)
     if input.dim() == 0 or input.shape[-1] != m:
         raise ValueError(
             f"tt_linear expected input of shape (*, {m}), the product of the cores' input modes "
             f"{in_modes}; got shape {tuple(input.shape)}."
         )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(
+            f"tt_linear expected bias of shape ({n},), the product of the cores' output modes "
+            f"{out_modes}; got shape {tuple(bias.shape)}."
+        )
+    if plan is not None:
+        _check_plan(plan, len(cores))
     batch_shape = input.shape[:-1]
     batch = math.prod(batch_shape)
     x = input.reshape(batch, m)  # (B, M)
     if autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        x = x.to(dtype)
-        cores = [core.to(dtype) for core in cores]
-        bias = None if bias is None else bias.to(dtype)
+        x = _autocast(x, dtype)
+        cores = [_autocast(core, dtype) for core in cores]
+        bias = None if bias is None else _autocast(bias, dtype)
+    if x.dtype != cores[0].dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(
+            "tt_linear expected the input, the cores and the bias in one dtype; got input "
+            f"{x.dtype}, cores {cores[0].dtype}"
+            + ("" if bias is None else f", bias {bias.dtype}")
+            + "."
+        )
     if plan is None:
         # A trace gets the inference plan whatever the grad mode: torch.jit.trace checks its
         # graph by tracing again, without gradients, and a traced model is for deployment.

@@ -14,6 +14,7 @@ from ttlayers import decomposition
 from ttlayers.calibration import ActivationStatistics, fit_tt
 from ttlayers.contraction import (
     autocast_enabled,
+    check_real_floating,
     check_same_kind,
     core_shapes,
     tt_linear,
@@ -119,6 +120,8 @@ class TTLinear(nn.Module):
         self.in_features = math.prod(self.in_modes)  # a Python int, even from a NumPy one
         self.out_features = math.prod(self.out_modes)
         ranks = resolve_ranks(rank, self.in_modes, self.out_modes)
+        if dtype is not None:
+            check_real_floating(dtype, "dtype")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(ranks[k], m, n, ranks[k + 1], **factory))
