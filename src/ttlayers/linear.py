@@ -215,7 +215,8 @@ class TTLinear(nn.Module):
         For code written against ``nn.Linear`` that reads ``.weight``, such as the fast path
         of ``nn.TransformerEncoderLayer`` in eval mode, or a check of its dtype or device. The
         same as :meth:`to_dense`: differentiable with respect to the cores, the size of the
-        dense weight, not a parameter (change the cores to change the layer). It warns (once
+        dense weight, not a parameter: writing into it in place (``nn.init.zeros_``,
+        ``mul_``) changes a copy and is lost; change the cores to change the layer. It warns (once
         per place that reads it, under Python's default filter): code that reads it in every
         forward pass spends the dense layer's time and memory on it. ``dir()`` does not list
         it, so that tools which read every listed attribute (``torch.jit.trace``) do not
