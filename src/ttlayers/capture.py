@@ -118,6 +118,10 @@ class ActivationCapture:
         self.substitutes: dict[nn.Module, nn.Module] = {}
         self._calls: dict[nn.Module, int] = {}
 
+    def calls(self, module: nn.Module) -> int:
+        """How often ``module`` is called in one pass (counted by :meth:`order`)."""
+        return self._calls.get(module, 0)
+
     def session(self) -> contextlib.AbstractContextManager[None]:
         """The context in which passes run (no grad, eval mode, flags restored)."""
         return _calibrating(self.model)

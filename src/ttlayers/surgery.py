@@ -368,9 +368,10 @@ def tensorize_(
         every row of a layer's input (every token, padding included) is a sample. The
         statistics are float64 sums on the layer's device; only one layer's exist at a time.
         A layer called several times in one forward pass is fitted to the inputs of all its
-        calls, but those of its later calls come from its own original earlier calls: the
-        report's output errors are measured on those inputs, and in the converted model such
-        a layer's error can be larger.
+        calls, those of its later calls coming from its own original earlier calls; it is
+        then fitted once more to the inputs its converted earlier calls produce, and the
+        report's output errors are measured on those (its error in the converted model can
+        still differ a little: the second fit changes them again).
 
     One budget (``compression`` or ``params``):
         Every selected layer's shape, among plain low rank and balanced TT shapes of 2 and 3
@@ -725,6 +726,26 @@ def _convert(
                     samples = stats.count
                 del stats
                 layer = TTLinear.from_cores(fit.cores, fit.bias)
+                if capture.calls(linear) > 1:
+                    # The inputs of its later calls came from its own original earlier calls:
+                    # fit once more to the inputs the converted layer gives them (one step
+                    # towards the fixed point), and report the errors on those inputs.
+                    capture.substitutes[linear] = layer
+                    stats = capture.statistics(
+                        linear, linear.in_features, linear.weight.device, paired=True
+                    )
+                    fit = fit_tt(
+                        weight,
+                        stats,
+                        in_modes,
+                        out_modes,
+                        rank=list(ranks),
+                        bias=bias,
+                        ridge=ridge,
+                        sweeps=sweeps,
+                    )
+                    del stats
+                    layer = TTLinear.from_cores(fit.cores, fit.bias)
                 layer.conversion_error = fit.weight_error
             except (ValueError, TypeError, RuntimeError) as error:
                 raise _wrap(layer_names, error) from error
