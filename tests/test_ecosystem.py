@@ -187,6 +187,38 @@ def test_compile_dynamic_batch_of_a_chunked_plan_compiles_once_per_plan(fresh_dy
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("build", [make_model, _wide_model], ids=["small", "wide"])
+def test_compile_with_a_data_dependent_batch_size(fresh_dynamo, build):
+    # Rows picked by a mask (token routing, as in a mixture of experts) have a size known only
+    # from the data (unbacked), which no guard can compare: before, choosing the plan failed
+    # ("Could not guard on data-dependent expression"). nn.Linear compiles there.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = build()
+    width = model[0].in_features
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def routed(x, mask):
+        return model(x[mask])
+
+    compiled = torch.compile(routed, backend=counter, fullgraph=True)
+    reference = _dense_float64(model)
+    capture = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+    generator = torch.Generator().manual_seed(0)
+    for rows in (7, 300, 2000):
+        x = torch.randn(rows, width, generator=generator, requires_grad=True)
+        mask = torch.rand(rows, generator=generator) > 0.5
+        with capture:
+            y = compiled(x, mask)
+        x_ref = x.detach().double().requires_grad_(True)
+        y_ref = reference(x_ref[mask])
+        assert_close(y.double(), y_ref, **EXPORT_TOL)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        assert_close(x.grad.double(), x_ref.grad, **EXPORT_TOL)
+    assert counter.frame_count <= 2  # static for the first shape, then one dynamic graph
+
+
 def test_compile_sees_ranks_changed_by_load_state_dict(fresh_dynamo):
     # The plan is baked into the graph as a constant; Dynamo's guards on the cores' shapes must
     # throw it away when loading a checkpoint of other ranks resizes the cores.

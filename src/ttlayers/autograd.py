@@ -126,6 +126,12 @@ def is_one(size: int | torch.SymInt) -> bool:
         from torch.fx.experimental.symbolic_shapes import statically_known_true
 
         return bool(statically_known_true(size == 1))
+    if torch.compiler.is_compiling():
+        # Dynamo shows symbolic sizes as ints. A data-dependent (unbacked) size, such as the
+        # rows of x[mask], cannot be compared: false, with no guard.
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+        return bool(guard_or_false(size == 1))
     return not jit_tracing() and size == 1
 
 

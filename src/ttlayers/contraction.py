@@ -245,7 +245,7 @@ def _run_twoblock(
     m1, _, n1 = left.shape  # (M1, r, N1)
     m2, _, n2 = right.shape  # (M2, r, N2)
     first, second = (right, left) if plan.first == "right" else (left, right)
-    keep = planning_size(batch) <= plan.save_max_batch
+    keep = _known_at_least(plan.save_max_batch, planning_size(batch))
     layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, keep, plan.chunks)
     if not needs_grad or tracing:  # under torch.compile, or autograd through the trace's ops
         return two_block_forward(x, first, second, bias, layout._replace(keep=False))[0]
@@ -539,10 +539,30 @@ def select_plan(
     """
     table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
     plan: Plan = table[0][1]
+    if torch.compiler.is_compiling() or isinstance(batch, torch.SymInt):
+        for lowest, candidate in table[1:]:
+            if _known_at_least(batch, lowest):
+                plan = candidate
+        return plan
     for lowest, candidate in table[1:]:
         if batch >= lowest:
             plan = candidate
     return plan
+
+
+def _known_at_least(size: int | torch.SymInt, bound: int | torch.SymInt) -> bool:
+    """``size >= bound``, with a guard on a symbolic size; false where no guard can decide.
+
+    Under ``torch.compile`` a size computed from data (unbacked: the rows of ``x[mask]``)
+    cannot be compared; the smaller plan, or not keeping the intermediate, is right for any
+    size. (Dynamo shows symbolic sizes as ints.)
+    """
+    symbolic = isinstance(size, torch.SymInt) or isinstance(bound, torch.SymInt)
+    if not (symbolic or torch.compiler.is_compiling()):
+        return size >= bound
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    return bool(guard_or_false(size >= bound))
 
 
 def _check_plan(plan: object, num_cores: int) -> None:
