@@ -153,9 +153,15 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def _own_folders(info: DatasetInfo, data_dir: Path) -> tuple[Path, ...]:
+    """Where files under ``data_dir`` may be: itself, or torchvision's layouts below it (with
+    the default ``~/.pytorch/MNIST``, torchvision's root ``~/.pytorch`` puts them in ``raw``)."""
+    return (data_dir, data_dir / "raw", data_dir / info.folder / "raw")
+
+
 def find_files(info: DatasetInfo, data_dir: Path) -> list[Path] | None:
     """The four files from the first folder that has them all (.gz or unpacked), or None."""
-    for folder in (data_dir, data_dir / info.folder / "raw", *map(Path, info.system_dirs)):
+    for folder in (*_own_folders(info, data_dir), *map(Path, info.system_dirs)):
         paths = [
             next((p for p in (folder / name, folder / name[: -len(".gz")]) if p.is_file()), None)
             for name in FILES
@@ -244,7 +250,7 @@ def load_dataset(
             paths = download(info, data_dir)
         except DataError as error:
             raise DataError(missing_message(dataset, data_dir, str(error))) from None
-    elif paths[0].parent not in (data_dir, data_dir / info.folder / "raw"):
+    elif paths[0].parent not in _own_folders(info, data_dir):
         # A system copy (Debian's package): say so, or a mistyped --data-dir goes unnoticed.
         print(f"Using the {info.title} files in {paths[0].parent} (none in {data_dir}).")
     splits = []
@@ -473,21 +479,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--batch-size", type=int, default=64, help="training batch size (default: 64)")
     add("--test-batch-size", type=int, default=1000, help="test batch size (default: 1000)")
     add("--epochs", type=int, default=2, help="epochs to train (default: 2)")
-    add("--lr", type=float, help="Adam learning rate (default: per model, see DEFAULT_LR)")
-    add("--gamma", type=float, default=0.7, help="learning rate decay per epoch (default: 0.7)")
+    add(
+        "--lr",
+        type=float,
+        help="Adam learning rate (default: 2e-3 for the TT models, 1e-3 for dense and for "
+        "--init seed)",
+    )
+    add(
+        "--gamma",
+        type=float,
+        default=0.7,
+        help="learning rate factor per epoch, in (0, 1] (default: 0.7)",
+    )
     add("--no-accel", action="store_true", help="train on the CPU even if CUDA/MPS is there")
     add("--dry-run", action="store_true", help="quickly check a single pass")
     add("--seed", type=int, default=1, help="random seed (default: 1)")
     add("--log-interval", type=int, default=200, help="batches between log lines (default: 200)")
     add("--save-model", action="store_true", help="save the final model's state_dict")
     # Models.
-    add("--model", choices=("ttnet", "ttmlp", "dense"), help="default: ttnet; see above")
+    add(
+        "--model",
+        choices=("ttnet", "ttmlp", "dense"),
+        help="ttnet: the write-up's 784-50-10 two-core network (default); ttmlp: a 784-1024-10 "
+        "MLP with a TT hidden layer; dense: the same MLP with nn.Linear",
+    )
     add("--init", choices=("library", "seed"), help="ttnet: library (default) or write-up init")
-    add("--rank", type=int, help="TT rank cap (default: per model, see DEFAULT_RANK)")
+    add("--rank", type=int, help="TT rank cap (default: ttnet 50, ttmlp 12, --convert 64)")
     # Convert then fine-tune.
     add("--convert", action="store_true", help="train dense, tensorize_ the hidden layer, tune")
     add("--eps", type=float, help="--convert: relative Frobenius error bound of the TT-SVD")
-    add("--finetune-epochs", type=int, help="--convert: epochs (default: 1)")
+    add("--finetune-epochs", type=int, help="--convert: epochs, 0 for none (default: 1)")
     add("--finetune-lr", type=float, help="--convert: learning rate (default: --lr / 10)")
     add(
         "--calibrate",
@@ -516,8 +537,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if value is not None and value < low:
             parser.error(f"{flag} takes a number >= {low}; got {value}")
     for flag, value in (("--lr", args.lr), ("--finetune-lr", args.finetune_lr)):
-        if value is not None and not value > 0:
-            parser.error(f"{flag} must be positive; got {value}")
+        if value is not None and not 0 < value < math.inf:
+            parser.error(f"{flag} must be positive and finite; got {value}")
+    if not 0 < args.gamma <= 1:
+        parser.error(f"--gamma is a learning rate factor in (0, 1]; got {args.gamma}")
     if args.eps is not None and not 0 < args.eps < 1:
         parser.error(f"--eps is a relative error bound in (0, 1); got {args.eps}")
     if not args.convert:
@@ -596,22 +619,32 @@ def main(argv: list[str] | None = None) -> int:
                 f"Before fine-tuning: plain TT-SVD {plain_before:.2f}%, calibrated on "
                 f"{len(calibration)} images {before:.2f}% (dense {dense_accuracy:.2f}%)"
             )
-        print(f"Fine-tuning, Adam lr {args.finetune_lr:g}:")
-        accuracy, times = fit(
-            model, device, train_loader, test_loader, args, args.finetune_epochs, args.finetune_lr
+        accuracy, times = before, []
+        if args.finetune_epochs:
+            print(f"Fine-tuning, Adam lr {args.finetune_lr:g}:")
+            accuracy, times = fit(
+                model,
+                device,
+                train_loader,
+                test_loader,
+                args,
+                args.finetune_epochs,
+                args.finetune_lr,
+            )
+        tuned = (
+            f" -> fine-tuned {accuracy:.2f}% after {args.finetune_epochs} epoch(s)"
+            if args.finetune_epochs
+            else " (not fine-tuned)"
         )
-        print(
-            f"Conversion: dense {dense_accuracy:.2f}% -> converted {before:.2f}% -> "
-            f"fine-tuned {accuracy:.2f}% after {args.finetune_epochs} epoch(s)"
-        )
+        print(f"Conversion: dense {dense_accuracy:.2f}% -> converted {before:.2f}%{tuned}")
         name = "dense_tensorized"
 
     _, dense = dense_baseline(args.model)
     n = count_parameters(model)
+    speed = f"{sum(times) / len(times):.2f} s/epoch " if times else ""
     print(
         f"Result: {name} on {DATASETS[args.dataset].title}: test accuracy {accuracy:.2f}%, "
-        f"{n:,} parameters (compression {dense / n:.2f}x), "
-        f"{sum(times) / max(len(times), 1):.2f} s/epoch on {device.type}"
+        f"{n:,} parameters (compression {dense / n:.2f}x), {speed}on {device.type}"
     )
     if args.save_model:
         path = Path(f"{args.dataset}_{name}.pt")

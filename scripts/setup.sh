@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) with the CPU build of PyTorch and ttlayers installed editable.
+# Create .venv (if missing) with PyTorch and ttlayers installed editable.
 #   bash scripts/setup.sh                  # library + test/dev tools
 #   bash scripts/setup.sh --fashion-mnist  # also Debian's Fashion-MNIST files, if absent
 set -euo pipefail
@@ -11,10 +11,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 
-# torch first, pinned: this release's CPU wheel lies on our machines' disk, while an unpinned
-# torch (or the project's own "torch>=2.1") would pull a multi-GB CUDA build from PyPI.
+# torch first, pinned: this release's CPU wheel lies on our machines' disk (pip is configured
+# to find it there), while an unpinned torch (or the project's own "torch>=2.4") would pull a
+# multi-GB CUDA build from PyPI. Elsewhere, TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# takes the CPU build from PyTorch's own index.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    pip install "torch==${TORCH_VERSION:-2.13.0}"
+    pip install "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 pip install -e ".[dev]"
 

@@ -126,6 +126,14 @@ def test_load_dataset_normalizes_and_finds_torchvision_layout(mnist, tmp_path):
     assert images.min() == pytest.approx((0 - 0.2860) / 0.3530, abs=1e-3)
 
 
+def test_load_dataset_finds_torchvision_layout_below_the_default_folder(mnist, tmp_path):
+    # The default --data-dir is ~/.pytorch/MNIST; torchvision with root ~/.pytorch puts its
+    # files in ~/.pytorch/MNIST/raw.
+    write_dataset(tmp_path / "MNIST" / "raw", n_train=16, n_test=8)
+    train, test = mnist.load_dataset("mnist", tmp_path / "MNIST", allow_download=False)
+    assert len(train) == 16 and len(test) == 8
+
+
 def test_load_dataset_says_when_it_uses_a_system_copy(mnist, tmp_path, monkeypatch, capsys):
     system = tmp_path / "usr-share"
     write_dataset(system, n_train=4, n_test=4)
@@ -259,8 +267,9 @@ MODES = {
     "dense": ["--model", "dense"],
     "convert": ["--convert"],
     "calibrate": ["--convert", "--calibrate", "64"],
+    "convert-only": ["--convert", "--finetune-epochs", "0"],
 }
-CONVERTS = {"convert", "calibrate"}
+CONVERTS = {"convert", "calibrate", "convert-only"}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -283,12 +292,13 @@ def test_end_to_end(mnist, tiny_data, tmp_path, mode):
     # The log lines of PyTorch's example, 256 images / 16 per batch, every batch logged.
     trains = TRAIN_LINE.findall(out)
     tests = TEST_LINE.findall(out)
-    epochs = 2 if mode in CONVERTS else 1  # --convert: 1 epoch dense + 1 fine-tuning
+    # --convert: 1 epoch dense + 1 fine-tuning (none with --finetune-epochs 0)
+    epochs = 2 if mode in CONVERTS - {"convert-only"} else 1
     assert len(trains) == 16 * epochs
     assert trains[0][:4] == ("1", "0", "256", "0")
     assert trains[15][:4] == ("1", "240", "256", "94")
     # + before fine-tuning; with --calibrate, + plain TT-SVD before fine-tuning too
-    assert len(tests) == epochs + {"convert": 1, "calibrate": 2}.get(mode, 0)
+    assert len(tests) == epochs + {"convert": 1, "calibrate": 2, "convert-only": 1}.get(mode, 0)
     assert all(total == "128" for _, _, total, _ in tests)
     losses = [float(loss) for *_, loss in trains]
     for start in range(0, len(losses), 16):  # training, then fine-tuning
@@ -296,7 +306,8 @@ def test_end_to_end(mnist, tiny_data, tmp_path, mode):
         assert np.mean(last) < 0.9 * np.mean(first), losses
     assert re.search(r"^Parameters: [\d,]+ \(.*compression [\d.]+x\)$", out, re.M)
     assert len(re.findall(r"^Epoch time: [\d.]+ s$", out, re.M)) == epochs
-    assert re.search(r"^Result: .* test accuracy [\d.]+%, .* s/epoch on cpu$", out, re.M)
+    speed = "" if mode == "convert-only" else r" [\d.]+ s/epoch"
+    assert re.search(rf"^Result: .* test accuracy [\d.]+%, .*x\),{speed} on cpu$", out, re.M)
 
     # --save-model wrote the model that was tested last, loadable into a fresh one.
     model_name = "dense" if mode in CONVERTS else MODES[mode][1]
@@ -307,8 +318,10 @@ def test_end_to_end(mnist, tiny_data, tmp_path, mode):
         assert re.search(before, out, re.M)
     if mode in CONVERTS:
         assert "tensorize_: 1 layer(s) converted" in out
-        conversion = r"^Conversion: dense [\d.]+% -> converted [\d.]+% -> fine-tuned"
+        tuned = "not fine-tuned" if mode == "convert-only" else "-> fine-tuned"
+        conversion = rf"^Conversion: dense [\d.]+% -> converted [\d.]+%.*{tuned}"
         assert re.search(conversion, out, re.M)
+        assert "nan" not in out
         # A TTLinear of the same modes takes the checkpoint's ranks when it loads it.
         in_modes, out_modes = mnist.HIDDEN_MODES
         model.hidden = TTLinear(784, mnist.HIDDEN, 1, in_modes=in_modes, out_modes=out_modes)
@@ -333,6 +346,10 @@ def test_end_to_end(mnist, tiny_data, tmp_path, mode):
         (["--model", "ttmlp", "--eps", "0.5"], "--eps applies to --convert only"),
         (["--model", "ttmlp", "--finetune-epochs", "3"], "--finetune-epochs applies"),
         (["--model", "dense", "--rank", "3"], "--rank applies to the TT models"),
+        (["--gamma", "-1"], "--gamma is a learning rate factor in (0, 1]"),
+        (["--gamma", "0"], "--gamma is a learning rate factor in (0, 1]"),
+        (["--lr", "inf"], "--lr must be positive and finite"),
+        (["--convert", "--finetune-lr", "nan"], "--finetune-lr must be positive and finite"),
     ],
 )
 def test_bad_flags_fail_before_any_training(mnist, capsys, argv, message):
