@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-tensorly", action="store_true")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats takes a number >= 1; got {args.repeats}")
 
     w = decaying_matrix(args.size, args.power, args.device)
     in_modes, out_modes = ttlayers.suggest_modes(args.size, args.size, args.num_cores)

@@ -1,7 +1,8 @@
 """Speed and memory of TTLinear against nn.Linear and other ways to apply a TT matrix.
 
 For each case (a layer shape, TT modes and rank, and a batch size) every method gets the
-same cores, bias, input and output gradient, and is timed in one process, interleaved with
+same cores and bias (TensorLy-Torch's layer: its own, of the same shapes), the same input and
+output gradient, and is timed in one process, interleaved with
 the others (one round = one run of each method, so drifting machine load hits all alike;
 each round starts one method later than the one before, so that no method always runs
 right after the same other one, whose memory traffic and freed memory it would inherit),
@@ -145,6 +146,10 @@ class Rebuild(nn.Module):
         return F.linear(x, weight.reshape(self.shape), self.bias)
 
 
+# Every method make_methods may build (tltorch and torch-mpo only when installed).
+METHOD_NAMES = ("dense", "ttlayers", "rebuild", "best-order", "naive-chain", "tltorch", "torch-mpo")
+
+
 def make_methods(case: Case, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     factory = {"device": device, "dtype": dtype}
@@ -235,8 +240,9 @@ def compiled(methods: dict[str, nn.Module], mode: str) -> dict[str, nn.Module]:
 def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     device, dtype = args.device, getattr(torch, args.dtype)
     originals = make_methods(case, device, dtype)
-    if args.methods:
-        originals = {k: v for k, v in originals.items() if k in args.methods or k == "dense"}
+    if args.methods:  # dense and ttlayers always: the ratios and the plans refer to them
+        keep = {*args.methods, "dense", "ttlayers"}
+        originals = {k: v for k, v in originals.items() if k in keep}
     methods = originals if args.compile == "off" else compiled(originals, args.compile)
     generator = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(case.batch, case.in_features, device=device, dtype=dtype, generator=generator)
@@ -496,7 +502,12 @@ def main() -> None:
         help="run every method under torch.compile with this mode (reduce-overhead: CUDA graphs)",
     )
     args = parser.parse_args()
-    args.methods = [m for m in args.methods.split(",") if m]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHOD_NAMES]
+    if unknown:
+        parser.error(f"unknown --methods {', '.join(unknown)}; known: {', '.join(METHOD_NAMES)}")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats takes a number >= 1 and --warmup a number >= 0")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     # ';'-separated: "all", "issue", a full case name, or the beginning of case names.
@@ -513,6 +524,8 @@ def main() -> None:
         )
 
     cases = [c for c in CASES if selected(c)]
+    if not cases:
+        parser.error(f"--cases {args.cases!r} selects no case; see CASES in {__file__}")
     setup = {
         "command": " ".join(["python", *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
