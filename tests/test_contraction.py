@@ -23,7 +23,9 @@ from ttlayers.planner import (
     candidate_plans,
     choose_plan,
     estimate_time,
+    memory_budget,
     pairwise_steps,
+    plan_memory,
     plan_table,
     set_cost_model,
 )
@@ -243,6 +245,64 @@ def test_twoblock_keeps_at_most_the_input_when_over_the_memory_bound():
     assert sum(activations.values()) <= x.numel() * 4 + weight_bytes // 4
     y.sum().backward()
     assert all(c.grad.shape == c.shape for c in cores)
+
+
+# (in_modes, out_modes, ranks): the default 4096 and 8192 layers of rank 16, a 5-core 4096
+# layer, and a layer of very unequal blocks.
+MEMORY_CASES = [
+    ((8, 8, 8, 8), (8, 8, 8, 8), (1, 16, 16, 16, 1)),
+    ((8, 8, 16, 8), (8, 8, 16, 8), (1, 16, 16, 16, 1)),
+    ((4, 4, 8, 8, 4), (4, 4, 8, 8, 4), (1, 16, 16, 16, 16, 1)),
+    ((2, 512), (512, 2), (1, 4, 1)),
+]
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("shape", MEMORY_CASES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_chosen_plans_stay_within_the_memory_of_nn_linear(shape, training, device_type):
+    # Before: above about 2048 rows the CPU planner stopped chunking the 4096 layer (one
+    # chunk's intermediate no longer fit the cache, so chunks seemed to gain nothing) and
+    # held an intermediate 8x the input, 1 GiB at 2048 rows, twice as slow as 128 chunks;
+    # training chain plans kept every einsum intermediate (2x nn.Linear's memory); a kept
+    # intermediate's per-row products were N_s / N_f times its size. GPUs never chunked.
+    for threads in (1, 2):
+        for batch in (1, 64, 2048, 4096, 16384, 1 << 20):
+            plan = choose_plan(
+                batch, *shape, device_type=device_type, threads=threads, training=training
+            )
+            used = plan_memory(plan, batch, *shape, training=training)
+            assert used <= memory_budget(batch, *shape[:2]), (batch, plan)
+
+
+def test_plan_memory_is_what_autograd_keeps():
+    # The estimates the bound relies on, against what runs (measured exactly with saved-tensor
+    # hooks): for a chain, the intermediates autograd saves; for a two-block plan that keeps
+    # its intermediate, no more than the estimate, which adds what the backward pass makes.
+    torch.manual_seed(0)
+    for in_modes, rank, batch in (((4, 4, 8, 8, 4), 16, 64), ((4, 4, 4, 4), 4, 100)):
+        cores = [c.float().requires_grad_() for c in make_cores(in_modes, in_modes, rank)]
+        ranks = (1, *(c.shape[3] for c in cores))
+        for plan in candidate_plans(batch, in_modes, in_modes, ranks):
+            if plan.kind == "dense" or (plan.kind == "twoblock" and batch > plan.save_max_batch):
+                continue
+            x = torch.randn(batch, math.prod(in_modes), requires_grad=True)
+            known = {t.untyped_storage().data_ptr() for t in (x, *cores)}
+            saved: dict[int, int] = {}
+
+            def pack(t, known=known, saved=saved):
+                if t.untyped_storage().data_ptr() not in known:
+                    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // 4
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                tt_linear(x, cores, plan=plan)
+            kept = sum(saved.values())
+            estimate = plan_memory(plan, batch, in_modes, in_modes, ranks, training=True)
+            if plan.kind == "chain":
+                assert kept == estimate
+            else:  # the blocks and Z kept; the backward adds gradients and per-row products
+                assert kept <= estimate
 
 
 def test_inference_reuses_blocks_only_while_the_cores_are_unchanged():

@@ -31,6 +31,7 @@ another plan's range).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +50,9 @@ __all__ = [
     "chain_equation",
     "choose_plan",
     "estimate_time",
+    "memory_budget",
     "pairwise_steps",
+    "plan_memory",
     "plan_table",
     "set_cost_model",
 ]
@@ -393,6 +396,76 @@ def estimate_time(
     return _TIMERS[plan.kind](costing, plan, batch, in_modes, out_modes, ranks, training)
 
 
+def memory_budget(batch: int, in_modes: Sequence[int], out_modes: Sequence[int]) -> int:
+    """Elements of working memory a plan may use: about what ``nn.Linear`` takes to train.
+
+    Its weight and weight gradient (``2 M N``), its output and its input gradient
+    (``B (M + N)``), and one more weight-sized buffer (a dense plan's two half-blocks):
+    ``3 M N + B (M + N)``. A plan that needs more than this is never chosen while another
+    fits: it bounds the intermediates that grow with the batch, such as an unchunked
+    two-block product's (``B M_s r N_f``, often several times the input).
+    """
+    m, n = math.prod(in_modes), math.prod(out_modes)
+    return 3 * m * n + batch * (m + n)
+
+
+def plan_memory(
+    plan: Plan,
+    batch: int,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
+    *,
+    training: bool = True,
+) -> int:
+    """Elements of the largest intermediates ``plan`` holds at once (an estimate, to bound).
+
+    ``"dense"``: ``W`` (and its gradient in training). ``"twoblock"``: the two blocks (and
+    their gradients), a chunk's intermediate and, in training, the backward pass's products
+    of the same size (or the kept intermediate with its per-row products). ``"chain"``: in
+    training every intermediate, which autograd keeps for the backward pass; in inference the
+    largest step. The cores' own merges, within these, are not counted.
+    """
+    m, n = math.prod(in_modes), math.prod(out_modes)
+    shapes = _core_shapes(in_modes, out_modes, ranks)
+    if plan.kind in ("dense", "twoblock"):
+        s = plan.split
+        # Partial merges of the cores into the blocks (kept by autograd in training).
+        merges = _partial_merges(shapes[:s]) + _partial_merges(shapes[s:]) if s else 0
+        blocks = sum(math.prod(shape) for shape in shapes)  # for d == 1, the one block
+        if s:
+            m1, m2, n1, n2, r = _blocks(plan, in_modes, out_modes, ranks)
+            blocks = r * (m1 * n1 + m2 * n2)
+    if plan.kind == "dense":
+        return 2 * m * n + blocks + merges if training else m * n + blocks
+    if plan.kind == "twoblock":
+        ms, mf, ns, nf = (m1, m2, n1, n2) if plan.first == "right" else (m2, m1, n2, n1)
+        rows = -(-batch // plan.chunks)
+        if not training:
+            return blocks + rows * ms * r * nf
+        grads = 2 * blocks + merges  # the blocks, their gradients and the merges
+        if plan.chunks == 1 and batch <= plan.save_max_batch:  # Z kept, then Z g^T per row
+            return grads + batch * ms * r * (nf + ns)
+        return grads + 2 * rows * r * max(ms * nf, mf * ns)  # dZ and Q (or Z), a chunk
+    operands = _chain_operand_shapes(batch, in_modes, out_modes, ranks)
+    sizes: dict[str, int] = {}
+    for term, shape in zip(plan.equation.split("->")[0].split(","), operands, strict=True):
+        sizes.update(zip(term, shape, strict=True))
+    results = [math.prod(sizes[a] for a in step.split("->")[1]) for _, _, step in plan.steps]
+    if training:
+        return sum(results[:-1]) + results[-1]
+    return max(a + b for a, b in itertools.pairwise([batch * m, *results]))
+
+
+def _partial_merges(shapes: Sequence[tuple[int, int, int, int]]) -> int:
+    """Elements of the partial products of merging ``shapes`` left to right (not the last)."""
+    total, (ra, m, n, _) = 0, shapes[0]
+    for _, p, q, rb in shapes[1:-1]:
+        m, n = m * p, n * q
+        total += ra * m * n * rb
+    return total
+
+
 def _costing(dtype: torch.dtype, device_type: str, threads: int) -> _Costing:
     model = _cost_model(device_type)
     units = max(1, threads) if device_type == "cpu" else 1
@@ -491,8 +564,9 @@ def candidate_plans(
     ``"dense"`` at every split; ``"twoblock"`` at every split and in both orders, unchunked
     (keeping the intermediate up to the memory bound) and, where the device has a
     ``cache_bytes``, in as many chunks of rows as keep each chunk's intermediate within it
-    (at most ``max_chunks``); and the ``"chain"`` of opt_einsum's FLOP-optimal order. For
-    ``d == 1`` only ``"dense"``.
+    (at most ``max_chunks``), or in more where the intermediate would not fit
+    :func:`memory_budget` otherwise; and the ``"chain"`` of opt_einsum's FLOP-optimal order.
+    For ``d == 1`` only ``"dense"``.
 
     Args:
         batch: Number of input rows (``>= 0``).
@@ -513,19 +587,26 @@ def candidate_plans(
         return [Plan("dense")]
     plans = [Plan("dense", split=s) for s in range(1, d)]
     budget = 2 * math.prod(in_modes) * math.prod(out_modes)  # nn.Linear's weight and gradient
+    memory = memory_budget(batch, in_modes, out_modes)
     costing = _costing(dtype, device_type, threads)
     for s in range(1, d):
         m1, m2 = math.prod(in_modes[:s]), math.prod(in_modes[s:])
         n1, n2 = math.prod(out_modes[:s]), math.prod(out_modes[s:])
-        for first, per_row in (("right", m1 * n2), ("left", m2 * n1)):
-            row_elements = max(1, ranks[s] * per_row)  # of the intermediate
-            keep = budget // row_elements
+        for first, (ms, nf, ns) in (("right", (m1, n2, n1)), ("left", (m2, n1, n2))):
+            row_elements = max(1, ranks[s] * ms * nf)  # of the intermediate
+            # Z is kept only while it, and the per-row products of the backward pass that
+            # uses it (M_s r N_s a row), stay within the budget.
+            keep = budget // max(row_elements, ranks[s] * ms * ns)
             plans.append(Plan("twoblock", split=s, first=first, save_max_batch=keep))
-            if costing.cache_bytes:
+            chunks = 1
+            if costing.cache_bytes:  # each chunk's intermediate in the cache
                 chunks = -(-batch * row_elements * costing.itemsize // costing.cache_bytes)
-                chunks = min(chunks, batch, costing.model.max_chunks)
-                if chunks > 1:
-                    plans.append(Plan("twoblock", split=s, first=first, chunks=chunks))
+                chunks = min(chunks, costing.model.max_chunks)
+            # At least as many as keep the intermediate within the memory bound (on GPUs,
+            # which have no cache_bytes, the only reason to chunk).
+            chunks = min(max(chunks, -(-batch * row_elements // memory)), batch)
+            if chunks > 1:
+                plans.append(Plan("twoblock", split=s, first=first, chunks=chunks))
     plans.append(_chain_plan(max(batch, 1), in_modes, out_modes, ranks))
     return plans
 
@@ -544,6 +625,9 @@ def choose_plan(
 ) -> Plan:
     """The candidate plan with the least estimated time (ties: the first candidate).
 
+    Only plans within :func:`memory_budget` (by :func:`plan_memory`) compete, unless none is;
+    then the one that needs the least memory is chosen.
+
     For training, a ``"dense"`` plan must be estimated more than ``DENSE_TRAINING_MARGIN``
     faster than the best other plan to be chosen: it makes a gradient of the size of ``W``,
     which the other plans never do.
@@ -557,6 +641,14 @@ def choose_plan(
     )
     if unchunked:
         candidates = [plan for plan in candidates if plan.chunks == 1]
+    # Within the memory nn.Linear would use; if no plan is (never so far), the leanest.
+    bound = memory_budget(max(batch, 1), in_modes, out_modes)
+    footprints = [
+        plan_memory(plan, max(batch, 1), in_modes, out_modes, ranks, training=training)
+        for plan in candidates
+    ]
+    within = [plan for plan, used in zip(candidates, footprints, strict=True) if used <= bound]
+    candidates = within or [candidates[footprints.index(min(footprints))]]
     times = [
         estimate_time(
             plan,
