@@ -92,6 +92,8 @@ CASES = [
     Case("4096 (8,8,8,8) r4 b128", 4096, 4096, 4, 128, M8, M8),
     Case("4096 (8,8,8,8) r64 b128", 4096, 4096, 64, 128, M8, M8),
     Case("4096 (8,8,8,8) r16 b1", 4096, 4096, 16, 1, M8, M8),
+    # A large batch: the intermediate of one unchunked two-block product would be 8x the input.
+    Case("4096 (8,8,8,8) r16 b2048", 4096, 4096, 16, 2048, M8, M8),
     # A transformer MLP projection (LLaMA-7B sizes).
     Case("4096->11008 default r16 b1", 4096, 11008, 16, 1, group="transformer"),
     Case("4096->11008 default r16 b128", 4096, 11008, 16, 128, group="transformer"),
