@@ -248,3 +248,22 @@ def test_even_allocation_names_the_layer_whose_share_is_too_small():
     with pytest.raises(ValueError, match=r"layer '4', 21 parameters, .*smallest TT form"):
         tensorize_(model, compression=30.0, allocation="even")
     assert not any(isinstance(module, TTLinear) for module in model)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_budget_skips_layers_no_factorization_makes_smaller(calibrated):
+    # A 1 -> 64 layer has 64 weights; rank 1 already takes 65. Before, a budget converted it
+    # (1.0x, one parameter more) and counted it against the budget of the others.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64)).double()
+    x = torch.randn(32, 1, dtype=torch.float64)
+    report = tensorize_(model, compression=2.0, calibration=x if calibrated else None)
+    assert [row.name for row in report.layers] == ["2"]
+    assert (
+        report.skipped[0].name == "0" and "not fewer than the dense 64" in report.skipped[0].reason
+    )
+    assert type(model[0]) is nn.Linear
+    assert report.budget == (64 * 64 + 64) // 2  # the budget of the layers converted
+    forced = nn.Sequential(nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64))
+    report = tensorize_(forced, compression=2.0, filter_fn=lambda module, name: True)
+    assert isinstance(forced[0], TTLinear)  # selected by filter_fn: converted regardless

@@ -387,7 +387,8 @@ def tensorize_(
         - Without it, every ``nn.Linear`` whose weight is not shared with another module
           (converting would untie it; select it with ``filter_fn`` to do so anyway) and,
           without a budget, whose TT form at the requested ``rank``/``eps`` has fewer
-          parameters than its dense weight.
+          parameters than its dense weight; with a budget, that has some factorization with
+          fewer (not a layer with one input or one output).
         - Never: layers that are already ``TTLinear``; the model itself; the ``out_proj`` of an
           ``nn.MultiheadAttention`` (which reads ``out_proj.weight`` directly); uninitialized
           lazy layers; layers whose weight is parametrized (``torch.nn.utils.parametrize``) or
@@ -534,6 +535,8 @@ def tensorize_(
                 f"weight is shared with {', '.join(map(repr, shared))}; converting would untie "
                 "it (select it with filter_fn to convert anyway)"
             )
+        if reason is None and budgeted and filter_fn is None:
+            reason = _cannot_shrink(linear)
         if reason is None:
             selected.append((linear, layer_names))
         else:
@@ -600,6 +603,22 @@ def _wrap(names: list[str], error: Exception) -> Exception:
     """The same kind of error, naming the layer (callers catch what from_dense raises)."""
     kind = next(k for k in (ValueError, TypeError, RuntimeError) if isinstance(error, k))
     return kind(f"cannot tensorize layer '{names[0]}': {error}")
+
+
+def _cannot_shrink(linear: nn.Linear) -> str | None:
+    """Why a budget leaves ``linear`` dense, or ``None`` if it does not.
+
+    A layer with one input or one output (or 2 x 2) has no factorization with fewer
+    parameters than its weight.
+    """
+    smallest = linear.in_features + linear.out_features  # rank 1, plain low rank
+    dense = linear.in_features * linear.out_features
+    if smallest < dense:
+        return None
+    return (
+        f"rank 1 already takes {smallest:,} weight parameters, not fewer than the dense "
+        f"{dense:,}: no factorization makes it smaller"
+    )
 
 
 def _shapes(
