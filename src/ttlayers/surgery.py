@@ -20,6 +20,7 @@ Two options turn the plain TT-SVD of each weight into a conversion of the model:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import sys
@@ -725,22 +726,24 @@ def _convert(
                         )
                     )
                     continue
+
+                fit_to = functools.partial(
+                    fit_tt,
+                    weight,
+                    in_modes=in_modes,
+                    out_modes=out_modes,
+                    rank=list(ranks),
+                    bias=bias,
+                    ridge=ridge,
+                    sweeps=sweeps,
+                )
                 stats = capture.statistics(
                     linear,
                     linear.in_features,
                     linear.weight.device,
                     paired=bool(capture.substitutes),
                 )
-                fit = fit_tt(
-                    weight,
-                    stats,
-                    in_modes,
-                    out_modes,
-                    rank=list(ranks),
-                    bias=bias,
-                    ridge=ridge,
-                    sweeps=sweeps,
-                )
+                fit = fit_to(stats)
                 if samples == 0:  # the first layer converted (earlier ones may be skipped)
                     samples = stats.count
                 del stats
@@ -750,20 +753,11 @@ def _convert(
                     # fit once more to the inputs the converted layer gives them (one step
                     # towards the fixed point), and report the errors on those inputs.
                     capture.substitutes[linear] = layer
-                    stats = capture.statistics(
-                        linear, linear.in_features, linear.weight.device, paired=True
+                    fit = fit_to(
+                        capture.statistics(
+                            linear, linear.in_features, linear.weight.device, paired=True
+                        )
                     )
-                    fit = fit_tt(
-                        weight,
-                        stats,
-                        in_modes,
-                        out_modes,
-                        rank=list(ranks),
-                        bias=bias,
-                        ridge=ridge,
-                        sweeps=sweeps,
-                    )
-                    del stats
                     layer = TTLinear.from_cores(fit.cores, fit.bias)
                 layer.conversion_error = fit.weight_error
             except (ValueError, TypeError, RuntimeError) as error:
