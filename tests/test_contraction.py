@@ -266,13 +266,19 @@ def test_chosen_plans_stay_within_the_memory_of_nn_linear(shape, training, devic
     # held an intermediate 8x the input, 1 GiB at 2048 rows, twice as slow as 128 chunks;
     # training chain plans kept every einsum intermediate (2x nn.Linear's memory); a kept
     # intermediate's per-row products were N_s / N_f times its size. GPUs never chunked.
+    # The plan table's choice serves every size up to the next power of two: sizes just
+    # below one count too (a kept intermediate is dropped above save_max_batch, inside a range).
     for threads in (1, 2):
-        for batch in (1, 64, 2048, 4096, 16384, 1 << 20):
-            plan = choose_plan(
-                batch, *shape, device_type=device_type, threads=threads, training=training
-            )
+        table = plan_table(*shape, torch.float32, device_type, threads, training)
+        for batch in (1, 63, 64, 1000, 2047, 2048, 4095, 16383, 16384, (1 << 20) - 1):
+            plan = [plan for lowest, plan in table if batch >= lowest][-1]
             used = plan_memory(plan, batch, *shape, training=training)
             assert used <= memory_budget(batch, *shape[:2]), (batch, plan)
+
+
+def test_plan_memory_refuses_a_twoblock_plan_without_a_split():
+    with pytest.raises(ValueError, match="split"):
+        plan_memory(Plan("twoblock"), 8, (4, 4), (4, 4), (1, 2, 1))
 
 
 def test_plan_memory_is_what_autograd_keeps():

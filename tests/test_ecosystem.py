@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.testing import assert_close
 
+import ttlayers.contraction
 from ttlayers import TTLinear, tensorize_, tt_to_dense
 from ttlayers.contraction import select_plan
 
@@ -329,6 +330,27 @@ def test_export_with_dynamic_batch_matches_dense_float64(build, training, strict
     exported = _export_dynamic_batch(model, torch.randn(8, model[0].in_features), strict)
     # Sizes across several of the planner's batch ranges.
     _check_at_other_batch_sizes(exported, model, (1, 2, 8, 300, 5000))
+
+
+def test_export_with_a_static_batch_keeps_the_eager_plan(monkeypatch):
+    # Only a dynamic batch needs the one plan without chunks; a static export runs the plan
+    # eager code runs for that size (before: non-strict export counted as dynamic too).
+    model = _chunked_model()
+    x = torch.randn(1024, 1024)
+    eager = select_plan(
+        1024, (4, 8, 8, 4), (4, 8, 8, 4), model[0].ranks, torch.float32, "cpu", False
+    )
+    seen = []
+    run_twoblock = ttlayers.contraction._RUNNERS["twoblock"]
+
+    def spy(x, cores, bias, plan, batch):
+        seen.append(plan)
+        return run_twoblock(x, cores, bias, plan, batch)
+
+    monkeypatch.setitem(ttlayers.contraction._RUNNERS, "twoblock", spy)
+    program = torch.export.export(model, (x,))
+    assert seen and seen[-1] == eager
+    _check_at_other_batch_sizes(program.module(), model, (1024,))
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])

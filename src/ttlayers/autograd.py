@@ -53,6 +53,7 @@ __all__ = [
     "EagerTwoBlockProduct",
     "TwoBlockLayout",
     "TwoBlockProduct",
+    "guard_or_false",
     "is_one",
     "jit_tracing",
     "plain_tensors",
@@ -129,10 +130,20 @@ def is_one(size: int | torch.SymInt) -> bool:
     if torch.compiler.is_compiling():
         # Dynamo shows symbolic sizes as ints. A data-dependent (unbacked) size, such as the
         # rows of x[mask], cannot be compared: false, with no guard.
-        from torch.fx.experimental.symbolic_shapes import guard_or_false
-
-        return bool(guard_or_false(size == 1))
+        return guard_or_false(size == 1)
     return not jit_tracing() and size == 1
+
+
+def guard_or_false(condition: bool | torch.SymBool) -> bool:
+    """``condition``, guarded where a guard can decide it, else false (unbacked sizes).
+
+    A size computed from data under ``torch.compile`` cannot be guarded on. PyTorch's
+    ``guard_or_false``; on a torch without it (older than 2.7), plain ``bool``.
+    """
+    from torch.fx.experimental import symbolic_shapes
+
+    decide = getattr(symbolic_shapes, "guard_or_false", None)
+    return bool(decide(condition)) if decide is not None else bool(condition)
 
 
 def row_chunks(x: torch.Tensor, chunks: int) -> Sequence[torch.Tensor]:

@@ -23,6 +23,7 @@ from ttlayers.autograd import (
     EagerTwoBlockProduct,
     TwoBlockLayout,
     TwoBlockProduct,
+    guard_or_false,
     jit_tracing,
     plain_tensors,
     two_block_forward,
@@ -494,7 +495,7 @@ def _exported_dynamic(batch: int | torch.SymInt) -> bool:
     exporting = getattr(torch.compiler, "is_exporting", None)
     if exporting is None or not exporting():
         return False
-    return isinstance(batch, torch.SymInt) or torch.compiler.is_compiling()
+    return isinstance(batch, torch.SymInt) or torch.compiler.is_dynamo_compiling()
 
 
 def planning_size(batch: int | torch.SymInt) -> int | torch.SymInt:
@@ -560,9 +561,7 @@ def _known_at_least(size: int | torch.SymInt, bound: int | torch.SymInt) -> bool
     symbolic = isinstance(size, torch.SymInt) or isinstance(bound, torch.SymInt)
     if not (symbolic or torch.compiler.is_compiling()):
         return size >= bound
-    from torch.fx.experimental.symbolic_shapes import guard_or_false
-
-    return bool(guard_or_false(size >= bound))
+    return guard_or_false(size >= bound)
 
 
 def _check_plan(plan: object, num_cores: int) -> None:
@@ -572,7 +571,7 @@ def _check_plan(plan: object, num_cores: int) -> None:
             f"plan must be a Plan of kind {', '.join(map(repr, _RUNNERS))}; got {plan!r}."
         )
     fits = {
-        "dense": num_cores == 1 or 0 < plan.split < num_cores,
+        "dense": 0 <= plan.split < num_cores,  # 0: all cores merged left to right
         "twoblock": 0 < plan.split < num_cores and plan.first in ("left", "right"),
         "chain": len(plan.steps) == num_cores,  # one step per core: the input meets them all
     }[plan.kind]

@@ -428,6 +428,8 @@ def plan_memory(
     """
     m, n = math.prod(in_modes), math.prod(out_modes)
     shapes = _core_shapes(in_modes, out_modes, ranks)
+    if plan.kind == "twoblock" and not 0 < plan.split < len(shapes):
+        raise ValueError(f"a twoblock plan needs 0 < split < {len(shapes)}; got {plan}.")
     if plan.kind in ("dense", "twoblock"):
         s = plan.split
         # Partial merges of the cores into the blocks (kept by autograd in training).
@@ -592,11 +594,9 @@ def candidate_plans(
     for s in range(1, d):
         m1, m2 = math.prod(in_modes[:s]), math.prod(in_modes[s:])
         n1, n2 = math.prod(out_modes[:s]), math.prod(out_modes[s:])
-        for first, (ms, nf, ns) in (("right", (m1, n2, n1)), ("left", (m2, n1, n2))):
+        for first, (ms, nf) in (("right", (m1, n2)), ("left", (m2, n1))):
             row_elements = max(1, ranks[s] * ms * nf)  # of the intermediate
-            # Z is kept only while it, and the per-row products of the backward pass that
-            # uses it (M_s r N_s a row), stay within the budget.
-            keep = budget // max(row_elements, ranks[s] * ms * ns)
+            keep = budget // row_elements
             plans.append(Plan("twoblock", split=s, first=first, save_max_batch=keep))
             chunks = 1
             if costing.cache_bytes:  # each chunk's intermediate in the cache
@@ -622,11 +622,13 @@ def choose_plan(
     threads: int = 1,
     training: bool = True,
     unchunked: bool = False,
+    largest: int = 0,
 ) -> Plan:
     """The candidate plan with the least estimated time (ties: the first candidate).
 
     Only plans within :func:`memory_budget` (by :func:`plan_memory`) compete, unless none is;
-    then the one that needs the least memory is chosen.
+    then the one that needs the least memory is chosen. With ``largest``, the plan must stay
+    within it at every batch size up to ``largest`` too (it will serve them).
 
     For training, a ``"dense"`` plan must be estimated more than ``DENSE_TRAINING_MARGIN``
     faster than the best other plan to be chosen: it makes a gradient of the size of ``W``,
@@ -641,13 +643,19 @@ def choose_plan(
     )
     if unchunked:
         candidates = [plan for plan in candidates if plan.chunks == 1]
-    # Within the memory nn.Linear would use; if no plan is (never so far), the leanest.
-    bound = memory_budget(max(batch, 1), in_modes, out_modes)
+    # Within the memory nn.Linear would use, at the largest batch served (memory grows with
+    # the batch, but a kept intermediate is dropped above save_max_batch: both ends count);
+    # if no plan is, the leanest.
+    sizes = {max(batch, 1), max(batch, largest, 1)}
     footprints = [
-        plan_memory(plan, max(batch, 1), in_modes, out_modes, ranks, training=training)
+        max(
+            plan_memory(plan, size, in_modes, out_modes, ranks, training=training)
+            - memory_budget(size, in_modes, out_modes)
+            for size in sizes
+        )
         for plan in candidates
     ]
-    within = [plan for plan, used in zip(candidates, footprints, strict=True) if used <= bound]
+    within = [plan for plan, over in zip(candidates, footprints, strict=True) if over <= 0]
     candidates = within or [candidates[footprints.index(min(footprints))]]
     times = [
         estimate_time(
@@ -704,6 +712,7 @@ def plan_table(
             device_type=device_type,
             threads=threads,
             training=training,
+            largest=2 ** (k + 1) - 1,
         )
         if not table or table[-1][1] != plan:
             table.append((0 if k == 0 else 2**k, plan))
