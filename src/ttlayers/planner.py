@@ -420,11 +420,12 @@ def plan_memory(
 ) -> int:
     """Elements of the largest intermediates ``plan`` holds at once (an estimate, to bound).
 
-    ``"dense"``: ``W`` (and its gradient in training). ``"twoblock"``: the two blocks (and
-    their gradients), a chunk's intermediate and, in training, the backward pass's products
-    of the same size (or the kept intermediate with its per-row products). ``"chain"``: in
-    training every intermediate, which autograd keeps for the backward pass; in inference the
-    largest step. The cores' own merges, within these, are not counted.
+    ``"dense"``: ``W`` and the two blocks it is merged from (in training also the gradient
+    of ``W`` and the partial merges of the cores, which autograd keeps). ``"twoblock"``: the
+    two blocks, a chunk's intermediate and, in training, the blocks' gradients, the partial
+    merges, and the backward pass's products of the intermediate's size (or the kept
+    intermediate with its per-row products). ``"chain"``: in training every intermediate,
+    which autograd keeps for the backward pass; in inference the largest step.
     """
     m, n = math.prod(in_modes), math.prod(out_modes)
     shapes = _core_shapes(in_modes, out_modes, ranks)
