@@ -58,6 +58,7 @@ __all__ = [
     "jit_tracing",
     "plain_tensors",
     "row_chunks",
+    "symbolic_size",
     "two_block_forward",
 ]
 
@@ -134,6 +135,14 @@ def is_one(size: int | torch.SymInt) -> bool:
     return not jit_tracing() and size == 1
 
 
+def symbolic_size(*sizes: int | torch.SymInt) -> bool:
+    """Whether any of ``sizes`` may be symbolic, so that comparing it adds a guard.
+
+    A ``SymInt``, or any size while Dynamo traces (it shows symbolic sizes as ints).
+    """
+    return any(isinstance(size, torch.SymInt) for size in sizes) or torch.compiler.is_compiling()
+
+
 def guard_or_false(condition: bool | torch.SymBool) -> bool:
     """``condition``, guarded where a guard can decide it, else false (unbacked sizes).
 
@@ -155,7 +164,7 @@ def row_chunks(x: torch.Tensor, chunks: int) -> Sequence[torch.Tensor]:
     every remainder.
     """
     batch: int | torch.SymInt = x.shape[0]
-    if not (isinstance(batch, torch.SymInt) or torch.compiler.is_compiling()):
+    if not symbolic_size(batch):
         return x.tensor_split(chunks)
     size = batch // chunks
     pieces = [x.narrow(0, k * size, size) for k in range(chunks - 1)]

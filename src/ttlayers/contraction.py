@@ -12,6 +12,7 @@ no search on the hot path and nothing for ``torch.compile`` to break the graph o
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -26,6 +27,7 @@ from ttlayers.autograd import (
     guard_or_false,
     jit_tracing,
     plain_tensors,
+    symbolic_size,
     two_block_forward,
 )
 from ttlayers.planner import Plan, choose_plan, plan_table
@@ -540,13 +542,9 @@ def select_plan(
     """
     table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
     plan: Plan = table[0][1]
-    if torch.compiler.is_compiling() or isinstance(batch, torch.SymInt):
-        for lowest, candidate in table[1:]:
-            if _known_at_least(batch, lowest):
-                plan = candidate
-        return plan
+    at_least = _known_at_least if symbolic_size(batch) else operator.ge  # decided once
     for lowest, candidate in table[1:]:
-        if batch >= lowest:
+        if at_least(batch, lowest):
             plan = candidate
     return plan
 
@@ -558,8 +556,7 @@ def _known_at_least(size: int | torch.SymInt, bound: int | torch.SymInt) -> bool
     cannot be compared; the smaller plan, or not keeping the intermediate, is right for any
     size. (Dynamo shows symbolic sizes as ints.)
     """
-    symbolic = isinstance(size, torch.SymInt) or isinstance(bound, torch.SymInt)
-    if not (symbolic or torch.compiler.is_compiling()):
+    if not symbolic_size(size, bound):
         return size >= bound
     return guard_or_false(size >= bound)
 
