@@ -303,6 +303,25 @@ def test_bad_arguments_leave_model_alone(kwargs, error, match):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rank": 2, "ridge": 0.1}, "ridge=0.1 applies only to a data-aware"),
+        ({"rank": 2, "sweeps": 4}, "sweeps=4 applies only to a data-aware"),
+        ({"rank": 2, "allocation": "even"}, "allocation='even' applies only to a budget"),
+        ({"compression": 4.0, "sweeps": 0}, "sweeps=0 applies only"),
+    ],
+)
+def test_options_that_would_have_no_effect_are_refused(kwargs, match):
+    # Each of these options belongs to one kind of conversion; silently ignoring it would let
+    # a user believe, e.g., that a ridge was applied to a plain TT-SVD.
+    model = make_net()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        tensorize_(model, **kwargs)
+    assert_unchanged(model, before)
+
+
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match=r"nn\.Module"):
         tensorize_(torch.ones(3), rank=2)

@@ -76,6 +76,7 @@ from ttlayers.shapes import resolve_ranks, validate_modes
 __all__ = ["ActivationStatistics", "TTFit", "WeightedProblem", "fit_tt", "weighted_problem"]
 
 _FLOAT = torch.float64
+DEFAULT_RIDGE = 1e-3
 
 
 class ActivationStatistics:
@@ -302,7 +303,8 @@ class WeightedProblem:
         ]
 
 
-def _check_ridge(ridge: object) -> float:
+def check_ridge(ridge: object) -> float:
+    """``ridge`` as a float, checked to be finite and non-negative."""
     if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real):
         raise TypeError(f"ridge must be a non-negative float; got {type(ridge).__name__}.")
     if not 0.0 <= float(ridge) < math.inf:
@@ -377,7 +379,7 @@ def weighted_problem(
     in_modes: Sequence[int],
     *,
     center: bool = True,
-    ridge: float = 1e-3,
+    ridge: float = DEFAULT_RIDGE,
 ) -> WeightedProblem:
     """Set up a layer's data-aware objective in Kronecker-whitened coordinates.
 
@@ -395,7 +397,7 @@ def weighted_problem(
         ValueError: If the statistics are empty or their width is not ``in_features``, the
             modes do not multiply to it, or ``ridge`` is negative.
     """
-    ridge = _check_ridge(ridge)
+    ridge = check_ridge(ridge)
     out_features, in_features = (int(s) for s in weight.shape)
     if statistics.in_features != in_features:
         raise ValueError(
@@ -707,7 +709,7 @@ def fit_tt(
     *,
     rank: int | Sequence[int],
     bias: torch.Tensor | None = None,
-    ridge: float = 1e-3,
+    ridge: float = DEFAULT_RIDGE,
     sweeps: int = 2,
     max_direct: int = 2048,
     cg_steps: int = 25,

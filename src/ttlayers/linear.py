@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ttlayers import decomposition
-from ttlayers.calibration import ActivationStatistics, fit_tt
+from ttlayers.calibration import DEFAULT_RIDGE, ActivationStatistics, fit_tt
 from ttlayers.contraction import (
     autocast_enabled,
     check_real_floating,
@@ -352,7 +352,7 @@ class TTLinear(nn.Module):
         out_modes: Sequence[int] | None = None,
         num_cores: int | None = None,
         inputs: torch.Tensor | ActivationStatistics | None = None,
-        ridge: float = 1e-3,
+        ridge: float | None = None,
     ) -> TTLinear:
         """Convert a dense layer or weight matrix by TT-SVD (Oseledets 2011), or fit it to data.
 
@@ -375,8 +375,9 @@ class TTLinear(nn.Module):
                 :class:`~ttlayers.calibration.ActivationStatistics` (to stream many batches);
                 ``None`` for plain TT-SVD. The ``eps`` guarantee is TT-SVD's and no longer
                 holds for the fitted weight.
-            ridge: With ``inputs``: the relative ridge of the fit, pulling the weight toward
-                the original in input directions the data do not excite.
+            ridge: The relative ridge of the fit, only with ``inputs`` (default ``1e-3``):
+                it pulls the weight toward the original in input directions the data do not
+                excite.
 
         Returns:
             A new ``TTLinear`` with trainable cores; the achieved relative weight error is in
@@ -385,8 +386,9 @@ class TTLinear(nn.Module):
         Raises:
             TypeError: If ``source`` is neither an ``nn.Linear`` nor a 2-D tensor.
             ValueError: If the weight holds NaN or Inf, ``eps`` is outside ``(0, 1)``, a rank
-                is not positive, the modes do not multiply to the sizes, or ``inputs`` have
-                another width than ``in_features`` or hold NaN/Inf.
+                is not positive, the modes do not multiply to the sizes, ``inputs`` have
+                another width than ``in_features`` or hold NaN/Inf, or ``ridge`` is negative
+                or given without ``inputs``.
         """
         if isinstance(source, nn.Linear):
             if isinstance(source.weight, nn.parameter.UninitializedParameter):
@@ -407,6 +409,11 @@ class TTLinear(nn.Module):
                 "source must be an nn.Linear or a 2-D weight tensor (out_features, in_features); "
                 f"got {type(source).__name__}."
             )
+        if ridge is not None and inputs is None:
+            raise ValueError(
+                f"ridge={ridge!r} applies only to a data-aware conversion; pass inputs= or "
+                "leave ridge out."
+            )
         out_features, in_features = weight.shape
         in_modes_t, out_modes_t = validate_modes(
             in_features, out_features, in_modes, out_modes, num_cores
@@ -425,7 +432,7 @@ class TTLinear(nn.Module):
                 out_modes_t,
                 rank=[int(core.shape[3]) for core in cores[:-1]],
                 bias=bias,
-                ridge=ridge,
+                ridge=DEFAULT_RIDGE if ridge is None else ridge,
             )
             layer = cls.from_cores(fit.cores, fit.bias)
             layer.conversion_error = fit.weight_error

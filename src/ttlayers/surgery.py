@@ -42,7 +42,7 @@ from ttlayers.budget import (
     candidate_shapes,
     layer_options,
 )
-from ttlayers.calibration import fit_tt
+from ttlayers.calibration import DEFAULT_RIDGE, check_ridge, fit_tt
 from ttlayers.capture import ActivationCapture
 from ttlayers.contraction import core_shapes
 from ttlayers.decomposition import check_eps
@@ -309,6 +309,42 @@ def _check_budget(compression: object, params: object, rank: object, eps: object
         )
 
 
+def _check_fit_options(
+    allocation: object, ridge: object, sweeps: object, *, budgeted: bool, calibrated: bool
+) -> tuple[str, float, int]:
+    """``allocation``, ``ridge`` and ``sweeps`` checked, with their defaults filled in.
+
+    Each applies to one kind of conversion only; given for another it would have no effect,
+    so that is an error rather than silently ignored.
+    """
+    if allocation is not None and allocation not in ("errors", "even"):
+        raise ValueError(f'allocation must be "errors" or "even"; got {allocation!r}.')
+    if sweeps is not None:
+        if isinstance(sweeps, bool) or not isinstance(sweeps, numbers.Integral):
+            raise TypeError(f"sweeps must be an int >= 0; got {type(sweeps).__name__} {sweeps!r}.")
+        if sweeps < 0:
+            raise ValueError(f"sweeps must be an int >= 0; got {sweeps!r}.")
+    if ridge is not None:
+        check_ridge(ridge)
+    if allocation is not None and not budgeted:
+        raise ValueError(
+            f"allocation={allocation!r} applies only to a budget (compression= or params=); "
+            "none was given."
+        )
+    for name, value in (("ridge", ridge), ("sweeps", sweeps)):
+        if value is not None and not calibrated:
+            raise ValueError(
+                f"{name}={value!r} applies only to a data-aware conversion; pass calibration= "
+                f"or leave {name} out."
+            )
+    # NumPy scalars are accepted; Python numbers go on (int subclasses as plain ints).
+    return (
+        "errors" if allocation is None else str(allocation),
+        DEFAULT_RIDGE if ridge is None else check_ridge(ridge),
+        2 if sweeps is None else int(sweeps),
+    )
+
+
 def _structural_reason(model: nn.Module, linear: nn.Linear, names: list[str]) -> str | None:
     """Why a linear layer cannot be swapped at all, or ``None`` if it can."""
     if "" in names:
@@ -344,9 +380,9 @@ def tensorize_(
     calibration: object = None,
     compression: float | None = None,
     params: int | None = None,
-    allocation: str = "errors",
-    ridge: float = 1e-3,
-    sweeps: int = 2,
+    allocation: str | None = None,
+    ridge: float | None = None,
+    sweeps: int | None = None,
     progress: bool = False,
 ) -> TensorizeReport:
     """Replace, in place, the ``nn.Linear`` layers of ``model`` by ``TTLinear``.
@@ -430,13 +466,13 @@ def tensorize_(
             squared relative errors (:func:`ttlayers.budget.allocate`); ``"even"`` gives every
             layer the same compression and chooses only its shape and ranks within it
             (:func:`ttlayers.budget.allocate_evenly`), for models whose layers' errors are not
-            comparable.
-        ridge: With calibration, the relative ridge of the fit
-            (:func:`ttlayers.calibration.fit_tt`): it pulls the TT weight toward the original
-            in input directions the calibration data do not excite. Small (the default) fits
-            the calibration data closely but can stray far from ``W`` in the other
-            directions; raise it where the model will see inputs unlike the calibration data.
-        sweeps: With calibration, ALS sweeps per layer.
+            comparable. Default ``"errors"``; only with a budget.
+        ridge: The relative ridge of the fit (:func:`ttlayers.calibration.fit_tt`), only with
+            ``calibration``: it pulls the TT weight toward the original in input directions
+            the calibration data do not excite. Small (the default, ``1e-3``) fits the
+            calibration data closely but can stray far from ``W`` in the other directions;
+            raise it where the model will see inputs unlike the calibration data.
+        sweeps: ALS sweeps per layer, only with ``calibration``. Default 2.
         progress: Print one line per layer to stderr (layer k of n, errors, time).
 
     Returns:
@@ -447,7 +483,8 @@ def tensorize_(
         TypeError: If an argument has the wrong type, or ``calibration`` is a one-shot
             iterator.
         ValueError: If ``eps``, ``rank``, ``num_cores``, ``sweeps``, ``ridge``,
-            ``allocation`` or the budget is invalid or they conflict, a selected weight or
+            ``allocation`` or the budget is invalid or they conflict (``allocation`` without a
+            budget, ``ridge`` or ``sweeps`` without ``calibration``), a selected weight or
             activation holds NaN or Inf (naming the layer), a calibration batch fails in the
             model (naming the batch), the calibration data never reach a selected layer, the
             budget is too small, or no layer was selected (listing those that exist).
@@ -474,26 +511,15 @@ def tensorize_(
     """
     _check_arguments(model, rank, eps, filter_fn, num_cores)
     _check_budget(compression, params, rank, eps)
-    if allocation not in ("errors", "even"):
-        raise ValueError(f'allocation must be "errors" or "even"; got {allocation!r}.')
-    given_sweeps: object = sweeps  # typed int, but checked: callers may pass anything
-    if isinstance(given_sweeps, bool) or not isinstance(given_sweeps, numbers.Integral):
-        raise TypeError(f"sweeps must be an int >= 0; got {type(sweeps).__name__} {sweeps!r}.")
-    if sweeps < 0:
-        raise ValueError(f"sweeps must be an int >= 0; got {sweeps!r}.")
-    given_ridge: object = ridge
-    if isinstance(given_ridge, bool) or not isinstance(given_ridge, numbers.Real):
-        raise TypeError(f"ridge must be a number >= 0; got {type(ridge).__name__} {ridge!r}.")
-    if not 0 <= ridge < math.inf:
-        raise ValueError(f"ridge must be a finite number >= 0; got {ridge!r}.")
-    # NumPy scalars are accepted; Python numbers go on (int subclasses as plain ints).
-    ridge, sweeps = float(ridge), int(sweeps)
+    budgeted = compression is not None or params is not None
+    allocation, ridge, sweeps = _check_fit_options(
+        allocation, ridge, sweeps, budgeted=budgeted, calibrated=calibration is not None
+    )
     rank = int(rank) if isinstance(rank, numbers.Integral) else rank
     num_cores = None if num_cores is None else int(num_cores)
     params = None if params is None else int(params)
     compression = None if compression is None else float(compression)
     capture = None if calibration is None else ActivationCapture(model, calibration)
-    budgeted = compression is not None or params is not None
     model_params_before = _count_parameters(model)
 
     # Every nn.Linear, each once, with all the names it is reachable under.
