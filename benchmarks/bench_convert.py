@@ -6,7 +6,8 @@
 
 The matrix is ``W = U diag(s) V^T`` with random orthonormal ``U, V`` and ``s_k = k^-power``
 (a decaying spectrum), in float32. For each setting (``rank`` 16/64/256, ``eps`` 0.1/0.3)
-we report the median wall time over ``--repeats`` runs of
+we report the median wall time over ``--repeats`` interleaved rounds (each round runs the
+methods once, starting from a different one) of
 
 - ``tt_svd``: :func:`ttlayers.tt_svd`, the decomposition alone;
 - ``from_dense``: :meth:`ttlayers.TTLinear.from_dense`, the whole conversion (decomposition,
@@ -54,17 +55,28 @@ def decaying_matrix(size: int, power: float, device: str, seed: int = 0) -> torc
     return ((u * s) @ v.T).to(device)
 
 
-def timed(fn: Callable[[], object], repeats: int, device: str) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def timed_together(
+    fns: dict[str, Callable[[], object]], repeats: int, device: str
+) -> dict[str, tuple[float, object]]:
+    """Median wall time and last result of each function, timed in interleaved rounds.
+
+    Each round runs every function once, starting from a different one, so that a slower or
+    busier stretch of the machine, or the caches one leaves to the next, do not fall on one
+    method only.
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, object] = {}
+    for round_ in range(repeats):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            results[name] = fns[name]()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), results[name]) for name in names}
 
 
 def tensorly_error(w: torch.Tensor, factors: list[torch.Tensor]) -> float:
@@ -112,29 +124,28 @@ def main() -> None:
     settings = [("rank", r) for r in args.ranks] + [("eps", e) for e in args.eps]
     for kind, value in settings:
         kwargs = {kind: value}
-        t_svd, cores = timed(
-            lambda kwargs=kwargs: ttlayers.tt_svd(w, in_modes, out_modes, **kwargs),
-            args.repeats,
-            args.device,
-        )
-        t_layer, layer = timed(
-            lambda kwargs=kwargs: ttlayers.TTLinear.from_dense(
+        # The ranks first (untimed): TensorLy has no error bound and gets the ranks eps chose.
+        ranks = ttlayers.TTLinear.from_dense(
+            w, in_modes=in_modes, out_modes=out_modes, **kwargs
+        ).ranks
+        fns: dict[str, Callable[[], object]] = {
+            "tt_svd": lambda kwargs=kwargs: ttlayers.tt_svd(w, in_modes, out_modes, **kwargs),
+            "from_dense": lambda kwargs=kwargs: ttlayers.TTLinear.from_dense(
                 w, in_modes=in_modes, out_modes=out_modes, **kwargs
             ),
-            args.repeats,
-            args.device,
-        )
+        }
+        if use_tensorly:
+            fns["tensorly"] = lambda ranks=ranks: tensor_train_matrix(tensor, rank=list(ranks))
+        measured = timed_together(fns, args.repeats, args.device)
+        t_svd, cores = measured["tt_svd"]
+        t_layer, layer = measured["from_dense"]
+        assert isinstance(layer, ttlayers.TTLinear)
         error = relative_error(w, cores)
         assert abs(error - layer.conversion_error) < 1e-5
-        ranks = layer.ranks
+        assert layer.ranks == ranks
         tl_time = tl_err = "-"
         if use_tensorly:
-            tl_ranks = list(ranks)  # the same bonds; for eps rows, the ranks eps chose
-            t_tl, tt_matrix = timed(
-                lambda tl_ranks=tl_ranks: tensor_train_matrix(tensor, rank=tl_ranks),
-                args.repeats,
-                args.device,
-            )
+            t_tl, tt_matrix = measured["tensorly"]
             factors = list(tt_matrix.factors)
             assert [f.shape[-1] for f in factors] == list(ranks[1:]), "ranks differ"
             tl_time, tl_err = f"{t_tl:.3f}", f"{tensorly_error(w, factors):.4f}"

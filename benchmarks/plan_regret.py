@@ -87,6 +87,8 @@ def run_case(
     times: dict[int, list[float]] = {i: [] for i in range(len(plans))}
     for round_ in range(args.repeats + 2):
         for i, plan in enumerate(plans):
+            for tensor in (x, *cores, bias):  # each backward writes fresh gradients
+                tensor.grad = None
             started = time.perf_counter()
             if training:
                 tt_linear(x, cores, bias, plan=plan).backward(grad)
