@@ -476,3 +476,47 @@ def test_eps_below_the_working_precision_warns():
         cores = tt_svd(weight.double(), (4, 3), (4, 4), eps=1e-8)
     error = (tt_to_dense(cores) - weight.double()).norm() / weight.double().norm()
     assert error <= 1e-8
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e160])
+def test_the_eps_bound_holds_at_any_scale_of_the_weight(scale, gen):
+    # Float64 squares underflow below ~1e-162 and overflow above ~1e154; the ranks eps picks,
+    # and the errors reported, must not depend on the scale of W. Before, both scales gave
+    # rank 1 and an error of 0.97 for eps = 0.1.
+    w = decaying_matrix(24, 24, 0.1, gen)
+    reference = tt_svd(w, (4, 6), (6, 4), eps=0.1)
+    scaled = tt_svd(w * scale, (4, 6), (6, 4), eps=0.1)
+    assert ranks_of(scaled) == ranks_of(reference)
+    # Relative errors are scale-free: the same to rounding (1e-9 relative).
+    error = relative_error(w * scale, scaled)
+    assert error == pytest.approx(relative_error(w, reference), rel=1e-9)
+    assert error <= 0.1
+    rounded = tt_round(scaled, eps=0.3)
+    assert ranks_of(rounded) == ranks_of(tt_round(reference, eps=0.3))
+    assert tt_relative_error(scaled, rounded) <= 0.3
+
+
+def test_eps_near_the_rounding_of_a_half_precision_result_warns(gen):
+    # The cores come back in bfloat16, rounded by ~2**-8 per entry: eps = 1e-3 cannot hold
+    # (the error lands near 3e-3) and says so; eps = 0.2 is far above that rounding.
+    w = decaying_matrix(24, 24, 0.05, gen).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="rounding the cores to torch.bfloat16"):
+        tt_svd(w, (4, 6), (6, 4), eps=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tt_svd(w, (4, 6), (6, 4), eps=0.2)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "error", "match"),
+    [
+        (np.ones((4, 4)), TypeError, "matrix must be a tensor"),
+        (torch.ones(4, 4, dtype=torch.long), TypeError, "floating-point"),
+        (torch.ones(16), ValueError, "2-D"),
+        (torch.ones(4, 4, device="meta"), ValueError, "meta"),
+    ],
+)
+def test_relative_error_bad_matrix(matrix, error, match):
+    cores = [torch.ones(1, 2, 2, 1), torch.ones(1, 2, 2, 1)]
+    with pytest.raises(error, match=match):
+        relative_error(matrix, cores)

@@ -97,14 +97,23 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _warn_below_precision(eps: float | None, dtype: torch.dtype) -> None:
+def _warn_below_precision(eps: float | None, dtype: torch.dtype, result: torch.dtype) -> None:
     # The bound is kept in the working precision; below a few hundred units of its roundoff
-    # the SVDs' own rounding can exceed it (float32: eps = 1e-8 ends near 1e-6).
+    # the SVDs' own rounding can exceed it (float32: eps = 1e-8 ends near 1e-6). Cores
+    # returned in half precision are rounded once more, by about sqrt(d) units of it.
     resolution = 100 * torch.finfo(dtype).eps
     if eps is not None and eps < resolution:
         warnings.warn(
             f"eps={eps:g} is below what {dtype} can resolve (about {resolution:.0e}); the "
             "error bound cannot be kept that tight. Decompose in float64 for a smaller eps.",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif eps is not None and result != dtype and eps < 10 * torch.finfo(result).eps:
+        warnings.warn(
+            f"eps={eps:g} is close to the rounding of the {result} result (about "
+            f"{torch.finfo(result).eps:.0e} per entry); rounding the cores to {result} can "
+            "exceed the bound. Convert the weight to float32 first for a tighter eps.",
             UserWarning,
             stacklevel=3,
         )
@@ -127,9 +136,31 @@ def _check_cores(
     return shapes
 
 
+def _check_matrix(matrix: object) -> None:
+    if not isinstance(matrix, torch.Tensor):
+        raise TypeError(f"matrix must be a tensor; got {type(matrix).__name__}.")
+    if matrix.dim() != 2:
+        raise ValueError(
+            f"matrix must be 2-D (out_features, in_features); got shape {tuple(matrix.shape)}."
+        )
+    if not matrix.is_floating_point():
+        raise TypeError(f"matrix must be a floating-point tensor; got {matrix.dtype}.")
+
+
 def _norm(tensor: torch.Tensor) -> float:
-    """Frobenius norm accumulated in float64: float32 squares overflow past about 1e19."""
-    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+    """Frobenius norm accumulated in float64, at any scale of the entries.
+
+    Float32 squares overflow past about 1e19; float64 squares overflow past 1e154 and
+    underflow below 1e-162, where a norm of 0 or inf would make every error bound hold. Out
+    of a safe range the entries are scaled by the largest first.
+    """
+    norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+    if 1e-100 < norm < 1e100:  # no square overflowed, and underflowed ones are negligible
+        return norm
+    scale = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+    if scale == 0.0 or not math.isfinite(scale):
+        return scale
+    return scale * float(torch.linalg.vector_norm(tensor / scale, dtype=torch.float64))
 
 
 # --- truncation ----------------------------------------------------------------------------
@@ -163,8 +194,10 @@ def _truncation_rank(
     rank = min(cap, s.numel())
     if tolerance is not None:
         # tails[r] = ||s[r:]||, the error of keeping r values; the smallest r within budget.
-        tails = s.flip(0).square().cumsum(0).flip(0).sqrt()
-        within = (tails <= tolerance).nonzero()
+        # Relative to s[0], so that no square overflows or underflows at any scale of W.
+        top = float(s[0]) if s.numel() and float(s[0]) > 0.0 else 1.0
+        tails = (s / top).flip(0).square().cumsum(0).flip(0).sqrt()
+        within = (tails <= tolerance / top).nonzero()
         rank = min(rank, int(within[0]) if within.numel() else s.numel())
     if zero_scale is not None and s.numel():
         zero = float(s[0]) * zero_scale * torch.finfo(singular_values.dtype).eps
@@ -227,14 +260,7 @@ def tt_svd(
         >>> torch.allclose(tt_to_dense(cores), w)
         True
     """
-    if not isinstance(matrix, torch.Tensor):
-        raise TypeError(f"matrix must be a tensor; got {type(matrix).__name__}.")
-    if matrix.dim() != 2:
-        raise ValueError(
-            f"matrix must be 2-D (out_features, in_features); got shape {tuple(matrix.shape)}."
-        )
-    if not matrix.is_floating_point():
-        raise TypeError(f"matrix must be a floating-point tensor; got {matrix.dtype}.")
+    _check_matrix(matrix)
     out_features, in_features = (int(size) for size in matrix.shape)
     in_modes_t, out_modes_t = validate_modes(in_features, out_features, in_modes, out_modes)
     check_eps(eps)
@@ -243,7 +269,7 @@ def tt_svd(
 
     d = len(in_modes_t)
     work = matrix.detach().to(_working_dtype(matrix.dtype))
-    _warn_below_precision(eps, work.dtype)
+    _warn_below_precision(eps, work.dtype, matrix.dtype)
     # (n_1..n_d, m_1..m_d) -> (m_1, n_1, m_2, n_2, ..., m_d, n_d): core k's middle dims.
     pairs = [axis for k in range(d) for axis in (d + k, k)]
     rest = work.reshape(*out_modes_t, *in_modes_t).permute(pairs).reshape(1, -1)
@@ -335,7 +361,7 @@ def tt_round(
     caps = _bond_caps(rank, in_modes, out_modes)
     dtype = cores[0].dtype
     d = len(cores)
-    _warn_below_precision(eps, _working_dtype(dtype))
+    _warn_below_precision(eps, _working_dtype(dtype), dtype)
     work = _orthogonalize_right([core.detach().to(_working_dtype(dtype)) for core in cores])
     norm = _norm(work[0])
     tolerance = _bond_tolerance(eps, d, norm, work[0].dtype)
@@ -372,11 +398,16 @@ def relative_error(matrix: torch.Tensor, cores: Sequence[torch.Tensor]) -> float
 
     Returns:
         The relative Frobenius error as a float; ``0.0`` when both are zero, ``inf`` when only
-        ``W`` is.
+        ``W`` is, NaN when ``W`` holds NaN.
 
     Raises:
-        ValueError: If the shapes disagree.
+        TypeError: If ``matrix`` is not a 2-D floating-point tensor, or the cores are not
+            floating-point tensors.
+        ValueError: If the shapes disagree, or a tensor is on the meta device.
     """
+    _check_matrix(matrix)
+    if matrix.device.type == "meta":
+        raise ValueError("matrix is on the meta device, which holds no values to compare.")
     _check_cores("cores", cores)
     with torch.no_grad():
         dtype = _working_dtype(torch.promote_types(matrix.dtype, cores[0].dtype))

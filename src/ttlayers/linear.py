@@ -366,8 +366,9 @@ class TTLinear(nn.Module):
                 tensor of shape ``(out_features, in_features)`` (the layer gets no bias).
             rank: Cap on every bond rank (an int), or the ``d - 1`` inner ranks.
             eps: Relative Frobenius error bound in ``(0, 1)``:
-                ``||W - W_tt||_F <= eps * ||W||_F`` is guaranteed. With ``rank`` too, the
-                smaller ranks win. With neither, the decomposition is exact.
+                ``||W - W_tt||_F <= eps * ||W||_F`` is guaranteed (a float16/bfloat16
+                layer adds the rounding of its cores, and warns where that matters). With
+                ``rank`` too, the smaller ranks win. With neither, the decomposition is exact.
             in_modes: ``d`` factors of ``in_features``; chosen automatically when omitted.
             out_modes: ``d`` factors of ``out_features``; chosen automatically when omitted.
             num_cores: ``d`` when the modes are omitted.
