@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -6,22 +7,48 @@ from ttlayers import factorize, max_ranks, suggest_modes
 from ttlayers.shapes import default_num_cores, num_parameters, resolve_ranks, validate_modes
 
 
+def all_factorizations(n, d):
+    """Every multiset of ``d`` factors of ``n``, as descending tuples (brute force)."""
+    divisors = [k for k in range(1, n + 1) if n % k == 0]
+    return {
+        tuple(sorted(combo, reverse=True))
+        for combo in itertools.combinations_with_replacement(divisors, d)
+        if math.prod(combo) == n
+    }
+
+
 @pytest.mark.parametrize(
     ("n", "d"),
-    [(1, 1), (1, 4), (7, 1), (1024, 4), (784, 3), (10, 3), (1021, 3), (4096, 6), (360, 5)],
+    [
+        (1, 1),
+        (1, 4),
+        (7, 1),
+        (1024, 4),
+        (784, 3),
+        (10, 3),
+        (1021, 3),
+        (360, 5),
+        (72, 2),
+        (720, 3),
+        (4608, 3),
+        (1152, 2),
+        (13824, 2),
+        (2310, 4),
+    ],
 )
-def test_factorize_product_length_and_balance(n, d):
+def test_factorize_is_the_most_equal_factorization(n, d):
+    # Reference: all factorizations, enumerated; the most equal has the lexicographically
+    # smallest descending tuple (smallest largest factor, then second largest, ...).
     factors = factorize(n, d)
-    assert len(factors) == d
-    assert math.prod(factors) == n
-    # Balanced: no factor can be split further to even things out by more than its largest prime.
-    assert all(f >= 1 for f in factors)
+    assert len(factors) == d and math.prod(factors) == n
+    assert tuple(sorted(factors, reverse=True)) == min(all_factorizations(n, d))
 
 
 def test_factorize_balanced_and_mountain_ordered():
     assert factorize(1024, 4) == (4, 8, 8, 4)
     assert factorize(4096, 4) == (8, 8, 8, 8)
     assert sorted(factorize(784, 3)) == [7, 8, 14]
+    assert factorize(72, 2) == (8, 9)  # not (6, 12), as handing out primes greedily gave
     # Too few prime factors: padded with 1s, which go to the ends.
     assert factorize(10, 3) == (1, 5, 2)
     assert factorize(13, 3) == (1, 13, 1)

@@ -8,6 +8,7 @@ holds the pure-Python rules that relate them; nothing here touches tensors.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -57,14 +58,52 @@ def _prime_factors(n: int) -> list[int]:
     return factors
 
 
+def _divisors(n: int) -> list[int]:
+    divisors = [1]
+    for p in set(_prime_factors(n)):
+        power = n
+        count = 0
+        while power % p == 0:
+            power //= p
+            count += 1
+        divisors = [d * p**e for d in divisors for e in range(count + 1)]
+    return sorted(divisors)
+
+
+def _most_equal_factors(n: int, count: int) -> tuple[int, ...]:
+    """``count`` factors of ``n``, ascending, whose descending order is smallest."""
+    divisors = _divisors(n)
+
+    @functools.cache
+    def best(rest: int, k: int, low: int) -> tuple[int, ...] | None:
+        # k ascending factors >= low with product rest; the first is at most rest^(1/k).
+        if k == 1:
+            return (rest,) if rest >= low else None
+        found: tuple[int, ...] | None = None
+        for factor in divisors:
+            if factor < low or rest % factor:
+                continue
+            if factor**k > rest:
+                break
+            tail = best(rest // factor, k - 1, factor)
+            if tail is not None and (found is None or tail[::-1] < found[1:][::-1]):
+                found = (factor, *tail)
+        return found
+
+    result = best(n, count, 1)
+    assert result is not None  # (1, ..., 1, n) always qualifies
+    return result
+
+
 def factorize(n: int, num_cores: int) -> tuple[int, ...]:
     """Split ``n`` into ``num_cores`` balanced integer factors.
 
-    Prime factors are handed out largest first to the currently smallest factor, which keeps
-    the factors as equal as the primes allow. Sizes with fewer prime factors than
-    ``num_cores`` are padded with 1s. The result is ordered small-large-small (the largest
-    factors in the middle), because bonds near the ends of a TT chain are capped by the modes
-    there and large end modes waste parameters.
+    Of all the ways to write ``n`` as a product of ``num_cores`` factors, the most equal: the
+    smallest largest factor, then the smallest second largest, and so on (``72`` in two is
+    ``(8, 9)``, not ``(6, 12)``). Sizes with fewer prime factors than ``num_cores`` get
+    factors of 1. The result is ordered small-large-small (the largest factors in the
+    middle), because bonds near the ends of a TT chain are capped by the modes there and
+    large end modes waste parameters.
 
     Args:
         n: The size to factorize, ``n >= 1``.
@@ -85,11 +124,7 @@ def factorize(n: int, num_cores: int) -> tuple[int, ...]:
     """
     _check_positive_int("n", n)
     _check_positive_int("num_cores", num_cores)
-    buckets = [1] * num_cores
-    for p in sorted(_prime_factors(n), reverse=True):
-        smallest = min(range(num_cores), key=lambda k: buckets[k])
-        buckets[smallest] *= p
-    ordered = sorted(buckets)
+    ordered = _most_equal_factors(n, num_cores)
     # Deal the sorted factors alternately to the two ends, so the largest land in the middle.
     left: list[int] = []
     right: list[int] = []
