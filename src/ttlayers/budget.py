@@ -156,7 +156,9 @@ def _rank_path(
     while True:
         best, best_ratio, best_cost = 0, -1.0, 0
         for k in range(1, d):
-            if ranks[k] >= caps[k]:
+            # A bond rank is at most its neighbours' ranks times their cores' sizes: more is
+            # what TT-SVD cannot build (left) or redundant (right).
+            if ranks[k] >= min(caps[k], ranks[k - 1] * sizes[k - 1], ranks[k + 1] * sizes[k]):
                 continue
             gain = energy[k - 1][ranks[k]]
             cost = sizes[k - 1] * ranks[k - 1] + sizes[k] * ranks[k + 1]
@@ -213,13 +215,17 @@ def layer_options(
     return options
 
 
-def _hull(options: Sequence[RankChoice]) -> list[RankChoice]:
-    """The lower convex hull of (parameters, squared error), fewest parameters first."""
-    ordered = sorted(options, key=lambda o: (o.parameters, o.error))
+def _frontier(options: Sequence[RankChoice]) -> list[RankChoice]:
+    """The options no other beats in both parameters and error, fewest parameters first."""
     frontier: list[RankChoice] = []
-    for option in ordered:
+    for option in sorted(options, key=lambda o: (o.parameters, o.error)):
         if not frontier or option.error < frontier[-1].error:
             frontier.append(option)
+    return frontier
+
+
+def _hull(frontier: Sequence[RankChoice]) -> list[RankChoice]:
+    """The lower convex hull of (parameters, squared error) of a frontier, in its order."""
     hull: list[RankChoice] = []
     for option in frontier:
         while len(hull) >= 2:
@@ -237,7 +243,13 @@ def _hull(options: Sequence[RankChoice]) -> list[RankChoice]:
 
 
 def allocate(options: Sequence[Sequence[RankChoice]], budget: int) -> list[RankChoice]:
-    """Choose one option per layer minimizing the summed squared errors within a budget.
+    """Choose one option per layer to minimize the summed squared errors within a budget.
+
+    A greedy on each layer's lower convex hull of (parameters, squared error), the steepest
+    error drop per parameter first, which is optimal at the budgets its steps land on; the
+    budget left over is then spent on the options off the hulls that still fit, the largest
+    error drop first. Between hull steps the result can be a little short of the optimum
+    (the exact choice is a knapsack problem).
 
     Args:
         options: Per layer, its candidate points (:func:`layer_options`).
@@ -259,11 +271,12 @@ def allocate(options: Sequence[Sequence[RankChoice]], budget: int) -> list[RankC
     """
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise TypeError(f"budget must be an int; got {type(budget).__name__}.")
-    hulls = []
+    frontiers = []
     for k, layer in enumerate(options):
         if not layer:
             raise ValueError(f"layer {k} has no options to choose from.")
-        hulls.append(_hull(layer))
+        frontiers.append(_frontier(layer))
+    hulls = [_hull(frontier) for frontier in frontiers]
     position = [0] * len(hulls)
     spent = sum(h[0].parameters for h in hulls)
     if spent > budget:
@@ -292,7 +305,21 @@ def allocate(options: Sequence[Sequence[RankChoice]], budget: int) -> list[RankC
         following = move(k)
         if following is not None:
             heapq.heappush(heap, following)
-    return [hull[p] for hull, p in zip(hulls, position, strict=True)]
+    chosen = [hull[p] for hull, p in zip(hulls, position, strict=True)]
+    while True:  # the leftover: each time, the largest drop of error that still fits
+        best: tuple[float, int, RankChoice] | None = None
+        for k, frontier in enumerate(frontiers):
+            for option in frontier:
+                extra = option.parameters - chosen[k].parameters
+                drop = chosen[k].error ** 2 - option.error**2
+                if extra > 0 and spent + extra <= budget and drop > 0:
+                    if best is None or drop > best[0]:
+                        best = (drop, k, option)
+        if best is None:
+            return chosen
+        _, k, option = best
+        spent += option.parameters - chosen[k].parameters
+        chosen[k] = option
 
 
 def allocate_evenly(
