@@ -526,7 +526,7 @@ def test_from_dense_rejects_bad_inputs():
         TTLinear.from_dense(linear, 2, num_cores=2, inputs=torch.randn(10, 7))
     with pytest.raises(ValueError, match="NaN"):
         TTLinear.from_dense(linear, 2, num_cores=2, inputs=torch.full((10, 8), math.nan))
-    with pytest.raises(ValueError, match="ridge=0.1 applies only to a data-aware"):
+    with pytest.raises(ValueError, match=r"ridge=0\.1 applies only to a data-aware"):
         TTLinear.from_dense(linear, 2, num_cores=2, ridge=0.1)
 
 

@@ -306,7 +306,7 @@ def test_bad_arguments_leave_model_alone(kwargs, error, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"rank": 2, "ridge": 0.1}, "ridge=0.1 applies only to a data-aware"),
+        ({"rank": 2, "ridge": 0.1}, r"ridge=0\.1 applies only to a data-aware"),
         ({"rank": 2, "sweeps": 4}, "sweeps=4 applies only to a data-aware"),
         ({"rank": 2, "allocation": "even"}, "allocation='even' applies only to a budget"),
         ({"compression": 4.0, "sweeps": 0}, "sweeps=0 applies only"),
