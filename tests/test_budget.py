@@ -175,6 +175,19 @@ def test_allocation_leaves_no_single_upgrade_that_fits(seed):
         assert best <= sum(c.error**2 for c in choices) <= 1.10 * best
 
 
+def test_layer_options_check_the_weight_and_shapes():
+    w = torch.randn(32, 32, dtype=F64)
+    with pytest.raises(ValueError, match="in_modes must multiply to in_features=32"):
+        layer_options(w, shapes=[((2, 8), (4, 8))])
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+        layer_options(w.long())
+    with pytest.raises(ValueError, match="weight holds NaN or Inf"):
+        layer_options(w.masked_fill(w > 1, math.nan))
+    # A NumPy integer is a budget like any other.
+    options = [layer_options(w)]
+    assert allocate(options, np.int64(500)) == allocate(options, 500)
+
+
 def test_allocation_rejects_impossible_budgets():
     options = [layer_options(w) for w in LAYERS]
     with pytest.raises(ValueError, match="budget"):

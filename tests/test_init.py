@@ -88,3 +88,17 @@ def test_cores_must_be_a_sequence_of_4d_tensors():
     for bad in (layer.cores[0], [], [torch.ones(3, 3)]):
         with pytest.raises(TypeError, match="non-empty sequence of 4-D tensors"):
             tt_normal_(bad, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_tt_normal_refuses_cores_it_cannot_fill(dtype):
+    # Integer cores rounded every draw to 0 silently; complex ones failed inside clamp.
+    cores = [torch.empty(1, 4, 4, 2, dtype=dtype), torch.empty(2, 4, 4, 1, dtype=dtype)]
+    with pytest.raises(TypeError, match=rf"real floating-point tensors; got {dtype}"):
+        tt_normal_(cores, 0.1)
+
+
+@pytest.mark.parametrize("ranks", [[1], [], [1, 0, 1], [1, 2.0, 1]])
+def test_core_std_needs_positive_integer_ranks(ranks):
+    with pytest.raises(ValueError, match=r"ranks must be the d \+ 1 >= 2 bond ranks"):
+        core_std(ranks, 1.0)

@@ -377,6 +377,18 @@ def test_cores_of_mixed_dtypes_are_a_clear_error():
         TTLinear.from_cores(mixed)
 
 
+def test_from_cores_checks_cores_and_bias_before_building():
+    cores = [core.detach() for core in TTLinear(16, 16, 2, num_cores=2).cores]
+    with pytest.raises(TypeError, match="cores must be a sequence of 4-D tensors; got Tensor"):
+        TTLinear.from_cores(torch.ones(2, 1, 4, 4, 1))
+    with pytest.raises(TypeError, match=r"bias must be a floating-point tensor.*torch\.int64"):
+        TTLinear.from_cores(cores, torch.zeros(16, dtype=torch.int64))
+    with pytest.raises(ValueError, match="bias is on the meta device"):
+        TTLinear.from_cores(cores, torch.zeros(16, device="meta"))
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+        TTLinear.from_cores(cores, torch.zeros(15))
+
+
 def test_numpy_integers_are_accepted_as_sizes_and_ranks():
     layer = TTLinear(np.int64(24), np.int64(6), rank=np.int32(3), num_cores=np.int64(2))
     assert (layer.in_features, layer.out_features, layer.ranks) == (24, 6, (1, 3, 1))

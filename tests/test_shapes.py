@@ -72,6 +72,23 @@ def test_suggest_modes_default_num_cores():
     assert 2 <= default_num_cores(2, 2) <= default_num_cores(2**30, 2) <= 6
 
 
+@pytest.mark.parametrize(
+    ("in_modes", "error", "match"),
+    [
+        ((0, 2), ValueError, "must hold positive ints"),
+        ((), ValueError, "must hold at least one mode"),
+        ((2.5, 2), TypeError, "must hold ints"),
+    ],
+)
+def test_max_ranks_checks_the_modes(in_modes, error, match):
+    # Before: ZeroDivisionError, (1, 1) for no modes, float ranks.
+    out_modes = (2,) * len(in_modes)
+    with pytest.raises(error, match=f"in_modes {match}"):
+        max_ranks(in_modes, out_modes)
+    with pytest.raises(error, match=f"in_modes {match}"):
+        resolve_ranks(4, in_modes, out_modes)
+
+
 def test_max_ranks_are_unfolding_ranks():
     # Bond k: min(prod_{l<=k} m_l n_l, prod_{l>k} m_l n_l).
     assert max_ranks((4, 8, 8, 4), (4, 8, 8, 4)) == (1, 16, 1024, 16, 1)

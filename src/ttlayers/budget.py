@@ -32,13 +32,15 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ttlayers.calibration import ActivationStatistics, weighted_problem
-from ttlayers.shapes import max_ranks, num_parameters, suggest_modes
+from ttlayers.calibration import DEFAULT_RIDGE, ActivationStatistics, weighted_problem
+from ttlayers.decomposition import check_matrix
+from ttlayers.shapes import max_ranks, num_parameters, suggest_modes, validate_modes
 
 __all__ = [
     "RankChoice",
@@ -178,7 +180,7 @@ def layer_options(
     *,
     statistics: ActivationStatistics | None = None,
     center: bool = True,
-    ridge: float = 1e-3,
+    ridge: float = DEFAULT_RIDGE,
     num_cores: Sequence[int] = (2, 3),
     shapes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
 ) -> list[RankChoice]:
@@ -197,10 +199,17 @@ def layer_options(
     Returns:
         The points of every candidate's greedy path, each with fewer parameters than the
         dense layer (except a first point, all ranks 1, that has as many or more).
+
+    Raises:
+        TypeError: If ``weight`` is not a 2-D floating-point tensor.
+        ValueError: If ``weight`` holds NaN or Inf, or a shape's modes do not multiply to
+            its sizes.
     """
+    check_matrix(weight, "weight", finite=True)
     out_features, in_features = (int(s) for s in weight.shape)
     if shapes is None:
         shapes = candidate_shapes(in_features, out_features, num_cores)
+    shapes = [validate_modes(in_features, out_features, i, o) for i, o in shapes]
     limit = in_features * out_features
     options: list[RankChoice] = []
     for in_modes, out_modes in shapes:
@@ -269,8 +278,10 @@ def allocate(options: Sequence[Sequence[RankChoice]], budget: int) -> list[RankC
         >>> sum(c.parameters for c in choices) <= 2048
         True
     """
-    if isinstance(budget, bool) or not isinstance(budget, int):
+    given: object = budget  # checked as what a caller may pass (a NumPy int, say)
+    if isinstance(given, bool) or not isinstance(given, numbers.Integral):
         raise TypeError(f"budget must be an int; got {type(budget).__name__}.")
+    budget = int(given)
     frontiers = []
     for k, layer in enumerate(options):
         if not layer:

@@ -136,15 +136,23 @@ def _check_cores(
     return shapes
 
 
-def _check_matrix(matrix: object) -> None:
+def check_matrix(matrix: object, name: str = "matrix", *, finite: bool = False) -> None:
+    """Check a weight matrix: a 2-D floating-point tensor, with finite values if ``finite``.
+
+    Raises:
+        TypeError: If it is not a floating-point tensor.
+        ValueError: If it is not 2-D, or (``finite``) is on the meta device or holds NaN/Inf.
+    """
     if not isinstance(matrix, torch.Tensor):
-        raise TypeError(f"matrix must be a tensor; got {type(matrix).__name__}.")
+        raise TypeError(f"{name} must be a tensor; got {type(matrix).__name__}.")
     if matrix.dim() != 2:
         raise ValueError(
-            f"matrix must be 2-D (out_features, in_features); got shape {tuple(matrix.shape)}."
+            f"{name} must be 2-D (out_features, in_features); got shape {tuple(matrix.shape)}."
         )
     if not matrix.is_floating_point():
-        raise TypeError(f"matrix must be a floating-point tensor; got {matrix.dtype}.")
+        raise TypeError(f"{name} must be a floating-point tensor; got {matrix.dtype}.")
+    if finite:
+        _check_finite(name, matrix)
 
 
 def _norm(tensor: torch.Tensor) -> float:
@@ -260,7 +268,7 @@ def tt_svd(
         >>> torch.allclose(tt_to_dense(cores), w)
         True
     """
-    _check_matrix(matrix)
+    check_matrix(matrix)
     out_features, in_features = (int(size) for size in matrix.shape)
     in_modes_t, out_modes_t = validate_modes(in_features, out_features, in_modes, out_modes)
     check_eps(eps)
@@ -405,7 +413,7 @@ def relative_error(matrix: torch.Tensor, cores: Sequence[torch.Tensor]) -> float
             floating-point tensors.
         ValueError: If the shapes disagree, or a tensor is on the meta device.
     """
-    _check_matrix(matrix)
+    check_matrix(matrix)
     if matrix.device.type == "meta":
         raise ValueError("matrix is on the meta device, which holds no values to compare.")
     _check_cores("cores", cores)

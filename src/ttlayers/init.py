@@ -33,12 +33,20 @@ def core_std(ranks: Sequence[int], std: float) -> float:
         ``(std^2 / prod_{k=1}^{d-1} r_k) ** (1 / (2 d))``, computed in log space.
 
     Raises:
-        ValueError: If ``std`` is not a positive finite number.
+        ValueError: If ``std`` is not a positive finite number, or ``ranks`` is not at least
+            two positive ints.
     """
     given: object = std  # checked as what a caller may pass, not as annotated
     real = isinstance(given, numbers.Real) and not isinstance(given, bool)
     if not real or not 0 < float(given) < math.inf:  # type: ignore[arg-type]
         raise ValueError(f"std must be a positive finite number; got {std!r}.")
+    given_ranks: Sequence[object] = ranks
+    if len(ranks) < 2 or not all(
+        isinstance(r, numbers.Integral) and int(r) >= 1 for r in given_ranks
+    ):
+        raise ValueError(
+            f"ranks must be the d + 1 >= 2 bond ranks, positive ints; got {tuple(ranks)!r}."
+        )
     d = len(ranks) - 1
     log_var = 2.0 * math.log(std) - sum(math.log(r) for r in ranks[1:-1])
     return math.exp(log_var / (2 * d))
@@ -58,7 +66,8 @@ def tt_normal_(cores: Sequence[torch.Tensor], std: float) -> None:
         std: Target standard deviation of the dense matrix entries, ``> 0``.
 
     Raises:
-        TypeError: If ``cores`` is not a non-empty sequence of 4-D tensors.
+        TypeError: If ``cores`` is not a non-empty sequence of 4-D real floating-point
+            tensors.
         ValueError: If ``std`` is not a positive finite number.
     """
     given: object = cores  # checked as what a caller may pass, not as annotated
@@ -72,6 +81,9 @@ def tt_normal_(cores: Sequence[torch.Tensor], std: float) -> None:
             "cores must be a non-empty sequence of 4-D tensors (r_k, m_k, n_k, r_{k+1}); got "
             f"{type(cores).__name__}."
         )
+    for core in cores:
+        if not core.is_floating_point():  # integers would round to 0, complex has no randn
+            raise TypeError(f"cores must be real floating-point tensors; got {core.dtype}.")
     ranks = [cores[0].shape[0]] + [core.shape[3] for core in cores]
     scale = core_std(ranks, std)
     for core in cores:

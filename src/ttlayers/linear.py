@@ -308,18 +308,38 @@ class TTLinear(nn.Module):
             A ``TTLinear`` on the cores' device and dtype.
 
         Raises:
-            ValueError: If the cores do not chain or the bias has the wrong shape.
-            TypeError: If a core or the bias is not a tensor, or the cores differ in dtype or
-                device.
+            ValueError: If the cores do not chain, or the bias has the wrong shape or is on
+                the meta device while the cores are not.
+            TypeError: If ``cores`` is not a sequence of tensors, the cores differ in dtype
+                or device, or the bias is not a floating-point tensor.
         """
+        given: object = cores  # checked as what a caller may pass, not as annotated
+        if isinstance(given, torch.Tensor) or not isinstance(given, Sequence):
+            raise TypeError(f"cores must be a sequence of 4-D tensors; got {type(given).__name__}.")
         for k, core in enumerate(cores):
             if not isinstance(core, torch.Tensor):
                 raise TypeError(f"cores[{k}] must be a tensor; got {type(core).__name__}.")
         in_modes, out_modes, ranks = core_shapes(cores)
         check_same_kind(cores)
+        out_features = math.prod(out_modes)
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+                raise TypeError(
+                    f"bias must be a floating-point tensor or None; got "
+                    f"{bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__}."
+                )
+            if tuple(bias.shape) != (out_features,):
+                raise ValueError(
+                    f"bias must have shape ({out_features},); got {tuple(bias.shape)}."
+                )
+            if bias.device.type == "meta" and cores[0].device.type != "meta":
+                raise ValueError(
+                    "bias is on the meta device, which holds no values to copy; the cores are "
+                    f"on {cores[0].device}."
+                )
         layer = cls(
             math.prod(in_modes),
-            math.prod(out_modes),
+            out_features,
             rank=ranks[1:-1],
             in_modes=in_modes,
             out_modes=out_modes,
@@ -331,12 +351,6 @@ class TTLinear(nn.Module):
             for param, core in zip(layer.cores, cores, strict=True):
                 param.copy_(core)
             if bias is not None:
-                if not isinstance(bias, torch.Tensor):
-                    raise TypeError(f"bias must be a tensor or None; got {type(bias).__name__}.")
-                if tuple(bias.shape) != (layer.out_features,):
-                    raise ValueError(
-                        f"bias must have shape ({layer.out_features},); got {tuple(bias.shape)}."
-                    )
                 assert layer.bias is not None
                 layer.bias.copy_(bias)
         return layer

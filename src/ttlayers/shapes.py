@@ -273,8 +273,12 @@ def max_ranks(in_modes: Sequence[int], out_modes: Sequence[int]) -> tuple[int, .
         A tuple of ``d + 1`` ints, 1 at both ends.
 
     Raises:
-        ValueError: If the two sequences differ in length.
+        TypeError: If a mode is not an int.
+        ValueError: If a mode is not positive, or the two sequences differ in length or are
+            empty.
     """
+    in_modes = _as_int_tuple("in_modes", in_modes)
+    out_modes = _as_int_tuple("out_modes", out_modes)
     if len(in_modes) != len(out_modes):
         raise ValueError(
             f"in_modes and out_modes must have the same length; got {tuple(in_modes)} and "
