@@ -125,6 +125,29 @@ def test_fit_never_worse_than_tt_svd_and_errors_are_exact(in_modes, out_modes, r
     assert [tuple(c.shape) for c in fit.cores] == [tuple(c.shape) for c in plain]
 
 
+def test_a_worse_als_iterate_is_never_chosen(monkeypatch):
+    # "Never worse than TT-SVD" is a selection among the candidates, not a property of ALS:
+    # with sweeps that only make things worse, a start must win and its errors be reported.
+    import ttlayers.calibration as calibration
+
+    real_sweeps = calibration._sweeps
+
+    def worse_sweeps(start, problem, sweeps, max_direct, cg_steps):
+        iterates = real_sweeps(start, problem, sweeps, max_direct, cg_steps)
+        return [[10.0 * core for core in iterate] for iterate in iterates]
+
+    monkeypatch.setattr(calibration, "_sweeps", worse_sweeps)
+    g = torch.Generator().manual_seed(4)
+    in_modes, out_modes, rank = CASES[3]
+    w = torch.randn(math.prod(out_modes), math.prod(in_modes), dtype=F64, generator=g)
+    b = torch.randn(math.prod(out_modes), dtype=F64, generator=g)
+    x = anisotropic_inputs(300, math.prod(in_modes), g, shift=0.5)
+    fit = fit_tt(w, ActivationStatistics.from_inputs(x), in_modes, out_modes, rank=rank, bias=b)
+    assert fit.chosen in ("tt-svd", "whitened tt-svd")
+    assert fit.output_error <= fit.output_error_start
+    assert fit.output_error == pytest.approx(direct_error(x, w, b, fit.cores, fit.bias), rel=1e-9)
+
+
 def test_plain_low_rank_is_the_closed_form_weighted_svd():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(10, 12, dtype=F64, generator=g)
@@ -153,9 +176,11 @@ def test_whitened_inputs_reduce_to_tt_svd(in_modes, out_modes, rank):
     x = q * math.sqrt(64)
     fit = fit_tt(w, ActivationStatistics.from_inputs(x), in_modes, out_modes, rank=rank)
     plain = tt_to_dense(tt_svd(w, in_modes, out_modes, rank=rank))
-    torch.testing.assert_close(tt_to_dense(fit.cores), plain, rtol=1e-7, atol=1e-9)
-    assert fit.output_error == pytest.approx(fit.weight_error, rel=1e-7)
-    assert fit.weight_error == pytest.approx(fit.weight_error_start, rel=1e-7)
+    # TT-SVD is optimal here, so the fit returns it (measured: identical); 1e-10 allows
+    # for the rounding of the moments the errors come from.
+    torch.testing.assert_close(tt_to_dense(fit.cores), plain, rtol=1e-10, atol=1e-10)
+    assert fit.output_error == pytest.approx(fit.weight_error, rel=1e-10)
+    assert fit.weight_error == pytest.approx(fit.weight_error_start, rel=1e-10)
 
 
 def test_whitened_inputs_three_cores_stay_at_tt_svd_quality():
@@ -229,7 +254,9 @@ def test_conjugate_gradient_path_matches_direct_solves():
     stats = ActivationStatistics.from_inputs(anisotropic_inputs(200, 12, g))
     direct = fit_tt(w, stats, (3, 4), (4, 3), rank=3, sweeps=3)
     iterative = fit_tt(w, stats, (3, 4), (4, 3), rank=3, sweeps=3, max_direct=0, cg_steps=50)
-    assert iterative.output_error == pytest.approx(direct.output_error, rel=1e-4)
+    # 50 steps on local systems of at most 108 unknowns, well conditioned (the ridge):
+    # converged to rounding (measured 2e-14 relative); 1e-9 leaves a margin.
+    assert iterative.output_error == pytest.approx(direct.output_error, rel=1e-9)
 
 
 def test_fit_keeps_dtype_and_refits_bias_in_float32():

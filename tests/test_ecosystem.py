@@ -1002,6 +1002,13 @@ def test_forward_mode_ad_through_the_two_block_function(chunks, keep_below):
         dual = fwAD.make_dual(x, tangent)
         got = fwAD.unpack_dual(tt(dual, *params)).tangent
     assert_close(got, torch.func.jvp(lambda v: dense(v, *params), (x,), (tangent,))[1])
+    # torch.func.jvp above does not reach the Function's jvp (it traces through the forward);
+    # dual tensors do: every input dual, the bias's tangent included.
+    with fwAD.dual_level():
+        # The parameters require grad, so the product runs as the autograd.Function.
+        duals = [fwAD.make_dual(p, t) for p, t in zip((x, *params), all_tangents, strict=True)]
+        got = fwAD.unpack_dual(tt(*duals)).tangent
+    assert_close(got, want, rtol=1e-10, atol=1e-10)
     hessian = torch.func.hessian(lambda v: tt(v.unsqueeze(0), *params).square().sum())(x[0])
     expected = torch.func.hessian(lambda v: dense(v.unsqueeze(0), *params).square().sum())(x[0])
     assert_close(hessian, expected, rtol=1e-10, atol=1e-10)

@@ -401,3 +401,30 @@ def test_tensorize_rejects_bad_arguments_and_leaves_the_model_alone(
         assert torch.equal(model(x), y_before)
         return
     assert model(x).shape == (2, 8)
+
+
+# The rejection tests above return early on any ValueError/TypeError, so on their own they
+# would pass if valid arguments were refused too. Here every argument is valid: nothing may
+# raise.
+@given(
+    shape=tt_shapes(),
+    data=st.data(),
+    eps=st.one_of(st.none(), st.floats(0.01, 0.99)),
+    seed=seeds,
+)
+def test_valid_arguments_are_accepted(shape, data, eps, seed):
+    in_modes, out_modes = shape
+    in_features, out_features = math.prod(in_modes), math.prod(out_modes)
+    rank = data.draw(rank_arguments(len(in_modes)))
+    layer = TTLinear(in_features, out_features, rank, in_modes=in_modes, out_modes=out_modes)
+    _check_layer(layer, in_features, out_features)
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, dtype=torch.float64, generator=generator)
+    converted = TTLinear.from_dense(weight, rank, eps=eps, in_modes=in_modes, out_modes=out_modes)
+    _check_layer(converted, in_features, out_features)
+    _check_layer(layer.round(rank, eps=eps), in_features, out_features)
+    model = nn.Sequential(nn.Linear(in_features, out_features), nn.ReLU())
+    report = tensorize_(
+        model, rank=rank, eps=eps, num_cores=len(in_modes), filter_fn=lambda m, n: True
+    )
+    assert [row.name for row in report.layers] == ["0"] and isinstance(model[0], TTLinear)

@@ -468,15 +468,24 @@ def test_gradients_flow_into_new_cores_and_train():
     assert nn.functional.mse_loss(model(x), target) < loss
 
 
-def test_training_mode_requires_grad_and_state_dict():
+@pytest.mark.parametrize(
+    "kwargs", [{"rank": 2}, {"rank": 2, "calibration": "data"}, {"compression": 2.0}]
+)
+def test_training_mode_requires_grad_and_state_dict(kwargs):
     model = make_net()
     model.eval()
     model.blocks[1].train()
     model.blocks[0].up.weight.requires_grad_(False)
-    tensorize_(model, rank=2)
+    model.blocks[1].up.bias.requires_grad_(False)  # a frozen bias, under a trainable weight
+    if kwargs.get("calibration") == "data":
+        kwargs = {**kwargs, "calibration": torch.randn(64, 16, dtype=torch.float64)}
+    tensorize_(model, **kwargs)
     assert not model.blocks[0].up.training and model.blocks[1].up.training
     assert not any(c.requires_grad for c in model.blocks[0].up.cores)
     assert all(c.requires_grad for c in model.blocks[0].down.cores)
+    assert model.blocks[0].up.bias.requires_grad
+    assert not model.blocks[1].up.bias.requires_grad
+    assert all(c.requires_grad for c in model.blocks[1].up.cores)
     # The converted model round-trips through a state_dict.
     clone = copy.deepcopy(model)
     clone.load_state_dict(model.state_dict())
@@ -599,10 +608,12 @@ def test_load_tensorized_keeps_flags_and_layers_that_already_fit():
     fresh = make_net()
     fresh.blocks[0].eval()
     fresh.blocks[0].up.weight.requires_grad_(False)
+    fresh.blocks[1].up.bias.requires_grad_(False)
     load_tensorized_(fresh, model.state_dict())
     assert not fresh.blocks[0].up.training and fresh.blocks[1].up.training
     assert not any(core.requires_grad for core in fresh.blocks[0].up.cores)
     assert fresh.blocks[0].up.bias.requires_grad
+    assert not fresh.blocks[1].up.bias.requires_grad
     # A layer already of the stored modes stays the same module (an optimizer keeps it).
     kept = fresh.blocks[1].down
     load_tensorized_(fresh, model.state_dict())
