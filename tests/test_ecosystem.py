@@ -1014,6 +1014,39 @@ def test_forward_mode_ad_through_the_two_block_function(chunks, keep_below):
     assert_close(hessian, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_batched_gradients_of_the_older_vmap(chunks):
+    # torch.autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) batch with the
+    # older vmap, whose tensors have no rule for the chunked backward's out= buffers: before,
+    # "Batching rule not implemented for aten::bmm.out". Reference: the dense float64 weight.
+    from ttlayers.contraction import tt_linear
+    from ttlayers.planner import Plan
+
+    generator = torch.Generator().manual_seed(2)
+    cores = [
+        torch.randn(*shape, dtype=torch.float64, generator=generator, requires_grad=True)
+        for shape in [(1, 4, 4, 3), (3, 4, 2, 1)]
+    ]
+    plan = Plan("twoblock", split=1, first="right", save_max_batch=-1, chunks=chunks)
+    x = torch.randn(7, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    y = tt_linear(x, cores, plan=plan)
+    vectors = torch.randn(3, *y.shape, dtype=torch.float64, generator=generator)
+    (grads,) = torch.autograd.grad(y, x, vectors, is_grads_batched=True)
+    weight = tt_to_dense([core.detach() for core in cores])
+    assert_close(grads, vectors @ weight, rtol=1e-12, atol=1e-12)  # float64 rounding
+
+    def outputs(core):
+        return tt_linear(x.detach(), [core, cores[1].detach()], plan=plan).sum(0)
+
+    def reference(core):
+        return (x.detach() @ tt_to_dense([core, cores[1].detach()]).T).sum(0)
+
+    core = cores[0].detach()
+    jacobian = torch.autograd.functional.jacobian(outputs, core, vectorize=True)
+    expected = torch.autograd.functional.jacobian(reference, core)
+    assert_close(jacobian, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_vmap_per_sample_gradients_through_the_chunked_plan():
     # The chunked plan writes into buffers only for plain tensors; under vmap it must take the
     # allocating path and give each sample its own gradient (float64: 1e-12 is rounding).

@@ -200,17 +200,23 @@ def _forward_chunk(
 def plain_tensors(*tensors: torch.Tensor | None) -> bool:
     """Whether ``tensors`` are ordinary eager tensors, outside every AD transform.
 
-    False while Dynamo or ``torch.jit.trace`` traces, inside a forward-mode AD level, and for
-    the wrapped tensors of ``torch.func`` transforms. Only then may products write into
-    buffers (``out=``, which those have no rules for) or results be cached by value (a cache
-    drops tangents, and a trace would keep the cached values as constants).
+    False while Dynamo or ``torch.jit.trace`` traces, inside a forward-mode AD level, for the
+    wrapped tensors of ``torch.func`` transforms, and for the batched tensors of the older
+    vmap that ``torch.autograd.grad(..., is_grads_batched=True)`` and
+    ``torch.autograd.functional.jacobian(..., vectorize=True)`` use. Only then may products
+    write into buffers (``out=``, which those have no rules for) or results be cached by
+    value (a cache drops tangents, and a trace would keep the cached values as constants).
     """
     # The current forward-mode AD level (-1 outside any); unknown on another torch: say no.
     level = getattr(torch.autograd.forward_ad, "_current_level", None)
     if torch.compiler.is_compiling() or jit_tracing() or level is None or level >= 0:
         return False
-    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return wrapped is not None and not any(t is not None and wrapped(t) for t in tensors)
+    functorch = torch._C._functorch
+    wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    legacy = getattr(functorch, "is_legacy_batchedtensor", None)
+    if wrapped is None or legacy is None:
+        return False
+    return not any(t is not None and (wrapped(t) or legacy(t)) for t in tensors)
 
 
 def _forward_into(
