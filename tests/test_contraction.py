@@ -380,6 +380,48 @@ def test_inference_fast_path_sees_every_change_to_the_cores():
     check()
 
 
+def test_the_inference_cache_leaves_parameters_swappable():
+    # Before, the cache held a weak reference to the first core, and swap_tensors (used by
+    # Module.to() under the swap flag, and by load_state_dict) refused to swap it.
+    layer = TTLinear(1024, 1024, rank=8, in_modes=(4, 8, 8, 4), out_modes=(4, 8, 8, 4))
+    x = torch.randn(1, 1024)
+    with torch.no_grad():
+        layer(x)
+    assert _inference_entry(list(layer.cores)) is not None
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer.to(torch.float64)
+        layer.load_state_dict(layer.state_dict())
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    with torch.no_grad():
+        y = layer(x.double())
+    expected = x.double() @ reference_weight(list(layer.cores)).T + layer.bias
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)  # float64 rounding
+
+
+def test_cores_that_share_one_storage_are_cached_apart():
+    # Views into one flat buffer (as flat-parameter wrappers make): one entry per layer, each
+    # with its own blocks.
+    shapes = [(1, 4, 4, 8), (8, 8, 8, 8), (8, 8, 8, 8), (8, 4, 4, 1)]
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = torch.randn(2 * sum(sizes), dtype=torch.float64)
+    layers = []
+    for offset in (0, sum(sizes)):
+        pieces = flat[offset : offset + sum(sizes)].split(sizes)
+        layers.append([p.view(shape) for p, shape in zip(pieces, shapes, strict=True)])
+    x = torch.randn(1, 1024, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(2):  # the second round from the cache
+            for cores in layers:
+                torch.testing.assert_close(
+                    tt_linear(x, cores), x @ reference_weight(cores).T, rtol=1e-12, atol=1e-12
+                )
+    entries = [_inference_entry(cores) for cores in layers]
+    assert entries[0] is not None and entries[1] is not None and entries[0] is not entries[1]
+
+
 @pytest.mark.parametrize("d", [7, 8])
 def test_many_cores_every_plan_against_the_reference(d):
     # Past 6 cores the chain's order comes from opt_einsum's "dp" search, whose paths have

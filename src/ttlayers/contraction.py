@@ -265,11 +265,14 @@ def _rank_middle_blocks(
 
 
 # Inference on the CPU reuses the blocks while the cores are unchanged: at small batches,
-# merging the cores costs more than the product itself. An entry is keyed weakly by the first
-# core (it goes with the layer) and holds copies of all cores; it is used only if every core
-# still equals its copy (torch.equal: exact, and cheap next to a merge), so no change made to
-# the cores, in place, through .data or by reassignment, can go unseen. It also holds the
-# chain's shapes, so a call that finds it skips the checks of core_shapes.
+# merging the cores costs more than the product itself. An entry holds copies of all cores;
+# it is used only if every core still equals its copy (torch.equal: exact, and cheap next to
+# a merge), so no change made to the cores, in place, through .data or by reassignment, can
+# go unseen. It also holds the chain's shapes, so a call that finds it skips the checks of
+# core_shapes. Entries are keyed weakly by the first core's storage (they go with the layer)
+# and its place in it (cores that are views of one flat buffer each get their own), not by
+# the core itself: a weak reference to a Parameter would stop torch.utils.swap_tensors, and
+# with it Module.to() under torch.__future__.set_swap_module_params_on_conversion(True).
 class _InferenceEntry:
     __slots__ = ("blocks", "dtype", "in_features", "out_features", "prepared", "saved", "shapes")
 
@@ -300,12 +303,26 @@ class _InferenceEntry:
         return self.prepared[key]
 
 
-_block_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_block_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> {place: entry}
+_Place = tuple[int, tuple[int, ...], tuple[int, ...]]
+
+
+def _cache_slot(core: torch.Tensor) -> tuple[dict[_Place, _InferenceEntry], _Place] | None:
+    """The entries kept for ``core``'s storage and the key of its place there, if any."""
+    try:
+        storage = core.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without one: no cache
+        return None
+    slots: dict[_Place, _InferenceEntry] | None = _block_cache.get(storage)  # type: ignore[no-untyped-call]
+    if slots is None:
+        slots = _block_cache[storage] = {}
+    return slots, (int(core.storage_offset()), tuple(core.shape), tuple(core.stride()))
 
 
 def _inference_entry(cores: Sequence[torch.Tensor]) -> _InferenceEntry | None:
     """The cache entry of ``cores`` if they are unchanged since it was made, else ``None``."""
-    entry: _InferenceEntry | None = _block_cache.get(cores[0])  # type: ignore[no-untyped-call]
+    slot = _cache_slot(cores[0])
+    entry = None if slot is None else slot[0].get(slot[1])
     return entry if entry is not None and entry.matches(cores) else None
 
 
@@ -315,9 +332,13 @@ def _cached_entry(cores: Sequence[torch.Tensor]) -> _InferenceEntry | None:
     # tangents or are wrapped by torch.func, whose blocks must be computed from them.
     if cores[0].device.type != "cpu" or not plain_tensors(*cores):
         return None
-    entry = _inference_entry(cores)
-    if entry is None:
-        entry = _block_cache[cores[0]] = _InferenceEntry(cores)
+    slot = _cache_slot(cores[0])
+    if slot is None:
+        return None
+    slots, place = slot
+    entry = slots.get(place)
+    if entry is None or not entry.matches(cores):
+        entry = slots[place] = _InferenceEntry(cores)
     return entry
 
 
