@@ -225,6 +225,29 @@ def test_parametrized_core_is_used_in_forward_and_backward():
     torch.testing.assert_close(layer(x), x @ weight.T + layer.bias, rtol=1e-12, atol=1e-12)
 
 
+def test_loading_other_ranks_into_parametrized_cores_is_refused_untouched():
+    # Before, the load rebuilt the container: the parametrization was dropped silently and the
+    # cores were left half resized, no longer a chain.
+    layer = TTLinear(24, 30, rank=3, in_modes=(3, 4, 2), out_modes=(2, 5, 3)).double()
+    other = TTLinear(24, 30, rank=2, in_modes=(3, 4, 2), out_modes=(2, 5, 3)).double()
+
+    class Doubled(nn.Module):
+        def forward(self, core: torch.Tensor) -> torch.Tensor:
+            return 2 * core
+
+    torch.nn.utils.parametrize.register_parametrization(layer.cores, "0", Doubled())
+    x = torch.randn(4, 24, dtype=torch.float64)
+    before = layer(x).detach()
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"ranks \(1, 2, 2, 1\) differ.*parametrized"):
+            layer.load_state_dict(other.state_dict(), strict=strict)
+    assert torch.nn.utils.parametrize.is_parametrized(layer.cores, "0")
+    assert layer.ranks == (1, 3, 3, 1)
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+    # Same ranks: the state dict of a parametrized layer loads as usual.
+    layer.load_state_dict(layer.state_dict())
+
+
 def test_state_dict_roundtrip_weights_only(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(TTLinear(32, 16, 3), nn.ReLU(), TTLinear(16, 4, 2, bias=False))

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ttlayers import decomposition
 from ttlayers.calibration import DEFAULT_RIDGE, ActivationStatistics, fit_tt
@@ -496,8 +497,10 @@ class TTLinear(nn.Module):
         error_msgs: list[str],
     ) -> None:
         # The cores' shapes record the ranks: a checkpoint of the same modes but other ranks
-        # (say, converted with eps) is adopted by resizing the cores before the copy. Every
-        # check comes first, so a checkpoint that does not fit leaves this layer untouched.
+        # (say, converted with eps) is adopted by resizing the cores before the copy. The
+        # checks of the cores come first, so cores that do not fit leave this layer untouched
+        # (what the default loading then finds, such as a bias of another shape, it reports
+        # after copying what fits, as for any module).
         name = prefix.rstrip(".") or "<root>"
         core_prefix = f"{prefix}cores."
         indices = {
@@ -525,6 +528,19 @@ class TTLinear(nn.Module):
                     f"in_modes={in_modes}, out_modes={out_modes}; this layer has "
                     f"{self.num_cores} with in_modes={self.in_modes}, "
                     f"out_modes={self.out_modes}. Build the layer with the checkpoint's modes."
+                )
+            other_ranks = any(
+                core.shape != tensor.shape for core, tensor in zip(self.cores, tensors, strict=True)
+            )
+            if other_ranks and parametrize.is_parametrized(self.cores):
+                # Resizing would have to go through the parametrizations' originals, and
+                # rebuilding the container below would drop them.
+                raise ValueError(
+                    f"cannot load TTLinear '{name}': the checkpoint's ranks "
+                    f"{(1, *(int(t.shape[3]) for t in tensors))} differ from this layer's "
+                    f"{self.ranks}, and its cores are parametrized. Remove the "
+                    "parametrizations first (torch.nn.utils.parametrize."
+                    "remove_parametrizations), or build the layer with the checkpoint's ranks."
                 )
             resized = False
             for param, tensor in zip(self.cores, tensors, strict=True):
