@@ -205,14 +205,17 @@ def test_plan_is_cached_not_searched_per_call(monkeypatch):
     assert calls == []
 
 
+class Doubled(nn.Module):
+    """A parametrization of a core: twice its stored value."""
+
+    def forward(self, core: torch.Tensor) -> torch.Tensor:
+        return 2 * core
+
+
 def test_parametrized_core_is_used_in_forward_and_backward():
     # torch.nn.utils.parametrize moves a core out of the ParameterList's own dict; the layer
     # must still see all d cores, the parametrized one as its parametrization computes it.
     layer = TTLinear(24, 30, rank=3, in_modes=(3, 4, 2), out_modes=(2, 5, 3)).double()
-
-    class Doubled(nn.Module):
-        def forward(self, core: torch.Tensor) -> torch.Tensor:
-            return 2 * core
 
     torch.nn.utils.parametrize.register_parametrization(layer.cores, "0", Doubled())
     x = torch.randn(4, 24, dtype=torch.float64)
@@ -230,10 +233,6 @@ def test_loading_other_ranks_into_parametrized_cores_is_refused_untouched():
     # cores were left half resized, no longer a chain.
     layer = TTLinear(24, 30, rank=3, in_modes=(3, 4, 2), out_modes=(2, 5, 3)).double()
     other = TTLinear(24, 30, rank=2, in_modes=(3, 4, 2), out_modes=(2, 5, 3)).double()
-
-    class Doubled(nn.Module):
-        def forward(self, core: torch.Tensor) -> torch.Tensor:
-            return 2 * core
 
     torch.nn.utils.parametrize.register_parametrization(layer.cores, "0", Doubled())
     x = torch.randn(4, 24, dtype=torch.float64)
@@ -412,7 +411,7 @@ def test_from_cores_checks_cores_and_bias_before_building():
         TTLinear.from_cores(cores, torch.zeros(16, dtype=torch.int64))
     with pytest.raises(ValueError, match="bias is on the meta device"):
         TTLinear.from_cores(cores, torch.zeros(16, device="meta"))
-    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(16,\)"):
         TTLinear.from_cores(cores, torch.zeros(15))
 
 

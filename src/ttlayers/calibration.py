@@ -69,7 +69,7 @@ from dataclasses import dataclass
 import opt_einsum
 import torch
 
-from ttlayers.contraction import tt_to_dense
+from ttlayers.contraction import check_bias, tt_to_dense
 from ttlayers.decomposition import tt_svd
 from ttlayers.shapes import resolve_ranks, validate_modes
 
@@ -764,17 +764,8 @@ def fit_tt(
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight holds NaN or Inf values; a TT fit needs finite entries.")
     out_features, in_features = (int(s) for s in weight.shape)
+    check_bias(bias, out_features)
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise TypeError(
-                f"bias must be a floating-point tensor of shape ({out_features},) or None; got "
-                f"{bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__}."
-            )
-        if tuple(bias.shape) != (out_features,):
-            raise ValueError(
-                f"bias must be a tensor of shape ({out_features},) or None; got "
-                f"{tuple(bias.shape)}."
-            )
         if not bool(torch.isfinite(bias).all()):
             raise ValueError("bias holds NaN or Inf values; a TT fit needs finite entries.")
     for name, value, low in (

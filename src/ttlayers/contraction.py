@@ -69,6 +69,26 @@ def check_real_floating(dtype: torch.dtype, name: str) -> None:
         )
 
 
+def check_bias(bias: object, out_features: int) -> None:
+    """Raise unless ``bias`` is ``None`` or a floating-point tensor of shape ``(out_features,)``.
+
+    Raises:
+        TypeError: If it is not a floating-point tensor.
+        ValueError: If its shape is not ``(out_features,)``.
+    """
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        raise TypeError(
+            f"bias must be a floating-point tensor of shape ({out_features},) or None; got "
+            f"{bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__}."
+        )
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(
+            f"bias must be a tensor of shape ({out_features},) or None; got {tuple(bias.shape)}."
+        )
+
+
 def check_same_kind(
     cores: Sequence[torch.Tensor], name: str = "cores", error: type[Exception] = TypeError
 ) -> None:

@@ -15,6 +15,7 @@ from ttlayers import decomposition
 from ttlayers.calibration import DEFAULT_RIDGE, ActivationStatistics, fit_tt
 from ttlayers.contraction import (
     autocast_enabled,
+    check_bias,
     check_real_floating,
     check_same_kind,
     core_shapes,
@@ -323,16 +324,8 @@ class TTLinear(nn.Module):
         in_modes, out_modes, ranks = core_shapes(cores)
         check_same_kind(cores)
         out_features = math.prod(out_modes)
+        check_bias(bias, out_features)
         if bias is not None:
-            if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-                raise TypeError(
-                    f"bias must be a floating-point tensor or None; got "
-                    f"{bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__}."
-                )
-            if tuple(bias.shape) != (out_features,):
-                raise ValueError(
-                    f"bias must have shape ({out_features},); got {tuple(bias.shape)}."
-                )
             if bias.device.type == "meta" and cores[0].device.type != "meta":
                 raise ValueError(
                     "bias is on the meta device, which holds no values to copy; the cores are "
