@@ -7,6 +7,8 @@ import torch
 
 from ttlayers import TTLinear, tt_to_dense
 from ttlayers.contraction import (
+    _PLACES_PER_STORAGE,
+    _cache_slot,
     _inference_entry,
     _InferenceEntry,
     _twoblock_prepared,
@@ -420,6 +422,23 @@ def test_cores_that_share_one_storage_are_cached_apart():
                 )
     entries = [_inference_entry(cores) for cores in layers]
     assert entries[0] is not None and entries[1] is not None and entries[0] is not entries[1]
+
+
+def test_one_storage_keeps_a_bounded_number_of_entries():
+    # Views made afresh from one long-lived buffer, at 40 places: the oldest entries go, so
+    # the cache holds at most _PLACES_PER_STORAGE copies however many places are used.
+    shapes = [(1, 4, 4, 8), (8, 8, 8, 8), (8, 8, 8, 8), (8, 4, 4, 1)]  # a two-block plan
+    size = sum(math.prod(shape) for shape in shapes)
+    bank = torch.randn(40 * size, dtype=torch.float64)
+    x = torch.randn(1, 1024, dtype=torch.float64)
+    with torch.no_grad():
+        for k in range(40):
+            pieces = bank[k * size : (k + 1) * size].split([math.prod(t) for t in shapes])
+            cores = [p.view(t) for p, t in zip(pieces, shapes, strict=True)]
+            y = tt_linear(x, cores)
+            torch.testing.assert_close(y, x @ reference_weight(cores).T, rtol=1e-12, atol=1e-12)
+    slot = _cache_slot(cores[0])
+    assert slot is not None and len(slot[0]) == _PLACES_PER_STORAGE
 
 
 @pytest.mark.parametrize("d", [7, 8])

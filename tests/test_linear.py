@@ -403,6 +403,14 @@ def test_cores_of_mixed_dtypes_are_a_clear_error():
         TTLinear.from_cores(mixed)
 
 
+def test_from_cores_copies_a_layers_own_parameter_list():
+    layer = TTLinear(16, 12, 3, num_cores=2)
+    copy_ = TTLinear.from_cores(layer.cores, layer.bias)  # nn.ParameterList: not a Sequence
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(copy_(x), layer(x), rtol=0, atol=0)
+    assert copy_.cores[0] is not layer.cores[0]
+
+
 def test_from_cores_checks_cores_and_bias_before_building():
     cores = [core.detach() for core in TTLinear(16, 16, 2, num_cores=2).cores]
     with pytest.raises(TypeError, match="cores must be a sequence of 4-D tensors; got Tensor"):

@@ -1,6 +1,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 
 from ttlayers import factorize, max_ranks, suggest_modes
@@ -42,6 +43,16 @@ def test_factorize_is_the_most_equal_factorization(n, d):
     factors = factorize(n, d)
     assert len(factors) == d and math.prod(factors) == n
     assert tuple(sorted(factors, reverse=True)) == min(all_factorizations(n, d))
+
+
+def test_factorize_returns_ints_for_any_integer_and_many_cores():
+    # NumPy sizes gave NumPy scalars among the factors; hundreds of cores overflowed the
+    # recursion (beyond one factor per prime, the rest are 1s).
+    factors = factorize(np.int64(4608), 3)
+    assert sorted(factors) == [16, 16, 18] and all(type(f) is int for f in factors)
+    many = factorize(4096, 600)
+    assert len(many) == 600 and math.prod(many) == 4096
+    assert sorted(f for f in many if f > 1) == [2] * 12
 
 
 def test_factorize_balanced_and_mountain_ordered():
@@ -87,6 +98,12 @@ def test_max_ranks_checks_the_modes(in_modes, error, match):
         max_ranks(in_modes, out_modes)
     with pytest.raises(error, match=f"in_modes {match}"):
         resolve_ranks(4, in_modes, out_modes)
+
+
+def test_max_ranks_accepts_numpy_vectors_of_modes():
+    assert max_ranks(np.array([4, 8]), np.array([8, 4])) == (1, 32, 1)
+    with pytest.raises(TypeError, match="in_modes must be a sequence of ints"):
+        max_ranks(np.ones((2, 2), dtype=int), (2, 2))
 
 
 def test_max_ranks_are_unfolding_ranks():

@@ -20,7 +20,9 @@ all of a layer's candidates are reduced to their lower convex hull (error agains
 parameters); across layers, the hull segment with the steepest error decrease per parameter
 is taken next, as long as it fits in the budget. On convex curves this greedy order is
 optimal (it is the Lagrangian relaxation ``min sum_l e_l + λ p_l`` swept over ``λ``); the
-result meets the budget to within one step of one layer.
+result meets the budget to within one step of one layer. What it leaves over is then spent on
+points off the hulls, the largest error drop that still fits first. Between the hull's steps
+the result can fall short of the exact optimum, a multiple-choice knapsack problem.
 
 Comparable errors are an assumption: equal relative errors in two layers need not hurt the
 model equally (in a transformer, say, the feed-forward output projections matter more than
@@ -257,8 +259,8 @@ def allocate(options: Sequence[Sequence[RankChoice]], budget: int) -> list[RankC
     A greedy on each layer's lower convex hull of (parameters, squared error), the steepest
     error drop per parameter first, which is optimal at the budgets its steps land on; the
     budget left over is then spent on the options off the hulls that still fit, the largest
-    error drop first. Between hull steps the result can be a little short of the optimum
-    (the exact choice is a knapsack problem).
+    error drop first. Between hull steps the result can fall short of the optimum (the exact
+    choice is a knapsack problem); on tiny layers with few options, by a large factor.
 
     Args:
         options: Per layer, its candidate points (:func:`layer_options`).

@@ -324,7 +324,7 @@ class _InferenceEntry:
 
 
 _block_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> {place: entry}
-_Place = tuple[int, tuple[int, ...], tuple[int, ...]]
+_Place = tuple["int | torch.SymInt", torch.Size, tuple[int, ...]]
 
 
 def _cache_slot(core: torch.Tensor) -> tuple[dict[_Place, _InferenceEntry], _Place] | None:
@@ -336,7 +336,7 @@ def _cache_slot(core: torch.Tensor) -> tuple[dict[_Place, _InferenceEntry], _Pla
     slots: dict[_Place, _InferenceEntry] | None = _block_cache.get(storage)  # type: ignore[no-untyped-call]
     if slots is None:
         slots = _block_cache[storage] = {}
-    return slots, (int(core.storage_offset()), tuple(core.shape), tuple(core.stride()))
+    return slots, (core.storage_offset(), core.shape, core.stride())
 
 
 def _inference_entry(cores: Sequence[torch.Tensor]) -> _InferenceEntry | None:
@@ -358,8 +358,15 @@ def _cached_entry(cores: Sequence[torch.Tensor]) -> _InferenceEntry | None:
     slots, place = slot
     entry = slots.get(place)
     if entry is None or not entry.matches(cores):
+        if place not in slots and len(slots) >= _PLACES_PER_STORAGE:
+            # Views made afresh from one long-lived buffer (a bank of layers) would otherwise
+            # keep an entry per place for as long as the buffer lives: drop the oldest.
+            del slots[next(iter(slots))]
         entry = slots[place] = _InferenceEntry(cores)
     return entry
+
+
+_PLACES_PER_STORAGE = 32
 
 
 def _operands(

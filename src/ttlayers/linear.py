@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -316,8 +316,9 @@ class TTLinear(nn.Module):
                 or device, or the bias is not a floating-point tensor.
         """
         given: object = cores  # checked as what a caller may pass, not as annotated
-        if isinstance(given, torch.Tensor) or not isinstance(given, Sequence):
+        if isinstance(given, torch.Tensor) or not isinstance(given, Iterable):
             raise TypeError(f"cores must be a sequence of 4-D tensors; got {type(given).__name__}.")
+        cores = list(given)  # a layer's own nn.ParameterList too (not a Sequence)
         for k, core in enumerate(cores):
             if not isinstance(core, torch.Tensor):
                 raise TypeError(f"cores[{k}] must be a tensor; got {type(core).__name__}.")

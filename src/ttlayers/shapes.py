@@ -16,6 +16,8 @@ import warnings
 from collections.abc import Sequence
 from functools import reduce
 
+import numpy as np
+
 __all__ = [
     "default_num_cores",
     "factorize",
@@ -72,6 +74,12 @@ def _divisors(n: int) -> list[int]:
 
 def _most_equal_factors(n: int, count: int) -> tuple[int, ...]:
     """``count`` factors of ``n``, ascending, whose descending order is smallest."""
+    # Beyond one factor per prime the rest are 1s: a 1 beside a composite factor is never
+    # most equal (splitting the composite one lowers it). So the search is at most as deep
+    # as n has prime factors.
+    primes = len(_prime_factors(n))
+    if count > primes:
+        return (1,) * (count - primes) + (_most_equal_factors(n, primes) if primes else ())
     divisors = _divisors(n)
 
     @functools.cache
@@ -122,8 +130,8 @@ def factorize(n: int, num_cores: int) -> tuple[int, ...]:
         >>> factorize(10, 3)
         (1, 5, 2)
     """
-    _check_positive_int("n", n)
-    _check_positive_int("num_cores", num_cores)
+    n = _check_positive_int("n", n)  # a NumPy integer becomes an int
+    num_cores = _check_positive_int("num_cores", num_cores)
     ordered = _most_equal_factors(n, num_cores)
     # Deal the sorted factors alternately to the two ends, so the largest land in the middle.
     left: list[int] = []
@@ -246,7 +254,10 @@ def validate_modes(
 
 
 def _as_int_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    given: object = values  # checked as what a caller may pass, not as annotated
+    if isinstance(given, np.ndarray) and given.ndim == 1:  # a NumPy vector of modes
+        values = given.tolist()
+    elif isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
         raise TypeError(f"{name} must be a sequence of ints; got {type(values).__name__}.")
     if len(values) == 0:
         raise ValueError(f"{name} must hold at least one mode; got an empty sequence.")
