@@ -38,7 +38,6 @@ __all__ = [
     "check_same_kind",
     "core_shapes",
     "merge_cores",
-    "planning_size",
     "rank_middle_block",
     "run_chain",
     "select_plan",
@@ -259,8 +258,11 @@ def _run_twoblock(
     batch: int,
 ) -> torch.Tensor:
     needs_grad = _needs_grad(x, cores, bias)
-    # torch.jit.trace records ATen operations: no cache, no custom autograd.Function.
-    tracing = jit_tracing()
+    # torch.jit.trace records ATen operations: no cache, no custom autograd.Function. So does
+    # torch.export: Dynamo (strict) runs an autograd.Function's forward without gradients,
+    # and the exported program's output would have none.
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    tracing = jit_tracing() or (exporting is not None and exporting())
     if not needs_grad and not tracing and not torch.compiler.is_compiling():
         # Inference: the forward alone, without an autograd.Function around it.
         return _twoblock_inference(x, cores, bias, plan, _cached_entry(cores))
@@ -268,7 +270,9 @@ def _run_twoblock(
     m1, _, n1 = left.shape  # (M1, r, N1)
     m2, _, n2 = right.shape  # (M2, r, N2)
     first, second = (right, left) if plan.first == "right" else (left, right)
-    keep = _known_at_least(plan.save_max_batch, planning_size(batch))
+    # Where one plan serves every batch size, a Z kept for the example's size could be far
+    # larger at others: not kept.
+    keep = not _one_plan(batch) and _known_at_least(plan.save_max_batch, batch)
     layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, keep, plan.chunks)
     if not needs_grad or tracing:  # under torch.compile, or autograd through the trace's ops
         return two_block_forward(x, first, second, bias, layout._replace(keep=False))[0]
@@ -506,7 +510,7 @@ def _plan_table_constant(
 
 
 @_assume_constant_result
-def _export_plan_constant(
+def _one_plan_constant(
     example_size: int,
     in_modes: tuple[int, ...],
     out_modes: tuple[int, ...],
@@ -515,9 +519,9 @@ def _export_plan_constant(
     device_type: str,
     training: bool,
 ) -> Plan:
-    # The plan of a graph exported with a dynamic batch dimension: the best one without
-    # chunks for the example's size. A constant of the graph for Dynamo (strict export), as
-    # the plan table is above.
+    # The plan of a graph that serves every batch size (see _one_plan): the best one without
+    # chunks for the example's size. A constant of the graph for Dynamo, as the plan table is
+    # above.
     return choose_plan(
         example_size,
         in_modes,
@@ -536,28 +540,21 @@ def _threads(device_type: str) -> int:
     return torch.get_num_threads() if device_type == "cpu" else 1
 
 
-def _exported_dynamic(batch: int | torch.SymInt) -> bool:
-    """Whether ``batch`` is a dynamic batch size of a graph being traced by ``torch.export``.
+def _one_plan(batch: int | torch.SymInt) -> bool:
+    """Whether one plan, chosen without a guard on ``batch``, must serve every batch size.
 
-    Under Dynamo (``strict=True``) a symbolic size is not seen as a ``torch.SymInt``: there
-    every batch size counts as dynamic, which costs a static one at most the chunks of its plan.
+    So it is for a graph that Dynamo traces (``torch.compile``, strict ``torch.export``) and
+    for ``torch.export`` with a dynamic batch dimension. Compared with the plan table's
+    bounds, a symbolic batch size gives guards: ``torch.export`` rejects them for a dimension
+    declared dynamic, and ``torch.compile`` compiles a graph for every range they bound, so
+    that a model fed many batch sizes reached Dynamo's recompilation limit (a hard error with
+    ``fullgraph=True``). Dynamo shows a symbolic size as an int, so under Dynamo every batch
+    size counts as dynamic: a static graph gets the plan of its own size, without chunks.
     """
+    if torch.compiler.is_dynamo_compiling():
+        return True
     exporting = getattr(torch.compiler, "is_exporting", None)
-    if exporting is None or not exporting():
-        return False
-    return isinstance(batch, torch.SymInt) or torch.compiler.is_dynamo_compiling()
-
-
-def planning_size(batch: int | torch.SymInt) -> int | torch.SymInt:
-    """The batch size to plan for: ``batch``, or under ``torch.export`` its example's value.
-
-    Compared with the plan table's bounds, a symbolic batch size gives guards, which
-    ``torch.compile`` turns into recompilations for other ranges but ``torch.export`` rejects
-    for a batch dimension declared dynamic; the example's value is read without a guard.
-    (:func:`tt_linear` then chooses, for that size, the best plan without chunks, which
-    serves every batch size.)
-    """
-    return _example_size(batch) if _exported_dynamic(batch) else batch
+    return exporting is not None and exporting() and isinstance(batch, torch.SymInt)
 
 
 def _example_size(batch: int | torch.SymInt) -> int:
@@ -582,11 +579,10 @@ def select_plan(
 ) -> Plan:
     """The planner's choice for this batch size, read off the cached plan table.
 
-    On CPUs the plan also depends on ``torch.get_num_threads()``. A symbolic batch size
-    (``torch.compile`` with dynamic shapes) is only compared with the table's bounds, which
-    Dynamo turns into guards: the graph is reused for every batch size in the same range.
-    Under ``torch.export``, :func:`tt_linear` passes a concrete size instead
-    (:func:`planning_size`).
+    On CPUs the plan also depends on ``torch.get_num_threads()``. A symbolic batch size (a
+    graph traced with symbolic shapes outside Dynamo and ``torch.export``) is only compared
+    with the table's bounds, which become guards. Under ``torch.compile`` and
+    ``torch.export``, :func:`tt_linear` chooses one plan for every batch size instead.
     """
     table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
     plan: Plan = table[0][1]
@@ -723,10 +719,9 @@ def tt_linear(
         # A trace gets the inference plan whatever the grad mode: torch.jit.trace checks its
         # graph by tracing again, without gradients, and a traced model is for deployment.
         training = not jit_tracing() and _needs_grad(x, cores, bias)
-        if _exported_dynamic(batch):
-            # One plan must serve every batch size: no chunks, as splitting a symbolic number
-            # of rows would guard on it; plans differ in speed, never in their results.
-            plan = _export_plan_constant(
+        if _one_plan(batch):
+            # Plans differ in speed and memory, never in their results.
+            plan = _one_plan_constant(
                 _example_size(batch), in_modes, out_modes, ranks, x.dtype, device_type, training
             )
         else:

@@ -167,8 +167,17 @@ class TTLinear(nn.Module):
             TypeError: If ``input`` is not a tensor, or has another dtype than the cores outside
                 ``torch.autocast`` (inside, autocast chooses the dtype, as for ``nn.Linear``).
         """
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"TTLinear expected a tensor input; got {type(input).__name__}.")
+        given: object = input  # checked as what a caller may pass, not as annotated
+        if not isinstance(given, torch.Tensor):
+            if isinstance(given, torch.fx.Proxy):
+                raise TypeError(
+                    "TTLinear cannot be traced by torch.fx.symbolic_trace (its plan depends on "
+                    "the input's shape). Keep it a leaf module: a custom Tracer whose "
+                    "is_leaf_module returns True for it, or for FX quantization "
+                    "PrepareCustomConfig().set_non_traceable_module_classes([TTLinear]); or "
+                    "use torch.export."
+                )
+            raise TypeError(f"TTLinear expected a tensor input; got {type(given).__name__}.")
         if input.dim() == 0 or input.shape[-1] != self.in_features:
             raise ValueError(
                 f"TTLinear expected input of shape (*, in_features={self.in_features}); got "
@@ -192,6 +201,14 @@ class TTLinear(nn.Module):
         # ttlayers.planner; under autocast, input, cores and bias all take the autocast dtype,
         # so the output keeps it, as nn.Linear's does.
         return tt_linear(input, cores, self.bias)
+
+    def __prepare_scriptable__(self) -> TTLinear:
+        # torch.jit.script calls this on every module it compiles: a clear refusal instead of
+        # an error about the first annotation it cannot parse.
+        raise TypeError(
+            "TTLinear does not support torch.jit.script (its plans are Python); use "
+            "torch.jit.trace, torch.export or torch.compile."
+        )
 
     def _core_list(self) -> list[torch.Tensor]:
         # Reading the ParameterList's dict directly costs a fraction of iterating over it, which
