@@ -261,8 +261,7 @@ def _run_twoblock(
     # torch.jit.trace records ATen operations: no cache, no custom autograd.Function. So does
     # torch.export: Dynamo (strict) runs an autograd.Function's forward without gradients,
     # and the exported program's output would have none.
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    tracing = jit_tracing() or (exporting is not None and exporting())
+    tracing = jit_tracing() or _exporting()
     if not needs_grad and not tracing and not torch.compiler.is_compiling():
         # Inference: the forward alone, without an autograd.Function around it.
         return _twoblock_inference(x, cores, bias, plan, _cached_entry(cores))
@@ -518,10 +517,10 @@ def _one_plan_constant(
     dtype: torch.dtype,
     device_type: str,
     training: bool,
+    unchunked: bool,
 ) -> Plan:
-    # The plan of a graph that serves every batch size (see _one_plan): the best one without
-    # chunks for the example's size. A constant of the graph for Dynamo, as the plan table is
-    # above.
+    # The plan of a graph that serves every batch size (see _one_plan): the best one for the
+    # example's size. A constant of the graph for Dynamo, as the plan table is above.
     return choose_plan(
         example_size,
         in_modes,
@@ -531,7 +530,7 @@ def _one_plan_constant(
         device_type=device_type,
         threads=_threads(device_type),
         training=training,
-        unchunked=True,
+        unchunked=unchunked,
     )
 
 
@@ -549,12 +548,17 @@ def _one_plan(batch: int | torch.SymInt) -> bool:
     declared dynamic, and ``torch.compile`` compiles a graph for every range they bound, so
     that a model fed many batch sizes reached Dynamo's recompilation limit (a hard error with
     ``fullgraph=True``). Dynamo shows a symbolic size as an int, so under Dynamo every batch
-    size counts as dynamic: a static graph gets the plan of its own size, without chunks.
+    size counts as dynamic: a static graph gets the plan of its own size.
     """
     if torch.compiler.is_dynamo_compiling():
         return True
+    return _exporting() and isinstance(batch, torch.SymInt)
+
+
+def _exporting() -> bool:
+    """Whether ``torch.export`` is tracing (``torch.compiler.is_exporting``; false without it)."""
     exporting = getattr(torch.compiler, "is_exporting", None)
-    return exporting is not None and exporting() and isinstance(batch, torch.SymInt)
+    return exporting is not None and bool(exporting())
 
 
 def _example_size(batch: int | torch.SymInt) -> int:
@@ -721,8 +725,18 @@ def tt_linear(
         training = not jit_tracing() and _needs_grad(x, cores, bias)
         if _one_plan(batch):
             # Plans differ in speed and memory, never in their results.
+            # A compiled graph may chunk: the chunk count is fixed, splitting any number of
+            # rows without a guard. An exported one does not, as it serves batch sizes far
+            # below the example's too, where most chunks would be empty.
             plan = _one_plan_constant(
-                _example_size(batch), in_modes, out_modes, ranks, x.dtype, device_type, training
+                _example_size(batch),
+                in_modes,
+                out_modes,
+                ranks,
+                x.dtype,
+                device_type,
+                training,
+                _exporting(),
             )
         else:
             plan = select_plan(batch, in_modes, out_modes, ranks, x.dtype, device_type, training)
