@@ -268,6 +268,30 @@ def test_compile_with_a_data_dependent_batch_size(fresh_dynamo, build):
     assert counter.frame_count <= 2  # static for the first shape, then one dynamic graph
 
 
+def test_a_data_dependent_batch_size_gets_an_unchunked_plan(fresh_dynamo, monkeypatch):
+    # A size known only from the data has no example value to plan for. PyTorch's fallback
+    # hint (8,192 rows) gave this layer a plan of 128 chunks, nearly all of them empty for
+    # routed batches of a few hundred rows; a single row's plan serves them instead.
+    seen = {"chunks": 0}  # written while tracing (a new key would be a guard that fails)
+    run_twoblock = ttlayers.contraction._RUNNERS["twoblock"]
+
+    def spy(x, cores, bias, plan, batch):
+        seen["chunks"] = plan.chunks
+        return run_twoblock(x, cores, bias, plan, batch)
+
+    monkeypatch.setitem(ttlayers.contraction._RUNNERS, "twoblock", spy)
+    torch.manual_seed(0)
+    modes = (4, 8, 8, 4)
+    layer = TTLinear(1024, 1024, rank=8, in_modes=modes, out_modes=modes)
+    compiled = torch.compile(lambda x, mask: layer(x[mask]), backend="eager", fullgraph=True)
+    reference = layer.to_linear().double()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.no_grad():
+        x = torch.randn(300, 1024)
+        mask = torch.rand(300) > 0.5
+        assert_close(compiled(x, mask).double(), reference(x[mask].double()), **EXPORT_TOL)
+    assert seen["chunks"] == 1
+
+
 def test_compile_sees_ranks_changed_by_load_state_dict(fresh_dynamo):
     # The plan is baked into the graph as a constant; Dynamo's guards on the cores' shapes must
     # throw it away when loading a checkpoint of other ranks resizes the cores.

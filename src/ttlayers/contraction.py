@@ -562,14 +562,20 @@ def _exporting() -> bool:
 
 
 def _example_size(batch: int | torch.SymInt) -> int:
-    """The example's value of a symbolic size, read without adding a guard."""
+    """The example's value of a symbolic size, read without adding a guard.
+
+    A size known only from the data (unbacked: the rows of ``x[mask]``) has no example value:
+    1, whose plan suits small batches, which such sizes often are (PyTorch's own fallback,
+    8,192 rows, would give a plan of 128 chunks, nearly all empty for a few hundred rows).
+    """
     from torch.fx.experimental import symbolic_shapes
 
-    hint = getattr(symbolic_shapes, "optimization_hint", None) or getattr(
-        symbolic_shapes, "hint_int", None
-    )
+    hint = getattr(symbolic_shapes, "optimization_hint", None)
+    if hint is not None:
+        return int(hint(batch, fallback=1))
+    old_hint = getattr(symbolic_shapes, "hint_int", None)
     # Without either (an older torch), int() specializes the size: export reports the guard.
-    return int(hint(batch)) if hint is not None else int(batch)
+    return int(old_hint(batch, fallback=1)) if old_hint is not None else int(batch)
 
 
 def select_plan(
