@@ -169,7 +169,8 @@ def test_compile_dynamic_batch_over_many_plan_ranges_compiles_once(fresh_dynamo,
     # Eagerly the plan changes at almost every power of two of the batch size (chunk counts
     # grow with it). Compiled, a guard per range was a graph per range: batch sizes up to
     # 8193 reached Dynamo's recompile limit (8), a hard error with fullgraph=True. One plan
-    # now serves every batch size of a graph. Reference: the dense float64 weight.
+    # now serves every batch size of a graph, and a layer has at most two such graphs.
+    # Reference: the dense float64 weight.
     from torch._dynamo.testing import CompileCounter
 
     torch.manual_seed(0)
@@ -192,7 +193,9 @@ def test_compile_dynamic_batch_over_many_plan_ranges_compiles_once(fresh_dynamo,
         if training:
             y.square().sum().backward()
             assert_close(x.grad.double(), 2 * y.detach().double() @ reference.weight, **EXPORT_TOL)
-    assert counter.frame_count <= 2  # batch 1 (Dynamo specializes it), then every other size
+    # Batch 1 (Dynamo specializes it); then one graph below the plan table's first chunked
+    # size and one from there up.
+    assert counter.frame_count <= 3
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
@@ -234,6 +237,52 @@ def test_compile_dynamic_batch_of_a_chunked_plan_compiles_once_per_plan(
             y.square().sum().backward()
     assert counter.frame_count == 1
     assert seen["chunks"] > 1  # the graph was traced with a chunked plan
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
+def test_a_small_batch_does_not_unchunk_a_compiled_layer(fresh_dynamo, training, monkeypatch):
+    # A chunked graph's empty chunks (a batch below the chunk count) failed a guard on the
+    # chunk size, and the graph compiled then, traced at the small size without chunks, ran
+    # every later batch too, at about twice the time. Now a graph serves either the sizes
+    # below the plan table's first chunked size (no chunks) or those from there up (never
+    # more chunks than that size): two graphs, each batch run by the one for its range.
+    seen = {"chunks": 0}
+    choose = ttlayers.contraction._one_plan_constant
+
+    def spy(*args):  # a graph constant: Dynamo runs it while tracing, side effects and all
+        plan = choose(*args)
+        seen["chunks"] = plan.chunks
+        return plan
+
+    spy._dynamo_marked_constant = True
+    monkeypatch.setattr(ttlayers.contraction, "_one_plan_constant", spy)
+    graphs: list[int] = []  # the chunk count each compiled graph was traced with
+    ran: list[int] = []  # which graph each call ran
+
+    def backend(gm, example_inputs):
+        index = len(graphs)
+        graphs.append(seen["chunks"])
+
+        def run(*args):
+            ran.append(index)
+            return gm.forward(*args)
+
+        return run
+
+    torch.manual_seed(0)
+    modes = (4, 8, 8, 4)
+    layer = TTLinear(1024, 1024, rank=8, in_modes=modes, out_modes=modes).train(training)
+    reference = layer.to_linear().double()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)
+    for rows in (2048, 3, 2048, 5, 8193):
+        x = torch.randn(rows, 1024, requires_grad=training)
+        with torch.set_grad_enabled(training):
+            y = compiled(x)
+        assert_close(y.double(), reference(x.detach().double()), **EXPORT_TOL)
+        if training:
+            y.square().sum().backward()
+        assert (graphs[ran[-1]] > 1) == (rows > 5), (rows, graphs, ran)
+    assert len(graphs) == 2
 
 
 @pytest.mark.parametrize("build", [make_model, _wide_model], ids=["small", "wide"])

@@ -508,6 +508,35 @@ def _plan_table_constant(
     )
 
 
+def _graph_plan(
+    batch: int | torch.SymInt,
+    in_modes: tuple[int, ...],
+    out_modes: tuple[int, ...],
+    ranks: tuple[int, ...],
+    dtype: torch.dtype,
+    device_type: str,
+    training: bool,
+) -> Plan:
+    """The plan of a graph that serves many batch sizes (see :func:`_one_plan`).
+
+    The best plan for the size the graph is traced at, from one of two ranges: below the
+    smallest batch size the plan table chunks, plans without chunks; from there up, plans of
+    at most that many chunks, so that no chunk is ever empty (an empty chunk's products
+    guard on the chunk size being nonzero, and a batch below the chunk count would then
+    compile a graph that replaces the chunked one for every later size). A compiled graph
+    guards on that one bound: at most two graphs per layer shape. An exported graph, which
+    must take every size without a guard, and a size known only from the data, take the
+    plans without chunks. Plans differ in speed and memory, never in their results.
+    """
+    example = _example_size(batch)
+    table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
+    bound = next((lowest for lowest, plan in table if plan.chunks > 1), None)
+    chunked = bound is not None and not _exporting() and _known_at_least(batch, bound)
+    return _one_plan_constant(
+        example, in_modes, out_modes, ranks, dtype, device_type, training, bound if chunked else 1
+    )
+
+
 @_assume_constant_result
 def _one_plan_constant(
     example_size: int,
@@ -517,10 +546,10 @@ def _one_plan_constant(
     dtype: torch.dtype,
     device_type: str,
     training: bool,
-    unchunked: bool,
+    max_chunks: int | None,
 ) -> Plan:
-    # The plan of a graph that serves every batch size (see _one_plan): the best one for the
-    # example's size. A constant of the graph for Dynamo, as the plan table is above.
+    # The best plan for the example's size of at most max_chunks chunks. A constant of the
+    # graph for Dynamo, as the plan table is above.
     return choose_plan(
         example_size,
         in_modes,
@@ -530,7 +559,7 @@ def _one_plan_constant(
         device_type=device_type,
         threads=_threads(device_type),
         training=training,
-        unchunked=unchunked,
+        max_chunks=max_chunks,
     )
 
 
@@ -730,20 +759,7 @@ def tt_linear(
         # graph by tracing again, without gradients, and a traced model is for deployment.
         training = not jit_tracing() and _needs_grad(x, cores, bias)
         if _one_plan(batch):
-            # Plans differ in speed and memory, never in their results.
-            # A compiled graph may chunk: the chunk count is fixed, splitting any number of
-            # rows without a guard. An exported one does not, as it serves batch sizes far
-            # below the example's too, where most chunks would be empty.
-            plan = _one_plan_constant(
-                _example_size(batch),
-                in_modes,
-                out_modes,
-                ranks,
-                x.dtype,
-                device_type,
-                training,
-                _exporting(),
-            )
+            plan = _graph_plan(batch, in_modes, out_modes, ranks, x.dtype, device_type, training)
         else:
             plan = select_plan(batch, in_modes, out_modes, ranks, x.dtype, device_type, training)
     y = _RUNNERS[plan.kind](x, cores, bias, plan, batch)  # (B, N)

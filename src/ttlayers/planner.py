@@ -624,6 +624,7 @@ def choose_plan(
     training: bool = True,
     unchunked: bool = False,
     largest: int = 0,
+    max_chunks: int | None = None,
 ) -> Plan:
     """The candidate plan with the least estimated time (ties: the first candidate).
 
@@ -637,13 +638,16 @@ def choose_plan(
 
     Arguments as for :func:`estimate_time`, and ``unchunked``: choose only among the plans
     that take all rows at once (``chunks == 1``), as a graph that serves every batch size
-    must (``torch.export`` with a dynamic batch dimension).
+    must (``torch.export`` with a dynamic batch dimension); ``max_chunks``: only among those
+    of at most that many row chunks (a compiled graph that serves batch sizes from there up).
     """
     candidates = candidate_plans(
         batch, in_modes, out_modes, ranks, dtype=dtype, device_type=device_type, threads=threads
     )
     if unchunked:
-        candidates = [plan for plan in candidates if plan.chunks == 1]
+        max_chunks = 1
+    if max_chunks is not None:
+        candidates = [plan for plan in candidates if plan.chunks <= max_chunks]
     # Within the memory nn.Linear would use, at the largest batch served (memory grows with
     # the batch, but a kept intermediate is dropped above save_max_batch: both ends count);
     # if no plan is, the leanest.
