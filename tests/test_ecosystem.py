@@ -164,6 +164,33 @@ def test_compile_dynamic_batch_gives_eager_results(fresh_dynamo):
     assert counter.frame_count == compiled_graphs
 
 
+def _compiled_step(compiled, reference: nn.Linear, rows: int, training: bool) -> None:
+    """One call of ``compiled`` on ``rows`` rows, output and input gradient against the
+    float64 ``reference``."""
+    x = torch.randn(rows, reference.in_features, requires_grad=training)
+    with torch.set_grad_enabled(training):
+        y = compiled(x)
+    assert_close(y.double(), reference(x.detach().double()), **EXPORT_TOL)
+    if training:
+        y.square().sum().backward()
+        assert_close(x.grad.double(), 2 * y.detach().double() @ reference.weight, **EXPORT_TOL)
+
+
+def _record_graph_plans(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """``{"chunks": n}``: the chunk count of the plan the latest traced graph chose."""
+    seen = {"chunks": 0}
+    choose = ttlayers.contraction._one_plan_constant
+
+    def spy(*args):  # a graph constant: Dynamo runs it while tracing, side effects and all
+        plan = choose(*args)
+        seen["chunks"] = plan.chunks
+        return plan
+
+    spy._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    monkeypatch.setattr(ttlayers.contraction, "_one_plan_constant", spy)
+    return seen
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
 def test_compile_dynamic_batch_over_many_plan_ranges_compiles_once(fresh_dynamo, training):
     # Eagerly the plan changes at almost every power of two of the batch size (chunk counts
@@ -186,13 +213,7 @@ def test_compile_dynamic_batch_over_many_plan_ranges_compiles_once(fresh_dynamo,
     counter = CompileCounter()
     compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
     for rows in sizes:
-        x = torch.randn(rows, 1024, requires_grad=training)
-        with torch.set_grad_enabled(training):
-            y = compiled(x)
-        assert_close(y.double(), reference(x.detach().double()), **EXPORT_TOL)
-        if training:
-            y.square().sum().backward()
-            assert_close(x.grad.double(), 2 * y.detach().double() @ reference.weight, **EXPORT_TOL)
+        _compiled_step(compiled, reference, rows, training)
     # Batch 1 (Dynamo specializes it); then one graph below the plan table's first chunked
     # size and one from there up.
     assert counter.frame_count <= 3
@@ -208,14 +229,7 @@ def test_compile_dynamic_batch_of_a_chunked_plan_compiles_once_per_plan(
     # chunks too (unchunked, the rank-8 training step ran at 1.29x nn.Linear, not 0.78x).
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    seen = {"chunks": 0}  # written while tracing (a new key would be a guard that fails)
-    run_twoblock = ttlayers.contraction._RUNNERS["twoblock"]
-
-    def spy(x, cores, bias, plan, batch):
-        seen["chunks"] = plan.chunks
-        return run_twoblock(x, cores, bias, plan, batch)
-
-    monkeypatch.setitem(ttlayers.contraction._RUNNERS, "twoblock", spy)
+    seen = _record_graph_plans(monkeypatch)
 
     torch.manual_seed(0)
     modes = (4, 8, 8, 4)
@@ -229,12 +243,7 @@ def test_compile_dynamic_batch_of_a_chunked_plan_compiles_once_per_plan(
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
     for rows in sizes:
-        x = torch.randn(rows, 1024, requires_grad=training)
-        with torch.set_grad_enabled(training):
-            y = compiled(x)
-        assert_close(y.double(), reference(x.detach().double()), **EXPORT_TOL)
-        if training:
-            y.square().sum().backward()
+        _compiled_step(compiled, reference, rows, training)
     assert counter.frame_count == 1
     assert seen["chunks"] > 1  # the graph was traced with a chunked plan
 
@@ -246,16 +255,7 @@ def test_a_small_batch_does_not_unchunk_a_compiled_layer(fresh_dynamo, training,
     # every later batch too, at about twice the time. Now a graph serves either the sizes
     # below the plan table's first chunked size (no chunks) or those from there up (never
     # more chunks than that size): two graphs, each batch run by the one for its range.
-    seen = {"chunks": 0}
-    choose = ttlayers.contraction._one_plan_constant
-
-    def spy(*args):  # a graph constant: Dynamo runs it while tracing, side effects and all
-        plan = choose(*args)
-        seen["chunks"] = plan.chunks
-        return plan
-
-    spy._dynamo_marked_constant = True
-    monkeypatch.setattr(ttlayers.contraction, "_one_plan_constant", spy)
+    seen = _record_graph_plans(monkeypatch)
     graphs: list[int] = []  # the chunk count each compiled graph was traced with
     ran: list[int] = []  # which graph each call ran
 
@@ -275,12 +275,7 @@ def test_a_small_batch_does_not_unchunk_a_compiled_layer(fresh_dynamo, training,
     reference = layer.to_linear().double()
     compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)
     for rows in (2048, 3, 2048, 5, 8193):
-        x = torch.randn(rows, 1024, requires_grad=training)
-        with torch.set_grad_enabled(training):
-            y = compiled(x)
-        assert_close(y.double(), reference(x.detach().double()), **EXPORT_TOL)
-        if training:
-            y.square().sum().backward()
+        _compiled_step(compiled, reference, rows, training)
         assert (graphs[ran[-1]] > 1) == (rows > 5), (rows, graphs, ran)
     assert len(graphs) == 2
 
@@ -321,14 +316,7 @@ def test_a_data_dependent_batch_size_gets_an_unchunked_plan(fresh_dynamo, monkey
     # A size known only from the data has no example value to plan for. PyTorch's fallback
     # hint (8,192 rows) gave this layer a plan of 128 chunks, nearly all of them empty for
     # routed batches of a few hundred rows; a single row's plan serves them instead.
-    seen = {"chunks": 0}  # written while tracing (a new key would be a guard that fails)
-    run_twoblock = ttlayers.contraction._RUNNERS["twoblock"]
-
-    def spy(x, cores, bias, plan, batch):
-        seen["chunks"] = plan.chunks
-        return run_twoblock(x, cores, bias, plan, batch)
-
-    monkeypatch.setitem(ttlayers.contraction._RUNNERS, "twoblock", spy)
+    seen = _record_graph_plans(monkeypatch)
     torch.manual_seed(0)
     modes = (4, 8, 8, 4)
     layer = TTLinear(1024, 1024, rank=8, in_modes=modes, out_modes=modes)
