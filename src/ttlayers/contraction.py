@@ -34,6 +34,7 @@ from ttlayers.planner import Plan, choose_plan, plan_table
 
 __all__ = [
     "autocast_enabled",
+    "check_bias",
     "check_real_floating",
     "check_same_kind",
     "core_shapes",

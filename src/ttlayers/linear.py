@@ -343,12 +343,11 @@ class TTLinear(nn.Module):
         check_same_kind(cores)
         out_features = math.prod(out_modes)
         check_bias(bias, out_features)
-        if bias is not None:
-            if bias.device.type == "meta" and cores[0].device.type != "meta":
-                raise ValueError(
-                    "bias is on the meta device, which holds no values to copy; the cores are "
-                    f"on {cores[0].device}."
-                )
+        if bias is not None and bias.device.type == "meta" and cores[0].device.type != "meta":
+            raise ValueError(
+                "bias is on the meta device, which holds no values to copy; the cores are "
+                f"on {cores[0].device}."
+            )
         layer = cls(
             math.prod(in_modes),
             out_features,
@@ -553,15 +552,15 @@ class TTLinear(nn.Module):
                     "parametrizations first (torch.nn.utils.parametrize."
                     "remove_parametrizations), or build the layer with the checkpoint's ranks."
                 )
-            resized = False
-            for param, tensor in zip(self.cores, tensors, strict=True):
-                if param.shape != tensor.shape:
+            if other_ranks:
+                for param, tensor in zip(self.cores, tensors, strict=True):
                     # In place: the Parameter objects stay, so an optimizer built before the
                     # load still holds them (its per-parameter state, such as Adam's moments,
                     # keeps the old shapes: load the optimizer's state_dict too, or reset it).
-                    param.data = torch.empty(tensor.shape, dtype=param.dtype, device=param.device)
-                    resized = True
-            if resized:
+                    if param.shape != tensor.shape:
+                        param.data = torch.empty(
+                            tensor.shape, dtype=param.dtype, device=param.device
+                        )
                 # A new container around the same Parameters, so torch.compile notices the new
                 # shapes: Dynamo before pytorch/pytorch#177525 (torch 2.11 for one) skips the
                 # shape guards of tensors whose module dicts are unchanged, and would replay a

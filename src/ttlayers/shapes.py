@@ -60,15 +60,11 @@ def _prime_factors(n: int) -> list[int]:
     return factors
 
 
-def _divisors(n: int) -> list[int]:
+def _divisors(primes: list[int]) -> list[int]:
+    """The divisors, ascending, of the product of ``primes`` (with repetitions)."""
     divisors = [1]
-    for p in set(_prime_factors(n)):
-        power = n
-        count = 0
-        while power % p == 0:
-            power //= p
-            count += 1
-        divisors = [d * p**e for d in divisors for e in range(count + 1)]
+    for p in set(primes):
+        divisors = [d * p**e for d in divisors for e in range(primes.count(p) + 1)]
     return sorted(divisors)
 
 
@@ -77,10 +73,11 @@ def _most_equal_factors(n: int, count: int) -> tuple[int, ...]:
     # Beyond one factor per prime the rest are 1s: a 1 beside a composite factor is never
     # most equal (splitting the composite one lowers it). So the search is at most as deep
     # as n has prime factors.
-    primes = len(_prime_factors(n))
-    if count > primes:
-        return (1,) * (count - primes) + (_most_equal_factors(n, primes) if primes else ())
-    divisors = _divisors(n)
+    primes = _prime_factors(n)
+    if count > len(primes):
+        ones = (1,) * (count - len(primes))
+        return ones + (_most_equal_factors(n, len(primes)) if primes else ())
+    divisors = _divisors(primes)
 
     @functools.cache
     def best(rest: int, k: int, low: int) -> tuple[int, ...] | None:

@@ -324,8 +324,7 @@ def _check_fit_options(
             raise TypeError(f"sweeps must be an int >= 0; got {type(sweeps).__name__} {sweeps!r}.")
         if sweeps < 0:
             raise ValueError(f"sweeps must be an int >= 0; got {sweeps!r}.")
-    if ridge is not None:
-        check_ridge(ridge)
+    ridge_value = DEFAULT_RIDGE if ridge is None else check_ridge(ridge)
     if allocation is not None and not budgeted:
         raise ValueError(
             f"allocation={allocation!r} applies only to a budget (compression= or params=); "
@@ -340,7 +339,7 @@ def _check_fit_options(
     # NumPy scalars are accepted; Python numbers go on (int subclasses as plain ints).
     return (
         "errors" if allocation is None else str(allocation),
-        DEFAULT_RIDGE if ridge is None else check_ridge(ridge),
+        ridge_value,
         2 if sweeps is None else int(sweeps),
     )
 
