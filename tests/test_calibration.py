@@ -312,6 +312,21 @@ def test_fit_rejects_bad_options(kwargs, kind, match):
         fit_tt(torch.randn(4, 6, dtype=F64), stats, (2, 3), (2, 2), **arguments)
 
 
+@pytest.mark.parametrize(
+    ("weight", "kind", "match"),
+    [
+        ([[1.0] * 6] * 4, TypeError, "weight must be a tensor; got list"),
+        (torch.ones(4, 6, dtype=torch.long), TypeError, "weight must be a floating-point"),
+        (torch.ones(24, dtype=F64), ValueError, r"weight must be 2-D .*got shape \(24,\)"),
+        (torch.ones(4, 6, device="meta"), ValueError, "weight is on the meta device"),
+    ],
+)
+def test_fit_names_what_is_wrong_with_the_weight(weight, kind, match):
+    stats = ActivationStatistics.from_inputs(torch.randn(20, 6, dtype=F64))
+    with pytest.raises(kind, match=match):
+        fit_tt(weight, stats, (2, 3), (2, 2), rank=2)
+
+
 def test_fit_rejects_mismatched_or_empty_statistics():
     w = torch.randn(4, 6, dtype=F64)
     with pytest.raises(ValueError, match="width 5"):

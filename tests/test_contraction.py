@@ -523,7 +523,7 @@ def test_unchunked_choice_takes_no_chunks_and_agrees_where_none_are_needed(train
     # choice is the best of the rest by the same estimates, not the chunked plan unchunked.
     shape = ((4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1))
     for batch in (1, 256, 1024, 8192):
-        chosen = choose_plan(batch, *shape, threads=2, training=training, unchunked=True)
+        chosen = choose_plan(batch, *shape, threads=2, training=training, max_chunks=1)
         assert chosen.chunks == 1
         rest = [p for p in candidate_plans(batch, *shape, threads=2) if p.chunks == 1]
         assert chosen in rest

@@ -102,3 +102,18 @@ def test_tt_normal_refuses_cores_it_cannot_fill(dtype):
 def test_core_std_needs_positive_integer_ranks(ranks):
     with pytest.raises(ValueError, match=r"ranks must be the d \+ 1 >= 2 bond ranks"):
         core_std(ranks, 1.0)
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        ([(1, 4, 4, 2), (3, 4, 4, 1)], "do not chain"),  # the scale needs the true bond ranks
+        ([(2, 4, 4, 2), (2, 4, 4, 1)], "boundary ranks must be 1"),
+    ],
+)
+def test_tt_normal_refuses_cores_that_do_not_chain(shapes, message):
+    # Before, the scale came from the cores' last ranks alone: a wrong std, no error.
+    cores = [torch.zeros(shape) for shape in shapes]
+    with pytest.raises(ValueError, match=message):
+        tt_normal_(cores, 0.1)
+    assert all(not core.any() for core in cores)  # nothing filled before the error

@@ -375,8 +375,12 @@ def test_tt_linear_checks_its_bias_plan_and_dtypes():
     for grad in (True, False):  # the general path, and the inference fast path once cached
         with torch.set_grad_enabled(grad):
             tt_linear(x, cores)
-            with pytest.raises(ValueError, match=r"bias of shape \(32,\).*\(31,\)"):
+            with pytest.raises(ValueError, match=r"bias must be .*shape \(32,\).*got \(31,\)"):
                 tt_linear(x, cores, torch.zeros(31))
+            with pytest.raises(TypeError, match=r"bias must be a floating-point tensor .* float"):
+                tt_linear(x, cores, 2.0)  # was an AttributeError from bias.shape
+            with pytest.raises(ValueError, match=r"expected input of shape \(\*, 64\)"):
+                tt_linear(x[:, :63], cores)
             with pytest.raises(TypeError, match=r"one dtype.*input torch.float64"):
                 tt_linear(x.double(), cores)
             with pytest.raises(TypeError, match=r"one dtype.*bias torch.float64"):

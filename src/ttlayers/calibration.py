@@ -70,7 +70,7 @@ import opt_einsum
 import torch
 
 from ttlayers.contraction import check_bias, tt_to_dense
-from ttlayers.decomposition import tt_svd
+from ttlayers.decomposition import check_matrix, tt_svd
 from ttlayers.shapes import resolve_ranks, validate_modes
 
 __all__ = ["ActivationStatistics", "TTFit", "WeightedProblem", "fit_tt", "weighted_problem"]
@@ -744,10 +744,9 @@ def fit_tt(
         A :class:`TTFit` with the cores, the bias and the errors before and after the fit.
 
     Raises:
-        TypeError: If ``weight`` is not a 2-D floating-point tensor, or ``bias`` not a
-            floating-point one.
-        ValueError: If shapes disagree, a value is NaN/Inf, the statistics are empty, or an
-            option is out of range.
+        TypeError: If ``weight`` or ``bias`` is not a floating-point tensor.
+        ValueError: If ``weight`` is not 2-D or on the meta device, shapes disagree, a value
+            is NaN/Inf, the statistics are empty, or an option is out of range.
 
     Example:
         Inputs in a 3-dimensional subspace: rank 3 reproduces the outputs, TT-SVD cannot.
@@ -759,10 +758,7 @@ def fit_tt(
         >>> fit.output_error < 1e-5 < 0.1 < fit.output_error_start
         True
     """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise TypeError("weight must be a 2-D floating-point tensor (out_features, in_features).")
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError("weight holds NaN or Inf values; a TT fit needs finite entries.")
+    check_matrix(weight, "weight", finite=True)
     out_features, in_features = (int(s) for s in weight.shape)
     check_bias(bias, out_features)
     if bias is not None:

@@ -692,8 +692,10 @@ def tt_linear(
         Shape ``(*, prod n_k)``.
 
     Raises:
-        ValueError: If the cores do not chain, or the input's last dimension is not
-            ``prod m_k``.
+        TypeError: If the input, the cores or the bias are not real floating-point tensors of
+            one dtype.
+        ValueError: If the cores do not chain, the input's last dimension is not
+            ``prod m_k``, or the bias's shape is not ``(prod n_k,)``.
     """
     device_type = input.device.type
     if (
@@ -711,7 +713,12 @@ def tt_linear(
             and input.shape[-1] == entry.in_features
             and input.dtype == entry.dtype
             and (
-                bias is None or (bias.shape == (entry.out_features,) and bias.dtype == entry.dtype)
+                bias is None
+                or (
+                    isinstance(bias, torch.Tensor)
+                    and bias.shape == (entry.out_features,)
+                    and bias.dtype == entry.dtype
+                )
             )
         ):  # else the general path, whose checks name what is wrong
             in_modes, out_modes, ranks = entry.shapes
@@ -733,11 +740,7 @@ def tt_linear(
             f"tt_linear expected input of shape (*, {m}), the product of the cores' input modes "
             f"{in_modes}; got shape {tuple(input.shape)}."
         )
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(
-            f"tt_linear expected bias of shape ({n},), the product of the cores' output modes "
-            f"{out_modes}; got shape {tuple(bias.shape)}."
-        )
+    check_bias(bias, n)
     if plan is not None:
         _check_plan(plan, len(cores))
     batch_shape = input.shape[:-1]

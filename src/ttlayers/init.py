@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ttlayers.contraction import core_shapes
+
 __all__ = ["core_std", "tt_normal_"]
 
 
@@ -68,7 +70,8 @@ def tt_normal_(cores: Sequence[torch.Tensor], std: float) -> None:
     Raises:
         TypeError: If ``cores`` is not a non-empty sequence of 4-D real floating-point
             tensors.
-        ValueError: If ``std`` is not a positive finite number.
+        ValueError: If ``std`` is not a positive finite number, or the cores do not chain
+            (neighbouring ranks differ, or a boundary rank is not 1).
     """
     given: object = cores  # checked as what a caller may pass, not as annotated
     if (
@@ -84,7 +87,7 @@ def tt_normal_(cores: Sequence[torch.Tensor], std: float) -> None:
     for core in cores:
         if not core.is_floating_point():  # integers would round to 0, complex has no randn
             raise TypeError(f"cores must be real floating-point tensors; got {core.dtype}.")
-    ranks = [cores[0].shape[0]] + [core.shape[3] for core in cores]
+    _, _, ranks = core_shapes(cores)
     scale = core_std(ranks, std)
     for core in cores:
         # Sample in float32 at least: float16 cannot hold the intermediate sums well.

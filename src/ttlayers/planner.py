@@ -622,7 +622,6 @@ def choose_plan(
     device_type: str = "cpu",
     threads: int = 1,
     training: bool = True,
-    unchunked: bool = False,
     largest: int = 0,
     max_chunks: int | None = None,
 ) -> Plan:
@@ -636,16 +635,14 @@ def choose_plan(
     faster than the best other plan to be chosen: it makes a gradient of the size of ``W``,
     which the other plans never do.
 
-    Arguments as for :func:`estimate_time`, and ``unchunked``: choose only among the plans
-    that take all rows at once (``chunks == 1``), as a graph that serves every batch size
-    must (``torch.export`` with a dynamic batch dimension); ``max_chunks``: only among those
-    of at most that many row chunks (a compiled graph that serves batch sizes from there up).
+    Arguments as for :func:`estimate_time`, and ``max_chunks``: choose only among the plans
+    of at most that many row chunks; ``1`` for a graph that serves every batch size
+    (``torch.export`` with a dynamic batch dimension), more for a compiled graph that serves
+    the batch sizes from there up.
     """
     candidates = candidate_plans(
         batch, in_modes, out_modes, ranks, dtype=dtype, device_type=device_type, threads=threads
     )
-    if unchunked:
-        max_chunks = 1
     if max_chunks is not None:
         candidates = [plan for plan in candidates if plan.chunks <= max_chunks]
     # Within the memory nn.Linear would use, at the largest batch served (memory grows with
