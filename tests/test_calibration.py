@@ -22,6 +22,7 @@ from ttlayers.calibration import (
     fit_tt,
     weighted_problem,
 )
+from ttlayers.capture import ActivationCapture
 
 F64 = torch.float64
 
@@ -716,3 +717,97 @@ def test_a_layer_called_in_a_loop_is_refitted_to_its_converted_inputs():
     refit_reported = report.layers[0].output_error
     assert refit_true < once_true
     assert abs(refit_reported - refit_true) < 0.25 * abs(once_reported - once_true)
+
+
+def _true_inputs(model, layer, batches):
+    """What ``layer`` receives over ``batches``, every call, copied as it arrives."""
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+
+
+def _captured(model, layer, batches):
+    capture = ActivationCapture(model, batches)
+    with capture.session():
+        capture.order([layer], ["layer"])
+        return capture.statistics(layer, layer.in_features, torch.device("cpu"), paired=False)
+
+
+def test_inputs_changed_in_place_after_a_call_are_captured_as_the_layer_saw_them():
+    # A cell run twice on a residual stream updated in place: the first call's input is
+    # changed by `h += ...` before the second call. Before, the statistics kept a view of it
+    # and so held the changed values (off by up to 2 in this case).
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = x.clone()
+            for _ in range(2):
+                h += torch.tanh(self.cell(h))
+            return h
+
+    torch.manual_seed(0)
+    model = Residual().double()
+    batches = [calibration_data(64), calibration_data(32, seed=2)]
+    expected = _true_inputs(model, model.cell, batches)
+    stats = _captured(model, model.cell, batches)
+    assert stats.count == expected.shape[0] == 2 * 96
+    # Both sides are float64 sums of the same rows: equal to rounding.
+    torch.testing.assert_close(stats.input_gram, expected.T @ expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_layer_called_a_different_number_of_times_per_batch_is_captured_on_every_call():
+    # The number of steps depends on the batch. Before, the count of calls was read off the
+    # first batch: with a one-step batch first, the later batches stopped after one call (25
+    # rows instead of 65), and a layer the first batch skips was "never reached".
+    class Steps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.Linear(16, 16)
+
+        def forward(self, x):
+            if x.shape[0] < 4:
+                return x
+            for _ in range(1 if x.shape[0] < 10 else 3):
+                x = torch.tanh(self.cell(x))
+            return x
+
+    torch.manual_seed(0)
+    model = Steps().double()
+    data = calibration_data(40)
+    batches = [data[:2], data[2:7], data[7:27]]  # 0, 1 and 3 calls
+    for order in (batches, batches[::-1]):
+        expected = _true_inputs(model, model.cell, order)
+        stats = _captured(model, model.cell, order)
+        assert stats.count == expected.shape[0] == 5 + 3 * 20
+        torch.testing.assert_close(stats.input_gram, expected.T @ expected, rtol=1e-12, atol=1e-12)
+    report = tensorize_(
+        model, rank=2, num_cores=2, calibration=batches, filter_fn=lambda m, n: True
+    )
+    assert report.calibration_samples == 65
+
+
+def test_calibration_leaves_a_models_own_train_method_alone():
+    # eval() calls train(False), which a model may extend. Its effects could not be undone:
+    # the flags are restored directly. Before, this model's weights stayed frozen afterwards.
+    class Freezing(nn.Sequential):
+        def train(self, mode: bool = True):
+            super().train(mode)
+            for param in self.parameters():
+                param.requires_grad_(mode)
+            return self
+
+    model = Freezing(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="calibration batch 0 failed"):
+        tensorize_(model, rank=2, calibration=torch.ones(8, 5, dtype=torch.float64))
+    assert_unchanged(model, before)
+    assert all(param.requires_grad for param in model.parameters())
+    tensorize_(model, rank=2, num_cores=2, calibration=calibration_data())
+    assert all(param.requires_grad for param in model.parameters())

@@ -234,9 +234,36 @@ def test_shared_parameter_skipped_by_default_converted_by_filter_with_warning():
     assert type(model.head) is nn.Linear and model.head.weight is model.embed.weight
     skip = next(skip for skip in report.skipped if skip.name == "head")
     assert "shared with 'embed.weight'" in skip.reason
-    with pytest.warns(UserWarning, match="no longer tied"):
+    # A warnings filter that raises must leave the model as it was (the warning came after
+    # the swap before).
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="will no longer be tied"):
+            tensorize_(model, rank=2, filter_fn=lambda module, name: name == "head")
+    assert_unchanged(model, before)
+    assert type(model.head) is nn.Linear and model.head.weight is model.embed.weight
+    with pytest.warns(UserWarning, match="will no longer be tied"):
         tensorize_(model, rank=2, filter_fn=lambda module, name: name == "head")
     assert isinstance(model.head, TTLinear)
+
+
+def test_a_budget_counts_a_tied_weight_once():
+    # Two modules, one weight: the model has 64 * 64 weight parameters, and after conversion
+    # one TT layer per module. Before, the budget and the report counted the weight twice:
+    # "4.00x" for a model that went from 4,096 to 2,048 parameters.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Tanh(), nn.Linear(64, 64, bias=False))
+    model[2].weight = model[0].weight
+    with pytest.warns(UserWarning, match="no longer be tied"):
+        report = tensorize_(model, compression=4, filter_fn=lambda module, name: True)
+    assert report.model_params_before == 64 * 64
+    assert report.params_before == 64 * 64 < sum(row.params_before for row in report.layers)
+    assert report.budget == 64 * 64 // 4
+    # Within the budget, and at least half of it used (one rank step of a 64 x 64 layer).
+    assert report.budget // 2 <= report.params_after <= report.budget
+    assert report.model_params_after == report.params_after
+    assert report.compression == pytest.approx(report.model_params_before / report.params_after)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -400,6 +427,29 @@ def test_linear_subclasses_that_override_forward_are_skipped():
     assert [row.name for row in report.layers] == ["1"]
     assert report.skipped[0].name == "0" and "overrides forward" in report.skipped[0].reason
     assert isinstance(model[0], Scaled) and isinstance(model[1], TTLinear)
+
+
+def test_linear_layers_whose_forward_is_replaced_on_the_instance_are_skipped():
+    # As accelerate's hooks do. A TTLinear would drop the replacement silently.
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    original = model[0].forward
+    model[0].forward = lambda x: 10 * original(x)
+    report = tensorize_(model, filter_fn=lambda module, name: True)
+    assert [row.name for row in report.layers] == ["1"]
+    assert report.skipped[0].name == "0" and "replaced on the instance" in report.skipped[0].reason
+    assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 4}, {"compression": 4}, {"eps": 0.5}])
+def test_conversion_leaves_the_random_number_generator_alone(kwargs):
+    # The converted layers used to draw initial values only to overwrite them: the dropout
+    # masks and initial weights after a conversion depended on how many layers it made.
+    model, linear = make_net(), nn.Linear(32, 32)
+    state = torch.get_rng_state()
+    tensorize_(model, **kwargs)
+    layer = TTLinear.from_dense(linear, rank=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.isfinite(core).all() for core in layer.cores)
 
 
 def test_numpy_scalars_are_accepted_as_numbers():

@@ -6,8 +6,10 @@ hook is removed, and every module's training flag restored, when the pass ends (
 error). Passes run under ``torch.no_grad()`` in eval mode, so dropout is off and batch-norm
 statistics are not updated.
 
-A pass for one layer stops right after that layer's last call (by an exception caught here),
-so capturing the inputs of an early layer costs only the front of the model.
+A pass for a layer that every batch calls once stops right after that call (by an exception
+caught here), so capturing the inputs of an early layer costs only the front of the model. A
+layer called several times (a shared or recurrent cell) sees the whole pass, and its inputs
+are copied, as the model may change them in place after the call.
 """
 
 from __future__ import annotations
@@ -86,10 +88,15 @@ def _call(model: nn.Module, batch: object) -> None:
 
 @contextlib.contextmanager
 def _calibrating(model: nn.Module) -> Iterator[None]:
-    """No grad, eval mode; restore every module's training flag afterwards."""
+    """No grad, eval mode; restore every module's training flag afterwards.
+
+    The flags are set directly, not through ``model.eval()``: a model's own ``train()`` may
+    do more (freeze parameters, say), which could not be undone here.
+    """
     flags = [(module, module.training) for module in model.modules()]
-    model.eval()
     try:
+        for module, _ in flags:
+            module.training = False
         with torch.no_grad():
             yield
     finally:
@@ -119,7 +126,7 @@ class ActivationCapture:
         self._calls: dict[nn.Module, int] = {}
 
     def calls(self, module: nn.Module) -> int:
-        """How often ``module`` is called in one pass (counted by :meth:`order`)."""
+        """How often ``module`` is called in one pass, at most (counted by :meth:`order`)."""
         return self._calls.get(module, 0)
 
     def session(self) -> contextlib.AbstractContextManager[None]:
@@ -142,7 +149,11 @@ class ActivationCapture:
                 handle.remove()
 
     def order(self, modules: Sequence[nn.Module], names: Sequence[str]) -> list[int]:
-        """The forward order of ``modules`` on the first batch; checks that each is called.
+        """The forward order of ``modules``; checks that the calibration data call each one.
+
+        One pass over every batch: the order is that of the first calls, and each module's
+        count of calls per batch is the largest over the batches (a layer may be called a
+        different number of times, or not at all, depending on the batch).
 
         Args:
             modules: The layers to convert.
@@ -156,15 +167,19 @@ class ActivationCapture:
         """
         first: dict[nn.Module, int] = {}
         calls: dict[nn.Module, int] = dict.fromkeys(modules, 0)
+        most: dict[nn.Module, int] = dict.fromkeys(modules, 0)
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             first.setdefault(module, len(first))
             calls[module] += 1
 
+        index = -1
         for index, batch in enumerate(self.batches):
             self._pass(index, batch, [module.register_forward_hook(hook) for module in modules])
-            break
-        else:
+            for module, count in calls.items():
+                most[module] = max(most[module], count)
+                calls[module] = 0
+        if index < 0:
             raise ValueError("the calibration data hold no batches (an empty DataLoader?).")
         missing = [name for module, name in zip(modules, names, strict=True) if module not in first]
         if missing:
@@ -173,7 +188,7 @@ class ActivationCapture:
                 + ", ".join(repr(name) for name in missing)
                 + "; exclude them with filter_fn, or pass inputs that use them."
             )
-        self._calls = calls
+        self._calls = most
         return sorted(range(len(modules)), key=lambda k: first[modules[k]])
 
     def _inputs(
@@ -181,12 +196,17 @@ class ActivationCapture:
     ) -> torch.Tensor | None:
         """The target's inputs on one batch, all its calls' rows stacked; ``None`` if not called."""
         seen: list[torch.Tensor] = []
-        stop = self._calls.get(target, 0) == 1  # a single call: nothing after it matters
+        # One call in every batch: nothing after it matters. Otherwise the whole pass runs,
+        # and an input kept past its call is copied: the model may change it in place later
+        # (``h += cell(h)``).
+        stop = self._calls.get(target, 0) == 1
 
         def grab(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            seen.append(_layer_input(args, kwargs).detach())
+            x = _layer_input(args, kwargs).detach()
             if stop:
+                seen.append(x)
                 raise _StopForward
+            seen.append(x.clone())
 
         handles = []
         if substitute:

@@ -348,6 +348,8 @@ class TTLinear(nn.Module):
                 "bias is on the meta device, which holds no values to copy; the cores are "
                 f"on {cores[0].device}."
             )
+        # Built on the meta device, then given storage: drawing initial values only to
+        # overwrite them would cost time and advance the global random number generator.
         layer = cls(
             math.prod(in_modes),
             out_features,
@@ -355,9 +357,9 @@ class TTLinear(nn.Module):
             in_modes=in_modes,
             out_modes=out_modes,
             bias=bias is not None,
-            device=cores[0].device,
+            device="meta",
             dtype=cores[0].dtype,
-        )
+        ).to_empty(device=cores[0].device)
         with torch.no_grad():
             for param, core in zip(layer.cores, cores, strict=True):
                 param.copy_(core)

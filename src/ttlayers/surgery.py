@@ -180,6 +180,8 @@ class TensorizeReport:
     Attributes:
         layers: One :class:`LayerReport` per converted module, in model order.
         skipped: One :class:`SkippedLayer` per ``nn.Linear`` left dense, with the reason.
+        params_before: Distinct parameters of the converted layers before conversion (a
+            weight shared by two converted layers counted once, unlike the rows' sum).
         model_params_before: Distinct parameters of the whole model before conversion.
         model_params_after: Distinct parameters of the whole model after conversion.
         budget: The parameter budget of the converted layers (cores and biases) when one was
@@ -192,15 +194,11 @@ class TensorizeReport:
 
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
+    params_before: int = 0
     model_params_before: int = 0
     model_params_after: int = 0
     budget: int | None = None
     calibration_samples: int = 0
-
-    @property
-    def params_before(self) -> int:
-        """Parameters of the converted layers before, summed (tied layers counted once)."""
-        return sum(row.params_before for row in self.layers)
 
     @property
     def params_after(self) -> int:
@@ -241,6 +239,12 @@ class TensorizeReport:
             width = max(len(skip.name) for skip in self.skipped)
             lines += [f"  {skip.name:<{width}}  {skip.reason}" for skip in self.skipped]
         return "\n".join(lines)
+
+
+def _distinct_parameters(modules: Sequence[nn.Module]) -> int:
+    """Parameters of ``modules``, each tensor counted once (tied weights are shared)."""
+    sizes = {id(param): param.numel() for module in modules for param in module.parameters()}
+    return sum(sizes.values())
 
 
 def _count_parameters(model: nn.Module) -> int:
@@ -362,6 +366,8 @@ def _structural_reason(model: nn.Module, linear: nn.Linear, names: list[str]) ->
         )
     if type(linear).forward is not nn.Linear.forward:
         return f"{type(linear).__name__} overrides forward, which a TTLinear would drop"
+    if "forward" in vars(linear):  # e.g. accelerate's hooks wrap an instance's forward
+        return "its forward is replaced on the instance, which a TTLinear would drop"
     for name in names:
         parent = model.get_submodule(name.rpartition(".")[0])
         if isinstance(parent, nn.MultiheadAttention):
@@ -403,11 +409,12 @@ def tensorize_(
         budget. Passes run under ``torch.no_grad()`` in eval mode (training flags restored);
         every row of a layer's input (every token, padding included) is a sample. The
         statistics are float64 sums on the layer's device; only one layer's exist at a time.
-        A layer called several times in one forward pass is fitted to the inputs of all its
-        calls, those of its later calls coming from its own original earlier calls; it is
-        then fitted once more to the inputs its converted earlier calls produce, and the
-        report's output errors are measured on those (its error in the converted model can
-        still differ a little: the second fit changes them again).
+        A layer called several times in one forward pass (a number that may differ between
+        batches) is fitted to the inputs of all its calls, those of its later calls coming
+        from its own original earlier calls; it is then fitted once more to the inputs its
+        converted earlier calls produce, and the report's output errors are measured on
+        those (its error in the converted model can still differ a little: the second fit
+        changes them again).
 
     One budget (``compression`` or ``params``):
         Every selected layer's shape, among plain low rank and balanced TT shapes of 2 and 3
@@ -597,20 +604,24 @@ def tensorize_(
             + ". Pass a smaller rank or a larger eps, or a filter_fn to convert regardless."
         )
 
-    _swap(model, [(name, layer) for names, layer, _ in converted.layers for name in names])
-
+    # Warned before the swap: a warnings filter that raises must leave the model as it was.
     for name, shared in untying:  # layers chosen by filter_fn are always converted
         warnings.warn(
-            f"tensorize_ converted '{name}', whose weight is shared with "
-            f"{', '.join(map(repr, shared))}; the two are no longer tied.",
+            f"tensorize_ converts '{name}', whose weight is shared with "
+            f"{', '.join(map(repr, shared))}; the two will no longer be tied.",
             UserWarning,
             stacklevel=2,
         )
+    params_before = _distinct_parameters(
+        [model.get_submodule(layer_names[0]) for layer_names, _, _ in converted.layers]
+    )
+    _swap(model, [(name, layer) for names, layer, _ in converted.layers for name in names])
     order = {layer_names[0]: k for k, layer_names in enumerate(names.values())}
     rows = sorted((row for _, _, row in converted.layers), key=lambda row: order[row.name])
     return TensorizeReport(
         layers=rows,
         skipped=sorted(skipped, key=lambda skip: order[skip.name]),
+        params_before=params_before,
         model_params_before=model_params_before,
         model_params_after=_count_parameters(model),
         budget=converted.budget,
@@ -897,7 +908,8 @@ def _budget(
         lin.weight.numel() + (0 if lin.bias is None else lin.bias.numel()) for lin, _ in selected
     ]
     biases = [0 if lin.bias is None else lin.bias.numel() for lin, _ in selected]
-    dense = sum(sizes)
+    # The model loses each tied weight once, but gets one TT layer per module that used it.
+    dense = _distinct_parameters([lin for lin, _ in selected])
     budget = int(dense / compression) if compression is not None else int(params or 0)
     if budget <= sum(biases):
         raise ValueError(
@@ -905,7 +917,7 @@ def _budget(
             f"parameters of the {len(selected)} selected layers; allow more parameters."
         )
     if allocation == "even":
-        shares = [int(budget * size / dense) for size in sizes]
+        shares = [int(budget * size / sum(sizes)) for size in sizes]
         for (_, layer_names), share, bias, layer in zip(
             selected, shares, biases, options, strict=True
         ):
