@@ -10,6 +10,7 @@ import copy
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -811,3 +812,14 @@ def test_calibration_leaves_a_models_own_train_method_alone():
     assert all(param.requires_grad for param in model.parameters())
     tensorize_(model, rank=2, num_cores=2, calibration=calibration_data())
     assert all(param.requires_grad for param in model.parameters())
+
+
+def test_statistics_take_any_integer_width_and_name_a_bad_one():
+    stats = ActivationStatistics(np.int64(4))  # was "must be a positive int"
+    assert type(stats.in_features) is int and stats.in_features == 4
+    with pytest.raises(TypeError, match="in_features must be an int; got float"):
+        ActivationStatistics(4.0)
+    with pytest.raises(TypeError, match="in_features must be an int; got bool"):
+        ActivationStatistics(True)
+    with pytest.raises(ValueError, match="in_features must be a positive int; got 0"):
+        ActivationStatistics(0)

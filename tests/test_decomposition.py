@@ -432,6 +432,9 @@ def test_round_bad_input(gen):
         tt_round([a[0], a[0]])
     with pytest.raises(TypeError, match="sequence"):
         tt_round(a[0])
+    # The same error as tt_to_dense and TTLinear.from_cores give (a ValueError before).
+    with pytest.raises(TypeError, match=r"one dtype and device.*cores\[1\] torch.float32"):
+        tt_round([a[0], a[1].float()])
 
 
 # --- error measures -------------------------------------------------------------------------

@@ -30,8 +30,9 @@ Rows are processed in chunks (a static count, chosen by the planner) so that eac
 ``Z`` stays in the CPU cache, and ``Z`` is not kept: the backward pass does without it
 (``Q`` costs what recomputing ``Z`` would, and needs no sum over the rows), and the layer
 keeps no more than its input for the backward pass. For ordinary eager tensors
-(:func:`plain_tensors`) the chunks write into buffers allocated once per call. Unchunked
-(the planner's choice on GPUs), ``Z`` is kept when the layout says so (the planner does when
+(:func:`plain_tensors`) the chunks write into buffers allocated once per call. On GPUs the
+planner chunks only to stay within the memory ``nn.Linear`` would use. Unchunked, ``Z`` is
+kept when the layout says so (the planner does when
 it fits in the memory ``nn.Linear`` would spend on its weight gradient). No tensor of the
 size of ``W`` exists in either pass.
 

@@ -102,6 +102,10 @@ class ActivationStatistics:
         reference_gram (Tensor | None): ``sum x° x°^T`` (paired only).
         cross_gram (Tensor | None): ``sum x x°^T`` (paired only).
 
+    Raises:
+        TypeError: If ``in_features`` is not an int.
+        ValueError: If ``in_features`` is not positive.
+
     Example:
         >>> stats = ActivationStatistics(4)
         >>> stats.update(torch.randn(10, 4))
@@ -126,9 +130,12 @@ class ActivationStatistics:
         paired: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
-        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        given: object = in_features  # checked as what a caller may pass, not as annotated
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+            raise TypeError(f"in_features must be an int; got {type(given).__name__}.")
+        if in_features < 1:
             raise ValueError(f"in_features must be a positive int; got {in_features!r}.")
-        self.in_features = in_features
+        self.in_features = int(in_features)
         self.paired = paired
         self.count = 0
         self._device = None if device is None else torch.device(device)
@@ -147,6 +154,11 @@ class ActivationStatistics:
 
         Returns:
             Statistics with ``paired = reference is not None``.
+
+        Raises:
+            TypeError: If ``inputs`` is not a tensor of at least one dimension, or either
+                tensor is not floating point.
+            ValueError: If ``reference`` has another shape, or a value is NaN/Inf.
         """
         if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
             raise TypeError(

@@ -89,17 +89,15 @@ def check_bias(bias: object, out_features: int) -> None:
         )
 
 
-def check_same_kind(
-    cores: Sequence[torch.Tensor], name: str = "cores", error: type[Exception] = TypeError
-) -> None:
-    """Raise ``error`` unless all ``cores`` share the first one's dtype and device.
+def check_same_kind(cores: Sequence[torch.Tensor], name: str = "cores") -> None:
+    """Raise a ``TypeError`` unless all ``cores`` share the first one's dtype and device.
 
     ``name`` is the argument named in the message.
     """
     first = cores[0]
     for k, core in enumerate(cores):
         if core.dtype != first.dtype or core.device != first.device:
-            raise error(
+            raise TypeError(
                 f"{name} must share one dtype and device; got {name}[0] {first.dtype} on "
                 f"{first.device} and {name}[{k}] {core.dtype} on {core.device}."
             )
@@ -525,9 +523,10 @@ def _graph_plan(
     at most that many chunks, so that no chunk is ever empty (an empty chunk's products
     guard on the chunk size being nonzero, and a batch below the chunk count would then
     compile a graph that replaces the chunked one for every later size). A compiled graph
-    guards on that one bound: at most two graphs per layer shape. An exported graph, which
-    must take every size without a guard, and a size known only from the data, take the
-    plans without chunks. Plans differ in speed and memory, never in their results.
+    guards on that one bound: at most two graphs per layer shape. An exported graph (dynamic
+    or strict; a static non-strict export runs eager code's plan), which must take every
+    size without a guard, and a size known only from the data, take the plans without
+    chunks. Plans differ in speed and memory, never in their results.
     """
     example = _example_size(batch)
     table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)

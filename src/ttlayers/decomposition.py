@@ -130,7 +130,7 @@ def _check_cores(
         if not core.is_floating_point():
             raise TypeError(f"{name}[{k}] must be a floating-point tensor; got {core.dtype}.")
     shapes = core_shapes(cores)
-    check_same_kind(cores, name, ValueError)
+    check_same_kind(cores, name)
     for k, core in enumerate(cores):
         _check_finite(f"{name}[{k}]", core)
     return shapes
@@ -353,9 +353,10 @@ def tt_round(
         (float16/bfloat16 are processed in float32) and on its device.
 
     Raises:
-        TypeError: If ``cores`` is not a sequence of floating-point tensors.
-        ValueError: If the cores do not chain, differ in dtype or device, hold NaN/Inf, or
-            ``eps``/``rank`` are invalid.
+        TypeError: If ``cores`` is not a sequence of floating-point tensors of one dtype
+            and device.
+        ValueError: If the cores do not chain, hold NaN/Inf, or ``eps``/``rank`` are
+            invalid.
 
     Example:
         >>> w = torch.randn(8, 8, dtype=torch.float64)

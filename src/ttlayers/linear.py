@@ -88,6 +88,17 @@ class TTLinear(nn.Module):
             :meth:`round`, the relative Frobenius error ``||W_source - W||_F / ||W_source||_F``
             of the conversion; ``None`` otherwise.
 
+    Raises:
+        TypeError: If a size, ``rank`` or a mode is not an int (or a sequence of ints), or
+            ``dtype`` is not a real floating-point dtype.
+        ValueError: If a size, rank, mode or ``num_cores`` is not positive, the modes do not
+            multiply to the sizes or differ in length, or a rank sequence has another
+            length than ``d - 1``.
+
+    Warns:
+        UserWarning: If a rank given as a sequence exceeds the largest rank that can matter
+            at its bond (it is kept; an int ``rank`` is capped instead).
+
     Example:
         >>> layer = TTLinear(1024, 512, rank=8, in_modes=(4, 8, 8, 4), out_modes=(4, 8, 4, 4))
         >>> layer(torch.randn(32, 1024)).shape
@@ -413,7 +424,8 @@ class TTLinear(nn.Module):
 
         Raises:
             TypeError: If ``source`` is neither an ``nn.Linear`` nor a 2-D tensor.
-            ValueError: If the weight holds NaN or Inf, ``eps`` is outside ``(0, 1)``, a rank
+            ValueError: If ``source`` is a lazy layer not initialized yet, the weight is on
+                the meta device or holds NaN or Inf, ``eps`` is outside ``(0, 1)``, a rank
                 is not positive, the modes do not multiply to the sizes, ``inputs`` have
                 another width than ``in_features`` or hold NaN/Inf, or ``ridge`` is negative
                 or given without ``inputs``.

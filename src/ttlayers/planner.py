@@ -19,14 +19,15 @@ device:
 The cost model counts, for each matrix product, ``2 m k n`` operations at a speed that drops
 when the smallest of ``m, k, n`` is small (``speed = peak * d / (d + half_dim)``), bounded
 below by the time to move its operands; every copy at the memory bandwidth; and a fixed
-overhead per operator call. The constants are per device type, measured with
-:func:`calibrate`; the defaults are such measurements (see ``DEFAULT_COST_MODELS``).
+overhead per operator call. The constants are per device type: the CPU defaults are
+measurements made with :func:`calibrate`, the CUDA ones are read off an H100's data sheet
+(see ``DEFAULT_COST_MODELS``); :func:`calibrate` measures your own.
 
 A plan is chosen per (batch size, modes, ranks, dtype, device type, training or not). Plans
 are tabulated over batch sizes ``1, 2, 4, ...`` once per layer shape, so choosing one is a
-few integer comparisons, and under ``torch.compile`` the table is a constant of the graph
-and the comparisons become guards (a dynamic batch size recompiles only when it crosses into
-another plan's range).
+few integer comparisons. A traced graph (``torch.compile``, ``torch.export``) runs one plan
+at every batch size instead, chosen for the size it is traced at (see
+:func:`ttlayers.contraction.tt_linear` and the performance guide).
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ class Plan:
             layer never keeps more memory for training than ``nn.Linear`` (its input, weight
             and weight gradient).
         chunks: For ``"twoblock"``: the rows are processed in this many chunks, so that each
-            chunk's intermediate fits in the cache (``CostModel.cache_bytes``); chunked, the
-            intermediate is never kept.
+            chunk's intermediate fits in the cache (``CostModel.cache_bytes``) or the plan
+            within :func:`memory_budget`; chunked, the intermediate is never kept.
         steps: For ``"chain"``: one ``(i, j, equation)`` per pairwise contraction, in
             opt_einsum's linear path format (operands ``i < j`` are removed and the result
             appended).
@@ -107,8 +108,9 @@ class CostModel:
         bandwidth: Bytes per second read plus written by a copy or a memory-bound product.
         overhead: Seconds of fixed cost per operator call (dispatch, kernel launch).
         cache_bytes: Size of the intermediate of a two-block product that still runs from the
-            cache; larger ones are split into chunks of rows. 0: never split (GPUs, where
-            more kernel launches cost more than the memory traffic they save).
+            cache; larger ones are split into chunks of rows. 0: never split for the cache
+            (GPUs, where more kernel launches cost more than the memory traffic they save);
+            :func:`memory_budget` may still call for chunks.
         max_chunks: At most this many chunks: each costs a dozen operator calls.
         matrix_overhead: Seconds of fixed cost per matrix of a batched product.
         dtype_speedup: ``(dtype name, factor)`` pairs: the peak of a dtype relative to float32.
