@@ -880,10 +880,15 @@ def test_load_state_dict_adopts_the_checkpoint_ranks():
     target = TTLinear(64, 48, rank=2, in_modes=(4, 4, 4), out_modes=(4, 4, 3))
     params_before = list(target.cores)
     optimizer = torch.optim.SGD(target.parameters(), lr=0.1)
+    x = torch.randn(3, 64)
+    target(x).sum().backward()  # gradients of the old shapes
     target.load_state_dict(source.state_dict())
     assert target.ranks == source.ranks == (1, 5, 5, 1)
-    x = torch.randn(3, 64)
     assert torch.equal(target(x), source(x))
+    # A resized core's old gradient is gone (the next backward pass failed to accumulate into
+    # it); the bias, not resized, keeps its own.
+    assert all(core.grad is None for core in target.cores)
+    assert target.bias.grad is not None
     # The Parameter objects survive (only their data is resized), so an optimizer built
     # before the load still trains the layer.
     assert all(p is q for p, q in zip(target.cores, params_before, strict=True))

@@ -323,11 +323,27 @@ def test_from_cores_and_tt_to_dense_agree():
             "1 inner bond ranks",
         ),
         (dict(in_features=16, out_features=16, num_cores=0), ValueError, "num_cores"),
+        # nn.Linear(16, 16, False): the third positional argument is rank here.
+        (dict(in_features=16, out_features=16, rank=False), TypeError, "keyword-only"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         TTLinear(**kwargs)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_input_or_layer_on_the_meta_device_is_refused(grad):
+    # Products of meta and CPU tensors do not check devices: a meta input gave a CPU tensor
+    # of uninitialized memory, and a meta layer a meta result for a CPU input.
+    layer, meta_layer = TTLinear(64, 32, 4), TTLinear(64, 32, 4, device="meta")
+    with torch.set_grad_enabled(grad):
+        layer(torch.randn(2, 64))  # with gradients off, the cached fast path from here on
+        with pytest.raises(ValueError, match="cores' device, cpu; got input on meta"):
+            layer(torch.empty(2, 64, device="meta"))
+        with pytest.raises(ValueError, match="cores' device, meta; got input on cpu"):
+            meta_layer(torch.randn(2, 64))
+        assert meta_layer(torch.empty(2, 64, device="meta")).device.type == "meta"
 
 
 def test_wrong_input_width_message_names_both_widths():
@@ -445,6 +461,25 @@ def test_to_linear_roundtrip():
     torch.testing.assert_close(linear(x), layer(x))
     no_bias = TTLinear(24, 12, 3, bias=False).to_linear()
     assert no_bias.bias is None
+
+
+def test_to_linear_and_round_keep_mode_and_flags_and_draw_nothing():
+    # Before, both returned trainable parameters from a frozen layer, and to_linear a layer
+    # in training mode from one in eval mode; to_linear drew a random init to overwrite.
+    layer = TTLinear(24, 12, 4, num_cores=2).eval().requires_grad_(False)
+    state = torch.get_rng_state()
+    for made in (layer.to_linear(), layer.round(rank=2)):
+        assert not made.training
+        assert not any(param.requires_grad for param in made.parameters())
+    assert torch.equal(torch.get_rng_state(), state)
+    layer.train().bias.requires_grad_(True)
+    for made in (layer.to_linear(), layer.round(rank=2)):
+        assert made.training
+        flags = {name: p.requires_grad for name, p in made.named_parameters()}
+        assert flags.pop("bias") and not any(flags.values())
+    layer.cores[1].requires_grad_(True)
+    assert layer.to_linear().weight.requires_grad  # any trainable core: a trainable weight
+    assert [c.requires_grad for c in layer.round(rank=2).cores] == [False, True]
 
 
 @requires_cuda

@@ -694,7 +694,8 @@ def tt_linear(
         TypeError: If the input, the cores or the bias are not real floating-point tensors of
             one dtype.
         ValueError: If the cores do not chain, the input's last dimension is not
-            ``prod m_k``, or the bias's shape is not ``(prod n_k,)``.
+            ``prod m_k``, the bias's shape is not ``(prod n_k,)``, or the input or the bias
+            is on another device than the cores.
     """
     device_type = input.device.type
     if (
@@ -740,6 +741,14 @@ def tt_linear(
             f"{in_modes}; got shape {tuple(input.shape)}."
         )
     check_bias(bias, n)
+    # Products of meta and CPU tensors do not check devices: without this, a meta input to a
+    # CPU layer gave uninitialized memory, and a CPU input to a meta layer a meta result.
+    device = cores[0].device
+    if input.device != device or (bias is not None and bias.device != device):
+        raise ValueError(
+            f"tt_linear expected the input and the bias on the cores' device, {device}; got "
+            f"input on {input.device}" + ("" if bias is None else f", bias on {bias.device}") + "."
+        )
     if plan is not None:
         _check_plan(plan, len(cores))
     batch_shape = input.shape[:-1]

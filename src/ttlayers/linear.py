@@ -127,6 +127,11 @@ class TTLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(rank, bool):  # nn.Linear(in, out, False), moved over as it was
+            raise TypeError(
+                f"rank must be an int or a sequence of ints; got {rank!r}. TTLinear's third "
+                "positional argument is rank; bias is keyword-only (bias=False)."
+            )
         self.in_modes, self.out_modes = validate_modes(
             in_features, out_features, in_modes, out_modes, num_cores
         )
@@ -174,7 +179,8 @@ class TTLinear(nn.Module):
             Shape ``(*, out_features)``.
 
         Raises:
-            ValueError: If the last dimension of ``input`` is not ``in_features``.
+            ValueError: If the last dimension of ``input`` is not ``in_features``, or the
+                input is on another device than the layer.
             TypeError: If ``input`` is not a tensor, or has another dtype than the cores outside
                 ``torch.autocast`` (inside, autocast chooses the dtype, as for ``nn.Linear``).
         """
@@ -286,20 +292,27 @@ class TTLinear(nn.Module):
         return [name for name in super().__dir__() if name != "weight"]  # type: ignore[no-untyped-call]
 
     def to_linear(self) -> nn.Linear:
-        """The ``nn.Linear`` this layer computes (same dtype, device and bias)."""
+        """The ``nn.Linear`` this layer computes.
+
+        Same dtype, device, bias and training mode; its weight is trainable if any core is,
+        its bias if this layer's is.
+        """
         core = self.cores[0]
-        linear = nn.Linear(
+        linear = nn.Linear(  # on meta, then empty storage: no initial values to draw
             self.in_features,
             self.out_features,
             bias=self.bias is not None,
-            device=core.device,
+            device="meta",
             dtype=core.dtype,
-        )
+        ).to_empty(device=core.device)
         with torch.no_grad():
             linear.weight.copy_(self.to_dense())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
-        return linear
+        linear.weight.requires_grad_(any(c.requires_grad for c in self.cores))
+        if self.bias is not None:
+            linear.bias.requires_grad_(self.bias.requires_grad)
+        return linear.train(self.training)
 
     @property
     def num_parameters(self) -> int:
@@ -496,8 +509,9 @@ class TTLinear(nn.Module):
                 removed.
 
         Returns:
-            A new ``TTLinear`` (bias copied); its ``conversion_error`` is the relative error
-            against this layer's weight.
+            A new ``TTLinear`` (bias copied) with this layer's training mode and
+            ``requires_grad`` flags; its ``conversion_error`` is the relative error against
+            this layer's weight.
 
         Raises:
             ValueError: If ``eps`` is outside ``(0, 1)`` or a rank is not positive.
@@ -508,6 +522,10 @@ class TTLinear(nn.Module):
             bias = None if self.bias is None else self.bias.detach()
             layer = type(self).from_cores(rounded, bias)
             layer.conversion_error = decomposition.tt_relative_error(cores, rounded)
+        for new, old in zip(layer.cores, self.cores, strict=True):
+            new.requires_grad_(old.requires_grad)
+        if layer.bias is not None and self.bias is not None:
+            layer.bias.requires_grad_(self.bias.requires_grad)
         return layer.train(self.training)
 
     def _load_from_state_dict(
@@ -571,10 +589,13 @@ class TTLinear(nn.Module):
                     # In place: the Parameter objects stay, so an optimizer built before the
                     # load still holds them (its per-parameter state, such as Adam's moments,
                     # keeps the old shapes: load the optimizer's state_dict too, or reset it).
+                    # A gradient of the old shape goes: the next backward pass would fail
+                    # to accumulate into it.
                     if param.shape != tensor.shape:
                         param.data = torch.empty(
                             tensor.shape, dtype=param.dtype, device=param.device
                         )
+                        param.grad = None
                 # A new container around the same Parameters, so torch.compile notices the new
                 # shapes: Dynamo before pytorch/pytorch#177525 (torch 2.11 for one) skips the
                 # shape guards of tensors whose module dicts are unchanged, and would replay a
