@@ -235,9 +235,25 @@ def _run_dense(
     plan: Plan,
     batch: int,
 ) -> torch.Tensor:
-    block = _dense_block(cores, plan.split)  # (1, M, N, 1)
+    (block,) = _merged(lambda: (_dense_block(cores, plan.split),), cores, x.dtype)  # (1,M,N,1)
     weight = block.reshape(block.shape[1], block.shape[2])  # (M, N): W^T, no copy
     return F.linear(x, weight.t(), bias)
+
+
+def _merged(
+    merge: Callable[[], tuple[torch.Tensor, ...]], cores: Sequence[torch.Tensor], dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """``merge()``, blocks of ``cores``, in ``dtype``.
+
+    Under autocast the cores keep their dtype until here: they are merged at their own
+    precision and each block is rounded to ``dtype`` once, as autocast rounds an
+    ``nn.Linear``'s weight once, instead of rounding every core and every partial product.
+    """
+    if cores[0].dtype == dtype:
+        return merge()
+    with torch.autocast(cores[0].device.type, enabled=False):
+        merged = merge()
+    return tuple(block.to(dtype) for block in merged)
 
 
 def _needs_grad(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> bool:
@@ -261,10 +277,11 @@ def _run_twoblock(
     # torch.export: Dynamo (strict) runs an autograd.Function's forward without gradients,
     # and the exported program's output would have none.
     tracing = jit_tracing() or _exporting()
-    if not needs_grad and not tracing and not torch.compiler.is_compiling():
+    same_dtype = cores[0].dtype == x.dtype  # else autocast: blocks rounded to x's dtype
+    if not needs_grad and not tracing and same_dtype and not torch.compiler.is_compiling():
         # Inference: the forward alone, without an autograd.Function around it.
         return _twoblock_inference(x, cores, bias, plan, _cached_entry(cores))
-    left, right = _rank_middle_blocks(cores, plan.split)
+    left, right = _merged(lambda: _rank_middle_blocks(cores, plan.split), cores, x.dtype)
     m1, _, n1 = left.shape  # (M1, r, N1)
     m2, _, n2 = right.shape  # (M2, r, N2)
     first, second = (right, left) if plan.first == "right" else (left, right)
@@ -456,6 +473,7 @@ def _run_chain(
 ) -> torch.Tensor:
     in_modes = [int(core.shape[1]) for core in cores]
     out_features = math.prod([int(core.shape[2]) for core in cores])  # a list: Dynamo traces it
+    cores = [core.to(x.dtype) for core in cores]  # under autocast; no copy otherwise
     y = run_chain(plan, [x.reshape(batch, *in_modes), *cores])  # (B, n_1, ..., n_d)
     y = y.reshape(batch, out_features)
     return y if bias is None else y + bias
@@ -676,9 +694,10 @@ def tt_linear(
 ) -> torch.Tensor:
     """``y = input W^T + bias`` for the TT matrix ``W`` of ``cores``, as ``F.linear`` does.
 
-    Under ``torch.autocast`` the input, the cores and the bias are cast to the autocast dtype
-    first, except float64 ones, and everything runs in it (products accumulate in float32), as
-    ``F.linear`` does.
+    Under ``torch.autocast`` the input, the cores and the bias are cast to the autocast dtype,
+    except float64 ones, and the products run in it (accumulating in float32), as ``F.linear``
+    does. The cores of a dense or two-block plan are merged into their blocks at their own
+    precision first, so each block is rounded once, as ``nn.Linear``'s weight is.
 
     Args:
         input: Shape ``(*, prod m_k)``.
@@ -754,15 +773,17 @@ def tt_linear(
     batch_shape = input.shape[:-1]
     batch = math.prod(batch_shape)
     x = input.reshape(batch, m)  # (B, M)
+    cores_dtype = cores[0].dtype  # what the products run in
     if autocast_enabled(device_type):
+        # The cores are rounded where they are merged, at the runners (see _merged).
         dtype = torch.get_autocast_dtype(device_type)
         x = _autocast(x, dtype)
-        cores = [_autocast(core, dtype) for core in cores]
+        cores_dtype = cores_dtype if cores_dtype == torch.float64 else dtype
         bias = None if bias is None else _autocast(bias, dtype)
-    if x.dtype != cores[0].dtype or (bias is not None and bias.dtype != x.dtype):
+    if x.dtype != cores_dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(
             "tt_linear expected the input, the cores and the bias in one dtype; got input "
-            f"{x.dtype}, cores {cores[0].dtype}"
+            f"{x.dtype}, cores {cores_dtype}"
             + ("" if bias is None else f", bias {bias.dtype}")
             + "."
         )
