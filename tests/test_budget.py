@@ -324,3 +324,63 @@ def test_a_budget_skips_layers_no_factorization_makes_smaller(calibrated):
     forced = nn.Sequential(nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64))
     report = tensorize_(forced, compression=2.0, filter_fn=lambda module, name: True)
     assert isinstance(forced[0], TTLinear)  # selected by filter_fn: converted regardless
+
+
+def _options(points):
+    return [
+        RankChoice((1, 4), (4, 1), (1, k + 1, 1), p, math.sqrt(s))
+        for k, (p, s) in enumerate(points)
+    ]
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_budget_leaves_a_2x2_layer_dense(calibrated):
+    """Kills: _cannot_shrink testing ``smallest <= dense`` (2 x 2: rank 1 costs 4 = 4)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2), nn.Linear(2, 2))
+    x = torch.randn(100, 64) if calibrated else None
+    report = tensorize_(model, compression=2.0, calibration=x)
+    assert [row.name for row in report.layers] == ["0", "2"]
+    assert [skip.name for skip in report.skipped] == ["3"]
+    assert "no factorization" in report.skipped[0].reason
+    assert type(model[3]) is nn.Linear
+    assert all(row.params_after < row.params_before for row in report.layers)
+
+
+def test_options_never_reach_the_dense_size():
+    """Kills: _rank_path stopping at ``> limit`` instead of ``>= limit``.
+
+    A 4 x 4 weight: plain low rank 2 and the (2,2)x(2,2) TT at rank 2 both take exactly 16
+    parameters, the dense count; layer_options promises fewer (except the all-ones start).
+    """
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(4))
+    for option in layer_options(w):
+        assert option.parameters < 16 or set(option.ranks) == {1}, option
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    report = tensorize_(model, params=10**6)
+    assert report.layers[0].params_after < report.layers[0].params_before == 16
+
+
+def test_allocate_is_optimal_when_its_hull_steps_land_on_the_budget():
+    """Kills: ``break`` instead of ``continue`` when the steepest hull step does not fit.
+
+    A's step is the steepest but costs 40 of the 30 left; the greedy must go on with C (20)
+    and B's first step (10), spending the budget exactly: the optimum, by brute force. A
+    greedy that stops there leaves the rest to the largest-drop pass, which buys B's top
+    (drop 0.60 < 0.45 + 0.21). Squared errors summed: 2.34 against 2.40.
+    """
+    layers = [
+        _options([(10, 1.0), (50, 0.0)]),  # slope 0.025
+        _options([(10, 1.0), (20, 0.79), (30, 0.59), (40, 0.40)]),  # slopes .021 .020 .019
+        _options([(10, 1.0), (30, 0.55)]),  # slope 0.0225
+    ]
+    budget = 60
+    chosen = allocate(layers, budget)
+    assert sum(c.parameters for c in chosen) <= budget
+    best = min(
+        sum(c.error**2 for c in combo)
+        for combo in itertools.product(*layers)
+        if sum(c.parameters for c in combo) <= budget
+    )
+    assert sum(c.error**2 for c in chosen) == pytest.approx(best, rel=1e-12)
+    assert best == pytest.approx(2.34, rel=1e-12)
