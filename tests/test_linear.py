@@ -463,6 +463,30 @@ def test_to_linear_roundtrip():
     assert no_bias.bias is None
 
 
+def test_subclasses_keep_their_own_state_through_from_cores_round_and_from_dense():
+    # An intermediate version built these on the meta device and gave them empty storage:
+    # the subclass's own buffer and parameter held uninitialized memory.
+    class Scaled(TTLinear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("scale", torch.full((3,), 2.0))
+            self.gain = nn.Parameter(torch.ones(3))
+
+    layer = Scaled(64, 32, 4)
+    linear = nn.Linear(64, 32)
+    state = torch.get_rng_state()
+    made = [
+        Scaled.from_cores(layer.cores, layer.bias),
+        layer.round(rank=2),
+        Scaled.from_dense(linear, rank=2),
+    ]
+    assert torch.equal(torch.get_rng_state(), state)  # the draws overwritten are put back
+    for new in made:
+        assert type(new) is Scaled
+        assert torch.equal(new.scale, torch.full((3,), 2.0))
+        assert torch.equal(new.gain.detach(), torch.ones(3))
+
+
 def test_to_linear_and_round_keep_mode_and_flags_and_draw_nothing():
     # Before, both returned trainable parameters from a frozen layer, and to_linear a layer
     # in training mode from one in eval mode; to_linear drew a random init to overwrite.

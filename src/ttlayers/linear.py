@@ -372,18 +372,22 @@ class TTLinear(nn.Module):
                 "bias is on the meta device, which holds no values to copy; the cores are "
                 f"on {cores[0].device}."
             )
-        # Built on the meta device, then given storage: drawing initial values only to
-        # overwrite them would cost time and advance the global random number generator.
-        layer = cls(
-            math.prod(in_modes),
-            out_features,
-            rank=ranks[1:-1],
-            in_modes=in_modes,
-            out_modes=out_modes,
-            bias=bias is not None,
-            device="meta",
-            dtype=cores[0].dtype,
-        ).to_empty(device=cores[0].device)
+        # The initial values drawn here are overwritten below: the global random number
+        # generators are put back, so a conversion does not change the dropout masks or
+        # initial weights that come after it. (Not built on the meta device: a subclass's
+        # own parameters and buffers need the values its __init__ gives them.)
+        device = cores[0].device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            layer = cls(
+                math.prod(in_modes),
+                out_features,
+                rank=ranks[1:-1],
+                in_modes=in_modes,
+                out_modes=out_modes,
+                bias=bias is not None,
+                device=device,
+                dtype=cores[0].dtype,
+            )
         with torch.no_grad():
             for param, core in zip(layer.cores, cores, strict=True):
                 param.copy_(core)
