@@ -704,3 +704,123 @@ def test_every_plan_on_cuda_matches_the_cpu_reference(dtype, tol):
         assert err.item() < tol, plan_id(plan)
         y.float().square().sum().backward()
         assert all(c.grad is not None and c.grad.dtype == dtype for c in cores)
+
+
+def _plans_of_each_kind(batch, in_modes, out_modes, ranks):
+    found = {}
+    for plan in candidate_plans(batch, in_modes, out_modes, ranks):
+        found.setdefault(plan.kind, plan)
+    return list(found.values())
+
+
+@pytest.mark.parametrize("kind", ["dense", "twoblock", "chain"])
+def test_bias_on_another_device_than_the_cores_is_refused(kind):
+    # Mutant C7 (bias device not checked): the two-block inference path returned a meta
+    # tensor for CPU input and cores, silently; the others raised a RuntimeError.
+    in_modes, out_modes = (4, 6), (5, 6)
+    cores = make_cores(in_modes, out_modes, 3)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    bias = torch.empty(30, dtype=torch.float64, device="meta")
+    plan = next(p for p in _plans_of_each_kind(5, in_modes, out_modes, (1, 3, 1)) if p.kind == kind)
+    with pytest.raises(ValueError, match="bias on meta"):
+        tt_linear(x, cores, bias, plan=plan)
+
+
+@pytest.mark.parametrize("shape", [(1, 30), (30, 1)])
+@pytest.mark.parametrize("kind", ["dense", "twoblock", "chain"])
+def test_bias_of_the_right_size_but_wrong_shape_is_refused(shape, kind):
+    # Mutant C16 (numel checked instead of shape): a (1, N) or (N, 1) bias was accepted.
+    in_modes, out_modes = (4, 6), (5, 6)
+    cores = make_cores(in_modes, out_modes, 3)
+    x = torch.randn(30, 24, dtype=torch.float64)
+    bias = torch.randn(*shape, dtype=torch.float64)
+    plan = next(
+        p for p in _plans_of_each_kind(30, in_modes, out_modes, (1, 3, 1)) if p.kind == kind
+    )
+    with pytest.raises(ValueError, match="bias must be a tensor of shape"):
+        tt_linear(x, cores, bias, plan=plan)
+
+
+def test_a_twoblock_plan_split_at_the_boundary_is_refused():
+    # Mutant C13 (0 <= split accepted): an IndexError from deep inside instead of the
+    # documented ValueError.
+    cores = make_cores((4, 4, 4), (4, 3, 4), 4)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    for split in (0, 3):
+        with pytest.raises(ValueError, match="does not fit"):
+            tt_linear(x, cores, plan=Plan("twoblock", split=split, first="right"))
+
+
+def test_inference_fast_path_with_three_dimensional_input():
+    # Mutant C10 (the fast path takes any input of 2+ dims unreshaped). Only the cached,
+    # no-grad, planner-chosen path is affected; the first call fills the cache, the second
+    # takes the fast path. Reference: x W^T + b in float64 from tt_to_dense; float64
+    # products of order 1, so 1e-10 is far above rounding and far below any layout error.
+    torch.manual_seed(0)
+    layer = TTLinear(
+        1024, 1024, rank=8, in_modes=(4, 8, 8, 4), out_modes=(4, 8, 8, 4), dtype=torch.float64
+    )
+    x = torch.randn(2, 3, 1024, dtype=torch.float64)
+    plan = select_plan(6, layer.in_modes, layer.out_modes, layer.ranks, x.dtype, "cpu", False)
+    assert plan.kind == "twoblock"  # what the fast path runs
+    with torch.no_grad():
+        expected = x @ layer.to_dense().T + layer.bias
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_an_unchunked_twoblock_plan_does_not_keep_z_above_save_max_batch():
+    # Mutant C14 (keep ignores save_max_batch): Z, 64 rows x 8192 numbers, was saved.
+    in_modes = out_modes = (4, 8, 8, 4)
+    cores = [c.float().requires_grad_() for c in make_cores(in_modes, out_modes, 8)]
+    plan = Plan("twoblock", split=2, first="right", save_max_batch=4, chunks=1)
+    x = torch.randn(64, 1024, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = tt_linear(x, cores, plan=plan)
+    known = {t.untyped_storage().data_ptr() for t in (x, *cores)}
+    other = sum(
+        t.untyped_storage().nbytes() for t in saved if t.untyped_storage().data_ptr() not in known
+    )
+    blocks = 2 * 32 * 8 * 32 * 4  # the two rank-middle blocks (M, r, N), float32
+    assert other <= blocks, other
+    y.sum().backward()  # and the backward pass still runs without Z
+
+
+@pytest.mark.parametrize("first", ["left", "right"])
+def test_bfloat16_gradients_are_accumulated_over_chunks_in_float32(first):
+    # Mutant A10 (bfloat16 sums kept in bfloat16): with one row per chunk, 256 roundings of
+    # the running sum. Positive data make the partial sums grow monotonically, so those
+    # roundings add up (measured: 3.7e-2 relative) instead of cancelling. The reference is
+    # the float64 gradient of the same bfloat16 values; the correct code's error is the final
+    # rounding of each entry to bfloat16 (measured 1.7e-3 to 1.9e-3, unchanged from 1 to
+    # 256 chunks), so 4e-3, one unit of bfloat16 roundoff (2^-8), separates the two.
+    torch.manual_seed(1)
+    in_modes, out_modes = (4, 4, 4), (4, 3, 4)
+    cores = make_cores(in_modes, out_modes, 4)
+    cores = [c.abs().to(torch.bfloat16).requires_grad_() for c in cores]
+    x = torch.rand(256, 64).to(torch.bfloat16)
+    g = torch.rand(256, 48).to(torch.bfloat16)
+    plan = Plan("twoblock", split=1, first=first, chunks=256)
+    tt_linear(x, cores, plan=plan).backward(g)
+    reference = [c.detach().double().requires_grad_() for c in cores]
+    (x.double() @ tt_to_dense(reference).T).backward(g.double())
+    for core, ref in zip(cores, reference, strict=True):
+        assert core.grad.dtype == torch.bfloat16
+        err = ((core.grad.double() - ref.grad).norm() / ref.grad.norm()).item()
+        assert err < 4e-3, err
+
+
+def test_the_cached_inference_path_refuses_a_bias_on_another_device():
+    # The fast path checked the bias's shape and dtype only: a meta bias reached the product
+    # and failed there ("cross-device copies are not allowed"). It now takes the general
+    # path, whose check names the devices.
+    in_modes = out_modes = (4, 8, 8, 4)
+    cores = make_cores(in_modes, out_modes, 8, dtype=torch.float32)
+    x = torch.randn(256, 1024)
+    plan = select_plan(256, in_modes, out_modes, (1, 8, 8, 8, 1), x.dtype, "cpu", False)
+    assert plan.kind == "twoblock"  # what the fast path runs
+    with torch.no_grad():
+        tt_linear(x, cores)  # fills the cache
+        with pytest.raises(ValueError, match="bias on meta"):
+            tt_linear(x, cores, torch.empty(1024, device="meta"))

@@ -1,10 +1,11 @@
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
 
-from ttlayers import factorize, max_ranks, suggest_modes
+from ttlayers import TTLinear, factorize, max_ranks, suggest_modes
 from ttlayers.shapes import default_num_cores, num_parameters, resolve_ranks, validate_modes
 
 
@@ -167,3 +168,25 @@ def test_max_ranks_rejects_modes_of_different_lengths():
 
 def test_num_parameters():
     assert num_parameters((784, 1), (1, 10), (1, 50, 1)) == 784 * 50 + 50 * 10
+
+
+def test_ranks_at_their_caps_do_not_warn():
+    # Mutant S2 (bond k compared with cap k - 1): every valid rank sequence warned, and so
+    # did from_cores / from_dense / round, which pass the ranks on as a sequence.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_ranks((4, 4), (2, 2, 2), (2, 2, 2)) == (1, 4, 4, 1)
+        TTLinear.from_cores(list(TTLinear(8, 8, 4, in_modes=(2, 2, 2), out_modes=(2, 2, 2)).cores))
+    with pytest.warns(UserWarning, match=r"at bonds \[2\]"):
+        resolve_ranks((4, 5), (2, 2, 2), (2, 2, 2))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "expected"),
+    # round(log2(n) / 3), clamped to [2, 6]: 8/3, 11/3 and 17/3 round up, 10/3 down.
+    [((256, 16), 3), ((2048, 7), 4), ((1024, 1024), 3), ((1 << 17, 2), 6), ((8, 8), 2)],
+)
+def test_default_num_cores_rounds_to_nearest(sizes, expected):
+    # Mutant S4 (int() truncates instead of rounding).
+    assert default_num_cores(*sizes) == expected
+    assert TTLinear(*sizes, rank=2).num_cores == expected

@@ -737,6 +737,7 @@ def tt_linear(
                     isinstance(bias, torch.Tensor)
                     and bias.shape == (entry.out_features,)
                     and bias.dtype == entry.dtype
+                    and bias.device.type == "cpu"
                 )
             )
         ):  # else the general path, whose checks name what is wrong
