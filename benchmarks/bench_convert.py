@@ -95,8 +95,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-tensorly", action="store_true")
     args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error(f"--repeats takes a number >= 1; got {args.repeats}")
+    # Checked before the matrix is built and the first rows run.
+    if args.size < 1 or args.repeats < 1 or (args.num_cores is not None and args.num_cores < 1):
+        parser.error("--size, --repeats and --num-cores take positive integers")
+    if any(rank < 1 for rank in args.ranks):
+        parser.error(f"--ranks take positive integers; got {args.ranks}")
+    if any(not 0 < eps < 1 for eps in args.eps):
+        parser.error(f"--eps takes relative errors in (0, 1); got {args.eps}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
 
     w = decaying_matrix(args.size, args.power, args.device)
     in_modes, out_modes = ttlayers.suggest_modes(args.size, args.size, args.num_cores)

@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
+import math
 import os
 import random
 import re
@@ -159,6 +160,8 @@ def uniform(model: nn.Module, names: list[str], compression: float, low_rank: bo
         while (
             num_parameters(in_modes, out_modes, resolve_ranks(rank + 1, in_modes, out_modes))
             <= budget
+            and resolve_ranks(rank + 1, in_modes, out_modes)
+            != resolve_ranks(rank, in_modes, out_modes)  # at the caps: no larger rank exists
         ):
             rank += 1
         layer = TTLinear.from_dense(linear, rank, in_modes=in_modes, out_modes=out_modes)
@@ -305,8 +308,7 @@ def run_minilm(args: argparse.Namespace) -> int:
     print("| compression | method | FFN parameters | mean cosine | 5th pct. cosine | time (s) |")
     print("|---|---|---|---|---|---|")
     for compression in args.compression:
-        methods = ["low-rank", "tt-svd", "budget", "calibrated", "calibrated (even)"]
-        for method in args.methods or methods:
+        for method in args.methods or MINILM_METHODS:
             work = copy.deepcopy(model)
             started = time.perf_counter()
             convert(work, method, names, compression, calibration, args.progress, args.ridge)
@@ -440,16 +442,7 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
         "| vs dense | time (s) |"
     )
     print("|---|---|---|---|---|---|---|")
-    methods = args.methods or [
-        "low-rank",
-        "tt-svd",
-        "budget",
-        "calibrated",
-        "budget (3 cores)",
-        "calibrated (3 cores)",
-        "budget (all layers)",
-        "calibrated (all layers)",
-    ]
+    methods = args.methods or FASHION_METHODS
     for compression in args.compression:
         for method in methods:
             names = ["0", "2"] if method.endswith("(all layers)") else ["0"]
@@ -469,28 +462,67 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
     return 0
 
 
+MINILM_METHODS = ["low-rank", "tt-svd", "budget", "calibrated", "calibrated (even)"]
+FASHION_METHODS = [
+    "low-rank",
+    "tt-svd",
+    "budget",
+    "calibrated",
+    "budget (3 cores)",
+    "calibrated (3 cores)",
+    "budget (all layers)",
+    "calibrated (all layers)",
+]
+# Flags that apply to one model only: (flag, its default), checked so none is silently ignored.
+MINILM_ONLY = {
+    "one_layer": False,
+    "refit_steps": 0,
+    "refit_lr": 1e-3,
+    "calibration_sentences": 256,
+    "eval_sentences": 1000,
+    "batch_size": 64,
+}
+FASHION_ONLY = {"hidden": 256, "calibration_images": 2048, "data_dir": None}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["minilm", "fashion-mnist"], default="minilm")
-    parser.add_argument("--compression", type=float, nargs="+", default=None)
-    parser.add_argument("--methods", nargs="+", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--progress", action="store_true", help="tensorize_'s per-layer lines")
-    parser.add_argument("--ridge", type=float, default=1e-3, help="tensorize_'s ridge")
-    parser.add_argument(
-        "--refit-steps", type=int, default=0, help="block-wise refit after calibrated methods"
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Methods (quote those with spaces): minilm: "
+        + ", ".join(MINILM_METHODS)
+        + "; fashion-mnist: "
+        + ", ".join(FASHION_METHODS)
+        + ".",
     )
-    parser.add_argument("--refit-lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--one-layer", action="store_true", help="minilm: convert each layer alone, in turn"
-    )
-    parser.add_argument("--calibration-sentences", type=int, default=256)
-    parser.add_argument("--eval-sentences", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=256, help="Fashion-MNIST MLP width")
-    parser.add_argument("--calibration-images", type=int, default=2048)
-    parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST files")
+    add = parser.add_argument
+    add("--model", choices=["minilm", "fashion-mnist"], default="minilm", help="default: minilm")
+    add("--compression", type=float, nargs="+", help="ratios > 1 (default: minilm 4, fashion 6)")
+    add("--methods", nargs="+", help="default: all of the model's (see below)")
+    add("--threads", type=int, help="torch.set_num_threads (default: PyTorch's)")
+    add("--progress", action="store_true", help="tensorize_'s per-layer lines")
+    add("--ridge", type=float, default=1e-3, help="tensorize_'s ridge (default: 1e-3)")
+    add("--refit-steps", type=int, default=0, help="minilm: block-wise refit steps (default: 0)")
+    add("--refit-lr", type=float, default=1e-3, help="minilm: the refit's Adam lr (default 1e-3)")
+    add("--one-layer", action="store_true", help="minilm: convert each layer alone, in turn")
+    add("--calibration-sentences", type=int, default=256, help="minilm (default: 256)")
+    add("--eval-sentences", type=int, default=1000, help="minilm (default: 1000)")
+    add("--batch-size", type=int, default=64, help="minilm: sentences per batch (default: 64)")
+    add("--hidden", type=int, default=256, help="fashion-mnist: MLP width (default: 256)")
+    add("--calibration-images", type=int, default=2048, help="fashion-mnist (default: 2048)")
+    add("--data-dir", help="fashion-mnist: folder of the IDX files (default: Debian's)")
     args = parser.parse_args(argv)
+    # Everything checked before the model loads or trains.
+    if any(not 1 < c < math.inf for c in args.compression or []):
+        parser.error(f"--compression takes ratios > 1; got {args.compression}")
+    known = MINILM_METHODS if args.model == "minilm" else FASHION_METHODS
+    unknown = [m for m in args.methods or [] if m not in known]
+    if unknown:
+        parser.error(f"unknown method(s) for --model {args.model}: {unknown}; known: {known}")
+    other = FASHION_ONLY if args.model == "minilm" else MINILM_ONLY
+    for name, default in other.items():
+        if getattr(args, name) != default:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} does not apply to --model {args.model}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model == "minilm":

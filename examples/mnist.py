@@ -504,7 +504,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "MLP with a TT hidden layer; dense: the same MLP with nn.Linear",
     )
     add("--init", choices=("library", "seed"), help="ttnet: library (default) or write-up init")
-    add("--rank", type=int, help="TT rank cap (default: ttnet 50, ttmlp 12, --convert 64)")
+    add(
+        "--rank",
+        type=int,
+        help="TT rank cap (default: ttnet 50, ttmlp 12, --convert 64; none with --eps)",
+    )
     # Convert then fine-tune.
     add("--convert", action="store_true", help="train dense, tensorize_ the hidden layer, tune")
     add("--eps", type=float, help="--convert: relative Frobenius error bound of the TT-SVD")
@@ -520,7 +524,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     # Data.
     add("--dataset", choices=tuple(DATASETS), default="mnist", help="default: mnist")
-    add("--data-dir", type=Path, help="IDX files (default: ~/.pytorch/MNIST or FashionMNIST)")
+    add(
+        "--data-dir",
+        type=lambda text: Path(text).expanduser(),  # --data-dir=~/x reaches us unexpanded
+        help="IDX files (default: ~/.pytorch/MNIST or FashionMNIST)",
+    )
     add("--no-download", action="store_true", help="fail if the files are not on disk")
     args = parser.parse_args(argv)
     # Bad values fail here, before any training (a bad --eps used to surface after the dense
@@ -555,6 +563,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"{flag} applies to --convert only")
         if args.model == "dense" and args.rank is not None:
             parser.error("--rank applies to the TT models and to --convert, not to --model dense")
+    if args.finetune_epochs == 0 and args.finetune_lr is not None:
+        parser.error("--finetune-lr has no effect with --finetune-epochs 0")
+    if 0 < args.calibrate < 784:  # the hidden layer's inputs
+        # Measured on Fashion-MNIST: 16 images gave 78.7 % before fine-tuning against plain
+        # TT-SVD's 82.4 %, 256 gave 84.2 %.
+        print(
+            f"note: --calibrate {args.calibrate} is fewer images than the layer's "
+            "784 inputs; the fit then follows those few images closely and can do "
+            "worse than plain TT-SVD on the test set. Use 1024 or more.",
+            file=sys.stderr,
+        )
     if args.finetune_epochs is None:
         args.finetune_epochs = 1
     if args.convert and args.model not in (None, "dense"):

@@ -6,7 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
+# A venv whose pip is missing is what a failed "python3 -m venv" leaves (Debian without
+# python3-venv): rebuild it rather than fail on it at every later run.
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    if ! "$python" -c "import ensurepip" 2>/dev/null; then
+        echo "setup.sh: $python cannot create virtual environments (no ensurepip)." >&2
+        echo "On Debian or Ubuntu: sudo apt-get install python3-venv; then run this again." >&2
+        exit 1
+    fi
+    rm -rf .venv
     "$python" -m venv .venv
 fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
