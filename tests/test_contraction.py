@@ -594,8 +594,28 @@ def test_set_cost_model_changes_and_restores_the_choice():
     assert plan_table(*shape, torch.float32, "cpu", 1, True) == before
 
 
+def test_set_cost_model_and_calibrate_check_their_arguments():
+    # Each of these was accepted and failed later, in a forward pass or inside min().
+    with pytest.raises(TypeError, match="model must be a CostModel or None; got str"):
+        set_cost_model("cpu", "fast")
+    default = DEFAULT_COST_MODELS["cpu"]
+    for field, value in (("flops", 0.0), ("bandwidth", math.inf), ("overhead", -1.0)):
+        with pytest.raises(ValueError, match=f"model.{field} must be"):
+            set_cost_model("cpu", dataclasses.replace(default, **{field: value}))
+    with pytest.raises(ValueError, match="repeats must be a positive int"):
+        calibrate("cpu", repeats=0)
+    assert select_plan(64, (4, 4), (4, 4), (1, 2, 1), torch.float32, "cpu", True) is not None
+
+
 def test_calibrate_returns_a_positive_model():
-    model = calibrate("cpu", repeats=1)
+    # What is not measured comes from the default model, even with another one installed
+    # (before, from the installed one: a calibration after a custom model inherited it).
+    custom = dataclasses.replace(DEFAULT_COST_MODELS["cpu"], cache_bytes=0, max_chunks=1)
+    try:
+        set_cost_model("cpu", custom)
+        model = calibrate("cpu", repeats=1)
+    finally:
+        set_cost_model("cpu", None)
     assert isinstance(model, CostModel)
     assert min(model.flops, model.half_dim, model.bandwidth, model.overhead) > 0
     default = DEFAULT_COST_MODELS["cpu"]  # what is not measured is the default's
@@ -824,3 +844,23 @@ def test_the_cached_inference_path_refuses_a_bias_on_another_device():
         tt_linear(x, cores)  # fills the cache
         with pytest.raises(ValueError, match="bias on meta"):
             tt_linear(x, cores, torch.empty(1024, device="meta"))
+
+
+def test_chains_of_more_cores_than_einsum_has_letters_for_run():
+    # opt_einsum's letters go beyond a-z, A-Z from the 53rd on, which torch.einsum refuses:
+    # with 17 cores every chain plan failed, and the planner could choose one. Each
+    # pairwise step now uses its own a-z, A-Z names. Reference: the dense float64 product.
+    d = 17
+    in_modes, out_modes = (2,) * d, (1,) * (d - 1) + (3,)
+    torch.manual_seed(0)
+    ranks = (1,) + (2,) * (d - 1) + (1,)
+    cores = [
+        torch.randn(r0, m, n, r1, dtype=torch.float64) / 2
+        for m, n, r0, r1 in zip(in_modes, out_modes, ranks[:-1], ranks[1:], strict=True)
+    ]
+    x = torch.randn(3, 2**d, dtype=torch.float64)
+    chain = [p for p in candidate_plans(3, in_modes, out_modes, ranks) if p.kind == "chain"]
+    assert len(chain) == 1 and not all(eq.isascii() for _, _, eq in chain[0].steps)
+    expected = x @ tt_to_dense(cores).T
+    # float64 sums of 2^17 products of order 1: 1e-9 is far above rounding.
+    torch.testing.assert_close(tt_linear(x, cores, plan=chain[0]), expected, rtol=1e-9, atol=1e-9)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
+import string
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -221,8 +222,23 @@ def run_chain(plan: Plan, operands: Sequence[torch.Tensor]) -> torch.Tensor:
     current = list(operands)
     for i, j, equation in plan.steps:
         right, left = current.pop(j), current.pop(i)
+        if not equation.isascii():  # 17 cores or more
+            equation = _ascii_letters(equation)
         current.append(torch.einsum(equation, left, right))
     return current[0]
+
+
+def _ascii_letters(equation: str) -> str:
+    """``equation`` with its letters renamed to ``a-z, A-Z``, all ``torch.einsum`` accepts.
+
+    A chain's letters come from ``opt_einsum.get_symbol``, which goes beyond ASCII from the
+    53rd on (17 or more cores); one pairwise step uses at most ``d + 5`` of them.
+    """
+    letters = dict.fromkeys(c for c in equation if c not in ",->")
+    if len(letters) > len(string.ascii_letters):
+        raise ValueError(f"a pairwise step of {len(letters)} indices exceeds einsum's 52 letters")
+    names = dict(zip(letters, string.ascii_letters, strict=False))
+    return "".join(names.get(c, c) for c in equation)
 
 
 # --- the three kinds of plan --------------------------------------------------------------------

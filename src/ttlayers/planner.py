@@ -163,7 +163,28 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
 
     Plans already compiled into a ``torch.compile`` graph keep their choice until Dynamo
     recompiles (``torch._dynamo.reset()``).
+
+    Raises:
+        TypeError: If ``model`` is neither a :class:`CostModel` nor ``None``.
+        ValueError: If a speed, bandwidth or cost of ``model`` is not positive and finite
+            (or, for the costs, not ``>= 0``).
     """
+    given: object = model  # checked as what a caller may pass, not as annotated
+    if given is not None and not isinstance(given, CostModel):
+        raise TypeError(f"model must be a CostModel or None; got {type(given).__name__}.")
+    if model is not None:
+        for name in ("flops", "half_dim", "bandwidth"):
+            if not 0 < getattr(model, name) < math.inf:
+                raise ValueError(
+                    f"model.{name} must be positive and finite; got {getattr(model, name)!r}."
+                )
+        for name in ("overhead", "matrix_overhead"):
+            if not 0 <= getattr(model, name) < math.inf:
+                raise ValueError(
+                    f"model.{name} must be >= 0 and finite; got {getattr(model, name)!r}."
+                )
+        if model.cache_bytes < 0 or model.max_chunks < 1:
+            raise ValueError("model.cache_bytes must be >= 0 and model.max_chunks >= 1.")
     if model is None:
         _cost_models.pop(device_type, None)
         if device_type in DEFAULT_COST_MODELS:
@@ -509,9 +530,11 @@ def _chain_plan(
     terms, output = chain_equation(len(in_modes))
     equation = ",".join(terms) + "->" + output
     shapes = _chain_operand_shapes(batch, in_modes, out_modes, ranks)
-    path, _ = opt_einsum.contract_path(
-        equation, *shapes, shapes=True, optimize="optimal" if len(terms) <= 7 else "dp"
-    )
+    # opt_einsum's "dp" is exact but exponential in the cores: seconds per path from about
+    # 13 cores with unit modes or rank-1 bonds, and a table plans 25 batch sizes. Greedy
+    # beyond 10 cores, where the chain rarely wins anyway.
+    search = "optimal" if len(terms) <= 7 else "dp" if len(terms) <= 11 else "greedy"
+    path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=search)
     return Plan("chain", steps=pairwise_steps(path, terms, output), equation=equation)
 
 
@@ -552,6 +575,11 @@ def pairwise_steps(
             current.append(merged)
         planned.append(merged)
     return tuple(steps)
+
+
+# A pairwise step of the chain uses at most d + 5 letters, and torch.einsum has 52 (see
+# ttlayers.contraction.run_chain).
+_MAX_CHAIN_CORES = 47
 
 
 def candidate_plans(
@@ -610,7 +638,8 @@ def candidate_plans(
             chunks = min(max(chunks, -(-batch * row_elements // memory)), batch)
             if chunks > 1:
                 plans.append(Plan("twoblock", split=s, first=first, chunks=chunks))
-    plans.append(_chain_plan(max(batch, 1), in_modes, out_modes, ranks))
+    if d <= _MAX_CHAIN_CORES:
+        plans.append(_chain_plan(max(batch, 1), in_modes, out_modes, ranks))
     return plans
 
 
@@ -756,12 +785,14 @@ def calibrate(
     Args:
         device: The device to measure.
         dtype: The dtype of the products.
-        repeats: Runs of each measurement.
+        repeats: Runs of each measurement, ``>= 1``.
 
     Returns:
         The measured model, expressed for float32 (``flops`` divided by the default speedup
         of ``dtype``) and, on CPUs, per thread.
     """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int; got {repeats!r}.")
     device = torch.device(device)
 
     def make(*shape: int) -> torch.Tensor:
@@ -781,7 +812,8 @@ def calibrate(
     target = torch.empty_like(source)
     copy_seconds = _seconds(lambda: target.copy_(source), device, repeats)
     bandwidth = 2.0 * source.numel() * source.element_size() / copy_seconds
-    default = _cost_model(device.type)
+    # The defaults, not whatever model is installed (which may be an earlier calibration).
+    default = DEFAULT_COST_MODELS.get(device.type, DEFAULT_COST_MODELS["cpu"])
     units = torch.get_num_threads() if device.type == "cpu" else 1
     return CostModel(
         flops=peak / default.speedup(dtype) / units,
