@@ -241,19 +241,18 @@ class TensorizeReport:
         return "\n".join(lines)
 
 
-def _distinct_parameters(modules: Sequence[nn.Module]) -> int:
-    """Parameters of ``modules``, each tensor counted once (tied weights are shared)."""
-    sizes = {id(param): param.numel() for module in modules for param in module.parameters()}
-    return sum(sizes.values())
+def _count_parameters(*modules: nn.Module) -> int:
+    """Parameters of ``modules``, each tensor counted once (tied weights are shared).
 
-
-def _count_parameters(model: nn.Module) -> int:
-    # A lazy layer's parameters have no size until its first forward pass: count them as 0.
-    return sum(
-        param.numel()
-        for param in model.parameters()
+    A lazy layer's parameters have no size until its first forward pass: counted as 0.
+    """
+    sizes = {
+        id(param): param.numel()
+        for module in modules
+        for param in module.parameters()
         if not isinstance(param, nn.parameter.UninitializedParameter)
-    )
+    }
+    return sum(sizes.values())
 
 
 def _check_arguments(
@@ -612,8 +611,8 @@ def tensorize_(
             UserWarning,
             stacklevel=2,
         )
-    params_before = _distinct_parameters(
-        [model.get_submodule(layer_names[0]) for layer_names, _, _ in converted.layers]
+    params_before = _count_parameters(
+        *(model.get_submodule(layer_names[0]) for layer_names, _, _ in converted.layers)
     )
     _swap(model, [(name, layer) for names, layer, _ in converted.layers for name in names])
     order = {layer_names[0]: k for k, layer_names in enumerate(names.values())}
@@ -909,7 +908,7 @@ def _budget(
     ]
     biases = [0 if lin.bias is None else lin.bias.numel() for lin, _ in selected]
     # The model loses each tied weight once, but gets one TT layer per module that used it.
-    dense = _distinct_parameters([lin for lin, _ in selected])
+    dense = _count_parameters(*(lin for lin, _ in selected))
     budget = int(dense / compression) if compression is not None else int(params or 0)
     if budget <= sum(biases):
         raise ValueError(
