@@ -4,6 +4,7 @@ import math
 import opt_einsum
 import pytest
 import torch
+from torch_versions import needs_whole_graph
 
 from ttlayers import TTLinear, tt_to_dense
 from ttlayers.contraction import (
@@ -629,6 +630,7 @@ def test_calibrate_returns_a_positive_model():
 # --- with the rest of PyTorch ----------------------------------------------------------------
 
 
+@needs_whole_graph
 def test_compile_fullgraph_matches_eager_for_every_kind():
     torch._dynamo.reset()
     cores = [c.float().requires_grad_() for c in make_cores((4, 8, 8, 4), (4, 8, 8, 4), 4)]
@@ -651,6 +653,7 @@ def test_compile_fullgraph_matches_eager_for_every_kind():
     torch._dynamo.reset()
 
 
+@needs_whole_graph
 def test_compile_fullgraph_with_the_planner_choosing():
     torch._dynamo.reset()
     from torch._dynamo.testing import CompileCounterWithBackend

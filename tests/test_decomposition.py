@@ -564,3 +564,216 @@ def test_eps_bound_holds_when_a_tail_sits_exactly_on_the_budget():
         if err.item() > 0.6:
             exceeded.append((seed, err.item()))
     assert not exceeded, exceeded[:3]
+
+
+# --- from a mutation audit: tolerances, scales, dtypes, layout ------------------------------
+
+
+def np_tt_svd_ranks(w, in_modes, out_modes, eps):
+    """Oseledets' TT-SVD in numpy float64: the ranks for a per-bond tail of eps/sqrt(d-1)||W||.
+
+    Also returns the smallest relative distance of a kept or dropped tail to the budget, so a
+    test can make sure its matrix is not decided by rounding.
+    """
+    d = len(in_modes)
+    delta = eps / math.sqrt(d - 1) * np.linalg.norm(w)
+    rest = np_unfolding(w, in_modes, out_modes, d).reshape(1, -1)
+    ranks, r, closest = [1], 1, math.inf
+    for m, n in zip(in_modes[:-1], out_modes[:-1], strict=True):
+        _, s, vt = np.linalg.svd(rest.reshape(r * m * n, -1), full_matrices=False)
+        tails = np.sqrt(np.cumsum((s**2)[::-1])[::-1])  # tails[j] = ||s[j:]||
+        within = np.nonzero(tails <= delta)[0]
+        r = max(int(within[0]) if within.size else len(s), 1)
+        closest = min(closest, *(abs(t - delta) / delta for t in tails[max(r - 1, 0) : r + 1]))
+        ranks.append(r)
+        rest = s[:r, None] * vt[:r]
+    return (*ranks, 1), closest
+
+
+def with_spectrum(in_modes, out_modes, singular_values, seed):
+    """W whose bond-1 unfolding has exactly these singular values (float64)."""
+    rows = in_modes[0] * out_modes[0]
+    cols = math.prod(in_modes[1:]) * math.prod(out_modes[1:])
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((rows, len(singular_values))))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, len(singular_values))))
+    return np_fold((u * np.asarray(singular_values)) @ v.T, in_modes, out_modes)
+
+
+# --- eps: the per-bond tolerance ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes"),
+    [((2, 3, 4), (4, 3, 2)), ((2, 3, 2, 2), (2, 2, 3, 2)), ((2, 2, 2, 2, 2), (2, 2, 2, 2, 2))],
+)
+@pytest.mark.parametrize("eps", [0.1, 0.25])
+def test_eps_ranks_are_those_of_a_per_bond_budget_of_eps_over_sqrt_d_minus_1(
+    in_modes, out_modes, eps
+):
+    # A budget of eps/(d-1) per bond instead of eps/sqrt(d-1) would still meet the eps bound, only
+    # with needlessly large ranks, and every existing rank check for eps used d = 2, where the
+    # two agree. Reference: TT-SVD in numpy float64. The matrix is checked not to sit within
+    # 1e-6 (relative) of a budget, far above both the library's rounding margin (~1e-14) and
+    # float64 SVD rounding.
+    w = decaying_matrix(
+        math.prod(out_modes), math.prod(in_modes), 0.3, torch.Generator().manual_seed(1)
+    )
+    expected, closest = np_tt_svd_ranks(w.numpy(), in_modes, out_modes, eps)
+    assert closest > 1e-6
+    assert ranks_of(tt_svd(w, in_modes, out_modes, eps=eps)) == expected
+
+
+def test_eps_bound_holds_when_many_small_singular_values_are_needed():
+    # eps mode must not drop the "numerically zero" values (<= max(rows, cols) * finfo.eps *
+    # s_max) as the exact mode does. For a 256 x 256 float32 unfolding that cut
+    # is 3e-5 * s_max, while a user may ask for eps = 1.5e-4: here 255 singular values of
+    # 2e-5 hold a relative tail of 3.2e-4, so dropping them all breaks the bound twice over.
+    # The error is measured in numpy float64 against the float32 matrix actually decomposed;
+    # the bound is checked with no slack (the library keeps a rounding margin for that).
+    in_modes, out_modes = (16, 16), (16, 16)
+    s = np.concatenate([[1.0], np.full(255, 2e-5)])
+    w = torch.from_numpy(with_spectrum(in_modes, out_modes, s, seed=0)).float()
+    cores = tt_svd(w, in_modes, out_modes, eps=1.5e-4)
+    assert np_rel_error(w.double().numpy(), np_dense(cores)) <= 1.5e-4
+    assert ranks_of(cores)[1] > 1
+
+
+# --- exact mode: what counts as zero --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sigma", "expected_rank"), [(1e-14, 1), (1e-12, 2)])
+def test_exact_mode_zero_cut_uses_the_larger_side_of_the_unfolding(sigma, expected_rank):
+    # The exact mode's zero cut is max(rows, cols) * finfo.eps * s_max, not min(...), as the
+    # module docstring states. Bond-1 unfolding of 4 x 144 with singular values (1, sigma):
+    # the documented cut is 144 * 2.2e-16 = 3.2e-14, so 1e-14 is zero and 1e-12 is not; the
+    # min-side cut (8.9e-16) would keep 1e-14. Both sigmas are >= 30x from either cut and far
+    # above float64 SVD rounding (~1e-16).
+    in_modes, out_modes = (2, 12), (2, 12)
+    w = torch.from_numpy(with_spectrum(in_modes, out_modes, [1.0, sigma], seed=3))
+    cores = tt_svd(w, in_modes, out_modes)
+    assert ranks_of(cores) == (1, expected_rank, 1)
+    # Either way W is reproduced to working precision (dropping sigma costs sigma / ||W||,
+    # Eckart-Young; 1e-13 covers that and the ~1e-15 rounding of the reconstruction).
+    assert np_rel_error(w.numpy(), np_dense(cores)) <= 1e-13
+
+
+# --- norms at any scale ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e-158, 1e-160])
+def test_float64_weights_whose_squares_are_subnormal(scale):
+    # The float64 norm is not to be trusted whenever it is nonzero and finite. The existing
+    # scale test (1e-170) underflows every square to 0, which the rescaling catches anyway;
+    # at 1e-158..1e-160 the squares are subnormal and the plain norm is off by ~1e-8..1e-3,
+    # which moves the eps ranks and the reported errors. Reference: the same cores, rescaled
+    # by 1/scale in numpy float64 (exact: a power-of-ten scale only rounds at 1e-16).
+    w = decaying_matrix(24, 24, 0.1, torch.Generator().manual_seed(0))
+    reference = tt_svd(w, (4, 6), (6, 4), eps=0.3)
+    scaled = tt_svd(w * scale, (4, 6), (6, 4), eps=0.3)
+    assert ranks_of(scaled) == ranks_of(reference)
+    expected = np_rel_error(w.numpy(), np_dense(scaled) / scale)
+    assert relative_error(w * scale, scaled) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e-21, 1e-22])
+def test_float32_weights_whose_float32_squares_are_subnormal(scale):
+    # Norms accumulate in float64, not in the tensor's own dtype. Float32 entries
+    # of 1e-22 are normal, but their float32 squares (1e-44) are subnormal: a float32 norm is
+    # off by up to ~10% without being 0, so no rescaling kicks in. Reference: numpy float64
+    # (where 1e-44 is an ordinary number). relative_error works in float32 here, so 1e-5
+    # relative covers its rounding of an error of ~0.27.
+    w = decaying_matrix(24, 24, 0.1, torch.Generator().manual_seed(0)).float()
+    reference = tt_svd(w, (4, 6), (6, 4), eps=0.3)
+    ws = w * scale
+    scaled = tt_svd(ws, (4, 6), (6, 4), eps=0.3)
+    assert ranks_of(scaled) == ranks_of(reference)
+    expected = np_rel_error(ws.double().numpy(), np_dense(scaled))
+    assert relative_error(ws, scaled) == pytest.approx(expected, rel=1e-5)
+
+
+# --- error measures -------------------------------------------------------------------------
+
+
+def test_tt_relative_error_of_single_cores():
+    # The d = 1 branch of the TT difference (a sign there went unnoticed). Every
+    # other test of tt_relative_error used d >= 2. Reference: numpy on the two 3 x 4 matrices.
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.randn(1, 4, 3, 1, generator=gen, dtype=torch.float64)]
+    b = [torch.randn(1, 4, 3, 1, generator=gen, dtype=torch.float64)]
+    expected = np_rel_error(np_dense(a), np_dense(b))
+    assert tt_relative_error(a, b) == pytest.approx(expected, rel=1e-12)
+    assert tt_relative_error(a, a) == 0.0
+
+
+def test_relative_error_works_in_the_wider_dtype_of_matrix_and_cores():
+    # relative_error works in the wider dtype of matrix and cores. A float32 matrix against
+    # float64 cores of (1 + 1e-9) W: the true error is 1e-9, which float32 (unit roundoff
+    # 6e-8) cannot even represent. The reconstruction itself is exact to ~1e-15, so 1e-4
+    # relative on 1e-9 is ample.
+    w = decaying_matrix(6, 6, 0.5, torch.Generator().manual_seed(0)).float()
+    cores = tt_svd(w.double(), (2, 3), (3, 2))
+    cores[0] = cores[0] * (1 + 1e-9)
+    assert relative_error(w, cores) == pytest.approx(1e-9, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda cores: tt_round(cores),
+        lambda cores: tt_relative_error(cores, cores),
+        lambda cores: relative_error(torch.ones(6, 6), cores),
+    ],
+    ids=["tt_round", "tt_relative_error", "relative_error"],
+)
+def test_integer_cores_are_rejected(call):
+    # Cores must be floating point: without the check, tt_round of these integer
+    # cores works in float32 and casts back to int64: it silently returns cores of zeros.
+    cores = [torch.ones(1, 2, 3, 2, dtype=torch.int64), torch.ones(2, 3, 2, 1, dtype=torch.int64)]
+    with pytest.raises(TypeError, match=r"\[0\] must be a floating-point tensor"):
+        call(cores)
+
+
+# --- rank caps, warnings, layout ------------------------------------------------------------
+
+
+def test_tt_round_warns_about_eps_below_the_precision_too():
+    # tt_round gives the precision warning tt_svd gives. Float32 cannot
+    # keep eps = 1e-8; bfloat16 results round by ~4e-3 per entry, so eps = 1e-3 cannot hold.
+    gen = torch.Generator().manual_seed(0)
+    cores = [torch.randn(1, 4, 4, 3, generator=gen), torch.randn(3, 4, 4, 1, generator=gen)]
+    with pytest.warns(UserWarning, match="eps=1e-08 is below what torch.float32 can resolve"):
+        tt_round(cores, eps=1e-8)
+    with pytest.warns(UserWarning, match="rounding the cores to torch.bfloat16"):
+        tt_round([c.bfloat16() for c in cores], eps=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tt_round([c.double() for c in cores], eps=1e-8)
+
+
+def test_precision_warning_thresholds():
+    # The float32 threshold is 100 units of roundoff, the half-precision result's 10: advisory
+    # thresholds, which the warnings themselves state ("about 1e-05" for float32). An eps of
+    # half the threshold warns, ten times it does not.
+    w = decaying_matrix(24, 24, 0.3, torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="below what torch.float32 can resolve"):
+        tt_svd(w.float(), (4, 6), (6, 4), eps=6e-6)  # threshold 100 * 1.19e-7
+    with pytest.warns(UserWarning, match="rounding the cores to torch.bfloat16"):
+        tt_svd(w.bfloat16(), (4, 6), (6, 4), eps=0.04)  # threshold 10 * 7.8e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tt_svd(w.float(), (4, 6), (6, 4), eps=1.2e-4)
+        tt_svd(w.bfloat16(), (4, 6), (6, 4), eps=0.8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_returned_cores_are_contiguous(dtype):
+    # The cores come out contiguous: else they are slices of the SVD's
+    # column-major factors, and e.g. core.view(-1) raises. (TTLinear copies them into fresh
+    # parameters, so only direct callers of tt_svd / tt_round see it.)
+    w = torch.randn(24, 24, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    cores = tt_svd(w, (2, 3, 4), (4, 3, 2), rank=3)
+    for result in (cores, tt_svd(w, (2, 3, 4), (4, 3, 2)), tt_round(cores, rank=2)):
+        assert all(c.is_contiguous() for c in result)
+        for c in result:
+            c.view(-1)

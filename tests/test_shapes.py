@@ -4,8 +4,9 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
-from ttlayers import TTLinear, factorize, max_ranks, suggest_modes
+from ttlayers import TTLinear, factorize, max_ranks, suggest_modes, tt_svd
 from ttlayers.shapes import default_num_cores, num_parameters, resolve_ranks, validate_modes
 
 
@@ -190,3 +191,44 @@ def test_default_num_cores_rounds_to_nearest(sizes, expected):
     # Mutant S4 (int() truncates instead of rounding).
     assert default_num_cores(*sizes) == expected
     assert TTLinear(*sizes, rank=2).num_cores == expected
+
+
+# --- from a mutation audit ------------------------------------------------------------------------
+
+
+def test_default_num_cores_looks_at_the_larger_side_either_way():
+    # The larger side counts, whichever it is.
+    assert default_num_cores(7, 2048) == default_num_cores(2048, 7) == 4
+    assert len(validate_modes(16, 4096, None, None)[0]) == 4  # round(12 / 3)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: factorize(True, 2),
+        lambda: factorize(8, True),
+        lambda: max_ranks((True, 2), (2, 2)),
+        lambda: validate_modes(2, 2, (True, 2), None),
+        lambda: tt_svd(torch.eye(2), (True, 2), (2, 1)),
+    ],
+    ids=["n", "num_cores", "max_ranks", "validate_modes", "tt_svd"],
+)
+def test_bools_are_not_sizes(call):
+    # True would otherwise pass as a mode or size of 1.
+    with pytest.raises(TypeError):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("sizes", "error", "match"),
+    [
+        ((0, 0), ValueError, "in_features must be a positive int; got 0"),
+        ((-4, 2), ValueError, "in_features must be a positive int; got -4"),
+        ((8, -1), ValueError, "out_features must be a positive int; got -1"),
+        ((8.5, 3), TypeError, "in_features must be an int; got float 8.5"),
+    ],
+)
+def test_default_num_cores_checks_its_sizes(sizes, error, match):
+    # It is public: a size of 0 was a "math domain error", -4 and 8.5 gave a number of cores.
+    with pytest.raises(error, match=match):
+        default_num_cores(*sizes)

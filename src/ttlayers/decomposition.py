@@ -410,9 +410,10 @@ def relative_error(matrix: torch.Tensor, cores: Sequence[torch.Tensor]) -> float
         ``W`` is, NaN when ``W`` holds NaN.
 
     Raises:
-        TypeError: If ``matrix`` is not a 2-D floating-point tensor, or the cores are not
+        TypeError: If ``matrix`` is not a floating-point tensor, or the cores are not
             floating-point tensors.
-        ValueError: If the shapes disagree, or a tensor is on the meta device.
+        ValueError: If ``matrix`` is not 2-D, the shapes disagree, or a tensor is on the meta
+            device.
     """
     check_matrix(matrix)
     if matrix.device.type == "meta":

@@ -147,8 +147,15 @@ def default_num_cores(in_features: int, out_features: int) -> int:
 
     Returns:
         ``clamp(round(log2(max(in_features, out_features)) / 3), 2, 6)``.
+
+    Raises:
+        TypeError: If a size is not an int.
+        ValueError: If a size is not positive.
     """
-    largest = max(in_features, out_features)
+    largest = max(
+        _check_positive_int("in_features", in_features),
+        _check_positive_int("out_features", out_features),
+    )
     return min(6, max(2, round(math.log2(largest) / 3)))
 
 
