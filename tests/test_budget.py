@@ -384,3 +384,249 @@ def test_allocate_is_optimal_when_its_hull_steps_land_on_the_budget():
     )
     assert sum(c.error**2 for c in chosen) == pytest.approx(best, rel=1e-12)
     assert best == pytest.approx(2.34, rel=1e-12)
+
+
+# --- from a mutation audit: paths, ties, exact budgets -----------------------------------
+
+
+def synthetic(points):
+    """A layer's options from ``(parameters, squared error)`` pairs (shape is irrelevant)."""
+    return [
+        RankChoice((1, 4), (4, 1), (1, k + 1, 1), p, math.sqrt(s))
+        for k, (p, s) in enumerate(points)
+    ]
+
+
+def brute_force(layers, budget):
+    """The least summed squared error of one option per layer within the budget."""
+    return min(
+        sum(c.error**2 for c in combo)
+        for combo in itertools.product(*layers)
+        if sum(c.parameters for c in combo) <= budget
+    )
+
+
+# --- the greedy rank path of one shape ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(3, 7), (4, 5), (5, 11), (6, 6), (2, 9)])
+def test_low_rank_path_is_every_rank_below_the_dense_size(out_features, in_features):
+    """Finds: _rank_path stopping at ``>= limit - 1`` (one parameter early), or ``> limit``.
+
+    Plain low rank at rank r takes r (m + n) parameters; the path must offer every rank up to
+    the largest with r (m + n) < m n (and r <= min(m, n)), by brute force over r. 3 x 7 is the
+    sharp case: rank 2 takes 20 parameters, one below the dense 21.
+    """
+    w = matrix_with_spectrum(out_features, in_features, 0.3, seed=out_features)
+    options = layer_options(w, shapes=[((1, in_features), (out_features, 1))])
+    dense, step = out_features * in_features, out_features + in_features
+    below = [r for r in range(1, min(out_features, in_features) + 1) if r * step < dense]
+    expected = below or [1]  # the all-ones start is always there
+    assert [option.ranks[1] for option in options] == expected
+
+
+def test_each_path_step_takes_the_most_error_per_parameter():
+    """Finds: _rank_path ranking bonds by their gain alone, not gain per added parameter.
+
+    The module docstring: the path raises "the bond whose next singular value removes the most
+    error per added parameter". Reference: numpy SVDs of the unfoldings for the gains and
+    shapes.num_parameters for the costs; among the bonds that may still grow (a rank is at most
+    its cap and its neighbours' ranks times their cores' sizes), the one taken must have the
+    largest ratio (relative 1e-9: numpy and torch SVDs agree to ~1e-14).
+    """
+    # Bonds of unequal costs: growing bond 1 costs 8 + 9 r_2, bond 2 costs 9 r_1 + 8, so the
+    # bond with the larger next singular value is not always the better buy.
+    in_modes, out_modes = (2, 3, 4), (4, 3, 2)
+    w = torch.randn(24, 24, dtype=F64, generator=torch.Generator().manual_seed(0))
+    options = layer_options(w, shapes=[(in_modes, out_modes)])
+    assert len(options) > 5
+    d = len(in_modes)
+    energy = [
+        np.linalg.svd(np_unfolding(w.numpy(), in_modes, out_modes, k), compute_uv=False) ** 2
+        for k in range(1, d)
+    ]
+    sizes = [m * n for m, n in zip(in_modes, out_modes, strict=True)]
+    caps = [1, *(len(e) for e in energy), 1]
+    for here, there in itertools.pairwise(options):
+        ranks = list(here.ranks)
+        ratios = {}
+        for k in range(1, d):
+            if ranks[k] < min(caps[k], ranks[k - 1] * sizes[k - 1], ranks[k + 1] * sizes[k]):
+                grown = ranks.copy()
+                grown[k] += 1
+                cost = num_parameters(in_modes, out_modes, grown) - here.parameters
+                ratios[k] = energy[k - 1][ranks[k]] / cost
+        taken = [k for k in range(1, d) if there.ranks[k] == ranks[k] + 1]
+        assert len(taken) == 1 and taken[0] in ratios
+        assert ratios[taken[0]] >= max(ratios.values()) * (1 - 1e-9), (here.ranks, ratios)
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes"), [((8, 2, 2), (1, 1, 4)), ((8, 1, 1), (1, 1, 8))]
+)
+def test_option_ranks_are_the_ranks_of_the_matrix_tt_svd_builds(in_modes, out_modes):
+    """Finds: _rank_path without the right-neighbour limit ``r_k <= r_{k+1} m_{k+1} n_{k+1}``.
+
+    Beyond that limit a bond rank is redundant: TT-SVD builds cores of that size, so the shapes
+    check passes, but the matrix they make has a smaller rank at that bond, and the option
+    pays for parameters that carry nothing. Reference: numpy's matrix_rank of each bond
+    unfolding of the rebuilt matrix (default tolerance, S_max * max(shape) * eps; the kept
+    singular values of these float64 matrices are >= 0.1 S_max, the dropped ones ~1e-16).
+    """
+    w = matrix_with_spectrum(math.prod(out_modes), math.prod(in_modes), 0.05, seed=3)
+    for option in layer_options(w, shapes=[(in_modes, out_modes)]):
+        rebuilt = tt_to_dense(tt_svd(w, in_modes, out_modes, rank=list(option.ranks[1:-1])))
+        actual = [
+            int(np.linalg.matrix_rank(np_unfolding(rebuilt.numpy(), in_modes, out_modes, k)))
+            for k in range(1, len(in_modes))
+        ]
+        assert (1, *actual, 1) == option.ranks
+
+
+# --- allocate ----------------------------------------------------------------------------------
+
+
+def test_allocate_rejects_a_bool_budget():
+    """Finds: allocate's type check without its ``isinstance(budget, bool)`` clause.
+
+    ``True`` is an int to Python, and allocate(options, True) would be a budget of 1.
+    """
+    options = [synthetic([(10, 1.0), (20, 0.5)])]
+    with pytest.raises(TypeError, match="budget must be an int; got bool"):
+        allocate(options, True)
+
+
+def test_allocate_with_options_of_equal_parameters_in_any_order():
+    """Finds: _frontier sorting by parameters only (not by error within equal parameters).
+
+    Layer A has two options of 10 parameters, the worse one first (two candidate shapes can
+    cost the same). At budget 30, A's step to (20, 0.0) lands exactly on the budget: the
+    optimum (1.0, brute force). Sorted without the error, the frontier keeps both 10s and the
+    hull starts at the worse one; its free step has a tiny slope, so A's real step is pushed
+    after B's, which then takes the budget (1.499).
+    """
+    layers = [
+        synthetic([(10, 1.0), (10, 0.999), (20, 0.0)]),
+        synthetic([(10, 1.0), (20, 0.5)]),
+    ]
+    chosen = allocate(layers, 30)
+    assert sum(c.parameters for c in chosen) <= 30
+    assert sum(c.error**2 for c in chosen) == pytest.approx(brute_force(layers, 30), rel=1e-12)
+    assert brute_force(layers, 30) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_allocate_never_pays_for_an_option_with_no_less_error():
+    """Finds: _frontier keeping options of equal error (``<=`` for ``<``).
+
+    Layer A's (30, 0.5) has no less error than its (20, 0.5). Kept on the hull, it is a step
+    of slope 0 that the greedy takes when it fits, and its 10 parameters are then missing for
+    B's (25, 0.81), an option off B's hull that the leftover pass buys otherwise. Optimum at
+    45 by brute force: A (20, 0.5) with B (25, 0.81), 1.31.
+    """
+    layers = [
+        synthetic([(10, 1.0), (20, 0.5), (30, 0.5)]),
+        synthetic([(10, 1.0), (25, 0.81), (60, 0.0)]),
+    ]
+    chosen = allocate(layers, 45)
+    for option, layer in zip(chosen, layers, strict=True):  # no option dominates the choice
+        assert not any(o.parameters < option.parameters and o.error <= option.error for o in layer)
+    assert sum(c.error**2 for c in chosen) == pytest.approx(brute_force(layers, 45), rel=1e-12)
+    assert brute_force(layers, 45) == pytest.approx(1.31, rel=1e-12)
+
+
+def test_the_leftover_goes_to_the_largest_error_drop_first():
+    """Finds: the leftover pass ranking upgrades by drop per parameter instead of by drop.
+
+    allocate's docstring: the budget left over is spent "the largest error drop first". Both
+    layers' hull steps (cost 20) miss the budget of 30 by 10; off the hulls, X's (20, 0.7)
+    drops 0.3 for 10 parameters and Z's (14, 0.85) drops 0.15 for 4 (the better ratio). Only
+    one fits. The largest drop is also the optimum here (1.7 by brute force, against 1.85).
+    """
+    layers = [
+        synthetic([(10, 1.0), (20, 0.7), (30, 0.0)]),
+        synthetic([(10, 1.0), (14, 0.85), (30, 0.0)]),
+    ]
+    chosen = allocate(layers, 30)
+    assert [c.parameters for c in chosen] == [20, 10]
+    assert sum(c.error**2 for c in chosen) == pytest.approx(brute_force(layers, 30), rel=1e-12)
+    assert brute_force(layers, 30) == pytest.approx(1.7, rel=1e-12)
+
+
+def test_allocate_evenly_fits_a_share_exactly_and_never_pays_for_nothing():
+    """Finds: allocate_evenly's ``<= budget`` as ``<``, and its tie-break on parameters
+    dropped (first of equal errors) or reversed (most parameters).
+
+    An option of exactly the layer's share fits it. Of two options with the same error, the
+    one with fewer parameters: more would compress the layer less for nothing.
+    """
+    layer = synthetic([(10, 1.0), (30, 0.25), (20, 0.25), (40, 0.0)])
+    assert allocate_evenly([layer], [40])[0].parameters == 40
+    chosen = allocate_evenly([layer], [35])[0]
+    assert (chosen.parameters, chosen.error) == (20, 0.5)
+    # The same on real options: a zero weight has error 0 at every rank, so the least
+    # parameters of all candidates wins, the rank-1 TT of the smallest shape.
+    options = layer_options(torch.zeros(16, 16, dtype=F64))
+    chosen = allocate_evenly([options], [10**6])[0]
+    assert chosen.error == 0.0
+    assert chosen.parameters == min(o.parameters for o in options)
+
+
+# --- tensorize_ with a budget --------------------------------------------------------------
+
+
+def test_a_budget_that_fits_a_rank_step_exactly_is_spent_exactly():
+    """Finds: surgery._budget handing allocate one parameter less than the budget minus the
+    biases (and _rank_path stopping one parameter early).
+
+    A 7 -> 3 layer: rank 2 takes 2 (7 + 3) = 20 core parameters, with 3 biases 23, below the
+    dense 24 (21 weights); rank 3 would take 33. params=23 must give rank 2, all 23 spent.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 3)).double()
+    report = tensorize_(model, params=23)
+    assert report.params_after == 23
+    assert report.layers[0].ranks[1] == 2
+
+
+def test_a_budget_of_just_the_biases_is_refused_for_the_biases():
+    """Finds: surgery._budget accepting a budget equal to the biases (``<`` for ``<=``).
+
+    Nothing is then left for the cores; the message must say so, not report a budget of 0
+    that the caller never gave.
+    """
+    model = nn.Sequential(nn.Linear(7, 3)).double()
+    with pytest.raises(ValueError, match="does not even cover the 3 bias parameters"):
+        tensorize_(model, params=3)
+
+
+def test_even_share_that_exactly_holds_the_smallest_form_is_accepted():
+    """Finds: the even allocation refusing a share equal to the smallest form (``<=``).
+
+    One 7 -> 3 layer: its share is the whole budget, 13 = 3 biases + the 10 core parameters
+    of rank 1 (10 < 24 dense), which fits.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 3)).double()
+    report = tensorize_(model, params=13, allocation="even")
+    assert report.params_after == 13
+
+
+@pytest.mark.parametrize("compression", [2.0, 3.0, 6.0, 8.0])
+def test_even_allocation_counts_each_layers_bias_in_its_share(compression):
+    """Finds: the even allocation giving the cores the whole share, biases not subtracted.
+
+    Every layer at least ``compression`` times smaller, biases included (the docstring: the
+    same compression for every layer), and the total within the budget. At 2x and 6x the
+    mutant overshoots (the 64 -> 96 layer: 3,136 > 3,120 at 2x).
+    """
+    model = mlp()
+    report = tensorize_(
+        model,
+        compression=compression,
+        allocation="even",
+        filter_fn=lambda module, name: isinstance(module, nn.Linear),
+    )
+    assert len(report.layers) == 3
+    assert report.params_after <= report.budget
+    for row in report.layers:
+        assert row.params_before >= compression * row.params_after, row.name

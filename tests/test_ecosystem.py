@@ -337,7 +337,7 @@ def test_compile_with_a_data_dependent_batch_size(fresh_dynamo, build):
     assert counter.frame_count <= 2  # static for the first shape, then one dynamic graph
 
 
-@needs_export
+@needs_whole_graph
 def test_a_data_dependent_batch_size_gets_an_unchunked_plan(fresh_dynamo, monkeypatch):
     # A size known only from the data has no example value to plan for. PyTorch's fallback
     # hint (8,192 rows) gave this layer a plan of 128 chunks, nearly all of them empty for

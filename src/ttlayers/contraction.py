@@ -232,7 +232,7 @@ def _ascii_letters(equation: str) -> str:
     """``equation`` with its letters renamed to ``a-z, A-Z``, all ``torch.einsum`` accepts.
 
     A chain's letters come from ``opt_einsum.get_symbol``, which goes beyond ASCII from the
-    53rd on (17 or more cores); one pairwise step uses at most ``d + 5`` of them.
+    53rd on (17 or more cores); the planner only makes chains whose steps use at most 52.
     """
     letters = dict.fromkeys(c for c in equation if c not in ",->")
     if len(letters) > len(string.ascii_letters):

@@ -577,9 +577,14 @@ def pairwise_steps(
     return tuple(steps)
 
 
-# A pairwise step of the chain uses at most d + 5 letters, and torch.einsum has 52 (see
-# ttlayers.contraction.run_chain).
-_MAX_CHAIN_CORES = 47
+def _fits_einsum(plan: Plan) -> bool:
+    """Whether every pairwise step of a chain plan names at most the 52 letters of einsum.
+
+    ``ttlayers.contraction.run_chain`` renames each step's letters to ``a-z, A-Z``; opt_einsum's
+    greedy paths (beyond 10 cores) can make a step of more indices than that from about 29
+    cores on.
+    """
+    return all(len(set(step) - set(",->")) <= 52 for _, _, step in plan.steps)
 
 
 def candidate_plans(
@@ -598,7 +603,8 @@ def candidate_plans(
     (keeping the intermediate up to the memory bound) and, where the device has a
     ``cache_bytes``, in as many chunks of rows as keep each chunk's intermediate within it
     (at most ``max_chunks``), or in more where the intermediate would not fit
-    :func:`memory_budget` otherwise; and the ``"chain"`` of opt_einsum's FLOP-optimal order.
+    :func:`memory_budget` otherwise; and the ``"chain"`` of opt_einsum's FLOP-optimal order
+    (greedy beyond 10 cores), unless one of its steps needs more than einsum's 52 letters.
     For ``d == 1`` only ``"dense"``.
 
     Args:
@@ -638,8 +644,9 @@ def candidate_plans(
             chunks = min(max(chunks, -(-batch * row_elements // memory)), batch)
             if chunks > 1:
                 plans.append(Plan("twoblock", split=s, first=first, chunks=chunks))
-    if d <= _MAX_CHAIN_CORES:
-        plans.append(_chain_plan(max(batch, 1), in_modes, out_modes, ranks))
+    chain = _chain_plan(max(batch, 1), in_modes, out_modes, ranks)
+    if _fits_einsum(chain):
+        plans.append(chain)
     return plans
 
 

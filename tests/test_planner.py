@@ -1,0 +1,487 @@
+"""The planner's memory accounting, candidates, choice and cost model, by hand.
+
+References are worked out from the documented formulas (memory sizes, chunk counts, the cost
+model's speed law) or measured (what autograd keeps), never timed.
+"""
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+import ttlayers.planner as planner
+from ttlayers import TTLinear, tt_to_dense
+from ttlayers.contraction import tt_linear
+from ttlayers.planner import (
+    DEFAULT_COST_MODELS,
+    CostModel,
+    Plan,
+    calibrate,
+    candidate_plans,
+    chain_equation,
+    choose_plan,
+    estimate_time,
+    memory_budget,
+    plan_memory,
+    plan_table,
+    set_cost_model,
+)
+
+F64 = torch.float64
+
+
+# --- the planner: memory -------------------------------------------------------------------
+
+# A small asymmetric 4-core layer, M = 2*3*2*2 = 24 inputs, N = 3*1*2*2 = 12 outputs. Its cores
+# (r_k, m_k, n_k, r_{k+1}) hold (1,2,3,2) 12, (2,3,1,3) 18, (3,2,2,2) 24 and (2,2,2,1) 8
+# numbers. At split s the blocks hold r_s (M_1 N_1 + M_2 N_2): split 1, 2 (2*3 + 12*4) = 108;
+# split 2, 3 (6*3 + 4*4) = 102; split 3, 2 (12*6 + 2*2) = 152. Partial merges (a block of 3
+# cores keeps its first pairwise product): split 1's right block, cores 2 and 3 merged,
+# 2 * (3*2) * (1*2) * 2 = 48; split 3's left block, cores 1 and 2, 1 * (2*3) * (3*1) * 3 = 54.
+SMALL = ((2, 3, 2, 2), (3, 1, 2, 2), (1, 2, 3, 2, 1))
+
+
+def test_memory_budget_is_the_documented_formula():
+    """Finds: memory_budget without the output term ``B N``.
+
+    The docstring: ``3 M N + B (M + N)`` (nn.Linear's weight, its gradient, one more
+    weight-sized buffer, its output and its input gradient). 24 x 12: 864 + 36 B.
+    """
+
+    assert memory_budget(0, *SMALL[:2]) == 864
+    assert memory_budget(5, *SMALL[:2]) == 864 + 5 * 36
+    assert memory_budget(7, (4, 8), (2, 3)) == 3 * 32 * 6 + 7 * (32 + 6)
+
+
+@pytest.mark.parametrize(
+    ("plan", "training", "expected"),
+    [
+        # Dense: W (288), the blocks; in training also W's gradient (288) and the merges.
+        (("dense", 1, "right", 0, 1), False, 288 + 108),
+        (("dense", 1, "right", 0, 1), True, 2 * 288 + 108 + 48),
+        (("dense", 2, "right", 0, 1), True, 2 * 288 + 102),
+        (("dense", 3, "right", 0, 1), True, 2 * 288 + 152 + 54),
+        # Two-block, split 1, right first: M_s = 2, M_f = 12, N_s = 3, N_f = 4, r = 2; B = 5.
+        # Inference: the blocks and one chunk's Z, rows * M_s r N_f.
+        (("twoblock", 1, "right", 0, 1), False, 108 + 5 * 2 * 2 * 4),
+        (("twoblock", 1, "right", 0, 2), False, 108 + 3 * 2 * 2 * 4),
+        # Training: the blocks twice (with their gradients) and the merges, 264; Z kept with
+        # its per-row products, B M_s r (N_f + N_s); or else dZ and Q of a chunk,
+        # 2 rows r max(M_s N_f, M_f N_s) = 2 rows 2 max(8, 36).
+        (("twoblock", 1, "right", 10, 1), True, 264 + 5 * 2 * 2 * (4 + 3)),
+        (("twoblock", 1, "right", 0, 1), True, 264 + 2 * 5 * 2 * 36),
+        (("twoblock", 1, "right", 0, 2), True, 264 + 2 * 3 * 2 * 36),
+        # Left first: M_s = 12, N_f = 3, N_s = 4.
+        (("twoblock", 1, "left", 10, 1), True, 264 + 5 * 12 * 2 * (3 + 4)),
+        (("twoblock", 1, "left", 0, 1), False, 108 + 5 * 12 * 2 * 3),
+        # Kept at exactly B = save_max_batch (the layer keeps Z there: <=).
+        (("twoblock", 3, "right", 5, 1), True, 2 * 152 + 54 + 5 * 12 * 2 * (2 + 6)),
+    ],
+)
+def test_plan_memory_by_hand(plan, training, expected):
+    """Finds: plan_memory's dense estimate without the merges (training) or the blocks
+    (inference); the two-block estimate with min for max, without the per-row products of
+    a kept Z, without the blocks' gradients, or with ``<`` for ``<=`` at save_max_batch;
+    _partial_merges counting the last (whole-block) product too.
+
+    Expected values worked out from plan_memory's docstring for SMALL (see above), B = 5.
+    """
+
+    kind, split, first, keep, chunks = plan
+    plan = Plan(kind, split=split, first=first, save_max_batch=keep, chunks=chunks)
+    assert plan_memory(plan, 5, *SMALL, training=training) == expected
+
+
+def test_plan_memory_of_a_chain_by_hand():
+    """Finds: plan_memory of an inference chain counting only the largest result.
+
+    A hand-made chain for in (4, 6), out (3, 2), ranks (1, 5, 1), batch 7: x (7*24 = 168)
+    meets core 1 (result a c d g: 7*6*3*5 = 630), which meets core 2 (the output, 7*3*2 = 42).
+    In inference a step holds its input and its result: max(168 + 630, 630 + 42) = 798; in
+    training autograd keeps every result, 630 + 42 = 672. The plan runs (float64 reference).
+    """
+
+    terms, output = chain_equation(2)
+    assert terms == ["abc", "fbdg", "gceh"] and output == "ade"
+    plan = Plan(
+        "chain",
+        steps=((0, 1, "abc,fbdg->acdg"), (0, 1, "gceh,acdg->ade")),
+        equation="abc,fbdg,gceh->ade",
+    )
+    shape = ((4, 6), (3, 2), (1, 5, 1))
+    assert plan_memory(plan, 7, *shape, training=False) == 798
+    assert plan_memory(plan, 7, *shape, training=True) == 672
+    g = torch.Generator().manual_seed(0)
+    cores = [
+        torch.randn(1, 4, 3, 5, dtype=F64, generator=g),
+        torch.randn(5, 6, 2, 1, dtype=F64, generator=g),
+    ]
+    x = torch.randn(7, 24, dtype=F64, generator=g)
+    torch.testing.assert_close(tt_linear(x, cores, plan=plan), x @ tt_to_dense(cores).T)
+
+
+def test_dense_plan_memory_is_what_autograd_keeps_plus_the_weight_gradient():
+    """Finds: plan_memory's dense training estimate without the partial merges, and
+    _partial_merges counting the whole block as a partial product.
+
+    Measured with saved-tensor hooks: autograd keeps W and the blocks and partial products
+    that are new tensors; the backward pass then makes W's gradient (M N). A block of one core
+    is the core itself, not new memory, so the estimate may exceed the measurement by at most
+    the cores' size (62 numbers) and never fall below it.
+    """
+
+    in_modes, out_modes, ranks = SMALL
+    g = torch.Generator().manual_seed(0)
+    cores = [
+        torch.randn(ranks[k], in_modes[k], out_modes[k], ranks[k + 1], generator=g).requires_grad_()
+        for k in range(4)
+    ]
+    x = torch.randn(5, 24, requires_grad=True)
+    known = {t.untyped_storage().data_ptr() for t in (x, *cores)}
+    for split in (1, 2, 3):
+        saved = {}
+
+        def pack(t, saved=saved):
+            if t.untyped_storage().data_ptr() not in known:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // 4
+            return t
+
+        plan = Plan("dense", split=split)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            tt_linear(x, cores, plan=plan)
+        measured = sum(saved.values()) + 24 * 12
+        estimate = plan_memory(plan, 5, *SMALL, training=True)
+        assert measured <= estimate <= measured + sum(c.numel() for c in cores), split
+
+
+def test_a_kept_intermediate_is_never_larger_than_a_linear_weight_and_its_gradient():
+    """Finds: candidate_plans sizing save_max_batch by memory_budget, or by 3 M N, instead of
+    nn.Linear's weight and gradient (2 M N); plan_memory's ``<`` for ``<=`` at that batch.
+
+    Plan's docstring: above save_max_batch the intermediate is not kept, "so that the layer
+    never keeps more memory for training than nn.Linear". Measured with saved-tensor hooks:
+    what the layer keeps at B = save_max_batch minus what it keeps at B + 1 is Z, B r M_s N_f
+    numbers, which must fit 2 M N; one row more must not. By hand for in (2, 4, 8), out
+    (8, 2, 2), ranks (1, 3, 5, 1), 2 M N = 4096: rows of 24, 768, 80, 640 numbers at split 1
+    right, 1 left, 2 right, 2 left: 170, 5, 51, 6 rows.
+    """
+
+    in_modes, out_modes, ranks = (2, 4, 8), (8, 2, 2), (1, 3, 5, 1)
+    g = torch.Generator().manual_seed(0)
+    cores = [
+        torch.randn(ranks[k], in_modes[k], out_modes[k], ranks[k + 1], generator=g).requires_grad_()
+        for k in range(3)
+    ]
+
+    def kept(plan, batch):
+        x = torch.randn(batch, 64, requires_grad=True)
+        known = {t.untyped_storage().data_ptr() for t in (x, *cores)}
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in known:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // 4
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            tt_linear(x, cores, plan=plan)
+        return sum(saved.values())
+
+    rows = {(1, "right"): 24, (1, "left"): 768, (2, "right"): 80, (2, "left"): 640}
+    plans = [p for p in candidate_plans(16, in_modes, out_modes, ranks) if p.kind == "twoblock"]
+    unchunked = [p for p in plans if p.chunks == 1]
+    assert {(p.split, p.first): p.save_max_batch for p in unchunked} == {
+        (1, "right"): 170,
+        (1, "left"): 5,
+        (2, "right"): 51,
+        (2, "left"): 6,
+    }
+    for plan in unchunked:
+        batch, row = plan.save_max_batch, rows[plan.split, plan.first]
+        z = kept(plan, batch) - kept(plan, batch + 1)
+        assert z == batch * row <= 2 * 64 * 32 < (batch + 1) * row
+        # Kept at B = save_max_batch: the estimate is that of a plan that always keeps Z.
+        always = dataclasses.replace(plan, save_max_batch=10**9)
+        never = dataclasses.replace(plan, save_max_batch=0)
+        shape = (in_modes, out_modes, ranks)
+        assert plan_memory(plan, batch, *shape) == plan_memory(always, batch, *shape)
+        assert plan_memory(plan, batch + 1, *shape) == plan_memory(never, batch + 1, *shape)
+
+
+# --- the planner: candidates and chunks ------------------------------------------------------
+
+ISSUE = ((4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1))  # 1024 x 1024, rank 8
+
+
+def test_each_split_and_order_has_one_unchunked_two_block_candidate():
+    """Finds: candidate_plans adding a "chunked" plan of 1 chunk (``chunks >= 1``).
+
+    candidate_plans' docstring: per split and order one unchunked plan (keeping Z up to the
+    bound), and a chunked one only where chunks are called for. A second unchunked plan,
+    never keeping Z, is a candidate the docstring does not list.
+    """
+
+    for batch in (1, 8, 100):
+        plans = [p for p in candidate_plans(batch, *ISSUE) if p.kind == "twoblock"]
+        unchunked = [(p.split, p.first) for p in plans if p.chunks == 1]
+        assert sorted(unchunked) == sorted(itertools.product((1, 2, 3), ("left", "right")))
+        assert all(p.save_max_batch == 0 for p in plans if p.chunks > 1)
+
+
+def test_chunk_counts_by_hand():
+    """Finds: the cache chunk count rounded down, the max_chunks cap ignored, the chunk count
+    not capped at the batch size, the memory chunk count rounded down.
+
+    CPU, 1 thread, 1 MiB cache: a row of Z at split 2 of ISSUE is 8 * 32 * 32 floats, 32 KiB.
+    - 100 rows: 3 125 KiB, ceil(3.125) = 4 chunks of at most 25 rows (800 KiB; 3 chunks of 34
+      rows would not fit).
+    - 8192 rows: 256 chunks for the cache, capped at max_chunks = 128 (the memory bound needs
+      only ceil(8192 * 8192 / (3 * 2^20 + 8192 * 2048)) = 4).
+    - A 4096 x 4096 layer of rank 128, 3 rows: a row of Z is 2 MiB, 6 chunks for the cache,
+      but never more chunks than rows (row_chunks: chunks <= len(x)).
+    - "cuda" (no cache): (2, 512) x (512, 2), rank 4, left first, a row of Z is 4 * 512 * 512
+      = 2^20 numbers; 64 rows against memory_budget 3 * 2^20 + 64 * 2048 = 3 276 800:
+      ceil(67 108 864 / 3 276 800) = 21 chunks. (A weakness, not asserted here: a chunk
+      still holds up to ceil(64 / 21) = 4 rows, 4 194 304 numbers, above the bound, so
+      plan_memory rules this candidate out and it never competes.)
+    """
+
+    def chunks(batch, shape, split, first, **kwargs):
+        found = [
+            p.chunks
+            for p in candidate_plans(batch, *shape, **kwargs)
+            if p.kind == "twoblock" and (p.split, p.first) == (split, first) and p.chunks > 1
+        ]
+        return found[0] if found else 1
+
+    assert chunks(100, ISSUE, 2, "right") == 4
+    assert chunks(8192, ISSUE, 2, "right") == DEFAULT_COST_MODELS["cpu"].max_chunks == 128
+    big = ((64, 64), (64, 64), (1, 128, 1))
+    assert chunks(3, big, 1, "right") == 3
+    assert chunks(64, ((2, 512), (512, 2), (1, 4, 1)), 1, "left", device_type="cuda") == 21
+
+
+# --- the planner: the choice -------------------------------------------------------------------
+
+
+def test_choose_plan_counts_a_plan_at_exactly_the_memory_bound_as_within(monkeypatch):
+    """Finds: choose_plan's ``over <= 0`` as ``< 0``; ties going to the last candidate.
+
+    Fake estimates (as test_contraction does): the chain is fastest and needs exactly the
+    memory bound, every other plan nothing: "within" the bound includes the bound, so the
+    chain wins. Then all plans equally fast in inference: "ties: the first candidate".
+    """
+
+    real_budget = planner.memory_budget
+    monkeypatch.setattr(
+        planner,
+        "plan_memory",
+        lambda plan, batch, i, o, r, training=True: (
+            real_budget(batch, i, o) if plan.kind == "chain" else 0
+        ),
+    )
+    monkeypatch.setattr(
+        planner, "estimate_time", lambda plan, *a, **k: 1.0 if plan.kind == "chain" else 2.0
+    )
+    assert planner.choose_plan(64, *ISSUE, training=False).kind == "chain"
+    monkeypatch.setattr(planner, "estimate_time", lambda plan, *a, **k: 1.0)
+    first = planner.candidate_plans(64, *ISSUE)[0]
+    assert planner.choose_plan(64, *ISSUE, training=False) == first
+
+
+def test_when_no_plan_fits_the_memory_bound_the_leanest_is_chosen():
+    """Finds: the fallback choosing the hungriest plan, or the fastest regardless of memory.
+
+    (8, 8) x (8, 8) at rank 61 (of 64), 3 rows, serving up to 12: the blocks alone,
+    61 (64 + 64) = 7808 numbers, take every plan past 3 M N + B (M + N) in training. The
+    dense plan is over by the least (2 * 4096 + 7808 - 12 672 = 3328 at 3 rows), the
+    two-block plans by far more (their blocks and gradients), so dense it is.
+    """
+
+    shape = ((8, 8), (8, 8), (1, 61, 1))
+    over = {
+        plan: max(
+            plan_memory(plan, b, *shape, training=True) - memory_budget(b, *shape[:2])
+            for b in (3, 12)
+        )
+        for plan in candidate_plans(3, *shape)
+    }
+    assert min(over.values()) == 3328 > 0
+    chosen = choose_plan(3, *shape, training=True, largest=12)
+    assert chosen.kind == "dense" and over[chosen] == 3328
+
+
+def test_a_plan_serving_a_range_fits_the_memory_bound_at_both_ends():
+    """Finds: choose_plan checking the memory bound only at ``largest``.
+
+    (32, 1) x (32, 1) at rank 1 on "cuda", training: the two-block plan keeps Z up to 64 rows
+    (2 M N / (r M_s N_f) = 2048 / 32), and with it Z's per-row products, 64 * 32 * (1 + 32) =
+    67 584 numbers against a bound of 3 * 1024 + 64 * 64 = 7168 at 64 rows; at 127 rows it keeps
+    nothing and fits. The table's plan for 64..127 rows must fit at every size it serves.
+    """
+
+    shape = ((32, 1), (32, 1), (1, 1, 1))
+    table = plan_table(*shape, torch.float32, "cuda", 1, True)
+    for batch in (64, 100, 127):
+        plan = [plan for lowest, plan in table if batch >= lowest][-1]
+        assert plan_memory(plan, batch, *shape) <= memory_budget(batch, *shape[:2]), (batch, plan)
+
+
+def test_max_chunks_admits_plans_of_exactly_that_many_chunks():
+    """Finds: choose_plan's ``plan.chunks <= max_chunks`` as ``<``.
+
+    The unrestricted choice at 1024 rows is chunked (test_contraction checks it); restricted
+    to at most its own chunk count, it is still the same plan.
+    """
+
+    for training in (True, False):
+        free = choose_plan(1024, *ISSUE, threads=2, training=training)
+        assert free.chunks > 1
+        assert (
+            choose_plan(1024, *ISSUE, threads=2, training=training, max_chunks=free.chunks) == free
+        )
+
+
+@pytest.mark.parametrize(
+    ("shape", "training"),
+    [(((16, 16), (16, 16), (1, 4, 1)), True), (((2, 256), (256, 2), (1, 2, 1)), False)],
+)
+def test_plan_table_up_to_its_largest_batch(shape, training):
+    """Finds: plan_table tabulating fewer batch sizes than its docstring's 2**24; a table
+    repeating a plan in consecutive entries.
+
+    Each power of two up to 2**24 must get the plan choose_plan gives for the range it starts
+    (up to the next power of two). Consecutive entries differ: each bound is a place where
+    the plan changes (under tracing every bound becomes a guard).
+    """
+
+    table = plan_table(*shape, torch.float32, "cpu", 1, training)
+    for lowest, _ in table:
+        assert lowest == 0 or lowest & (lowest - 1) == 0
+    assert all(a[1] != b[1] for a, b in itertools.pairwise(table))
+    for k in range(25):
+        in_table = [plan for lowest, plan in table if 2**k >= lowest][-1]
+        expected = choose_plan(2**k, *shape, training=training, largest=2 ** (k + 1) - 1)
+        assert in_table == expected, k
+
+
+def test_every_chain_the_planner_chooses_runs():
+    # 29 cores, modes alternating 1 and 2, rank 1, 64 rows: opt_einsum's greedy path (beyond
+    # 10 cores) made a pairwise step of 53 indices, more than einsum's 52 letters, and the
+    # planner chose that chain; the forward pass raised ValueError.
+    d = 29
+    in_modes = tuple(1 + k % 2 for k in range(d))
+    out_modes = tuple(2 - k % 2 for k in range(d))
+    layer = TTLinear(2**14, 2**15, 1, in_modes=in_modes, out_modes=out_modes)
+    with torch.no_grad():
+        assert layer(torch.randn(64, 2**14)).shape == (64, 2**15)
+
+
+@pytest.mark.parametrize("d", [20, 29, 40, 47, 60])
+def test_every_candidate_chain_fits_einsum(d):
+    # Every candidate is documented to run in tt_linear: a chain only if each of its pairwise
+    # steps names at most 52 letters. Long chains of unit and small modes, rank 1 and 2.
+    in_modes = tuple(1 + k % 2 for k in range(d))
+    out_modes = tuple(2 - k % 2 for k in range(d))
+    for rank in (1, 2):
+        ranks = (1, *[rank] * (d - 1), 1)
+        for plan in candidate_plans(64, in_modes, out_modes, ranks):
+            for _, _, step in plan.steps:
+                assert len(set(step) - set(",->")) <= 52, (d, rank, step)
+
+
+def test_estimate_time_follows_the_documented_speed_law():
+    """Finds: gemm without the small-dimension slowdown; CostModel.speedup never finding a
+    dtype; (with the traffic term) gemm without memory traffic.
+
+    The module docstring: a product counts 2 m k n operations at peak * d / (d + half_dim),
+    d its smallest dimension, plus the time to move its operands, plus a fixed overhead. A
+    one-core "dense" plan in inference is one product (B, M) @ (M, N). Model (installed for
+    a device type of its own): 1e9 flop/s, half_dim 6, float64 at half speed, overhead 0 and
+    a bandwidth of 1e30 (traffic ~1e-25 s, nothing next to 1e-5 s). By hand, B = 4, M = 64,
+    N = 32, d = 4: 2 * 4 * 64 * 32 * (4 + 6) / (1e9 * 4) = 4.096e-5 s in float32, twice that
+    in float64. Then a bandwidth of 1e9 B/s adds 4 * (4*64 + 64*32 + 2*4*32) bytes / 1e9
+    (the result is read before it is written) = 1.0240e-5 s. Relative 1e-12: float rounding.
+    """
+
+    def model(bandwidth):
+        return CostModel(
+            flops=1e9,
+            half_dim=6.0,
+            bandwidth=bandwidth,
+            overhead=0.0,
+            dtype_speedup=(("float64", 0.5),),
+        )
+
+    args = (Plan("dense"), 4, (64,), (32,), (1, 1))
+    try:
+        set_cost_model("mps", model(1e30))
+        t32 = estimate_time(*args, device_type="mps", training=False)
+        t64 = estimate_time(*args, dtype=torch.float64, device_type="mps", training=False)
+        assert t32 == pytest.approx(4.096e-5, rel=1e-12)
+        assert t64 == pytest.approx(2 * 4.096e-5, rel=1e-12)
+        set_cost_model("mps", model(1e9))
+        t32 = estimate_time(*args, device_type="mps", training=False)
+        assert t32 == pytest.approx(4.096e-5 + 4 * (256 + 2048 + 256) / 1e9, rel=1e-12)
+    finally:
+        set_cost_model("mps", None)
+
+
+def test_cpu_threads_scale_the_cache_for_chunks():
+    """Finds: _costing ignoring the thread count.
+
+    CostModel's docstring: on CPUs cache_bytes scales with the threads. ISSUE at 100 rows,
+    split 2: Z is 100 * 32 KiB = 3 125 KiB; 1 MiB per thread: 4 chunks with 1 thread, 2 with
+    2 threads (2 MiB), 1 chunk (none) with 4.
+    """
+
+    def chunks(threads):
+        return max(
+            p.chunks
+            for p in candidate_plans(100, *ISSUE, threads=threads)
+            if p.kind == "twoblock" and (p.split, p.first) == (2, "right")
+        )
+
+    assert [chunks(1), chunks(2), chunks(4)] == [4, 2, 1]
+
+
+def test_set_cost_model_none_restores_the_fallback_of_a_device_without_a_default():
+    """Finds: set_cost_model(device, None) keeping a custom model of a device type that has
+    no default of its own.
+
+    "None: the default": for "mps" that is the CPU's model (devices without a model of their
+    own are planned like the CPU).
+    """
+
+    slow_calls = dataclasses.replace(DEFAULT_COST_MODELS["cpu"], overhead=1.0, cache_bytes=0)
+    cpu = choose_plan(1024, *ISSUE, device_type="cpu")
+    try:
+        set_cost_model("mps", slow_calls)
+        assert choose_plan(1024, *ISSUE, device_type="mps") != cpu  # the custom model acts
+        set_cost_model("mps", None)
+        assert choose_plan(1024, *ISSUE, device_type="mps") == cpu
+    finally:
+        set_cost_model("mps", None)
+
+
+def test_set_cost_model_checks_cache_and_chunks_and_accepts_zero_costs():
+    """Finds: set_cost_model without its cache_bytes or max_chunks check; with ``> 0`` for
+    the costs; calibrate accepting ``repeats=True``.
+
+    Its docstring: the costs must be >= 0 (the default CUDA model has matrix_overhead 0).
+    A negative cache or no chunk at all would fail later, in the planner.
+    """
+
+    default = DEFAULT_COST_MODELS["cpu"]
+    try:
+        for field, value in (("cache_bytes", -1), ("max_chunks", 0)):
+            with pytest.raises(ValueError, match=field):
+                set_cost_model("cpu", dataclasses.replace(default, **{field: value}))
+        set_cost_model("cpu", dataclasses.replace(default, overhead=0.0, matrix_overhead=0.0))
+        set_cost_model("cuda", DEFAULT_COST_MODELS["cuda"])
+    finally:
+        set_cost_model("cpu", None)
+        set_cost_model("cuda", None)
+    with pytest.raises(ValueError, match="repeats must be a positive int"):
+        calibrate("cpu", repeats=True)
