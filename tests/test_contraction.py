@@ -630,7 +630,6 @@ def test_calibrate_returns_a_positive_model():
 # --- with the rest of PyTorch ----------------------------------------------------------------
 
 
-@needs_whole_graph
 def test_compile_fullgraph_matches_eager_for_every_kind():
     torch._dynamo.reset()
     cores = [c.float().requires_grad_() for c in make_cores((4, 8, 8, 4), (4, 8, 8, 4), 4)]

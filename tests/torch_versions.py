@@ -3,12 +3,14 @@
 Eager use is tested down to torch 2.4. Two integrations need more (the suite was run with
 torch 2.4.1, 2.9.1, 2.11.0, 2.12.1 and 2.13.0, its compile and export tests with 2.6.0):
 
-- A whole TTLinear in one Dynamo graph (``torch.compile(fullgraph=True)``, strict
-  ``torch.export``) needs torch 2.12: the plan is chosen for the example value of a symbolic
-  batch size, which Dynamo can read from 2.12 on (``optimization_hint``). Before, Dynamo breaks
-  the graph there; ``torch.compile`` without ``fullgraph`` still gives the eager results.
-- Non-strict ``torch.export`` with a dynamic batch needs ``torch.compiler.is_exporting``:
-  present in 2.9, absent in 2.6 (2.7 and 2.8 untested, so skipped).
+- A TTLinear that chooses its plan in one Dynamo graph (``torch.compile(fullgraph=True)``,
+  strict ``torch.export``) needs torch 2.12: the plan is chosen for the example value of a
+  symbolic batch size, which Dynamo can read from 2.12 on (``optimization_hint``). Before,
+  Dynamo breaks the graph there; ``torch.compile`` without ``fullgraph`` still gives the
+  eager results, and a layer given an explicit ``plan=`` compiles whole.
+- Non-strict ``torch.export`` with a dynamic batch (and ONNX's exporter through it) needs
+  ``torch.compiler.is_exporting``: present in 2.9, absent in 2.6 (2.7 and 2.8 untested, so
+  skipped).
 """
 
 import pytest

@@ -54,6 +54,10 @@ def autocast_enabled(device_type: str) -> bool:
     ``False`` for device types that have no autocast (``meta``), where
     ``torch.is_autocast_enabled`` would raise.
     """
+    # CPUs and CUDA always have autocast, and asking would break a Dynamo graph before torch
+    # 2.12, which cannot trace torch.amp.is_autocast_available.
+    if device_type in ("cpu", "cuda"):
+        return torch.is_autocast_enabled(device_type)
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -584,7 +585,8 @@ def _fits_einsum(plan: Plan) -> bool:
     greedy paths (beyond 10 cores) can make a step of more indices than that from about 29
     cores on.
     """
-    return all(len(set(step) - set(",->")) <= 52 for _, _, step in plan.steps)
+    letters = len(string.ascii_letters)
+    return all(len(set(step) - set(",->")) <= letters for _, _, step in plan.steps)
 
 
 def candidate_plans(
@@ -644,9 +646,12 @@ def candidate_plans(
             chunks = min(max(chunks, -(-batch * row_elements // memory)), batch)
             if chunks > 1:
                 plans.append(Plan("twoblock", split=s, first=first, chunks=chunks))
-    chain = _chain_plan(max(batch, 1), in_modes, out_modes, ranks)
-    if _fits_einsum(chain):
-        plans.append(chain)
+    # The step that meets the input names its d + 1 letters and one of a core's: more than 50
+    # cores never fit, and searching their path takes seconds.
+    if d + 2 <= len(string.ascii_letters):
+        chain = _chain_plan(max(batch, 1), in_modes, out_modes, ranks)
+        if _fits_einsum(chain):
+            plans.append(chain)
     return plans
 
 
