@@ -14,8 +14,12 @@ reporting the median of ``--repeats`` rounds after ``--warmup`` rounds:
   of its own after the training rounds (inference does not follow a backward pass).
 - ``saved MB``: the activations kept for the backward pass (tensors saved by autograd,
   parameters excluded, each storage counted once), measured exactly with
-  ``torch.autograd.graph.saved_tensors_hooks``; on CUDA also ``peak MB``, the growth of
-  ``torch.cuda.max_memory_allocated`` over forward and backward.
+  ``torch.autograd.graph.saved_tensors_hooks``; ``peak MB``: the growth of the memory
+  allocated over one forward and backward pass, at its peak (input, output gradient and
+  parameters excluded; gradients, output and every temporary included): on CUDA from
+  ``torch.cuda.max_memory_allocated``, on CPUs from the allocations the profiler records
+  (``torch.profiler`` with ``profile_memory=True``; its memory timeline is a private API,
+  so the column stays empty where it fails).
 
 Methods: ``dense`` (``nn.Linear``), ``ttlayers`` (``TTLinear``), ``rebuild`` (contract the
 cores into ``W``, then ``F.linear``), ``best-order`` (opt_einsum's FLOP-optimal pairwise order
@@ -29,6 +33,7 @@ Usage::
     python benchmarks/bench_linear.py                       # CPU, float32, 2 threads
     python benchmarks/bench_linear.py --device cuda --dtype bfloat16 --json out.json
     python benchmarks/bench_linear.py --cases issue --repeats 30 --markdown
+    python benchmarks/bench_linear.py --cases memory --methods ttlayers   # peak MB on CPU too
     python benchmarks/bench_linear.py --device cuda --compile reduce-overhead --cases issue
 
 ``--compile MODE`` runs every method, dense included, under ``torch.compile`` (compiled in
@@ -45,6 +50,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import opt_einsum
@@ -94,6 +100,11 @@ CASES = [
     Case("4096 (8,8,8,8) r16 b1", 4096, 4096, 16, 1, M8, M8),
     # A large batch: the intermediate of one unchunked two-block product would be 8x the input.
     Case("4096 (8,8,8,8) r16 b2048", 4096, 4096, 16, 2048, M8, M8),
+    # Thin blocks at a large batch: a row of the two-block intermediate is larger than a row
+    # of the input, and the planner's memory bound decides between chunks and other plans.
+    Case("1024 (2,512)x(512,2) r2 b8192", 1024, 1024, 2, 8192, (2, 512), (512, 2), "memory"),
+    Case("256 (2,)*8 r2 b8192", 256, 256, 2, 8192, (2,) * 8, (2,) * 8, "memory"),
+    Case("16->1024 (4,4)x(32,32) r4 b256", 16, 1024, 4, 256, (4, 4), (32, 32), "memory"),
     # A transformer MLP projection (LLaMA-7B sizes).
     Case("4096->11008 default r16 b1", 4096, 11008, 16, 1, group="transformer"),
     Case("4096->11008 default r16 b128", 4096, 11008, 16, 128, group="transformer"),
@@ -214,16 +225,39 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
 
 
 def peak_bytes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int | None:
-    if x.device.type != "cuda":
-        return None
     module.zero_grad(set_to_none=True)
     x.grad = None
+    if x.device.type == "cpu":
+        return _cpu_peak_bytes(lambda: module(x).backward(grad))
+    if x.device.type != "cuda":
+        return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     module(x).backward(grad)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def _cpu_peak_bytes(step: Callable[[], object]) -> int | None:
+    """The peak growth of CPU memory allocated by tensors while ``step`` runs."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        with profile(
+            activities=[ProfilerActivity.CPU],
+            profile_memory=True,
+            record_shapes=True,
+            with_stack=True,
+        ) as prof:
+            step()
+        timeline = MemoryProfileTimeline(prof._memory_profile())
+        _, sizes = timeline._coalesce_timeline(torch.device("cpu"))
+    except Exception:  # a private API: no peak rather than no benchmark
+        return None
+    totals = [sum(row) for row in sizes]
+    return max(totals) - totals[0] if totals else None
 
 
 def compiled(methods: dict[str, nn.Module], mode: str) -> dict[str, nn.Module]:
@@ -492,7 +526,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
-        "--cases", default="all", help="';'-separated: all, issue, case names or their prefixes"
+        "--cases",
+        default="all",
+        help="';'-separated: all, issue, memory, case names or their prefixes",
     )
     parser.add_argument("--methods", default="", help="comma-separated methods (and dense)")
     parser.add_argument("--json", default="", help="write the records and the setup here")
@@ -512,14 +548,15 @@ def main() -> None:
         parser.error("--repeats takes a number >= 1 and --warmup a number >= 0")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    # ';'-separated: "all", "issue", a full case name, or the beginning of case names.
+    # ';'-separated: "all", a group ("issue", "memory"), a full case name, or the beginning
+    # of case names.
     wanted = [w.strip() for w in args.cases.split(";")]
     names = {c.name for c in CASES}
 
     def selected(case: Case) -> bool:
         return any(
             w == "all"
-            or (w == "issue" and case.group == "issue")
+            or (w in ("issue", "memory") and case.group == w)
             or case.name == w
             or (w not in names and case.name.startswith(w))
             for w in wanted

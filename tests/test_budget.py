@@ -483,6 +483,32 @@ def test_option_ranks_are_the_ranks_of_the_matrix_tt_svd_builds(in_modes, out_mo
         assert (1, *actual, 1) == option.ranks
 
 
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes", "expected"),
+    [
+        ((8, 1, 1), (1, 1, 8), [(1, r, r, 1) for r in (1, 2, 3)]),
+        ((4, 1, 1, 4), (4, 1, 1, 4), [(1, r, r, r, 1) for r in (1, 2, 3, 4, 5)]),
+    ],
+)
+def test_bonds_that_can_only_grow_together_are_raised_together(in_modes, out_modes, expected):
+    """Finds: _rank_path stuck at ranks of 1 where neighbouring bonds can only grow together.
+
+    Around a core with m n = 1 a bond rank is at most its neighbour's and the neighbour's at
+    most its own, so neither can grow alone: such explicit shapes offered one option, every
+    rank 1. Parameters at rank r: (8, 1, 1) x (1, 1, 8), 8 r + r^2 + 8 r, below the dense 64
+    up to r = 3 (57; r = 4 takes 80); (4, 1, 1, 4) squared, 16 r + 2 r^2 + 16 r, below 256 up
+    to r = 5 (210; r = 6 takes 264). Each step must remove error, and each estimate must
+    bound TT-SVD's error at its ranks (as test_tt_error_estimates_bound_tt_svd asserts).
+    """
+    w = matrix_with_spectrum(math.prod(out_modes), math.prod(in_modes), 0.3, seed=1)
+    options = layer_options(w, shapes=[(in_modes, out_modes)])
+    assert [option.ranks for option in options] == expected
+    errors = [option.error for option in options]
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
+    for option in options:
+        assert tt_svd_error(w, option) <= option.error * (1 + 1e-9) + 1e-12
+
+
 # --- allocate ----------------------------------------------------------------------------------
 
 

@@ -288,8 +288,9 @@ def test_plan_memory_refuses_a_twoblock_plan_without_a_split():
 
 def test_plan_memory_is_what_autograd_keeps():
     # The estimates the bound relies on, against what runs (measured exactly with saved-tensor
-    # hooks): for a chain, the intermediates autograd saves; for a two-block plan that keeps
-    # its intermediate, no more than the estimate, which adds what the backward pass makes.
+    # hooks): for a chain, the intermediates autograd saves, and the input gradient the
+    # backward pass makes; for a two-block plan that keeps its intermediate, no more than the
+    # estimate, which adds what the backward pass makes.
     torch.manual_seed(0)
     for in_modes, rank, batch in (((4, 4, 8, 8, 4), 16, 64), ((4, 4, 4, 4), 4, 100)):
         cores = [c.float().requires_grad_() for c in make_cores(in_modes, in_modes, rank)]
@@ -311,9 +312,70 @@ def test_plan_memory_is_what_autograd_keeps():
             kept = sum(saved.values())
             estimate = plan_memory(plan, batch, in_modes, in_modes, ranks, training=True)
             if plan.kind == "chain":
-                assert kept == estimate
+                assert kept + batch * math.prod(in_modes) == estimate
             else:  # the blocks and Z kept; the backward adds gradients and per-row products
                 assert kept <= estimate
+
+
+def _peak_bytes(step):
+    """Peak growth of the CPU memory tensors take while ``step`` runs, from the profiler's
+    record of every allocation and free (its memory timeline is a private torch API)."""
+    profiler = pytest.importorskip("torch.profiler")
+    timeline = pytest.importorskip("torch.profiler._memory_profiler").MemoryProfileTimeline
+    with profiler.profile(
+        activities=[profiler.ProfilerActivity.CPU],
+        profile_memory=True,
+        record_shapes=True,
+        with_stack=True,
+    ) as prof:
+        step()
+    _, sizes = timeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    totals = [sum(row) for row in sizes]
+    return max(totals) - totals[0]
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes", "rank", "batch", "training"),
+    [
+        # Small layers whose unchunked two-block intermediate outgrew nn.Linear's memory
+        # while the estimate left out the layer's own output and input gradient (1.5-2x).
+        ((4, 4), (32, 32), 4, 64, True),
+        ((4, 4), (32, 32), 4, 256, False),
+        # Thin blocks at a large batch (the last of a plan table's range 4096..8191), and the
+        # issue's layer there.
+        ((2, 512), (512, 2), 2, 8191, True),
+        ((4, 8, 8, 4), (4, 8, 8, 4), 8, 8191, True),
+        # A batch inside a table range (512..1023), where chunks are sized for its top.
+        ((2,) * 8, (2,) * 8, 2, 1000, True),
+    ],
+)
+def test_measured_peak_of_the_chosen_plan_is_within_the_memory_bound(
+    in_modes, out_modes, rank, batch, training
+):
+    # What the planner promises: the layer's working memory (gradients, output, every
+    # temporary; the parameters, input and output gradient were there before) stays within
+    # memory_budget, 3 M N + B (M + N) numbers, about what nn.Linear takes to train. The
+    # profiler counts allocations exactly, so no slack is given.
+    torch.manual_seed(0)
+    layer = TTLinear(
+        math.prod(in_modes), math.prod(out_modes), rank, in_modes=in_modes, out_modes=out_modes
+    )
+    x = torch.randn(batch, layer.in_features, requires_grad=training)
+    g = torch.randn(batch, layer.out_features)
+
+    def step():
+        if training:
+            layer(x).backward(g)
+        else:
+            with torch.no_grad():
+                layer(x)
+
+    step()  # the plan table and the merged-block cache are made once, not per call
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    peak = _peak_bytes(step)
+    bound = 4 * memory_budget(batch, in_modes, out_modes)
+    assert 0 < peak <= bound, (peak, bound)
 
 
 def test_inference_reuses_blocks_only_while_the_cores_are_unchanged():
@@ -515,7 +577,19 @@ def test_chunks_keep_the_intermediate_within_the_cache():
         for plan in chunked:
             rows = -(-batch // plan.chunks)
             assert rows * 8 * 32 * 32 * 4 <= cache  # rows x r x M_s x N_f floats
-    assert not any(p.chunks > 1 for p in candidate_plans(256, *shape, device_type="cuda"))
+    # GPUs chunk only for the memory bound: each count is the fewest that fit it, in training
+    # or in inference (a chunk's dZ and Q in training are twice the size of its Z).
+    budget = memory_budget(256, *shape[:2])
+    chunked = [p for p in candidate_plans(256, *shape, device_type="cuda") if p.chunks > 1]
+    assert chunked
+    for plan in chunked:
+        fewer = dataclasses.replace(plan, chunks=plan.chunks - 1)
+        assert any(
+            plan_memory(plan, 256, *shape, training=t)
+            <= budget
+            < plan_memory(fewer, 256, *shape, training=t)
+            for t in (True, False)
+        ), plan
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])

@@ -86,12 +86,15 @@ def test_plan_memory_by_hand(plan, training, expected):
     a kept Z, without the blocks' gradients, or with ``<`` for ``<=`` at save_max_batch;
     _partial_merges counting the last (whole-block) product too.
 
-    Expected values worked out from plan_memory's docstring for SMALL (see above), B = 5.
+    Expected values worked out from plan_memory's docstring for SMALL (see above), B = 5,
+    without the layer's own output (B N = 60) and, in training, input gradient (B M = 120),
+    which every plan adds.
     """
 
     kind, split, first, keep, chunks = plan
     plan = Plan(kind, split=split, first=first, save_max_batch=keep, chunks=chunks)
-    assert plan_memory(plan, 5, *SMALL, training=training) == expected
+    own = 5 * (24 + 12) if training else 5 * 12
+    assert plan_memory(plan, 5, *SMALL, training=training) == own + expected
 
 
 def test_plan_memory_of_a_chain_by_hand():
@@ -100,7 +103,8 @@ def test_plan_memory_of_a_chain_by_hand():
     A hand-made chain for in (4, 6), out (3, 2), ranks (1, 5, 1), batch 7: x (7*24 = 168)
     meets core 1 (result a c d g: 7*6*3*5 = 630), which meets core 2 (the output, 7*3*2 = 42).
     In inference a step holds its input and its result: max(168 + 630, 630 + 42) = 798; in
-    training autograd keeps every result, 630 + 42 = 672. The plan runs (float64 reference).
+    training autograd keeps every result, and the input gradient comes on top,
+    630 + 42 + 168 = 840. The plan runs (float64 reference).
     """
 
     terms, output = chain_equation(2)
@@ -112,7 +116,7 @@ def test_plan_memory_of_a_chain_by_hand():
     )
     shape = ((4, 6), (3, 2), (1, 5, 1))
     assert plan_memory(plan, 7, *shape, training=False) == 798
-    assert plan_memory(plan, 7, *shape, training=True) == 672
+    assert plan_memory(plan, 7, *shape, training=True) == 840
     g = torch.Generator().manual_seed(0)
     cores = [
         torch.randn(1, 4, 3, 5, dtype=F64, generator=g),
@@ -127,9 +131,10 @@ def test_dense_plan_memory_is_what_autograd_keeps_plus_the_weight_gradient():
     _partial_merges counting the whole block as a partial product.
 
     Measured with saved-tensor hooks: autograd keeps W and the blocks and partial products
-    that are new tensors; the backward pass then makes W's gradient (M N). A block of one core
-    is the core itself, not new memory, so the estimate may exceed the measurement by at most
-    the cores' size (62 numbers) and never fall below it.
+    that are new tensors; the backward pass then makes W's gradient (M N), and the layer's
+    output and input gradient (B (M + N), not measured here). A block of one core is the core
+    itself, not new memory, so the estimate may exceed the measurement by at most the cores'
+    size (62 numbers) and never fall below it.
     """
 
     in_modes, out_modes, ranks = SMALL
@@ -152,7 +157,7 @@ def test_dense_plan_memory_is_what_autograd_keeps_plus_the_weight_gradient():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             tt_linear(x, cores, plan=plan)
         measured = sum(saved.values()) + 24 * 12
-        estimate = plan_memory(plan, 5, *SMALL, training=True)
+        estimate = plan_memory(plan, 5, *SMALL, training=True) - 5 * (24 + 12)
         assert measured <= estimate <= measured + sum(c.numel() for c in cores), split
 
 
@@ -238,29 +243,45 @@ def test_chunk_counts_by_hand():
     - 100 rows: 3 125 KiB, ceil(3.125) = 4 chunks of at most 25 rows (800 KiB; 3 chunks of 34
       rows would not fit).
     - 8192 rows: 256 chunks for the cache, capped at max_chunks = 128 (the memory bound needs
-      only ceil(8192 * 8192 / (3 * 2^20 + 8192 * 2048)) = 4).
+      only ceil(8192 / (3 * 2^20 - 2 * 16384) / (2 * 8 * 1024))) = 43, see below).
     - A 4096 x 4096 layer of rank 128, 3 rows: a row of Z is 2 MiB, 6 chunks for the cache,
       but never more chunks than rows (row_chunks: chunks <= len(x)).
-    - "cuda" (no cache): (2, 512) x (512, 2), rank 4, left first, a row of Z is 4 * 512 * 512
-      = 2^20 numbers; 64 rows against memory_budget 3 * 2^20 + 64 * 2048 = 3 276 800:
-      ceil(67 108 864 / 3 276 800) = 21 chunks. (A weakness, not asserted here: a chunk
-      still holds up to ceil(64 / 21) = 4 rows, 4 194 304 numbers, above the bound, so
-      plan_memory rules this candidate out and it never competes.)
+    - "cuda" (no cache): (2, 512) x (512, 2), rank 4, left first (M_s = N_f = 512,
+      M_f = N_s = 2), 64 rows, memory_budget 3 * 2^20 + 64 * 2048. The blocks hold
+      4 (2 * 512 + 512 * 2) = 8192 numbers. In training a row takes 2 r max(M_s N_f, M_f N_s)
+      = 2^21 numbers and 3 * 2^20 - 2 * 8192 are free (the output and input gradient count on
+      both sides): 1 row a chunk, 64 chunks. In inference a row of Z is 2^20 numbers and
+      3 * 2^20 + 64 * 1024 - 8192 are free: 3 rows, ceil(64 / 3) = 22 chunks (21 would put
+      4 rows in a chunk, over the bound). Each count fits plan_memory at 64 rows.
+    - The same, for a plan serving 64 to 127 rows (``largest=127``): 127 chunks would be
+      needed in training, more than the 64 rows at the low end: capped at 64; in inference
+      3 * 2^20 + 127 * 1024 - 8192 free, 3 rows, ceil(127 / 3) = 43 chunks.
     """
 
-    def chunks(batch, shape, split, first, **kwargs):
-        found = [
+    def all_chunks(batch, shape, split, first, **kwargs):
+        return [
             p.chunks
             for p in candidate_plans(batch, *shape, **kwargs)
             if p.kind == "twoblock" and (p.split, p.first) == (split, first) and p.chunks > 1
         ]
+
+    def chunks(batch, shape, split, first, **kwargs):
+        found = all_chunks(batch, shape, split, first, **kwargs)
         return found[0] if found else 1
 
     assert chunks(100, ISSUE, 2, "right") == 4
     assert chunks(8192, ISSUE, 2, "right") == DEFAULT_COST_MODELS["cpu"].max_chunks == 128
     big = ((64, 64), (64, 64), (1, 128, 1))
     assert chunks(3, big, 1, "right") == 3
-    assert chunks(64, ((2, 512), (512, 2), (1, 4, 1)), 1, "left", device_type="cuda") == 21
+    thin = ((2, 512), (512, 2), (1, 4, 1))
+    assert all_chunks(8192, ISSUE, 2, "right", largest=16383) == [128]
+    assert sorted(all_chunks(64, thin, 1, "left", device_type="cuda")) == [22, 64]
+    for count, training in ((64, True), (22, False), (21, False)):
+        plan = Plan("twoblock", split=1, first="left", chunks=count)
+        over = plan_memory(plan, 64, *thin, training=training) - memory_budget(64, *thin[:2])
+        assert (over <= 0) == (count != 21), (count, training, over)
+    found = all_chunks(64, thin, 1, "left", device_type="cuda", largest=127)
+    assert sorted(found) == [43, 64]
 
 
 # --- the planner: the choice -------------------------------------------------------------------
@@ -296,8 +317,9 @@ def test_when_no_plan_fits_the_memory_bound_the_leanest_is_chosen():
 
     (8, 8) x (8, 8) at rank 61 (of 64), 3 rows, serving up to 12: the blocks alone,
     61 (64 + 64) = 7808 numbers, take every plan past 3 M N + B (M + N) in training. The
-    dense plan is over by the least (2 * 4096 + 7808 - 12 672 = 3328 at 3 rows), the
-    two-block plans by far more (their blocks and gradients), so dense it is.
+    dense plan is over by the least (2 * 4096 + 7808 + B (M + N) - 3 * 4096 - B (M + N) =
+    3712 at any batch), the two-block plans by far more (their blocks and gradients), so
+    dense it is.
     """
 
     shape = ((8, 8), (8, 8), (1, 61, 1))
@@ -308,9 +330,9 @@ def test_when_no_plan_fits_the_memory_bound_the_leanest_is_chosen():
         )
         for plan in candidate_plans(3, *shape)
     }
-    assert min(over.values()) == 3328 > 0
+    assert min(over.values()) == 3712 > 0
     chosen = choose_plan(3, *shape, training=True, largest=12)
-    assert chosen.kind == "dense" and over[chosen] == 3328
+    assert chosen.kind == "dense" and over[chosen] == 3712
 
 
 def test_a_plan_serving_a_range_fits_the_memory_bound_at_both_ends():
@@ -327,6 +349,33 @@ def test_a_plan_serving_a_range_fits_the_memory_bound_at_both_ends():
     for batch in (64, 100, 127):
         plan = [plan for lowest, plan in table if batch >= lowest][-1]
         assert plan_memory(plan, batch, *shape) <= memory_budget(batch, *shape[:2]), (batch, plan)
+
+
+def test_a_plan_table_sizes_its_chunks_for_the_top_of_each_range():
+    """Finds: chunk counts sized for the lowest batch of a table range (2^k) instead of its
+    top (2^(k+1) - 1), whose chunks then overflow the memory bound at the top and leave only
+    the dense plan.
+
+    4096 -> 11008 as (16, 16, 16) x (16, 43, 16), rank 4, on "cuda" in training: the
+    two-block plan at split 1, right block first (M_s = 16, N_f = 688), holds dZ and Q of
+    2 r M_s N_f = 88 064 numbers a row, against about 3 M N = 135M free: at most about 1 535
+    rows a chunk, so 3 chunks for 2048..4095 rows. Sized for each range's top it stays the
+    choice from 2048 rows up, its count growing with the batch, within the bound at every
+    size served.
+    """
+
+    shape = ((16, 16, 16), (16, 43, 16), (1, 4, 4, 1))
+    table = plan_table(*shape, torch.float32, "cuda", 1, True)
+    tops = [lowest - 1 for lowest, _ in table[1:]] + [2**25 - 1]
+    for (lowest, plan), top in zip(table, tops, strict=True):
+        for batch in (max(lowest, 1), top):
+            over = plan_memory(plan, batch, *shape) - memory_budget(batch, *shape[:2])
+            assert over <= 0, (lowest, top, plan)
+    chunked = [(lowest, plan) for lowest, plan in table if plan.chunks > 1]
+    assert [lowest for lowest, _ in chunked] == [2**k for k in range(11, 20)]
+    assert all(plan.kind == "twoblock" for _, plan in chunked)
+    counts = [plan.chunks for _, plan in chunked]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
 
 
 def test_max_chunks_admits_plans_of_exactly_that_many_chunks():

@@ -1,33 +1,36 @@
 """Skip marks for tests of features that need a newer torch than the package's floor (2.4).
 
 Eager use is tested down to torch 2.4. Two integrations need more (the suite was run with
-torch 2.4.1, 2.9.1, 2.11.0, 2.12.1 and 2.13.0, its compile and export tests with 2.6.0):
+torch 2.4.1, 2.9.1, 2.11.0, 2.12.1 and 2.13.0, its compile and export tests with 2.6.0). The
+marks test for the functions the package uses, not for version numbers, so that versions
+between those tested and development builds run what they can:
 
 - A TTLinear that chooses its plan in one Dynamo graph (``torch.compile(fullgraph=True)``,
-  strict ``torch.export``) needs torch 2.12: the plan is chosen for the example value of a
-  symbolic batch size, which Dynamo can read from 2.12 on (``optimization_hint``). Before,
+  strict ``torch.export``) needs ``symbolic_shapes.optimization_hint`` (torch 2.12), which
+  reads the example value of a symbolic batch size, the size the plan is chosen for. Before,
   Dynamo breaks the graph there; ``torch.compile`` without ``fullgraph`` still gives the
   eager results, and a layer given an explicit ``plan=`` compiles whole.
 - Non-strict ``torch.export`` with a dynamic batch (and ONNX's exporter through it) needs
-  ``torch.compiler.is_exporting``: present in 2.9, absent in 2.6 (2.7 and 2.8 untested, so
-  skipped).
+  ``torch.compiler.is_exporting``: present in 2.9, absent in 2.6.
 """
 
 import pytest
 import torch
+from torch.fx.experimental import symbolic_shapes
 
 
-def _version() -> tuple[int, int]:
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int(minor)
+def needs(present: bool, what: str, feature: str) -> pytest.MarkDecorator:
+    """Skip unless ``present``, naming what needs which torch feature."""
+    return pytest.mark.skipif(not present, reason=f"{what} needs {feature}")
 
 
-def needs_torch(major: int, minor: int, what: str) -> pytest.MarkDecorator:
-    """Skip unless torch is at least ``major.minor``, naming what needs it."""
-    return pytest.mark.skipif(
-        _version() < (major, minor), reason=f"{what} needs torch >= {major}.{minor}"
-    )
-
-
-needs_whole_graph = needs_torch(2, 12, "TTLinear in one Dynamo graph (fullgraph, strict export)")
-needs_export = needs_torch(2, 9, "non-strict torch.export of TTLinear (is_exporting)")
+needs_whole_graph = needs(
+    hasattr(symbolic_shapes, "optimization_hint"),
+    "TTLinear in one Dynamo graph (fullgraph, strict export)",
+    "torch.fx.experimental.symbolic_shapes.optimization_hint (torch >= 2.12)",
+)
+needs_export = needs(
+    hasattr(torch.compiler, "is_exporting"),
+    "non-strict torch.export of TTLinear with a dynamic batch",
+    "torch.compiler.is_exporting (torch >= 2.9)",
+)

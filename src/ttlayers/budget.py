@@ -168,13 +168,55 @@ def _rank_path(
             cost = sizes[k - 1] * ranks[k - 1] + sizes[k] * ranks[k + 1]
             if gain / cost > best_ratio:
                 best, best_ratio, best_cost = k, gain / cost, cost
+        if best:
+            raised = list(ranks)
+            raised[best] += 1
+        else:
+            # Bonds that can only grow together, such as the two around a core with
+            # m n = 1 (r_k <= r_{k+1} and r_{k+1} <= r_k), once no bond can grow alone.
+            moves = [m for k in range(1, d) if (m := _joint_step(ranks, k, caps, sizes))]
+            if not moves:
+                break
+            added = [num_parameters(in_modes, out_modes, m) - path[-1].parameters for m in moves]
+            ratios = [_gain(energy, ranks, m) / a for m, a in zip(moves, added, strict=True)]
+            raised = moves[ratios.index(max(ratios))]
+            best_cost = added[ratios.index(max(ratios))]
         # Never as many parameters as the dense layer: that would not compress it.
-        if best == 0 or path[-1].parameters + best_cost >= limit:
+        if path[-1].parameters + best_cost >= limit:
             break
-        tails[best - 1] -= energy[best - 1][ranks[best]]
-        ranks[best] += 1
+        for k in range(1, d):
+            tails[k - 1] -= sum(energy[k - 1][ranks[k] : raised[k]])
+        ranks[:] = raised
         path.append(point())
     return path
+
+
+def _joint_step(
+    ranks: Sequence[int], k: int, caps: Sequence[int], sizes: Sequence[int]
+) -> list[int] | None:
+    """``ranks`` with bond ``k`` one higher, and its neighbours as much higher as needed.
+
+    A bond rank may be at most its neighbour's times the size of the core between them;
+    None if the step takes a bond past its cap.
+    """
+    raised = list(ranks)
+    raised[k] += 1
+    for j in range(k, 0, -1):  # bond j - 1 must carry bond j through core j - 1
+        need = -(-raised[j] // sizes[j - 1])
+        if raised[j - 1] >= need:
+            break
+        raised[j - 1] = need
+    for j in range(k, len(ranks) - 1):  # bond j + 1 must carry bond j through core j
+        need = -(-raised[j] // sizes[j])
+        if raised[j + 1] >= need:
+            break
+        raised[j + 1] = need
+    return raised if all(r <= cap for r, cap in zip(raised, caps, strict=True)) else None
+
+
+def _gain(energy: Sequence[Sequence[float]], ranks: Sequence[int], raised: Sequence[int]) -> float:
+    """The squared error a step from ``ranks`` to ``raised`` removes (TT-SVD's estimate)."""
+    return sum(sum(energy[k - 1][ranks[k] : raised[k]]) for k in range(1, len(ranks) - 1))
 
 
 def layer_options(

@@ -442,16 +442,21 @@ def plan_memory(
     *,
     training: bool = True,
 ) -> int:
-    """Elements of the largest intermediates ``plan`` holds at once (an estimate, to bound).
+    """Elements of working memory ``plan`` holds at once (an estimate, to bound).
 
-    ``"dense"``: ``W`` and the two blocks it is merged from (in training also the gradient
-    of ``W`` and the partial merges of the cores, which autograd keeps). ``"twoblock"``: the
-    two blocks, a chunk's intermediate and, in training, the blocks' gradients, the partial
-    merges, and the backward pass's products of the intermediate's size (or the kept
-    intermediate with its per-row products). ``"chain"``: in training every intermediate,
-    which autograd keeps for the backward pass; in inference the largest step.
+    Every plan counts the layer's output (``B N``) and, in training, its input gradient
+    (``B M``), as :func:`memory_budget` does for ``nn.Linear``. On top: ``"dense"``: ``W``
+    and the two blocks it is merged from (in training also the gradient of ``W`` and the
+    partial merges of the cores, which autograd keeps). ``"twoblock"``: the two blocks, a
+    chunk's intermediate and, in training, the blocks' gradients, the partial merges, and
+    the backward pass's products of the intermediate's size (or the kept intermediate with
+    its per-row products). ``"chain"``: in training every intermediate, which autograd
+    keeps for the backward pass; in inference the largest step with its operand (the input
+    included).
     """
     m, n = math.prod(in_modes), math.prod(out_modes)
+    # The layer's output and, in training, its input gradient, as memory_budget counts them.
+    own = batch * (m + n) if training else batch * n
     shapes = _core_shapes(in_modes, out_modes, ranks)
     if plan.kind == "twoblock" and not 0 < plan.split < len(shapes):
         raise ValueError(f"a twoblock plan needs 0 < split < {len(shapes)}; got {plan}.")
@@ -464,23 +469,24 @@ def plan_memory(
             m1, m2, n1, n2, r = _blocks(plan, in_modes, out_modes, ranks)
             blocks = r * (m1 * n1 + m2 * n2)
     if plan.kind == "dense":
-        return 2 * m * n + blocks + merges if training else m * n + blocks
+        return own + (2 * m * n + blocks + merges if training else m * n + blocks)
     if plan.kind == "twoblock":
         ms, mf, ns, nf = (m1, m2, n1, n2) if plan.first == "right" else (m2, m1, n2, n1)
         rows = -(-batch // plan.chunks)
         if not training:
-            return blocks + rows * ms * r * nf
+            return own + blocks + rows * ms * r * nf
         grads = 2 * blocks + merges  # the blocks, their gradients and the merges
         if plan.chunks == 1 and batch <= plan.save_max_batch:  # Z kept, then Z g^T per row
-            return grads + batch * ms * r * (nf + ns)
-        return grads + 2 * rows * r * max(ms * nf, mf * ns)  # dZ and Q (or Z), a chunk
+            return own + grads + batch * ms * r * (nf + ns)
+        return own + grads + 2 * rows * r * max(ms * nf, mf * ns)  # dZ and Q (or Z), a chunk
     operands = _chain_operand_shapes(batch, in_modes, out_modes, ranks)
     sizes: dict[str, int] = {}
     for term, shape in zip(plan.equation.split("->")[0].split(","), operands, strict=True):
         sizes.update(zip(term, shape, strict=True))
+    # The last result is the layer's output.
     results = [math.prod(sizes[a] for a in step.split("->")[1]) for _, _, step in plan.steps]
     if training:
-        return sum(results[:-1]) + results[-1]
+        return sum(results) + batch * m
     return max(a + b for a, b in itertools.pairwise([batch * m, *results]))
 
 
@@ -598,14 +604,16 @@ def candidate_plans(
     dtype: torch.dtype = torch.float32,
     device_type: str = "cpu",
     threads: int = 1,
+    largest: int = 0,
 ) -> list[Plan]:
     """Every plan the cost model chooses from, for this batch size and shape.
 
     ``"dense"`` at every split; ``"twoblock"`` at every split and in both orders, unchunked
     (keeping the intermediate up to the memory bound) and, where the device has a
     ``cache_bytes``, in as many chunks of rows as keep each chunk's intermediate within it
-    (at most ``max_chunks``), or in more where the intermediate would not fit
-    :func:`memory_budget` otherwise; and the ``"chain"`` of opt_einsum's FLOP-optimal order
+    (at most ``max_chunks``), or in as many more as bring the plan within
+    :func:`memory_budget` (by :func:`plan_memory`) at every batch size up to ``largest``, in
+    training and in inference; and the ``"chain"`` of opt_einsum's FLOP-optimal order
     (greedy beyond 10 cores), unless one of its steps needs more than einsum's 52 letters.
     For ``d == 1`` only ``"dense"``.
 
@@ -617,6 +625,8 @@ def candidate_plans(
         dtype: The dtype the products run in (sizes the chunks).
         device_type: Selects the :class:`CostModel` (sizes the chunks).
         threads: CPU threads (sizes the chunks on CPUs).
+        largest: The largest batch size the plans will serve (sizes the chunks for the
+            memory bound; ``batch`` when smaller).
 
     Returns:
         The plans, each valid for :func:`ttlayers.contraction.tt_linear` with these shapes
@@ -627,25 +637,36 @@ def candidate_plans(
     if d == 1:
         return [Plan("dense")]
     plans = [Plan("dense", split=s) for s in range(1, d)]
-    budget = 2 * math.prod(in_modes) * math.prod(out_modes)  # nn.Linear's weight and gradient
-    memory = memory_budget(batch, in_modes, out_modes)
+    m, n = math.prod(in_modes), math.prod(out_modes)
+    budget = 2 * m * n  # nn.Linear's weight and gradient
+    top = max(batch, largest)
     costing = _costing(dtype, device_type, threads)
+    shapes = _core_shapes(in_modes, out_modes, ranks)
     for s in range(1, d):
         m1, m2 = math.prod(in_modes[:s]), math.prod(in_modes[s:])
         n1, n2 = math.prod(out_modes[:s]), math.prod(out_modes[s:])
-        for first, (ms, nf) in (("right", (m1, n2)), ("left", (m2, n1))):
-            row_elements = max(1, ranks[s] * ms * nf)  # of the intermediate
+        r = ranks[s]
+        blocks = r * (m1 * n1 + m2 * n2)
+        grads = 2 * blocks + _partial_merges(shapes[:s]) + _partial_merges(shapes[s:])
+        for first, (ms, mf, ns, nf) in (("right", (m1, m2, n1, n2)), ("left", (m2, m1, n2, n1))):
+            row_elements = max(1, r * ms * nf)  # of the intermediate
             keep = budget // row_elements
             plans.append(Plan("twoblock", split=s, first=first, save_max_batch=keep))
             chunks = 1
             if costing.cache_bytes:  # each chunk's intermediate in the cache
                 chunks = -(-batch * row_elements * costing.itemsize // costing.cache_bytes)
                 chunks = min(chunks, costing.model.max_chunks)
-            # At least as many as keep the intermediate within the memory bound (on GPUs,
-            # which have no cache_bytes, the only reason to chunk).
-            chunks = min(max(chunks, -(-batch * row_elements // memory)), batch)
-            if chunks > 1:
-                plans.append(Plan("twoblock", split=s, first=first, chunks=chunks))
+            # The rows a chunk may hold within memory_budget at the largest batch served, as
+            # plan_memory counts (the layer's output and input gradient are on both sides):
+            # in training a chunk's dZ and Q, in inference its Z. On GPUs, which have no
+            # cache_bytes, the only reason to chunk.
+            train_rows = (3 * m * n - grads) // (2 * max(1, r * max(ms * nf, mf * ns)))
+            infer_rows = (3 * m * n + top * m - blocks) // row_elements
+            for limit in sorted({max(1, train_rows), max(1, infer_rows)}):
+                count = min(max(chunks, -(-top // limit)), batch)  # never more chunks than rows
+                plan = Plan("twoblock", split=s, first=first, chunks=count)
+                if count > 1 and plan not in plans:
+                    plans.append(plan)
     # The step that meets the input names its d + 1 letters and one of a core's: more than 50
     # cores never fit, and searching their path takes seconds.
     if d + 2 <= len(string.ascii_letters):
@@ -684,7 +705,14 @@ def choose_plan(
     the batch sizes from there up.
     """
     candidates = candidate_plans(
-        batch, in_modes, out_modes, ranks, dtype=dtype, device_type=device_type, threads=threads
+        batch,
+        in_modes,
+        out_modes,
+        ranks,
+        dtype=dtype,
+        device_type=device_type,
+        threads=threads,
+        largest=largest,
     )
     if max_chunks is not None:
         candidates = [plan for plan in candidates if plan.chunks <= max_chunks]
