@@ -288,9 +288,9 @@ def test_plan_memory_refuses_a_twoblock_plan_without_a_split():
 
 def test_plan_memory_is_what_autograd_keeps():
     # The estimates the bound relies on, against what runs (measured exactly with saved-tensor
-    # hooks): for a chain, the intermediates autograd saves, and the input gradient the
-    # backward pass makes; for a two-block plan that keeps its intermediate, no more than the
-    # estimate, which adds what the backward pass makes.
+    # hooks): for a chain, more than the intermediates autograd saves and the input gradient
+    # the backward pass makes; for a two-block plan that keeps its intermediate, no more than
+    # the estimate, which adds what the backward pass makes.
     torch.manual_seed(0)
     for in_modes, rank, batch in (((4, 4, 8, 8, 4), 16, 64), ((4, 4, 4, 4), 4, 100)):
         cores = [c.float().requires_grad_() for c in make_cores(in_modes, in_modes, rank)]
@@ -311,8 +311,8 @@ def test_plan_memory_is_what_autograd_keeps():
                 tt_linear(x, cores, plan=plan)
             kept = sum(saved.values())
             estimate = plan_memory(plan, batch, in_modes, in_modes, ranks, training=True)
-            if plan.kind == "chain":
-                assert kept + batch * math.prod(in_modes) == estimate
+            if plan.kind == "chain":  # and the largest step's backward temporaries
+                assert kept + batch * math.prod(in_modes) < estimate
             else:  # the blocks and Z kept; the backward adds gradients and per-row products
                 assert kept <= estimate
 

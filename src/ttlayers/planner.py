@@ -446,13 +446,16 @@ def plan_memory(
 
     Every plan counts the layer's output (``B N``) and, in training, its input gradient
     (``B M``), as :func:`memory_budget` does for ``nn.Linear``. On top: ``"dense"``: ``W``
-    and the two blocks it is merged from (in training also the gradient of ``W`` and the
-    partial merges of the cores, which autograd keeps). ``"twoblock"``: the two blocks, a
-    chunk's intermediate and, in training, the blocks' gradients, the partial merges, and
-    the backward pass's products of the intermediate's size (or the kept intermediate with
-    its per-row products). ``"chain"``: in training every intermediate, which autograd
-    keeps for the backward pass; in inference the largest step with its operand (the input
-    included).
+    and the blocks it is merged from (a block of one core is that core, no new memory; in
+    training also the gradient of ``W`` and the partial merges of the cores, which autograd
+    keeps). ``"twoblock"``: the blocks, a chunk's intermediate and, in training, the blocks'
+    gradients, the partial merges, and the backward pass's products of the intermediate's
+    size with a chunk's transposed input rows (or the kept intermediate with its per-row
+    products); with the left block first, the transposed copies of the input and output
+    (in training also of the output gradient). ``"chain"``: in training every intermediate,
+    which autograd keeps for the backward pass, and the largest step's operands and result
+    once more, but for the layer's input and output (the gradients and copies of its
+    backward pass); in inference the largest step with its operand (the input included).
     """
     m, n = math.prod(in_modes), math.prod(out_modes)
     # The layer's output and, in training, its input gradient, as memory_budget counts them.
@@ -462,23 +465,25 @@ def plan_memory(
         raise ValueError(f"a twoblock plan needs 0 < split < {len(shapes)}; got {plan}.")
     if plan.kind in ("dense", "twoblock"):
         s = plan.split
-        # Partial merges of the cores into the blocks (kept by autograd in training).
-        merges = _partial_merges(shapes[:s]) + _partial_merges(shapes[s:]) if s else 0
-        blocks = sum(math.prod(shape) for shape in shapes)  # for d == 1, the one block
         if s:
             m1, m2, n1, n2, r = _blocks(plan, in_modes, out_modes, ranks)
-            blocks = r * (m1 * n1 + m2 * n2)
+            blocks, made, merges = _block_sizes(shapes, s)
+        else:  # d == 1: the one core
+            blocks = made = sum(math.prod(shape) for shape in shapes)
+            merges = 0
     if plan.kind == "dense":
-        return own + (2 * m * n + blocks + merges if training else m * n + blocks)
+        return own + (2 * m * n + made + merges if training else m * n + made)
     if plan.kind == "twoblock":
         ms, mf, ns, nf = (m1, m2, n1, n2) if plan.first == "right" else (m2, m1, n2, n1)
         rows = -(-batch // plan.chunks)
+        copies = _transposed_copies(plan.first, batch, m, n, training)
         if not training:
-            return own + blocks + rows * ms * r * nf
-        grads = 2 * blocks + merges  # the blocks, their gradients and the merges
+            return own + copies + made + rows * ms * r * nf
+        grads = made + blocks + merges  # the blocks made, their gradients and the merges
         if plan.chunks == 1 and batch <= plan.save_max_batch:  # Z kept, then Z g^T per row
-            return own + grads + batch * ms * r * (nf + ns)
-        return own + grads + 2 * rows * r * max(ms * nf, mf * ns)  # dZ and Q (or Z), a chunk
+            return own + copies + grads + batch * ms * r * (nf + ns)
+        # A chunk's dZ and Q (or Z) and its input rows transposed.
+        return own + copies + grads + rows * (2 * r * max(ms * nf, mf * ns) + ms * mf)
     operands = _chain_operand_shapes(batch, in_modes, out_modes, ranks)
     sizes: dict[str, int] = {}
     for term, shape in zip(plan.equation.split("->")[0].split(","), operands, strict=True):
@@ -486,8 +491,41 @@ def plan_memory(
     # The last result is the layer's output.
     results = [math.prod(sizes[a] for a in step.split("->")[1]) for _, _, step in plan.steps]
     if training:
-        return sum(results) + batch * m
+        # The backward pass of a step makes the gradients of its operands and result (and
+        # copies of their size); those of the layer's input and output are counted already.
+        ends = {plan.equation.split(",")[0], plan.equation.split("->")[1]}
+        largest = max(
+            sum(
+                math.prod(sizes[a] for a in term)
+                for term in step.replace("->", ",").split(",")
+                if term not in ends
+            )
+            for _, _, step in plan.steps
+        )
+        return sum(results) + batch * m + largest
     return max(a + b for a, b in itertools.pairwise([batch * m, *results]))
+
+
+def _block_sizes(shapes: Sequence[tuple[int, int, int, int]], split: int) -> tuple[int, int, int]:
+    """Elements of the two blocks at ``split``, of the new ones, and of the partial merges.
+
+    A block of one core is that core, no new memory; autograd keeps the partial merges.
+    """
+    left = math.prod(m * n for _, m, n, _ in shapes[:split]) * shapes[split][0]
+    right = shapes[split][0] * math.prod(m * n for _, m, n, _ in shapes[split:])
+    made = (left if split > 1 else 0) + (right if len(shapes) - split > 1 else 0)
+    return left + right, made, _partial_merges(shapes[:split]) + _partial_merges(shapes[split:])
+
+
+def _transposed_copies(first: str, batch: int, m: int, n: int, training: bool) -> int:
+    """Elements a two-block plan copies to transpose rows (with the left block first).
+
+    The input and the output; in training also the output gradient (the input's copy is
+    kept for the backward pass).
+    """
+    if first != "left":
+        return 0
+    return batch * (2 * m + n) if training else batch * (m + n)
 
 
 def _partial_merges(shapes: Sequence[tuple[int, int, int, int]]) -> int:
@@ -646,8 +684,7 @@ def candidate_plans(
         m1, m2 = math.prod(in_modes[:s]), math.prod(in_modes[s:])
         n1, n2 = math.prod(out_modes[:s]), math.prod(out_modes[s:])
         r = ranks[s]
-        blocks = r * (m1 * n1 + m2 * n2)
-        grads = 2 * blocks + _partial_merges(shapes[:s]) + _partial_merges(shapes[s:])
+        blocks, made, merges = _block_sizes(shapes, s)
         for first, (ms, mf, ns, nf) in (("right", (m1, m2, n1, n2)), ("left", (m2, m1, n2, n1))):
             row_elements = max(1, r * ms * nf)  # of the intermediate
             keep = budget // row_elements
@@ -656,12 +693,16 @@ def candidate_plans(
             if costing.cache_bytes:  # each chunk's intermediate in the cache
                 chunks = -(-batch * row_elements * costing.itemsize // costing.cache_bytes)
                 chunks = min(chunks, costing.model.max_chunks)
-            # The rows a chunk may hold within memory_budget at the largest batch served, as
-            # plan_memory counts (the layer's output and input gradient are on both sides):
-            # in training a chunk's dZ and Q, in inference its Z. On GPUs, which have no
+            # The rows a chunk may hold within memory_budget at every batch from batch to
+            # top, as plan_memory counts (the layer's output and input gradient are on both
+            # sides): in training a chunk's dZ, Q and transposed rows, in inference its Z;
+            # the room at the batch size where it is least. On GPUs, which have no
             # cache_bytes, the only reason to chunk.
-            train_rows = (3 * m * n - grads) // (2 * max(1, r * max(ms * nf, mf * ns)))
-            infer_rows = (3 * m * n + top * m - blocks) // row_elements
+            copies = _transposed_copies(first, top, m, n, training=True)
+            room = 3 * m * n - made - blocks - merges - copies
+            train_rows = room // (2 * max(1, r * max(ms * nf, mf * ns)) + ms * mf)
+            room = 3 * m * n - made - (top * n if first == "left" else -batch * m)
+            infer_rows = room // row_elements
             for limit in sorted({max(1, train_rows), max(1, infer_rows)}):
                 count = min(max(chunks, -(-top // limit)), batch)  # never more chunks than rows
                 plan = Plan("twoblock", split=s, first=first, chunks=count)
