@@ -70,20 +70,20 @@ def test_memory_budget_is_the_documented_formula():
         (("twoblock", 1, "right", 0, 1), False, 96 + 5 * 2 * 2 * 4),
         (("twoblock", 1, "right", 0, 2), False, 96 + 3 * 2 * 2 * 4),
         # Training: the blocks made, the blocks' gradients (108) and the merges, 252; Z kept
-        # with its per-row products, B M_s r (N_f + N_s); or else dZ and Q of a chunk with
-        # its transposed input rows, rows (2 r max(M_s N_f, M_f N_s) + M_s M_f)
+        # with its per-row products and dZ, B M_s r (2 N_f + N_s); or else dZ and Q of a
+        # chunk with its transposed input rows, rows (2 r max(M_s N_f, M_f N_s) + M_s M_f)
         # = rows (2 * 2 * max(8, 36) + 24).
-        (("twoblock", 1, "right", 10, 1), True, 252 + 5 * 2 * 2 * (4 + 3)),
+        (("twoblock", 1, "right", 10, 1), True, 252 + 5 * 2 * 2 * (2 * 4 + 3)),
         (("twoblock", 1, "right", 0, 1), True, 252 + 5 * (2 * 2 * 36 + 24)),
         (("twoblock", 1, "right", 0, 2), True, 252 + 3 * (2 * 2 * 36 + 24)),
         # Left first: M_s = 12, N_f = 3, N_s = 4, and the rows transposed: copies of the
         # input and output, B (M + N) = 180, in training also of the output gradient,
         # B (2 M + N) = 300.
-        (("twoblock", 1, "left", 10, 1), True, 252 + 300 + 5 * 12 * 2 * (3 + 4)),
+        (("twoblock", 1, "left", 10, 1), True, 252 + 300 + 5 * 12 * 2 * (2 * 3 + 4)),
         (("twoblock", 1, "left", 0, 1), False, 96 + 180 + 5 * 12 * 2 * 3),
         # Kept at exactly B = save_max_batch (the layer keeps Z there: <=); split 3 made
         # 144, blocks 152, merges 54.
-        (("twoblock", 3, "right", 5, 1), True, 144 + 152 + 54 + 5 * 12 * 2 * (2 + 6)),
+        (("twoblock", 3, "right", 5, 1), True, 144 + 152 + 54 + 5 * 12 * 2 * (2 * 2 + 6)),
     ],
 )
 def test_plan_memory_by_hand(plan, training, expected):
@@ -370,9 +370,9 @@ def test_a_plan_table_sizes_its_chunks_for_the_top_of_each_range():
     two-block plan at split 1, right block first (M_s = 16, M_f = 256, N_f = 688), holds dZ,
     Q and the transposed rows, 2 r M_s N_f + M_s M_f = 92 160 numbers a row, against
     3 M N - 2 * 704 512 (the right block made and both blocks' gradients) - 1024 = 133.9M
-    free: at most 1 452 rows a chunk, so 3 chunks for 2048..4095 rows. Sized for each
-    range's top it stays the choice from 2048 rows up, its count growing with the batch,
-    within the bound at every size served.
+    free: at most 1 452 rows a chunk, so 2 chunks for 1024..2047 rows and 3 for 2048..4095.
+    Sized for each range's top it stays the choice from 1024 rows up, its count growing
+    with the batch, within the bound at every size served.
     """
 
     shape = ((16, 16, 16), (16, 43, 16), (1, 4, 4, 1))
@@ -383,7 +383,7 @@ def test_a_plan_table_sizes_its_chunks_for_the_top_of_each_range():
             over = plan_memory(plan, batch, *shape) - memory_budget(batch, *shape[:2])
             assert over <= 0, (lowest, top, plan)
     chunked = [(lowest, plan) for lowest, plan in table if plan.chunks > 1]
-    assert [lowest for lowest, _ in chunked] == [2**k for k in range(11, 18)]
+    assert [lowest for lowest, _ in chunked] == [2**k for k in range(10, 18)]
     assert all(plan.kind == "twoblock" for _, plan in chunked)
     counts = [plan.chunks for _, plan in chunked]
     assert counts == sorted(counts) and len(set(counts)) == len(counts)

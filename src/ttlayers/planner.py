@@ -445,17 +445,20 @@ def plan_memory(
     """Elements of working memory ``plan`` holds at once (an estimate, to bound).
 
     Every plan counts the layer's output (``B N``) and, in training, its input gradient
-    (``B M``), as :func:`memory_budget` does for ``nn.Linear``. On top: ``"dense"``: ``W``
-    and the blocks it is merged from (a block of one core is that core, no new memory; in
-    training also the gradient of ``W`` and the partial merges of the cores, which autograd
-    keeps). ``"twoblock"``: the blocks, a chunk's intermediate and, in training, the blocks'
-    gradients, the partial merges, and the backward pass's products of the intermediate's
-    size with a chunk's transposed input rows (or the kept intermediate with its per-row
-    products); with the left block first, the transposed copies of the input and output
-    (in training also of the output gradient). ``"chain"``: in training every intermediate,
-    which autograd keeps for the backward pass, and the largest step's operands and result
-    once more, but for the layer's input and output (the gradients and copies of its
-    backward pass); in inference the largest step with its operand (the input included).
+    (``B M``), as :func:`memory_budget` does for ``nn.Linear``. On top:
+
+    - ``"dense"``: ``W`` and the blocks it is merged from (a block of one core is that core,
+      no new memory); in training also the gradient of ``W`` and the partial merges of the
+      cores, which autograd keeps.
+    - ``"twoblock"``: the blocks and a chunk's intermediate; in training also the blocks'
+      gradients, the partial merges, and the backward pass's products of the
+      intermediate's size with a chunk's transposed input rows (or the kept intermediate
+      with its per-row products and its gradient). With the left block first, the
+      transposed copies of the input and output (in training also of the output gradient).
+    - ``"chain"``: in training every intermediate, which autograd keeps for the backward
+      pass, and the largest step's operands and result once more, but for the layer's input
+      and output (the gradients and copies of its backward pass); in inference the largest
+      step with its operand (the input included).
     """
     m, n = math.prod(in_modes), math.prod(out_modes)
     # The layer's output and, in training, its input gradient, as memory_budget counts them.
@@ -480,8 +483,8 @@ def plan_memory(
         if not training:
             return own + copies + made + rows * ms * r * nf
         grads = made + blocks + merges  # the blocks made, their gradients and the merges
-        if plan.chunks == 1 and batch <= plan.save_max_batch:  # Z kept, then Z g^T per row
-            return own + copies + grads + batch * ms * r * (nf + ns)
+        if plan.chunks == 1 and batch <= plan.save_max_batch:  # Z kept, Z g^T per row, dZ
+            return own + copies + grads + batch * ms * r * (2 * nf + ns)
         # A chunk's dZ and Q (or Z) and its input rows transposed.
         return own + copies + grads + rows * (2 * r * max(ms * nf, mf * ns) + ms * mf)
     operands = _chain_operand_shapes(batch, in_modes, out_modes, ranks)
