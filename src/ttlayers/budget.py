@@ -179,8 +179,8 @@ def _rank_path(
                 break
             added = [num_parameters(in_modes, out_modes, m) - path[-1].parameters for m in moves]
             ratios = [_gain(energy, ranks, m) / a for m, a in zip(moves, added, strict=True)]
-            raised = moves[ratios.index(max(ratios))]
-            best_cost = added[ratios.index(max(ratios))]
+            pick = ratios.index(max(ratios))
+            raised, best_cost = moves[pick], added[pick]
         # Never as many parameters as the dense layer: that would not compress it.
         if path[-1].parameters + best_cost >= limit:
             break
