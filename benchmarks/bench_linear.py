@@ -388,7 +388,8 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
 
 def _describe(plan: Plan) -> str:
     if plan.kind == "twoblock":
-        return f"twoblock@{plan.split} {plan.first} first, {plan.chunks} chunks"
+        suffix = ", dS from Z" if plan.second_from_z else ""
+        return f"twoblock@{plan.split} {plan.first} first, {plan.chunks} chunks{suffix}"
     if plan.kind == "dense":
         return f"dense@{plan.split}"
     return "chain"

@@ -69,22 +69,31 @@ def reference_weight(cores):
 
 def all_plans(batch, in_modes, out_modes, ranks):
     """Every candidate; each twoblock unchunked keeping and recomputing its intermediate,
-    and in 3 chunks of rows (more chunks than rows for small batches)."""
+    and in 3 chunks of rows (more chunks than rows for small batches), each with dS from Q
+    and from Z (whether or not the planner would offer that)."""
     plans = []
     for plan in candidate_plans(batch, in_modes, out_modes, ranks):
         if plan.kind == "twoblock":
-            plans += [
+            variants = [
                 dataclasses.replace(plan, save_max_batch=-1, chunks=1),
                 dataclasses.replace(plan, save_max_batch=10**9, chunks=1),
                 dataclasses.replace(plan, chunks=3),
             ]
+            for variant in variants:
+                for from_z in (False, True):
+                    other = dataclasses.replace(variant, second_from_z=from_z)
+                    if other not in plans:
+                        plans.append(other)
         else:
             plans.append(plan)
     return plans
 
 
 def plan_id(plan):
-    return f"{plan.kind}-s{plan.split}-{plan.first}-keep{plan.save_max_batch}-ch{plan.chunks}"
+    return (
+        f"{plan.kind}-s{plan.split}-{plan.first}-keep{plan.save_max_batch}-ch{plan.chunks}"
+        f"-z{int(plan.second_from_z)}"
+    )
 
 
 # --- every plan against the dense float64 reference -----------------------------------------
@@ -150,10 +159,18 @@ def test_gradcheck_every_plan(in_modes, out_modes, rank):
 @pytest.mark.parametrize("wanted", ["input", "cores", "bias"])
 # The intermediate kept, recomputed unchunked, and in chunks (the buffered loop).
 @pytest.mark.parametrize(("keep_below", "chunks"), [(100, 1), (-1, 1), (0, 3)])
-def test_twoblock_computes_only_the_gradients_asked_for(first, wanted, keep_below, chunks):
+@pytest.mark.parametrize("from_z", [False, True])
+def test_twoblock_computes_only_the_gradients_asked_for(first, wanted, keep_below, chunks, from_z):
     in_modes, out_modes = (4, 2, 3), (2, 3, 4)
     cores = make_cores(in_modes, out_modes, 3)
-    plan = Plan("twoblock", split=1, first=first, save_max_batch=keep_below, chunks=chunks)
+    plan = Plan(
+        "twoblock",
+        split=1,
+        first=first,
+        save_max_batch=keep_below,
+        chunks=chunks,
+        second_from_z=from_z,
+    )
     x = torch.randn(4, 24, dtype=torch.float64, requires_grad=wanted == "input")
     cores = [c.requires_grad_(wanted == "cores") for c in cores]
     bias = torch.randn(24, dtype=torch.float64, requires_grad=wanted == "bias")

@@ -103,6 +103,68 @@ def test_plan_memory_by_hand(plan, training, expected):
     assert plan_memory(plan, 5, *SMALL, training=training) == own + expected
 
 
+@pytest.mark.parametrize(
+    ("first", "keep", "chunks", "expected"),
+    [
+        # Split 1 of SMALL, right first: M_s = 2, M_f = 12, N_s = 3, N_f = 4, r = 2, N = 12;
+        # the blocks made, their gradients and the merges, 252. A chunk's Z (or the kept
+        # one) and then its dZ, and Z's transposed copy, 2 rows M_s r N_f, and the copy of
+        # its output gradient rows, rows N: rows (2 * 16 + 12) = 44 rows.
+        ("right", 0, 1, 252 + 5 * 44),
+        ("right", 10, 1, 252 + 5 * 44),
+        ("right", 0, 2, 252 + 3 * 44),
+        # Left first: M_s = 12, N_f = 3; the output gradient's rows are laid out as the
+        # product wants (no copy of them, here or transposed): rows 2 * 12 * 2 * 3 = 144,
+        # and the input copied (and kept) and its gradient transposed back, 2 B M = 240.
+        ("left", 0, 1, 252 + 240 + 5 * 144),
+    ],
+)
+def test_plan_memory_of_the_gradient_from_z_by_hand(first, keep, chunks, expected):
+    """Finds: plan_memory of a ``second_from_z`` plan that counts the Q products, leaves
+    out the copies of Z or of the output gradient, or counts the output gradient's copy
+    for left-first plans, which make none (see test_plan_memory_by_hand for SMALL)."""
+
+    plan = Plan(
+        "twoblock",
+        split=1,
+        first=first,
+        save_max_batch=keep,
+        chunks=chunks,
+        second_from_z=True,
+    )
+    assert plan_memory(plan, 5, *SMALL) == 5 * (24 + 12) + expected
+    # Inference runs no backward pass: the same as without second_from_z.
+    plain = dataclasses.replace(plan, second_from_z=False)
+    assert plan_memory(plan, 5, *SMALL, training=False) == plan_memory(
+        plain, 5, *SMALL, training=False
+    )
+
+
+def test_the_gradient_from_z_is_offered_where_it_takes_fewer_operations():
+    """Finds: candidate_plans without second_from_z variants, or offering them where dS
+    from Q takes no more operations (autograd.py: from Q, r M_f N_s (N_f + M_s) per row;
+    from Z, r M_s N_f (M_f + N_s)).
+
+    The thin layer (2, 512) x (512, 2): right first, 2 * 2 * 1024 against 512 * 512 * 4
+    (256 times fewer); left first the reverse. The issue's (4, 8, 8, 4) layer at split 2:
+    equal, not offered. The planner takes it for the thin layer in training: its Q products
+    are twice the dense layer's work.
+    """
+
+    thin = ((2, 512), (512, 2), (1, 2, 1))
+    offered = {
+        (p.first, p.chunks > 1)
+        for p in candidate_plans(4096, *thin, largest=8191)
+        if p.second_from_z
+    }
+    assert offered == {("right", False), ("right", True)}
+    issue = ((4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1))
+    assert not any(p.second_from_z for p in candidate_plans(256, *issue))
+    for batch in (256, 4096):
+        chosen = choose_plan(batch, *thin, threads=2, largest=2 * batch - 1)
+        assert chosen.kind == "twoblock" and chosen.second_from_z, chosen
+
+
 def test_plan_memory_of_a_chain_by_hand():
     """Finds: plan_memory of an inference chain counting only the largest result.
 

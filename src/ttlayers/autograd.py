@@ -24,17 +24,23 @@ instead, copies of the size of the input and the output):
   ``dx = dZ F^T`` and ``dF = x^T dZ`` (one product each, over ``B M_s`` rows). For ``dS``,
   ``sum_b Z[b] g[b]^T`` (batched, then summed over the rows) when ``Z`` was kept; otherwise
   ``Q[b] = F g[b]^T`` (batched) and ``dS = sum_{b, m_f} x[b, :, m_f] Q[b, m_f]``, one product
-  over ``B M_f`` with the rows of ``x`` transposed, which needs no recomputed ``Z``.
+  over ``B M_f`` with the rows of ``x`` transposed, which needs no recomputed ``Z``: in all
+  ``2 B r M_f N_s (N_f + M_s)`` operations. Where ``N_f`` and ``M_s`` are small next to
+  ``N_s`` and ``M_f`` that is far more than the forward pass (modes ``(2, 512)`` in and
+  ``(512, 2)`` out, rank 2: 256 times as much, twice the dense layer's), and the layout
+  asks for a third way (``second_from_z``): ``Z`` (kept, or recomputed) and ``g``,
+  transposed to ``(M_s r, B N_f)`` and ``(B N_f, N_s)``, then one product over ``B N_f``,
+  in all ``2 B r M_s N_f (M_f + N_s)`` operations and copies of the size of ``Z`` and ``g``.
 
 Rows are processed in chunks (a static count, chosen by the planner) so that each chunk's
-``Z`` stays in the CPU cache, and ``Z`` is not kept: the backward pass does without it
-(``Q`` costs what recomputing ``Z`` would, and needs no sum over the rows), and the layer
-keeps no more than its input for the backward pass. For ordinary eager tensors
-(:func:`plain_tensors`) the chunks write into buffers allocated once per call. On GPUs the
-planner chunks only to stay within the memory ``nn.Linear`` would use. Unchunked, ``Z`` is
-kept when the layout says so (the planner does when
-it fits in the memory ``nn.Linear`` would spend on its weight gradient). No tensor of the
-size of ``W`` exists in either pass.
+``Z`` stays in the CPU cache, and ``Z`` is not kept: the backward pass does without it (for
+blocks of like sizes ``Q`` costs what recomputing ``Z`` would, and needs no sum over the
+rows), and the layer keeps no more than its input for the backward pass. For ordinary
+eager tensors (:func:`plain_tensors`) the chunks write into buffers allocated once per call.
+On GPUs the planner chunks only to stay within the memory ``nn.Linear`` would use.
+Unchunked, ``Z`` is kept when the layout says so (the planner does when it fits in the
+memory ``nn.Linear`` would spend on its weight gradient). No tensor of the size of ``W``
+exists in either pass.
 
 When the backward pass is itself differentiated (``create_graph=True`` or ``torch.func``), a
 kept ``Z`` is not used and ``dS`` goes through ``Q``, which autograd sees as a function of
@@ -75,6 +81,9 @@ class TwoBlockLayout(NamedTuple):
         first: ``"right"`` or ``"left"``: the block that meets the input first.
         keep: Keep the intermediate for the backward pass (only when ``chunks == 1``).
         chunks: Process the rows in this many chunks (``torch.tensor_split``).
+        second_from_z: Form the gradient of the second block from ``Z`` (kept, or
+            recomputed chunk by chunk) and the output gradient, both transposed, instead of
+            from ``Q[b] = F g[b]^T``.
     """
 
     m1: int
@@ -84,6 +93,7 @@ class TwoBlockLayout(NamedTuple):
     first: str
     keep: bool
     chunks: int = 1
+    second_from_z: bool = False
 
     @property
     def sides(self) -> tuple[int, int, int, int]:
@@ -107,9 +117,15 @@ def _rows_out(y: torch.Tensor, layout: TwoBlockLayout) -> torch.Tensor:
 
 
 def _grad_rows(grad_y: torch.Tensor, layout: TwoBlockLayout) -> torch.Tensor:
-    """Output gradient rows as ``(B, N_s, N_f)`` matrices."""
+    """Output gradient rows as ``(B, N_s, N_f)`` matrices: a view, or a transposed copy.
+
+    With the left block first and ``dS`` from ``Z``, a transposed view: that product wants
+    the rows as ``(N_f, N_s)``, as they are, and the batched products take either layout.
+    """
     g = grad_y.reshape(grad_y.shape[0], layout.n1, layout.n2)
-    return g if layout.first == "right" else g.transpose(1, 2).contiguous()
+    if layout.first == "right":
+        return g
+    return g.transpose(1, 2) if layout.second_from_z else g.transpose(1, 2).contiguous()
 
 
 def jit_tracing() -> bool:
@@ -350,14 +366,16 @@ class TwoBlockProduct(torch.autograd.Function):
             and plain_tensors(x, first, second, grad_y)
         ):
             grad_xs_rows, grad_first, grad_second = _backward_into(
-                xs_all, g_all, first, second, layout.chunks, *needs
+                xs_all, g_all, first, second, layout.chunks, layout.second_from_z, *needs
             )
         else:
             grad_xs: list[torch.Tensor] = []
             grad_first = grad_second = None
             pieces = row_chunks(xs_all, layout.chunks), row_chunks(g_all, layout.chunks)
             for xs, g in zip(*pieces, strict=True):
-                gx, gf, gs = _backward_chunk(xs, g, first, second, z_kept, *needs)
+                gx, gf, gs = _backward_chunk(
+                    xs, g, first, second, z_kept, layout.second_from_z, *needs
+                )
                 if gx is not None:
                     grad_xs.append(gx)
                 grad_first = _accumulate(grad_first, gf)
@@ -427,6 +445,7 @@ def _backward_into(
     first: torch.Tensor,
     second: torch.Tensor,
     chunks: int,
+    from_z: bool,
     need_x: bool,
     need_first: bool,
     need_second: bool,
@@ -435,7 +454,8 @@ def _backward_into(
 
     ``xs_all`` ``(B, M_s, M_f)`` and ``g_all`` ``(B, N_s, N_f)``; returns the input gradient
     as ``(B M_s, M_f)`` rows, written chunk by chunk into one tensor, and the gradients of
-    ``F`` and ``S``, accumulated in place.
+    ``F`` and ``S``, accumulated in place; ``dS`` from ``Q``, or with ``from_z`` from each
+    chunk's ``Z`` recomputed.
     """
     batch, ms, mf = xs_all.shape
     _, r, nf = first.shape
@@ -445,15 +465,35 @@ def _backward_into(
     s_b = second.reshape(ms * r, ns).unsqueeze(0)
     x_pieces, g_pieces = xs_all.tensor_split(chunks), g_all.tensor_split(chunks)
     largest = x_pieces[0].shape[0]
-    q_buffer = xs_all.new_empty(largest * mf * r * ns) if need_second else None
-    xt_buffer = xs_all.new_empty(largest * ms * mf) if need_second else None
-    gz_buffer = xs_all.new_empty(largest * ms * r * nf) if need_x or need_first else None
+    by_q = need_second and not from_z
+    by_z = need_second and from_z
+    q_buffer = xs_all.new_empty(largest * mf * r * ns) if by_q else None
+    xt_buffer = xs_all.new_empty(largest * ms * mf) if by_q else None
+    # A chunk's Z, then its dZ: the one is done with before the other is made.
+    zt_buffer = xs_all.new_empty(largest * ms * r * nf) if by_z else None
+    g_laid_out = g_all.transpose(1, 2).is_contiguous()  # as (N_f, N_s) rows already
+    gt_buffer = xs_all.new_empty(0 if g_laid_out else largest * nf * ns) if by_z else None
+    gz_buffer = xs_all.new_empty(largest * ms * r * nf) if need_x or need_first or by_z else None
     grad_x = xs_all.new_empty(batch * ms, mf) if need_x else None
     grad_first = first.new_zeros(mf, r * nf) if need_first else None
     grad_second = second.new_zeros(ms, r * ns) if need_second else None
     start = 0
     for xs, g in zip(x_pieces, g_pieces, strict=True):
         bc = xs.shape[0]
+        if (
+            grad_second is not None
+            and zt_buffer is not None
+            and gt_buffer is not None
+            and gz_buffer is not None
+        ):
+            z = gz_buffer[: bc * ms * r * nf].view(bc * ms, r * nf)
+            torch.mm(xs.reshape(bc * ms, mf), first2, out=z)
+            zt = zt_buffer[: bc * ms * r * nf].view(ms * r, bc, nf)
+            zt.copy_(z.view(bc, ms * r, nf).transpose(0, 1))
+            gt = g.transpose(1, 2)
+            if not gt.is_contiguous():
+                gt = gt_buffer[: bc * nf * ns].view(bc, nf, ns).copy_(gt)
+            grad_second.view(ms * r, ns).addmm_(zt.view(ms * r, bc * nf), gt.view(bc * nf, ns))
         if q_buffer is not None and xt_buffer is not None and grad_second is not None:
             q = q_buffer[: bc * mf * r * ns].view(bc, mf * r, ns)
             torch.bmm(first_b.expand(bc, mf * r, nf), g.transpose(1, 2), out=q)
@@ -482,16 +522,24 @@ def _backward_chunk(
     first: torch.Tensor,
     second: torch.Tensor,
     z: torch.Tensor | None,
+    from_z: bool,
     need_x: bool,
     need_first: bool,
     need_second: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients for one chunk of rows: ``xs`` ``(Bc, Ms, Mf)``, ``g`` ``(Bc, Ns, Nf)``."""
+    """Gradients for one chunk of rows: ``xs`` ``(Bc, Ms, Mf)``, ``g`` ``(Bc, Ns, Nf)``.
+
+    ``z``: the kept intermediate, or ``None``; ``from_z``: form ``dS`` from ``Z`` (``z``, or
+    recomputed), see :class:`TwoBlockLayout`.
+    """
     batch, ms, mf = xs.shape
     _, r, nf = first.shape
     ns = second.shape[2]
     grad_xs = grad_first = grad_second = None
-    if need_second and z is not None:
+    if need_second and from_z:
+        grad_second = _second_from_z(z if z is not None else _intermediate(xs, first), g)
+        grad_second = grad_second.to(_accumulation(grad_second.dtype)).view(ms, r, ns)
+    elif need_second and z is not None:
         # sum_b Z[b] g[b]^T from the kept Z, in float32 for low-precision dtypes (one rounding).
         if is_one(batch):  # one product, no sum over rows (which would zero-fill and add)
             per_one = torch.mm(z[0], g[0].t())
@@ -517,6 +565,18 @@ def _backward_chunk(
         if need_first:
             grad_first = torch.mm(xs.reshape(batch * ms, mf).t(), gz).view(mf, r, nf)
     return grad_xs, grad_first, grad_second
+
+
+def _second_from_z(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``sum_b Z[b] g[b]^T``, ``(M_s r, N_s)``, as one product over ``Bc N_f``.
+
+    ``z`` ``(Bc, M_s r, N_f)`` and ``g`` ``(Bc, N_s, N_f)``, both transposed (copies, unless
+    laid out so already).
+    """
+    batch, msr, nf = z.shape
+    ns = g.shape[1]
+    zt = z.transpose(0, 1).reshape(msr, batch * nf)
+    return torch.mm(zt, g.transpose(1, 2).reshape(batch * nf, ns))
 
 
 def _accumulation(dtype: torch.dtype) -> torch.dtype:

@@ -308,7 +308,7 @@ def _run_twoblock(
     # Where one plan serves every batch size, a Z kept for the example's size could be far
     # larger at others: not kept.
     keep = not _one_plan(batch) and _known_at_least(plan.save_max_batch, batch)
-    layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, keep, plan.chunks)
+    layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, keep, plan.chunks, plan.second_from_z)
     if not needs_grad or tracing:  # under torch.compile, or autograd through the trace's ops
         return two_block_forward(x, first, second, bias, layout._replace(keep=False))[0]
     # Dynamo cannot trace a custom jvp: compiled code gets the Function without one.

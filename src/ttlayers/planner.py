@@ -37,7 +37,7 @@ import math
 import string
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import opt_einsum
@@ -80,6 +80,11 @@ class Plan:
         chunks: For ``"twoblock"``: the rows are processed in this many chunks, so that each
             chunk's intermediate fits in the cache (``CostModel.cache_bytes``) or the plan
             within :func:`memory_budget`; chunked, the intermediate is never kept.
+        second_from_z: For ``"twoblock"``: the backward pass forms the gradient of the
+            block that meets the input second from the intermediate (kept, or recomputed
+            chunk by chunk) instead of from the output gradient pushed back through the
+            first block; far cheaper where the first block has few outputs and the second
+            few inputs (see :mod:`ttlayers.autograd`).
         steps: For ``"chain"``: one ``(i, j, equation)`` per pairwise contraction, in
             opt_einsum's linear path format (operands ``i < j`` are removed and the result
             appended).
@@ -93,6 +98,7 @@ class Plan:
     chunks: int = 1
     steps: tuple[tuple[int, int, str], ...] = ()
     equation: str = ""
+    second_from_z: bool = False
 
 
 @dataclass(frozen=True)
@@ -300,7 +306,21 @@ def _twoblock_time(
     )
     if not training:
         return forward
-    if chunks == 1 and batch <= plan.save_max_batch:  # Z kept: per row, then summed
+    kept = chunks == 1 and batch <= plan.save_max_batch
+    if plan.second_from_z:  # Z (again, unless kept), Z and g transposed, one product
+        again = 0.0 if kept else c.gemm(1, rows * ms, mf, r * nf, in_cache=cached)
+        # Each row of g transposed: measured at 4 times a plain copy, twice c.copy. With the
+        # left block first the rows are laid out so already.
+        g_rows = 0.0 if transposes else 2 * c.copy(rows * ns * nf)
+        # The product reads Z's and g's copies: in the cache only if both fit.
+        both = rows * (ms * r * nf + ns * nf) * c.itemsize <= 2 * c.cache_bytes
+        grad_second = chunks * (
+            again
+            + c.copy(rows * ms * r * nf)
+            + g_rows
+            + c.gemm(1, ms * r, rows * nf, ns, in_cache=both)
+        )
+    elif kept:  # Z kept: per row, then summed
         grad_second = c.gemm(batch, ms * r, nf, ns, in_cache=cached) + c.copy(batch * ms * r * ns)
     else:  # Q[b] = F g[b]^T per row, then one product with the transposed rows of x
         grad_second = chunks * (
@@ -314,7 +334,8 @@ def _twoblock_time(
         + chunks * c.gemm(rows, ms * r, ns, nf, in_cache=cached)  # dZ
         + chunks * c.gemm(1, rows * ms, r * nf, mf, in_cache=cached)  # dx
         + chunks * c.gemm(1, mf, rows * ms, r * nf, in_cache=cached)  # dF
-        + (c.copy(rows_in) + c.copy(rows_out) if transposes else 0.0)
+        + (c.copy(rows_in) if transposes else 0.0)
+        + (c.copy(rows_out) if transposes and not plan.second_from_z else 0.0)
         + (c.copy(rows_in) if chunks > 1 else 0.0)
         + c.copy(rows_out)  # bias gradient
     )
@@ -453,8 +474,10 @@ def plan_memory(
     - ``"twoblock"``: the blocks and a chunk's intermediate; in training also the blocks'
       gradients, the partial merges, and the backward pass's products of the
       intermediate's size with a chunk's transposed input rows (or the kept intermediate
-      with its per-row products and its gradient). With the left block first, the
-      transposed copies of the input and output (in training also of the output gradient).
+      with its per-row products and its gradient; or, with ``second_from_z``, a chunk's
+      intermediate, its transposed copy and the output gradient's). With the left block
+      first, the transposed copies of the input and output (in training also of the
+      output gradient).
     - ``"chain"``: in training every intermediate, which autograd keeps for the backward
       pass, and the largest step's operands and result once more, but for the layer's input
       and output (the gradients and copies of its backward pass); in inference the largest
@@ -479,10 +502,15 @@ def plan_memory(
     if plan.kind == "twoblock":
         ms, mf, ns, nf = (m1, m2, n1, n2) if plan.first == "right" else (m2, m1, n2, n1)
         rows = -(-batch // plan.chunks)
-        copies = _transposed_copies(plan.first, batch, m, n, training)
+        copies = _transposed_copies(plan.first, batch, m, n, training, plan.second_from_z)
         if not training:
             return own + copies + made + rows * ms * r * nf
         grads = made + blocks + merges  # the blocks made, their gradients and the merges
+        if plan.second_from_z:
+            # A chunk's Z (or the kept one), then its dZ; Z transposed, and g (with the left
+            # block first, the output gradient's rows are laid out as that product wants).
+            g_copy = n if plan.first == "right" else 0
+            return own + copies + grads + rows * (2 * ms * r * nf + g_copy)
         if plan.chunks == 1 and batch <= plan.save_max_batch:  # Z kept, Z g^T per row, dZ
             return own + copies + grads + batch * ms * r * (2 * nf + ns)
         # A chunk's dZ and Q (or Z) and its input rows transposed.
@@ -520,15 +548,19 @@ def _block_sizes(shapes: Sequence[tuple[int, int, int, int]], split: int) -> tup
     return left + right, made, _partial_merges(shapes[:split]) + _partial_merges(shapes[split:])
 
 
-def _transposed_copies(first: str, batch: int, m: int, n: int, training: bool) -> int:
+def _transposed_copies(
+    first: str, batch: int, m: int, n: int, training: bool, second_from_z: bool = False
+) -> int:
     """Elements a two-block plan copies to transpose rows (with the left block first).
 
-    The input and the output; in training also the output gradient (the input's copy is
-    kept for the backward pass).
+    The input and the output; in training also the output gradient, unless ``dS`` comes
+    from ``Z`` (the input's copy is kept for the backward pass).
     """
     if first != "left":
         return 0
-    return batch * (2 * m + n) if training else batch * (m + n)
+    if not training:
+        return batch * (m + n)
+    return batch * (2 * m + (0 if second_from_z else n))
 
 
 def _partial_merges(shapes: Sequence[tuple[int, int, int, int]]) -> int:
@@ -654,7 +686,8 @@ def candidate_plans(
     ``cache_bytes``, in as many chunks of rows as keep each chunk's intermediate within it
     (at most ``max_chunks``), or in as many more as bring the plan within
     :func:`memory_budget` (by :func:`plan_memory`) at every batch size up to ``largest``, in
-    training and in inference; and the ``"chain"`` of opt_einsum's FLOP-optimal order
+    training and in inference; each also with ``second_from_z`` where that backward pass
+    takes fewer operations; and the ``"chain"`` of opt_einsum's FLOP-optimal order
     (greedy beyond 10 cores), unless one of its steps needs more than einsum's 52 letters.
     For ``d == 1`` only ``"dense"``.
 
@@ -691,26 +724,33 @@ def candidate_plans(
         for first, (ms, mf, ns, nf) in (("right", (m1, m2, n1, n2)), ("left", (m2, m1, n2, n1))):
             row_elements = max(1, r * ms * nf)  # of the intermediate
             keep = budget // row_elements
-            plans.append(Plan("twoblock", split=s, first=first, save_max_batch=keep))
             chunks = 1
             if costing.cache_bytes:  # each chunk's intermediate in the cache
                 chunks = -(-batch * row_elements * costing.itemsize // costing.cache_bytes)
                 chunks = min(chunks, costing.model.max_chunks)
             # The rows a chunk may hold within memory_budget at every batch from batch to
             # top, as plan_memory counts (the layer's output and input gradient are on both
-            # sides): in training a chunk's dZ, Q and transposed rows, in inference its Z;
-            # the room at the batch size where it is least. On GPUs, which have no
-            # cache_bytes, the only reason to chunk.
-            copies = _transposed_copies(first, top, m, n, training=True)
-            room = 3 * m * n - made - blocks - merges - copies
-            train_rows = room // (2 * max(1, r * max(ms * nf, mf * ns)) + ms * mf)
+            # sides): in training a chunk's dZ, Q and transposed rows (or Z, dZ and the
+            # copies of Z and g), in inference its Z; the room at the batch size where it is
+            # least. On GPUs, which have no cache_bytes, the only reason to chunk.
             room = 3 * m * n - made - (top * n if first == "left" else -batch * m)
             infer_rows = room // row_elements
-            for limit in sorted({max(1, train_rows), max(1, infer_rows)}):
-                count = min(max(chunks, -(-top // limit)), batch)  # never more chunks than rows
-                plan = Plan("twoblock", split=s, first=first, chunks=count)
-                if count > 1 and plan not in plans:
-                    plans.append(plan)
+            # dS from Z only where that takes fewer operations than from Q (autograd.py).
+            from_z = [False] + [True] * (ms * nf * (mf + ns) < mf * ns * (nf + ms))
+            for second_from_z in from_z:
+                variant = Plan("twoblock", split=s, first=first, second_from_z=second_from_z)
+                plans.append(replace(variant, save_max_batch=keep))
+                copies = _transposed_copies(first, top, m, n, True, second_from_z)
+                if second_from_z:
+                    per_row = 2 * row_elements + (n if first == "right" else 0)
+                else:
+                    per_row = 2 * max(1, r * max(ms * nf, mf * ns)) + ms * mf
+                train_rows = (3 * m * n - made - blocks - merges - copies) // per_row
+                for limit in sorted({max(1, train_rows), max(1, infer_rows)}):
+                    count = min(max(chunks, -(-top // limit)), batch)  # no more chunks than rows
+                    plan = replace(variant, chunks=count)
+                    if count > 1 and plan not in plans:
+                        plans.append(plan)
     # The step that meets the input names its d + 1 letters and one of a core's: more than 50
     # cores never fit, and searching their path takes seconds.
     if d + 2 <= len(string.ascii_letters):
