@@ -50,7 +50,8 @@ def describe(plan: Plan) -> str:
         return "chain"
     if plan.kind == "dense":
         return f"dense@{plan.split}"
-    return f"twoblock@{plan.split} {plan.first} first, {plan.chunks} chunks"
+    suffix = ", dS from Z" if plan.second_from_z else ""
+    return f"twoblock@{plan.split} {plan.first} first, {plan.chunks} chunks{suffix}"
 
 
 def run_case(

@@ -7,6 +7,7 @@ import torch
 from torch_versions import needs_whole_graph
 
 from ttlayers import TTLinear, tt_to_dense
+from ttlayers.autograd import TwoBlockLayout, _grad_rows
 from ttlayers.contraction import (
     _PLACES_PER_STORAGE,
     _cache_slot,
@@ -182,6 +183,57 @@ def test_twoblock_computes_only_the_gradients_asked_for(first, wanted, keep_belo
             torch.testing.assert_close(got.grad, ref.grad, rtol=1e-12, atol=1e-12)
         else:
             assert got.grad is None
+
+
+@pytest.mark.parametrize("first", ["right", "left"])
+@pytest.mark.parametrize(
+    ("from_z", "chunks", "keep_below", "expected"),
+    [
+        # dS from the kept Z: one product; from Z recomputed: two; chunked (the buffered
+        # loop), Z recomputed and the product accumulated per chunk; from Q: Q's batched
+        # product and one product. No dZ (batched) anywhere: nothing else is asked for.
+        (True, 1, 100, {"aten::mm": 1}),
+        (True, 1, -1, {"aten::mm": 2}),
+        (True, 3, 0, {"aten::mm": 3, "aten::addmm_": 3}),
+        (False, 1, -1, {"aten::mm": 1, "aten::bmm": 1}),
+    ],
+)
+def test_the_backward_runs_only_the_products_of_its_path(
+    first, from_z, chunks, keep_below, expected
+):
+    # Values cannot tell the paths apart (see the reference tests); the products run can. A
+    # review found the buffered loop computing an unused dZ per chunk for a Z plan.
+    profiler = pytest.importorskip("torch.profiler")
+    cores = make_cores((2, 8), (8, 2), 2)
+    plan = Plan(
+        "twoblock",
+        split=1,
+        first=first,
+        save_max_batch=keep_below,
+        chunks=chunks,
+        second_from_z=from_z,
+    )
+    second = 0 if first == "right" else 1  # only the block that meets the input second trains
+    cores = [c.requires_grad_(k == second) for k, c in enumerate(cores)]
+    y = tt_linear(torch.randn(6, 16, dtype=torch.float64), cores, plan=plan)
+    with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
+        y.backward(torch.randn(6, 16, dtype=torch.float64))
+    names = ("aten::mm", "aten::bmm", "aten::addmm_", "aten::addmm", "aten::baddbmm")
+    ran = {e.key: e.count for e in prof.key_averages() if e.key in names}
+    assert ran == expected
+
+
+def test_left_first_plans_with_ds_from_z_do_not_copy_the_output_gradient():
+    # The product that forms dS wants g's rows as (N_f, N_s), which with the left block
+    # first is how they are: a view (the batched products take either layout). A copy would
+    # cost B N of memory and a transposing pass, as the Q path's does.
+    grad_y = torch.randn(5, 6 * 4)
+    layout = TwoBlockLayout(3, 2, 6, 4, "left", False, 1, second_from_z=True)
+    rows = _grad_rows(grad_y, layout)
+    assert rows.shape == (5, 4, 6) and rows.data_ptr() == grad_y.data_ptr()
+    torch.testing.assert_close(rows, grad_y.view(5, 6, 4).transpose(1, 2), rtol=0, atol=0)
+    copied = _grad_rows(grad_y, layout._replace(second_from_z=False))
+    assert copied.is_contiguous() and copied.data_ptr() != grad_y.data_ptr()
 
 
 @pytest.mark.parametrize(

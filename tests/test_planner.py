@@ -114,15 +114,18 @@ def test_plan_memory_by_hand(plan, training, expected):
         ("right", 10, 1, 252 + 5 * 44),
         ("right", 0, 2, 252 + 3 * 44),
         # Left first: M_s = 12, N_f = 3; the output gradient's rows are laid out as the
-        # product wants (no copy of them, here or transposed): rows 2 * 12 * 2 * 3 = 144,
-        # and the input copied (and kept) and its gradient transposed back, 2 B M = 240.
-        ("left", 0, 1, 252 + 240 + 5 * 144),
+        # product wants (no copy of them here): rows 2 * 12 * 2 * 3 = 144; the transposed
+        # rows as for every left-first plan, B (2 M + N) = 300: the input copied (and kept),
+        # its gradient transposed back, and the output transposed in the forward pass.
+        ("left", 0, 1, 252 + 300 + 5 * 144),
     ],
 )
 def test_plan_memory_of_the_gradient_from_z_by_hand(first, keep, chunks, expected):
     """Finds: plan_memory of a ``second_from_z`` plan that counts the Q products, leaves
-    out the copies of Z or of the output gradient, or counts the output gradient's copy
-    for left-first plans, which make none (see test_plan_memory_by_hand for SMALL)."""
+    out the copies of Z or of the output gradient, counts the output gradient's copy for
+    left-first plans, which make none, or leaves out their forward pass's transposed
+    output (a review measured such plans at 1.9x the estimate). See
+    test_plan_memory_by_hand for SMALL."""
 
     plan = Plan(
         "twoblock",
@@ -567,6 +570,41 @@ def test_estimate_time_follows_the_documented_speed_law():
         assert t32 == pytest.approx(4.096e-5 + 4 * (256 + 2048 + 256) / 1e9, rel=1e-12)
     finally:
         set_cost_model("mps", None)
+
+
+@pytest.mark.parametrize(
+    ("from_z", "keep_below", "flops"),
+    [
+        # Per batch of B = 6 rows, right first: M_s = 2, M_f = 8, N_s = 8, N_f = 2, r = 2.
+        # dZ (6 products 4 x 8 x 2), dx (12 x 4 x 8) and dF (8 x 12 x 4): 768 operations each.
+        # dS from Z: Z again (12 x 8 x 4), 768, unless kept, and one product 4 x 12 x 8, 768.
+        (True, -1, 5 * 768),
+        (True, 100, 4 * 768),
+        # From Q: Q (6 products 16 x 2 x 8), 3072, and one product 2 x 48 x 16, 3072.
+        (False, -1, 3 * 768 + 2 * 3072),
+    ],
+)
+def test_the_backward_estimate_counts_the_products_of_its_path(from_z, keep_below, flops):
+    """Finds: _twoblock_time costing a second_from_z plan as a Q plan, without the
+    recomputed Z, or with it where Z is kept.
+
+    With a model of pure arithmetic (1e9 flop/s at every size: a half_dim of 1e-12, which
+    must be positive; no overheads; a bandwidth of 1e30, so that copies and traffic cost
+    ~1e-25 s), training minus inference is the backward pass's operations over 1e9; the
+    blocks of a two-core layer are its cores, so there is no merge. Relative 1e-9: float
+    rounding, the 1e-12 and the 1e-25 s terms.
+    """
+
+    model = CostModel(flops=1e9, half_dim=1e-12, bandwidth=1e30, overhead=0.0)
+    plan = Plan("twoblock", split=1, first="right", save_max_batch=keep_below, second_from_z=from_z)
+    args = (plan, 6, (2, 8), (8, 2), (1, 2, 1))
+    try:
+        set_cost_model("mps", model)
+        training = estimate_time(*args, device_type="mps", training=True)
+        inference = estimate_time(*args, device_type="mps", training=False)
+    finally:
+        set_cost_model("mps", None)
+    assert training - inference == pytest.approx(flops / 1e9, rel=1e-9)
 
 
 def test_cpu_threads_scale_the_cache_for_chunks():

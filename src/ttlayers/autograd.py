@@ -30,7 +30,8 @@ instead, copies of the size of the input and the output):
   ``(512, 2)`` out, rank 2: 256 times as much, twice the dense layer's), and the layout
   asks for a third way (``second_from_z``): ``Z`` (kept, or recomputed) and ``g``,
   transposed to ``(M_s r, B N_f)`` and ``(B N_f, N_s)``, then one product over ``B N_f``,
-  in all ``2 B r M_s N_f (M_f + N_s)`` operations and copies of the size of ``Z`` and ``g``.
+  in all ``2 B r M_s N_f (M_f + N_s)`` operations and copies of the size of ``Z`` and (unless
+  the left block comes first, where the rows of ``g`` are laid out so) of ``g``.
 
 Rows are processed in chunks (a static count, chosen by the planner) so that each chunk's
 ``Z`` stays in the CPU cache, and ``Z`` is not kept: the backward pass does without it (for
@@ -43,8 +44,9 @@ memory ``nn.Linear`` would spend on its weight gradient). No tensor of the size 
 exists in either pass.
 
 When the backward pass is itself differentiated (``create_graph=True`` or ``torch.func``), a
-kept ``Z`` is not used and ``dS`` goes through ``Q``, which autograd sees as a function of
-the inputs, so that second derivatives are exact too. Forward-mode AD (``torch.func.jvp``,
+kept ``Z`` is not used and ``dS`` goes through ``Q`` (or, with ``second_from_z``, a
+recomputed ``Z``), which autograd sees as a function of the inputs, so that second
+derivatives are exact too. Forward-mode AD (``torch.func.jvp``,
 ``torch.func.hessian``) goes through :meth:`EagerTwoBlockProduct.jvp`: the product is linear
 in each of ``x``, ``F`` and ``S``, so its tangent is three products of the same kind.
 """
@@ -500,7 +502,7 @@ def _backward_into(
             xt = xt_buffer[: bc * ms * mf].view(ms, bc, mf)
             xt.copy_(xs.transpose(0, 1))
             grad_second.addmm_(xt.view(ms, bc * mf), q.view(bc * mf, r * ns))
-        if gz_buffer is not None:
+        if gz_buffer is not None and (grad_x is not None or grad_first is not None):
             gz = gz_buffer[: bc * ms * r * nf].view(bc, ms * r, nf)
             torch.bmm(s_b.expand(bc, ms * r, ns), g, out=gz)
             gz2 = gz.view(bc * ms, r * nf)

@@ -502,7 +502,7 @@ def plan_memory(
     if plan.kind == "twoblock":
         ms, mf, ns, nf = (m1, m2, n1, n2) if plan.first == "right" else (m2, m1, n2, n1)
         rows = -(-batch // plan.chunks)
-        copies = _transposed_copies(plan.first, batch, m, n, training, plan.second_from_z)
+        copies = _transposed_copies(plan.first, batch, m, n, training)
         if not training:
             return own + copies + made + rows * ms * r * nf
         grads = made + blocks + merges  # the blocks made, their gradients and the merges
@@ -548,19 +548,16 @@ def _block_sizes(shapes: Sequence[tuple[int, int, int, int]], split: int) -> tup
     return left + right, made, _partial_merges(shapes[:split]) + _partial_merges(shapes[split:])
 
 
-def _transposed_copies(
-    first: str, batch: int, m: int, n: int, training: bool, second_from_z: bool = False
-) -> int:
+def _transposed_copies(first: str, batch: int, m: int, n: int, training: bool) -> int:
     """Elements a two-block plan copies to transpose rows (with the left block first).
 
-    The input and the output; in training also the output gradient, unless ``dS`` comes
-    from ``Z`` (the input's copy is kept for the backward pass).
+    The input and the output. In training the input's copy is kept for the backward pass,
+    which also transposes the input gradient back; of the output's copy (forward) and the
+    output gradient's (backward; none when ``dS`` comes from ``Z``), one ``B N`` at a time.
     """
     if first != "left":
         return 0
-    if not training:
-        return batch * (m + n)
-    return batch * (2 * m + (0 if second_from_z else n))
+    return batch * (2 * m + n) if training else batch * (m + n)
 
 
 def _partial_merges(shapes: Sequence[tuple[int, int, int, int]]) -> int:
@@ -733,6 +730,8 @@ def candidate_plans(
             # sides): in training a chunk's dZ, Q and transposed rows (or Z, dZ and the
             # copies of Z and g), in inference its Z; the room at the batch size where it is
             # least. On GPUs, which have no cache_bytes, the only reason to chunk.
+            copies = _transposed_copies(first, top, m, n, training=True)
+            train_room = 3 * m * n - made - blocks - merges - copies
             room = 3 * m * n - made - (top * n if first == "left" else -batch * m)
             infer_rows = room // row_elements
             # dS from Z only where that takes fewer operations than from Q (autograd.py).
@@ -740,12 +739,11 @@ def candidate_plans(
             for second_from_z in from_z:
                 variant = Plan("twoblock", split=s, first=first, second_from_z=second_from_z)
                 plans.append(replace(variant, save_max_batch=keep))
-                copies = _transposed_copies(first, top, m, n, True, second_from_z)
                 if second_from_z:
                     per_row = 2 * row_elements + (n if first == "right" else 0)
                 else:
                     per_row = 2 * max(1, r * max(ms * nf, mf * ns)) + ms * mf
-                train_rows = (3 * m * n - made - blocks - merges - copies) // per_row
+                train_rows = train_room // per_row
                 for limit in sorted({max(1, train_rows), max(1, infer_rows)}):
                     count = min(max(chunks, -(-top // limit)), batch)  # no more chunks than rows
                     plan = replace(variant, chunks=count)
