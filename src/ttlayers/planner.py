@@ -735,8 +735,8 @@ def candidate_plans(
             room = 3 * m * n - made - (top * n if first == "left" else -batch * m)
             infer_rows = room // row_elements
             # dS from Z only where that takes fewer operations than from Q (autograd.py).
-            from_z = [False] + [True] * (ms * nf * (mf + ns) < mf * ns * (nf + ms))
-            for second_from_z in from_z:
+            cheaper = ms * nf * (mf + ns) < mf * ns * (nf + ms)
+            for second_from_z in (False, True) if cheaper else (False,):
                 variant = Plan("twoblock", split=s, first=first, second_from_z=second_from_z)
                 plans.append(replace(variant, save_max_batch=keep))
                 if second_from_z:
