@@ -56,11 +56,12 @@ from dataclasses import dataclass
 import opt_einsum
 import torch
 import torch.nn.functional as F
+from plan_regret import describe  # a sibling script: benchmarks/ is on sys.path
 from torch import nn
 
 from ttlayers import TTLinear
 from ttlayers.contraction import select_plan
-from ttlayers.planner import Plan, chain_equation, pairwise_steps
+from ttlayers.planner import chain_equation, pairwise_steps
 from ttlayers.shapes import resolve_ranks, suggest_modes
 
 
@@ -380,19 +381,10 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
             record["saved_bytes"] = None if compiled_graph else saved_bytes(module, x)
             record["peak_bytes"] = peak_bytes(module, x, grad)
         if name == "ttlayers":
-            record["plan_training"] = _describe(training_plan)
-            record["plan_inference"] = _describe(inference_plan)
+            record["plan_training"] = describe(training_plan)
+            record["plan_inference"] = describe(inference_plan)
         records.append(record)
     return records
-
-
-def _describe(plan: Plan) -> str:
-    if plan.kind == "twoblock":
-        suffix = ", dS from Z" if plan.second_from_z else ""
-        return f"twoblock@{plan.split} {plan.first} first, {plan.chunks} chunks{suffix}"
-    if plan.kind == "dense":
-        return f"dense@{plan.split}"
-    return "chain"
 
 
 def cheapest_order_ratio(case: Case) -> float:

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from unittest import mock
 
 import torch
+from plan_regret import describe  # a sibling script: benchmarks/ is on sys.path
 from torch import nn
 
 import ttlayers.planner as planner
@@ -73,12 +74,6 @@ def time_layer(layer: TTLinear, batch: int, new: Plan, old: Plan) -> tuple[float
     return tuple(min(kept) for kept in times)
 
 
-def describe(plan: Plan) -> str:
-    if plan.kind == "twoblock":
-        return f"twoblock@{plan.split}{plan.first[0]} ch{plan.chunks}"
-    return f"{plan.kind}@{plan.split}" if plan.kind == "dense" else "chain"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=14)
@@ -113,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         t_new, t_old, t_dense = time_layer(layer, batch, new, old)
         ratios.append(t_new / t_old)
         print(
-            f"{in_modes}x{out_modes} r{rank} b{batch}: {describe(new)} from Z {t_new:.1f} ms"
-            f" | before: {describe(old)} {t_old:.1f} ms | {t_new / t_old:.2f}x"
+            f"{in_modes}x{out_modes} r{rank} b{batch}: {describe(new)}, {t_new:.1f} ms"
+            f" | before: {describe(old)}, {t_old:.1f} ms | {t_new / t_old:.2f}x"
             f" | nn.Linear {t_dense:.1f} ms",
             flush=True,
         )
