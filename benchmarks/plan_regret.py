@@ -51,7 +51,8 @@ def describe(plan: Plan) -> str:
     if plan.kind == "dense":
         return f"dense@{plan.split}"
     suffix = ", dS from Z" if plan.second_from_z else ""
-    return f"twoblock@{plan.split} {plan.first} first, {plan.chunks} chunks{suffix}"
+    first = f"{plan.first} first" + (" batched" if plan.batched_first else "")
+    return f"twoblock@{plan.split} {first}, {plan.chunks} chunks{suffix}"
 
 
 def run_case(

@@ -71,29 +71,41 @@ def reference_weight(cores):
 def all_plans(batch, in_modes, out_modes, ranks):
     """Every candidate; each twoblock unchunked keeping and recomputing its intermediate,
     and in 3 chunks of rows (more chunks than rows for small batches), each with dS from Q
-    and from Z (whether or not the planner would offer that)."""
+    and from Z (whether or not the planner would offer that), but for batched_first plans,
+    whose dS always comes from Z; and every left-first plan also batched (whether or not
+    the left block has the inputs the planner asks of those)."""
     plans = []
-    for plan in candidate_plans(batch, in_modes, out_modes, ranks):
-        if plan.kind == "twoblock":
-            variants = [
-                dataclasses.replace(plan, save_max_batch=-1, chunks=1),
-                dataclasses.replace(plan, save_max_batch=10**9, chunks=1),
-                dataclasses.replace(plan, chunks=3),
-            ]
-            for variant in variants:
-                for from_z in (False, True):
-                    other = dataclasses.replace(variant, second_from_z=from_z)
-                    if other not in plans:
-                        plans.append(other)
-        else:
-            plans.append(plan)
+    for candidate in candidate_plans(batch, in_modes, out_modes, ranks):
+        forms = [candidate]
+        if candidate.kind == "twoblock" and candidate.first == "left":
+            forms.append(dataclasses.replace(candidate, batched_first=True, second_from_z=False))
+        for plan in forms:
+            _add_variants(plans, plan)
     return plans
+
+
+def _add_variants(plans, plan):
+    """``plan``, and for a twoblock plan its variants of all_plans, unless in ``plans``."""
+    if plan.kind != "twoblock":
+        if plan not in plans:
+            plans.append(plan)
+        return
+    variants = [
+        dataclasses.replace(plan, save_max_batch=-1, chunks=1),
+        dataclasses.replace(plan, save_max_batch=10**9, chunks=1),
+        dataclasses.replace(plan, chunks=3),
+    ]
+    for variant in variants:
+        for from_z in (False,) if plan.batched_first else (False, True):
+            other = dataclasses.replace(variant, second_from_z=from_z)
+            if other not in plans:
+                plans.append(other)
 
 
 def plan_id(plan):
     return (
         f"{plan.kind}-s{plan.split}-{plan.first}-keep{plan.save_max_batch}-ch{plan.chunks}"
-        f"-z{int(plan.second_from_z)}"
+        f"-z{int(plan.second_from_z)}-b{int(plan.batched_first)}"
     )
 
 
@@ -156,14 +168,24 @@ def test_gradcheck_every_plan(in_modes, out_modes, rank):
             assert torch.autograd.gradgradcheck(fn, (x, bias, *cores)), plan_id(plan)
 
 
-@pytest.mark.parametrize("first", ["left", "right"])
+# (first, second_from_z, batched_first): every backward path.
+FORMS = [
+    ("right", False, False),
+    ("right", True, False),
+    ("left", False, False),
+    ("left", True, False),
+    ("left", False, True),
+]
+
+
+@pytest.mark.parametrize("form", FORMS, ids=str)
 @pytest.mark.parametrize("wanted", ["input", "cores", "bias"])
 # The intermediate kept, recomputed unchunked, and in chunks (the buffered loop).
 @pytest.mark.parametrize(("keep_below", "chunks"), [(100, 1), (-1, 1), (0, 3)])
-@pytest.mark.parametrize("from_z", [False, True])
-def test_twoblock_computes_only_the_gradients_asked_for(first, wanted, keep_below, chunks, from_z):
+def test_twoblock_computes_only_the_gradients_asked_for(form, wanted, keep_below, chunks):
     in_modes, out_modes = (4, 2, 3), (2, 3, 4)
     cores = make_cores(in_modes, out_modes, 3)
+    first, from_z, batched = form
     plan = Plan(
         "twoblock",
         split=1,
@@ -171,6 +193,7 @@ def test_twoblock_computes_only_the_gradients_asked_for(first, wanted, keep_belo
         save_max_batch=keep_below,
         chunks=chunks,
         second_from_z=from_z,
+        batched_first=batched,
     )
     x = torch.randn(4, 24, dtype=torch.float64, requires_grad=wanted == "input")
     cores = [c.requires_grad_(wanted == "cores") for c in cores]
@@ -221,6 +244,75 @@ def test_the_backward_runs_only_the_products_of_its_path(
     names = ("aten::mm", "aten::bmm", "aten::addmm_", "aten::addmm", "aten::baddbmm")
     ran = {e.key: e.count for e in prof.key_averages() if e.key in names}
     assert ran == expected
+
+
+@pytest.mark.parametrize(
+    ("wanted", "keep_below", "chunks", "expected"),
+    [
+        # dS = Z^T g from the kept Z: one product; Z recomputed: its batched product too;
+        # in chunks (the buffered loop), both per chunk, the product accumulated in place.
+        ("right", 100, 1, {"aten::mm": 1}),
+        ("right", -1, 1, {"aten::mm": 1, "aten::bmm": 1}),
+        ("right", 0, 3, {"aten::bmm": 3, "aten::addmm_": 3}),
+        # dA: dZ = g S^T, then x[b] dZ[b]^T per row (batched), summed; no Z.
+        ("left", -1, 1, {"aten::mm": 1, "aten::bmm": 1, "aten::sum": 1}),
+        ("left", 0, 3, {"aten::mm": 3, "aten::bmm": 3, "aten::sum": 3}),
+        # dx: dZ and dx[b] = A dZ[b] (batched), nothing else.
+        ("input", -1, 1, {"aten::mm": 1, "aten::bmm": 1}),
+        ("input", 0, 3, {"aten::mm": 3, "aten::bmm": 3}),
+    ],
+)
+def test_the_batched_backward_runs_only_the_products_of_its_path(
+    wanted, keep_below, chunks, expected
+):
+    # As test_the_backward_runs_only_the_products_of_its_path, for batched_first plans.
+    profiler = pytest.importorskip("torch.profiler")
+    cores = make_cores((2, 8), (4, 3), 2)
+    plan = Plan(
+        "twoblock",
+        split=1,
+        first="left",
+        save_max_batch=keep_below,
+        chunks=chunks,
+        batched_first=True,
+    )
+    trains = {"left": 0, "right": 1}.get(wanted)
+    cores = [c.requires_grad_(k == trains) for k, c in enumerate(cores)]
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=wanted == "input")
+    y = tt_linear(x, cores, plan=plan)
+    with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
+        y.backward(torch.randn(6, 12, dtype=torch.float64))
+    names = ("aten::mm", "aten::bmm", "aten::addmm_", "aten::addmm", "aten::sum")
+    ran = {e.key: e.count for e in prof.key_averages() if e.key in names}
+    assert ran == expected
+
+
+@pytest.mark.parametrize(("keep_below", "chunks"), [(100, 1), (-1, 1), (0, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_batched_plans_copy_no_rows(keep_below, chunks, bias):
+    # What batched_first is for: the left block first with no transposed copy of the input,
+    # the output or their gradients. A two-core layer's blocks are its cores (views, no
+    # merge), so a training step of such a plan copies nothing at all; the same step with
+    # the rows transposed copies them.
+    profiler = pytest.importorskip("torch.profiler")
+    cores = [c.requires_grad_() for c in make_cores((2, 8), (4, 3), 2)]
+    b = torch.randn(12, dtype=torch.float64, requires_grad=True) if bias else None
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    copies = {}
+    for batched in (True, False):
+        plan = Plan(
+            "twoblock",
+            split=1,
+            first="left",
+            save_max_batch=keep_below,
+            chunks=chunks,
+            batched_first=batched,
+        )
+        with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
+            tt_linear(x, cores, b, plan=plan).backward(torch.randn(6, 12, dtype=torch.float64))
+        names = ("aten::copy_", "aten::clone", "aten::cat")
+        copies[batched] = sum(e.count for e in prof.key_averages() if e.key in names)
+    assert copies[True] == 0 and copies[False] > 0, copies
 
 
 def test_left_first_plans_with_ds_from_z_do_not_copy_the_output_gradient():
@@ -914,6 +1006,21 @@ def test_a_twoblock_plan_split_at_the_boundary_is_refused():
     for split in (0, 3):
         with pytest.raises(ValueError, match="does not fit"):
             tt_linear(x, cores, plan=Plan("twoblock", split=split, first="right"))
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        Plan("twoblock", split=1, first="right", batched_first=True),
+        Plan("twoblock", split=1, first="left", batched_first=True, second_from_z=True),
+    ],
+)
+def test_a_batched_plan_that_is_not_left_first_with_ds_from_z_is_refused(plan):
+    # batched_first applies the left block first, and its dS always comes from Z: any other
+    # combination would be run as something it does not say.
+    cores = make_cores((4, 4, 4), (4, 3, 4), 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        tt_linear(torch.randn(3, 64, dtype=torch.float64), cores, plan=plan)
 
 
 def test_inference_fast_path_with_three_dimensional_input():

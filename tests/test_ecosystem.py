@@ -739,9 +739,10 @@ def test_autocast_rounds_each_block_once_as_linear_rounds_its_weight():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dense_error = _relative_error(nn.functional.linear(x, weight, layer.bias), reference)
         plans = {
-            (p.kind, p.split, p.first): p for p in candidate_plans(64, modes, modes, layer.ranks)
+            (p.kind, p.split, p.first, p.batched_first): p
+            for p in candidate_plans(64, modes, modes, layer.ranks)
         }
-        for (kind, split, first), plan in plans.items():
+        for (kind, split, first, _), plan in plans.items():
             if kind == "chain":
                 continue
             y = tt_linear(x, list(layer.cores), layer.bias, plan=plan)
@@ -1190,7 +1191,8 @@ def test_forward_ad_dual_cores_through_every_two_block_path(chunks, grad_enabled
 
 
 @pytest.mark.parametrize(("chunks", "keep_below"), [(1, 100), (1, -1), (3, 0)])
-def test_forward_mode_ad_through_the_two_block_function(chunks, keep_below):
+@pytest.mark.parametrize("batched", [False, True])
+def test_forward_mode_ad_through_the_two_block_function(chunks, keep_below, batched):
     # With parameters that require grad, a two-block plan runs TwoBlockProduct: its jvp, and
     # forward-over-reverse (a Hessian), against the dense weight in float64 (1e-10: rounding).
     from torch.autograd import forward_ad as fwAD
@@ -1200,7 +1202,14 @@ def test_forward_mode_ad_through_the_two_block_function(chunks, keep_below):
 
     torch.manual_seed(0)
     layer = TTLinear(16, 12, 3, in_modes=(4, 4), out_modes=(3, 4)).double()
-    plan = Plan("twoblock", split=1, first="left", save_max_batch=keep_below, chunks=chunks)
+    plan = Plan(
+        "twoblock",
+        split=1,
+        first="left",
+        save_max_batch=keep_below,
+        chunks=chunks,
+        batched_first=batched,
+    )
     x, tangent = torch.randn(5, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
     tangents = [torch.randn_like(core) for core in layer.cores]
     bias_tangent = torch.randn_like(layer.bias)

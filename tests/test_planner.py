@@ -143,6 +143,60 @@ def test_plan_memory_of_the_gradient_from_z_by_hand(first, keep, chunks, expecte
     )
 
 
+@pytest.mark.parametrize(
+    ("keep", "chunks", "training", "expected"),
+    [
+        # Split 1 of SMALL, the left block first, batched: M_1 = 2, M_2 = 12, N_1 = 3,
+        # N_2 = 4, r = 2. No transposed copies. Inference: the blocks made (96) and a chunk's
+        # Z, rows N_1 r M_2 = rows 72.
+        (0, 1, False, 96 + 5 * 72),
+        (0, 2, False, 96 + 3 * 72),
+        # Training: the blocks made, their gradients and the merges, 252; a chunk's Z (or the
+        # kept one) and its dZ, 2 rows N_1 r M_2, and x[b] dZ[b]^T per row, rows M_1 N_1 r:
+        # rows (144 + 12) = 156 rows.
+        (0, 1, True, 252 + 5 * 156),
+        (10, 1, True, 252 + 5 * 156),
+        (0, 2, True, 252 + 3 * 156),
+    ],
+)
+def test_plan_memory_of_batched_plans_by_hand(keep, chunks, training, expected):
+    """Finds: plan_memory of a ``batched_first`` plan that counts the transposed copies of
+    the rows (it makes none), or leaves out dZ or the per-row products of dA. See
+    test_plan_memory_by_hand for SMALL."""
+
+    plan = Plan(
+        "twoblock", split=1, first="left", save_max_batch=keep, chunks=chunks, batched_first=True
+    )
+    own = 5 * (24 + 12) if training else 5 * 12
+    assert plan_memory(plan, 5, *SMALL, training=training) == own + expected
+
+
+def test_batched_plans_are_offered_left_first_where_the_left_block_is_wide_enough():
+    """Finds: candidate_plans without batched_first variants, with them for the right block
+    first, with second_from_z (which they do not take), without their chunked forms, or
+    where the left block has fewer than BATCHED_MIN_INPUTS inputs.
+
+    ISSUE at batch 256: splits 2 and 3 (M_1 = 32 and 256; split 1 has M_1 = 4) have an
+    unchunked batched plan and one in as many chunks as keep a chunk's Z in the cache. The
+    planner takes it for the 4096 -> 11008 layer of the benchmark, rank 16, batch 128 in
+    training (measured at 0.85x the time of the plan it took before).
+    """
+
+    batched = [p for p in candidate_plans(256, *ISSUE, threads=2) if p.batched_first]
+    assert {p.first for p in batched} == {"left"}
+    assert not any(p.second_from_z for p in batched)
+    assert planner.BATCHED_MIN_INPUTS == 16
+    assert {p.split for p in batched} == {2, 3}
+    for split in (2, 3):
+        # 256 rows of 8192 numbers (N_1 r M_2 = 32 * 8 * 32 at split 2, 256 * 8 * 4 at split
+        # 3) in float32 are 8 MiB: 4 chunks for the 2 MiB of cache of 2 threads. Others may
+        # follow from the memory bound.
+        chunks = {p.chunks for p in batched if p.split == split}
+        assert {1, 4} <= chunks, (split, chunks)
+    llama = ((8, 8, 8, 8), (4, 8, 43, 8), (1, 16, 16, 16, 1))
+    assert choose_plan(128, *llama, threads=2, largest=255).batched_first
+
+
 def test_the_gradient_from_z_is_offered_where_it_takes_fewer_operations():
     """Finds: candidate_plans without second_from_z variants, or offering them where dS
     from Q takes no more operations (autograd.py: from Q, r M_f N_s (N_f + M_s) per row;
@@ -297,15 +351,21 @@ ISSUE = ((4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1))  # 1024 x 1024, rank 8
 def test_each_split_and_order_has_one_unchunked_two_block_candidate():
     """Finds: candidate_plans adding a "chunked" plan of 1 chunk (``chunks >= 1``).
 
-    candidate_plans' docstring: per split and order one unchunked plan (keeping Z up to the
-    bound), and a chunked one only where chunks are called for. A second unchunked plan,
+    candidate_plans' docstring: per split and order (and for the left block first, batched
+    or not) one unchunked plan (keeping Z up to the bound), and a chunked one only where
+    chunks are called for. A second unchunked plan,
     never keeping Z, is a candidate the docstring does not list.
     """
 
     for batch in (1, 8, 100):
         plans = [p for p in candidate_plans(batch, *ISSUE) if p.kind == "twoblock"]
-        unchunked = [(p.split, p.first) for p in plans if p.chunks == 1]
-        assert sorted(unchunked) == sorted(itertools.product((1, 2, 3), ("left", "right")))
+        unchunked = [(p.split, p.first, p.batched_first) for p in plans if p.chunks == 1]
+        forms = (("left", False), ("right", False))
+        expected = [(s, *form) for s in (1, 2, 3) for form in forms]
+        # Batched where the left block has BATCHED_MIN_INPUTS = 16 inputs or more: M_1 = 32
+        # at split 2, 256 at split 3 (4 at split 1).
+        expected += [(2, "left", True), (3, "left", True)]
+        assert sorted(unchunked) == sorted(expected)
         assert all(p.save_max_batch == 0 for p in plans if p.chunks > 1)
 
 
@@ -339,7 +399,9 @@ def test_chunk_counts_by_hand():
         return [
             p.chunks
             for p in candidate_plans(batch, *shape, **kwargs)
-            if p.kind == "twoblock" and (p.split, p.first) == (split, first) and p.chunks > 1
+            if p.kind == "twoblock"
+            and (p.split, p.first, p.batched_first) == (split, first, False)
+            and p.chunks > 1
         ]
 
     def chunks(batch, shape, split, first, **kwargs):
@@ -426,7 +488,7 @@ def test_a_plan_serving_a_range_fits_the_memory_bound_at_both_ends():
         assert plan_memory(plan, batch, *shape) <= memory_budget(batch, *shape[:2]), (batch, plan)
 
 
-def test_a_plan_table_sizes_its_chunks_for_the_top_of_each_range():
+def test_a_plan_table_sizes_its_chunks_for_the_top_of_each_range(monkeypatch):
     """Finds: chunk counts sized for the lowest batch of a table range (2^k) instead of its
     top (2^(k+1) - 1), whose chunks then overflow the memory bound at the top and leave only
     the dense plan.
@@ -437,11 +499,14 @@ def test_a_plan_table_sizes_its_chunks_for_the_top_of_each_range():
     3 M N - 2 * 704 512 (the right block made and both blocks' gradients) - 1024 = 133.9M
     free: at most 1 452 rows a chunk, so 2 chunks for 1024..2047 rows and 3 for 2048..4095.
     Sized for each range's top it stays the choice from 1024 rows up, its count growing
-    with the batch, within the bound at every size served.
+    with the batch, within the bound at every size served. (Without batched_first plans,
+    which the cost model prefers for this layer on "cuda", and whose rows take other sizes;
+    the table is computed afresh, not taken from plan_table's cache.)
     """
 
+    monkeypatch.setattr(planner, "BATCHED_MIN_INPUTS", 2**62)
     shape = ((16, 16, 16), (16, 43, 16), (1, 4, 4, 1))
-    table = plan_table(*shape, torch.float32, "cuda", 1, True)
+    table = plan_table.__wrapped__(*shape, torch.float32, "cuda", 1, True)
     tops = [lowest - 1 for lowest, _ in table[1:]] + [2**25 - 1]
     for (lowest, plan), top in zip(table, tops, strict=True):
         for batch in (max(lowest, 1), top):
@@ -604,6 +669,32 @@ def test_the_backward_estimate_counts_the_products_of_its_path(from_z, keep_belo
         inference = estimate_time(*args, device_type="mps", training=False)
     finally:
         set_cost_model("mps", None)
+    assert training - inference == pytest.approx(flops / 1e9, rel=1e-9)
+
+
+@pytest.mark.parametrize(("keep_below", "flops"), [(-1, 9216), (100, 7680)])
+def test_the_batched_estimate_counts_its_products(keep_below, flops):
+    """Finds: _batched_time with a product of the wrong shape, without the recomputed Z, or
+    with it where Z is kept; the forward pass costed as another plan's.
+
+    As test_the_backward_estimate_counts_the_products_of_its_path (a model of pure
+    arithmetic), for a batched plan on (2, 8) x (4, 3), rank 2, B = 6: M_1 = 2, M_2 = 8,
+    N_1 = 4, N_2 = 3. Multiply-adds: Z, B N_1 r M_1 M_2 = 768; y and, backward, dS and dZ,
+    B N_1 r M_2 N_2 = 1152 each; dx and dA, B M_1 N_1 r M_2 = 768 each. Forward 2 * 1920
+    operations; backward 2 * (3 * 1152 + ... ) as below: 2 * 3840 = 7680 with Z kept, and
+    2 * 768 more for Z recomputed.
+    """
+
+    model = CostModel(flops=1e9, half_dim=1e-12, bandwidth=1e30, overhead=0.0)
+    plan = Plan("twoblock", split=1, first="left", save_max_batch=keep_below, batched_first=True)
+    args = (plan, 6, (2, 8), (4, 3), (1, 2, 1))
+    try:
+        set_cost_model("mps", model)
+        training = estimate_time(*args, device_type="mps", training=True)
+        inference = estimate_time(*args, device_type="mps", training=False)
+    finally:
+        set_cost_model("mps", None)
+    assert inference == pytest.approx(2 * 1920 / 1e9, rel=1e-9)
     assert training - inference == pytest.approx(flops / 1e9, rel=1e-9)
 
 

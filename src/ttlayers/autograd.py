@@ -43,6 +43,20 @@ Unchunked, ``Z`` is kept when the layout says so (the planner does when it fits 
 memory ``nn.Linear`` would spend on its weight gradient). No tensor of the size of ``W``
 exists in either pass.
 
+With the left block first there is a second way, ``batched`` (the cores' own layouts,
+``A = L`` as ``(M_1, N_1 r)`` and ``S = R`` as ``(r M_2, N_2)``), which transposes no row:
+the left block meets each row's ``(M_1, M_2)`` matrix in one batched product, and the right
+block all rows at once, over the ``B N_1`` rows of ``Z[b] = A^T x[b]``, ``(N_1 r, M_2)``:
+
+- forward: ``Z[b] = A^T x[b]`` (batched), then ``y = Z S`` as one
+  ``(B N_1, r M_2) @ (r M_2, N_2)`` product, whose rows are the output's.
+- backward: ``dS = Z^T g`` and ``dZ = g S^T``, one product each over the ``B N_1`` rows of
+  ``Z`` (kept, or recomputed chunk by chunk) and ``g``; ``dx[b] = A dZ[b]`` (batched); and
+  ``dA = sum_b x[b] dZ[b]^T`` (batched, then summed over the rows).
+
+The same operations as the left block first with transposed rows, and the large products
+(those with ``N_2``) are single matrix products instead of batched ones.
+
 When the backward pass is itself differentiated (``create_graph=True`` or ``torch.func``), a
 kept ``Z`` is not used and ``dS`` goes through ``Q`` (or, with ``second_from_z``, a
 recomputed ``Z``), which autograd sees as a function of the inputs, so that second
@@ -86,6 +100,9 @@ class TwoBlockLayout(NamedTuple):
         second_from_z: Form the gradient of the second block from ``Z`` (kept, or
             recomputed chunk by chunk) and the output gradient, both transposed, instead of
             from ``Q[b] = F g[b]^T``.
+        batched: The left block first by a batched product over the rows in their own
+            layout (``first == "left"``; the blocks as ``(M_1, N_1 r)`` and
+            ``(r M_2, N_2)``, see the module docstring).
     """
 
     m1: int
@@ -96,6 +113,7 @@ class TwoBlockLayout(NamedTuple):
     keep: bool
     chunks: int = 1
     second_from_z: bool = False
+    batched: bool = False
 
     @property
     def sides(self) -> tuple[int, int, int, int]:
@@ -287,6 +305,8 @@ def two_block_forward(
 
     Returns ``y`` and ``Z`` when the layout keeps it (else an empty tensor).
     """
+    if layout.batched:
+        return _batched_forward(x, first, second, bias, layout)
     xs = _rows_first_major(x, layout)  # (B, Ms, Mf)
     if bias is not None:  # as the products' (N_s, N_f)
         bias = bias.view(layout.n1, layout.n2)
@@ -312,7 +332,8 @@ class TwoBlockProduct(torch.autograd.Function):
     """``y = x W^T (+ bias)`` for ``W`` given as two blocks; see the module docstring.
 
     Inputs of :meth:`forward`: ``x`` of shape ``(B, M_1 M_2)``; ``first`` of shape
-    ``(M_f, r, N_f)``; ``second`` of shape ``(M_s, r, N_s)`` (both contiguous); ``bias`` of
+    ``(M_f, r, N_f)``; ``second`` of shape ``(M_s, r, N_s)`` (both contiguous; with
+    ``layout.batched``, ``(M_1, N_1 r)`` and ``(r M_2, N_2)``); ``bias`` of
     shape ``(N_1 N_2,)`` or ``None``; a :class:`TwoBlockLayout`. All tensors of one dtype and
     device.
 
@@ -358,9 +379,15 @@ class TwoBlockProduct(torch.autograd.Function):
             z_kept = z
         else:
             z_kept = None  # the backward is differentiated: Z must be a function of x
+        needs = need_x, need_first, need_second
+        if layout.batched:
+            grad_x, grad_first, grad_second = _batched_backward(
+                x, first, second, z_kept, grad_y, layout, *needs
+            )
+            grad_bias = grad_y.sum(0) if need_bias else None
+            return grad_x, grad_first, grad_second, grad_bias, None
         xs_all = _rows_first_major(x, layout)
         g_all = _grad_rows(grad_y, layout)  # (B, Ns, Nf)
-        needs = need_x, need_first, need_second
         if (
             layout.chunks > 1
             and not torch.is_grad_enabled()  # else the backward is itself differentiated
@@ -592,3 +619,205 @@ def _accumulate(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.
     if total is None:
         return part.to(_accumulation(part.dtype))
     return total.add_(part)
+
+
+# --- the left block first, batched over the rows in their own layout ---------------------------
+
+
+def _batched_z(xs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``Z[b] = A^T x[b]``: ``(Bc, N_1 r, M_2)`` from rows ``(Bc, M_1, M_2)`` and ``A``."""
+    batch, m1, _ = xs.shape
+    if is_one(batch):
+        return torch.mm(a.t(), xs[0]).unsqueeze(0)
+    return torch.bmm(a.t().unsqueeze(0).expand(batch, a.shape[1], m1), xs)
+
+
+def _batched_sizes(layout: TwoBlockLayout, second: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(M_1, M_2, N_1, N_2)`` of a batched layout (its sizes are the blocks' own)."""
+    return layout.m1, layout.m2, layout.n1, second.shape[1]
+
+
+def _batched_forward(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    s: torch.Tensor,
+    bias: torch.Tensor | None,
+    layout: TwoBlockLayout,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`two_block_forward` for a ``batched`` layout: ``y`` and the kept ``Z`` (or empty)."""
+    m1, m2, n1, n2 = _batched_sizes(layout, s)
+    batch = x.shape[0]
+    xs = x.reshape(batch, m1, m2)
+    bias2 = None if bias is None else bias.reshape(n1, n2)
+    if layout.chunks > 1 and plain_tensors(x, a, s, bias):
+        # Into one output, with one buffer for every chunk's Z (see _forward_into).
+        out = x.new_empty(batch * n1, n2)
+        pieces = xs.tensor_split(layout.chunks)
+        z_buffer = x.new_empty(pieces[0].shape[0] * a.shape[1] * m2)
+        a_t = a.t().unsqueeze(0)
+        start = 0
+        for rows in pieces:
+            bc = rows.shape[0]
+            z = z_buffer[: bc * a.shape[1] * m2].view(bc, a.shape[1], m2)
+            torch.bmm(a_t.expand(bc, a.shape[1], m1), rows, out=z)
+            target = out[start * n1 : (start + bc) * n1]
+            z2 = z.view(bc * n1, s.shape[0])
+            if bias2 is None:
+                torch.mm(z2, s, out=target)
+            elif _accumulation(x.dtype) != x.dtype:  # one rounding, as in F.linear
+                torch.addmm(bias2.repeat(bc, 1), z2, s, out=target)
+            else:  # while the chunk's rows are in the cache
+                torch.mm(z2, s, out=target).view(bc, n1, n2).add_(bias2)
+            start += bc
+        return out.view(batch, n1 * n2), x.new_empty(0)
+    results = [_batched_forward_chunk(rows, a, s, bias2) for rows in row_chunks(xs, layout.chunks)]
+    y = results[0][0] if len(results) == 1 else torch.cat([result[0] for result in results])
+    keep = layout.keep and layout.chunks == 1
+    return y.reshape(batch, n1 * n2), results[0][1] if keep else x.new_empty(0)
+
+
+def _batched_forward_chunk(
+    xs: torch.Tensor, a: torch.Tensor, s: torch.Tensor, bias2: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = Z S (+ bias)`` for rows ``(Bc, M_1, M_2)``: ``(Bc N_1, N_2)``, and ``Z``."""
+    batch = xs.shape[0]
+    z = _batched_z(xs, a)  # (Bc, N1 r, M2)
+    rm2, n2 = s.shape
+    z2 = z.view(-1, rm2)  # (Bc N1, r M2)
+    if bias2 is None:
+        return torch.mm(z2, s), z
+    if is_one(batch):  # the bias enters the product (beta = 1)
+        return torch.addmm(bias2, z2, s), z
+    if _accumulation(xs.dtype) != xs.dtype:  # one rounding, as in F.linear
+        return torch.addmm(bias2.repeat(batch, 1), z2, s), z
+    n1 = bias2.shape[0]
+    return (torch.mm(z2, s).view(batch, n1, n2) + bias2).view(-1, n2), z
+
+
+def _batched_backward(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    s: torch.Tensor,
+    z_kept: torch.Tensor | None,
+    grad_y: torch.Tensor,
+    layout: TwoBlockLayout,
+    need_x: bool,
+    need_first: bool,
+    need_second: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``x``, ``A`` and ``S`` for a ``batched`` layout."""
+    m1, m2, n1, n2 = _batched_sizes(layout, s)
+    batch = x.shape[0]
+    xs_all = x.reshape(batch, m1, m2)
+    g_all = grad_y.reshape(batch, n1, n2)
+    needs = need_x, need_first, need_second
+    if (
+        layout.chunks > 1
+        and not torch.is_grad_enabled()  # else the backward is itself differentiated
+        and _accumulation(x.dtype) == x.dtype
+        and plain_tensors(x, a, s, grad_y)
+    ):
+        grad_xs, grad_a, grad_s = _batched_backward_into(xs_all, g_all, a, s, layout.chunks, *needs)
+    else:
+        grad_x_rows: list[torch.Tensor] = []
+        grad_a = grad_s = None
+        pieces = row_chunks(xs_all, layout.chunks), row_chunks(g_all, layout.chunks)
+        for xs, g in zip(*pieces, strict=True):
+            gx, ga, gs = _batched_backward_chunk(xs, g, a, s, z_kept, *needs)
+            if gx is not None:
+                grad_x_rows.append(gx)
+            grad_a = _accumulate(grad_a, ga)
+            grad_s = _accumulate(grad_s, gs)
+        grad_xs = None
+        if need_x:
+            grad_xs = grad_x_rows[0] if len(grad_x_rows) == 1 else torch.cat(grad_x_rows)
+    return (
+        None if grad_xs is None else grad_xs.reshape(x.shape),
+        None if grad_a is None else grad_a.to(a.dtype),
+        None if grad_s is None else grad_s.to(s.dtype),
+    )
+
+
+def _batched_backward_chunk(
+    xs: torch.Tensor,
+    g: torch.Tensor,
+    a: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor | None,
+    need_x: bool,
+    need_first: bool,
+    need_second: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients for one chunk: rows ``xs`` ``(Bc, M_1, M_2)``, ``g`` ``(Bc, N_1, N_2)``.
+
+    ``z``: the kept ``Z``, or ``None`` (recomputed). The input gradient as ``(Bc, M_1, M_2)``.
+    """
+    batch, m1, m2 = xs.shape
+    rm2, n2 = s.shape
+    n1r = a.shape[1]
+    g2 = g.reshape(-1, n2)  # (Bc N1, N2)
+    grad_xs = grad_a = grad_s = None
+    if need_second:
+        zz = z if z is not None else _batched_z(xs, a)
+        grad_s = torch.mm(zz.reshape(-1, rm2).t(), g2)
+        grad_s = grad_s.to(_accumulation(grad_s.dtype))
+    if need_x or need_first:
+        dz = torch.mm(g2, s.t()).view(batch, n1r, m2)
+        if need_x:
+            if is_one(batch):
+                grad_xs = torch.mm(a, dz[0]).unsqueeze(0)
+            else:
+                grad_xs = torch.bmm(a.unsqueeze(0).expand(batch, m1, n1r), dz)
+        if need_first:
+            if is_one(batch):
+                one = torch.mm(xs[0], dz[0].t())
+                grad_a = one.to(_accumulation(one.dtype))
+            else:
+                # Per row, then summed in the accumulation dtype (one rounding per row).
+                per_row = torch.bmm(xs, dz.transpose(1, 2))  # (Bc, M1, N1 r)
+                grad_a = per_row.sum(0, dtype=_accumulation(per_row.dtype))
+    return grad_xs, grad_a, grad_s
+
+
+def _batched_backward_into(
+    xs_all: torch.Tensor,
+    g_all: torch.Tensor,
+    a: torch.Tensor,
+    s: torch.Tensor,
+    chunks: int,
+    need_x: bool,
+    need_first: bool,
+    need_second: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The chunked backward of a ``batched`` layout with buffers, as :func:`_backward_into`."""
+    batch, m1, m2 = xs_all.shape
+    rm2, n2 = s.shape
+    n1r = a.shape[1]
+    n1 = g_all.shape[1]
+    a_t, a_b = a.t().unsqueeze(0), a.unsqueeze(0)
+    x_pieces, g_pieces = xs_all.tensor_split(chunks), g_all.tensor_split(chunks)
+    largest = x_pieces[0].shape[0]
+    # A chunk's Z, then its dZ: the one is done with before the other is made.
+    z_buffer = xs_all.new_empty(largest * n1r * m2)
+    per_row_buffer = xs_all.new_empty(largest * m1 * n1r) if need_first else None
+    grad_x = xs_all.new_empty(batch, m1, m2) if need_x else None
+    grad_a = a.new_zeros(m1, n1r) if need_first else None
+    grad_s = s.new_zeros(rm2, n2) if need_second else None
+    start = 0
+    for xs, g in zip(x_pieces, g_pieces, strict=True):
+        bc = xs.shape[0]
+        g2 = g.reshape(bc * n1, n2)
+        z = z_buffer[: bc * n1r * m2].view(bc, n1r, m2)
+        if grad_s is not None:
+            torch.bmm(a_t.expand(bc, n1r, m1), xs, out=z)
+            grad_s.addmm_(z.view(bc * n1, rm2).t(), g2)
+        if grad_x is not None or grad_a is not None:
+            torch.mm(g2, s.t(), out=z.view(bc * n1, rm2))  # dZ
+            if grad_x is not None:
+                torch.bmm(a_b.expand(bc, m1, n1r), z, out=grad_x[start : start + bc])
+            if grad_a is not None and per_row_buffer is not None:
+                per_row = per_row_buffer[: bc * m1 * n1r].view(bc, m1, n1r)
+                torch.bmm(xs, z.transpose(1, 2), out=per_row)
+                grad_a.add_(per_row.sum(0))
+        start += bc
+    return grad_x, grad_a, grad_s

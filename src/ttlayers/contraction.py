@@ -301,14 +301,18 @@ def _run_twoblock(
     if not needs_grad and not tracing and same_dtype and not torch.compiler.is_compiling():
         # Inference: the forward alone, without an autograd.Function around it.
         return _twoblock_inference(x, cores, bias, plan, _cached_entry(cores))
-    left, right = _merged(lambda: _rank_middle_blocks(cores, plan.split), cores, x.dtype)
-    m1, _, n1 = left.shape  # (M1, r, N1)
-    m2, _, n2 = right.shape  # (M2, r, N2)
-    first, second = (right, left) if plan.first == "right" else (left, right)
     # Where one plan serves every batch size, a Z kept for the example's size could be far
     # larger at others: not kept.
     keep = not _one_plan(batch) and _known_at_least(plan.save_max_batch, batch)
-    layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, keep, plan.chunks, plan.second_from_z)
+    if plan.batched_first:
+        first, second = _merged(lambda: _core_blocks(cores, plan.split), cores, x.dtype)
+        layout = _batched_layout(cores, plan, keep)
+    else:
+        left, right = _merged(lambda: _rank_middle_blocks(cores, plan.split), cores, x.dtype)
+        m1, _, n1 = left.shape  # (M1, r, N1)
+        m2, _, n2 = right.shape  # (M2, r, N2)
+        first, second = (right, left) if plan.first == "right" else (left, right)
+        layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, keep, plan.chunks, plan.second_from_z)
     if not needs_grad or tracing:  # under torch.compile, or autograd through the trace's ops
         return two_block_forward(x, first, second, bias, layout._replace(keep=False))[0]
     # Dynamo cannot trace a custom jvp: compiled code gets the Function without one.
@@ -321,6 +325,22 @@ def _rank_middle_blocks(
     cores: Sequence[torch.Tensor], split: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return rank_middle_block(cores[:split]), rank_middle_block(cores[split:])
+
+
+def _core_blocks(cores: Sequence[torch.Tensor], split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks in the cores' own layout: ``(M_1, N_1 r)`` and ``(r M_2, N_2)``."""
+    _, m1, n1, r = (left := merge_cores(cores[:split])).shape
+    _, m2, n2, _ = (right := merge_cores(cores[split:])).shape
+    return left.reshape(m1, n1 * r), right.reshape(r * m2, n2)
+
+
+def _batched_layout(cores: Sequence[torch.Tensor], plan: Plan, keep: bool) -> TwoBlockLayout:
+    """The :class:`TwoBlockLayout` of a ``batched_first`` plan."""
+    m1 = math.prod([int(core.shape[1]) for core in cores[: plan.split]])
+    m2 = math.prod([int(core.shape[1]) for core in cores[plan.split :]])
+    n1 = math.prod([int(core.shape[2]) for core in cores[: plan.split]])
+    n2 = math.prod([int(core.shape[2]) for core in cores[plan.split :]])
+    return TwoBlockLayout(m1, m2, n1, n2, "left", keep, plan.chunks, batched=True)
 
 
 # Inference on the CPU reuses the blocks while the cores are unchanged: at small batches,
@@ -356,9 +376,12 @@ class _InferenceEntry:
         return self.blocks[split]
 
     def operands(self, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (plan.split, plan.first)
+        key = (plan.split, "batched" if plan.batched_first else plan.first)
         if key not in self.prepared:
-            self.prepared[key] = _operands(*self.split_blocks(plan.split), plan.first)
+            if plan.batched_first:
+                self.prepared[key] = _core_blocks(self.saved, plan.split)
+            else:
+                self.prepared[key] = _operands(*self.split_blocks(plan.split), plan.first)
         return self.prepared[key]
 
 
@@ -462,6 +485,36 @@ def _twoblock_prepared(
     return y.reshape(batch, ns * nf)
 
 
+def _batched_prepared(
+    x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Unchunked inference of a ``batched_first`` plan, ``(B, M)`` to ``(B, N)``.
+
+    The steps of :func:`ttlayers.autograd.two_block_forward` for that layout, from the blocks
+    of :func:`_core_blocks`, in as few operator calls as possible (as
+    :func:`_twoblock_prepared`).
+    """
+    batch = x.shape[0]
+    m1, n1r = a.shape
+    rm2, n2 = s.shape
+    m2 = x.shape[1] // m1
+    n1 = n1r * m2 // rm2
+    if batch == 1:  # Z = A^T x, then y = Z S (+ bias) in the layout of the output
+        z = torch.mm(a.t(), x.reshape(m1, m2)).view(n1, rm2)
+        y = torch.mm(z, s) if bias is None else torch.addmm(bias.reshape(n1, n2), z, s)
+        return y.view(1, n1 * n2)
+    z = torch.bmm(a.t().unsqueeze(0).expand(batch, n1r, m1), x.reshape(batch, m1, m2))
+    z2 = z.view(batch * n1, rm2)
+    if bias is None:
+        return torch.mm(z2, s).view(batch, n1 * n2)
+    if x.dtype in (torch.float16, torch.bfloat16):  # one rounding, as in F.linear
+        return torch.addmm(bias.reshape(n1, n2).repeat(batch, 1), z2, s).view(batch, n1 * n2)
+    y = torch.mm(z2, s).view(batch, n1, n2)
+    # In place for plain tensors: no second output-sized allocation.
+    y = y.add_(bias.reshape(n1, n2)) if plain_tensors(y, bias) else y + bias.reshape(n1, n2)
+    return y.view(batch, n1 * n2)
+
+
 def _twoblock_inference(
     x: torch.Tensor,
     cores: Sequence[torch.Tensor],
@@ -470,6 +523,11 @@ def _twoblock_inference(
     entry: _InferenceEntry | None,
 ) -> torch.Tensor:
     """Inference by a two-block plan, from the cached blocks of ``entry`` when there is one."""
+    if plan.batched_first:
+        blocks = entry.operands(plan) if entry is not None else _core_blocks(cores, plan.split)
+        if plan.chunks == 1:
+            return _batched_prepared(x, *blocks, bias)
+        return two_block_forward(x, *blocks, bias, _batched_layout(cores, plan, False))[0]
     if entry is not None:
         left, right = entry.split_blocks(plan.split)
     else:
@@ -690,7 +748,10 @@ def _check_plan(plan: object, num_cores: int) -> None:
         )
     fits = {
         "dense": 0 <= plan.split < num_cores,  # 0: all cores merged left to right
-        "twoblock": 0 < plan.split < num_cores and plan.first in ("left", "right"),
+        "twoblock": 0 < plan.split < num_cores
+        and plan.first in ("left", "right")
+        # The batched form applies the left block first, and forms dS from Z always.
+        and (not plan.batched_first or (plan.first == "left" and not plan.second_from_z)),
         "chain": len(plan.steps) == num_cores,  # one step per core: the input meets them all
     }[plan.kind]
     if not fits or plan.chunks < 1:
