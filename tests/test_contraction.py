@@ -902,9 +902,10 @@ def test_compile_fullgraph_with_the_planner_choosing():
     torch._dynamo.reset()
 
 
-def test_per_sample_gradients_through_twoblock_with_vmap():
+@pytest.mark.parametrize("batched", [False, True])
+def test_per_sample_gradients_through_twoblock_with_vmap(batched):
     cores = make_cores((3, 4), (2, 4), 3)
-    plan = Plan("twoblock", split=1, first="left", save_max_batch=100)
+    plan = Plan("twoblock", split=1, first="left", save_max_batch=100, batched_first=batched)
     x = torch.randn(5, 12, dtype=torch.float64)
 
     def loss(cores, x):

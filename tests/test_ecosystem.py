@@ -1242,7 +1242,8 @@ def test_forward_mode_ad_through_the_two_block_function(chunks, keep_below, batc
 
 
 @pytest.mark.parametrize("chunks", [1, 3])
-def test_batched_gradients_of_the_older_vmap(chunks):
+@pytest.mark.parametrize("form", [("right", False), ("left", True)])
+def test_batched_gradients_of_the_older_vmap(chunks, form):
     # torch.autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) batch with the
     # older vmap, whose tensors have no rule for the chunked backward's out= buffers: before,
     # "Batching rule not implemented for aten::bmm.out". Reference: the dense float64 weight.
@@ -1254,7 +1255,10 @@ def test_batched_gradients_of_the_older_vmap(chunks):
         torch.randn(*shape, dtype=torch.float64, generator=generator, requires_grad=True)
         for shape in [(1, 4, 4, 3), (3, 4, 2, 1)]
     ]
-    plan = Plan("twoblock", split=1, first="right", save_max_batch=-1, chunks=chunks)
+    first, batched = form
+    plan = Plan(
+        "twoblock", split=1, first=first, save_max_batch=-1, chunks=chunks, batched_first=batched
+    )
     x = torch.randn(7, 16, dtype=torch.float64, generator=generator, requires_grad=True)
     y = tt_linear(x, cores, plan=plan)
     vectors = torch.randn(3, *y.shape, dtype=torch.float64, generator=generator)
@@ -1274,7 +1278,8 @@ def test_batched_gradients_of_the_older_vmap(chunks):
     assert_close(jacobian, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_vmap_per_sample_gradients_through_the_chunked_plan():
+@pytest.mark.parametrize("form", [("right", False), ("left", True)])
+def test_vmap_per_sample_gradients_through_the_chunked_plan(form):
     # The chunked plan writes into buffers only for plain tensors; under vmap it must take the
     # allocating path and give each sample its own gradient (float64: 1e-12 is rounding).
     from ttlayers.contraction import tt_linear
@@ -1286,7 +1291,7 @@ def test_vmap_per_sample_gradients_through_the_chunked_plan():
         for shape in [(1, 4, 4, 3), (3, 4, 4, 1)]
     ]
     x = torch.randn(5, 8, 16, dtype=torch.float64, generator=generator)
-    plan = Plan("twoblock", split=1, first="right", chunks=4)
+    plan = Plan("twoblock", split=1, first=form[0], chunks=4, batched_first=form[1])
 
     def loss(core0, core1, rows):
         return tt_linear(rows, [core0, core1], plan=plan).square().sum()

@@ -515,9 +515,10 @@ def plan_memory(
       gradients, the partial merges, and the backward pass's products of the
       intermediate's size with a chunk's transposed input rows (or the kept intermediate
       with its per-row products and its gradient; or, with ``second_from_z``, a chunk's
-      intermediate, its transposed copy and the output gradient's). With the left block
-      first, the transposed copies of the input and output (in training also of the
-      output gradient).
+      intermediate, its transposed copy and the output gradient's; or, with
+      ``batched_first``, a chunk's intermediate, its gradient and the per-row products of
+      the left block's gradient). With the left block first, unbatched, the transposed
+      copies of the input and output (in training also of the output gradient).
     - ``"chain"``: in training every intermediate, which autograd keeps for the backward
       pass, and the largest step's operands and result once more, but for the layer's input
       and output (the gradients and copies of its backward pass); in inference the largest
@@ -727,7 +728,9 @@ def candidate_plans(
     (at most ``max_chunks``), or in as many more as bring the plan within
     :func:`memory_budget` (by :func:`plan_memory`) at every batch size up to ``largest``, in
     training and in inference; each also with ``second_from_z`` where that backward pass
-    takes fewer operations; and the ``"chain"`` of opt_einsum's FLOP-optimal order
+    takes fewer operations; the same with the left block first batched
+    (``batched_first``) where it has at least ``BATCHED_MIN_INPUTS`` inputs; and the
+    ``"chain"`` of opt_einsum's FLOP-optimal order
     (greedy beyond 10 cores), unless one of its steps needs more than einsum's 52 letters.
     For ``d == 1`` only ``"dense"``.
 
