@@ -287,6 +287,73 @@ def test_the_batched_backward_runs_only_the_products_of_its_path(
     assert ran == expected
 
 
+@pytest.mark.parametrize(("keep_below", "chunks"), [(100, 1), (-1, 1)])
+def test_a_batched_plan_trains_on_one_row_with_a_bias(keep_below, chunks):
+    # A single row takes the batched form's one-product branch (the bias inside the
+    # product); all_plans' reference tests train at batch 1 without a bias, or with no grad.
+    cores = [c.requires_grad_() for c in make_cores((4, 6), (3, 5), 3)]
+    bias = torch.randn(15, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 24, dtype=torch.float64, requires_grad=True)
+    plan = Plan(
+        "twoblock",
+        split=1,
+        first="left",
+        save_max_batch=keep_below,
+        chunks=chunks,
+        batched_first=True,
+    )
+    y = tt_linear(x, cores, bias, plan=plan)
+    reference = [t.detach().clone().requires_grad_() for t in (x, bias, *cores)]
+    expected = reference[0] @ reference_weight(reference[2:]).T + reference[1]
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, bias, *cores], g)
+    want = torch.autograd.grad(expected, reference, g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_batched_plans_round_as_often_as_the_other_left_first_plans(dtype, chunks):
+    # In bfloat16 and float16 the bias enters the output product (one rounding, as in
+    # F.linear) and the left block's gradient, a product per row, is summed over the rows in
+    # float32. Against the left-first plan with transposed rows, which rounds its outputs
+    # once and its gradient products once: outputs within 1.1x its error (measured: equal,
+    # 256 x 120 outputs with a bias of 4, so that their last bit matters), gradients within
+    # 1.5x (measured: 1.0x, and 1.2-1.3x for the left block's, whose per-row products are
+    # each rounded).
+    torch.manual_seed(0)
+    in_modes, out_modes = (16, 4), (10, 12)
+    cores64 = make_cores(in_modes, out_modes, 4)
+    bias64 = 4 + torch.rand(120, dtype=torch.float64)
+    x64 = torch.randn(256, 64, dtype=torch.float64)
+    g64 = torch.randn(256, 120, dtype=torch.float64)
+    x, bias, g = x64.to(dtype), bias64.to(dtype), g64.to(dtype)
+    cores = [c.to(dtype) for c in cores64]
+    exact_cores = [c.double().requires_grad_() for c in cores]
+    exact = x.double() @ reference_weight(exact_cores).T + bias.double()
+    exact.backward(g.double())
+    errors = {}
+    for batched in (True, False):
+        plan = Plan("twoblock", split=1, first="left", chunks=chunks, batched_first=batched)
+        with torch.no_grad():
+            y_inference = tt_linear(x, cores, bias, plan=plan)
+        trained = [c.clone().requires_grad_() for c in cores]
+        y = tt_linear(x, trained, bias, plan=plan)
+        y.backward(g)
+        errors[batched] = [
+            ((y_inference.double() - exact).norm() / exact.norm()).item(),
+            ((y.double() - exact).norm() / exact.norm()).item(),
+            *(
+                ((c.grad.double() - e.grad).norm() / e.grad.norm()).item()
+                for c, e in zip(trained, exact_cores, strict=True)
+            ),
+        ]
+    for k, (got, other) in enumerate(zip(errors[True], errors[False], strict=True)):
+        assert got <= (1.1 if k < 2 else 1.5) * other, (errors, dtype, chunks)
+
+
 @pytest.mark.parametrize(("keep_below", "chunks"), [(100, 1), (-1, 1), (0, 3)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_batched_plans_copy_no_rows(keep_below, chunks, bias):

@@ -197,6 +197,95 @@ def test_batched_plans_are_offered_left_first_where_the_left_block_is_wide_enoug
     assert choose_plan(128, *llama, threads=2, largest=255).batched_first
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ((16, 4), (10, 12), (1, 4, 1)),  # M_1 = 16 exactly: offered at split 1
+        ((32, 2, 8), (4, 43, 8), (1, 8, 6, 1)),
+        ((2, 512), (512, 2), (1, 8, 1)),
+        ((16, 16, 16), (16, 43, 16), (1, 4, 4, 1)),
+    ],
+)
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_every_candidate_runs_and_batched_ones_take_no_gradient_from_z(shape, device_type):
+    """Finds: candidate_plans offering a batched plan with second_from_z (tt_linear refuses
+    those), or none at M_1 = BATCHED_MIN_INPUTS exactly.
+
+    Every candidate, at batch sizes where either dS path or chunks may be offered, must pass
+    the plan check of tt_linear (run on one row: the check comes before any product).
+    """
+
+    from ttlayers.contraction import _check_plan
+
+    for batch in (1, 64, 4096):
+        plans = candidate_plans(batch, *shape, device_type=device_type, threads=2)
+        for plan in plans:
+            _check_plan(plan, len(shape[0]))
+        assert not any(p.batched_first and p.second_from_z for p in plans)
+    splits = {p.split for p in candidate_plans(64, *shape, threads=2) if p.batched_first}
+    lefts = [math.prod(shape[0][:s]) for s in range(1, len(shape[0]))]
+    assert splits == {s + 1 for s, m1 in enumerate(lefts) if m1 >= planner.BATCHED_MIN_INPUTS}
+    if shape[0] == (16, 4):
+        assert splits == {1}
+
+
+def test_batched_chunks_bring_the_plan_within_the_memory_bound():
+    """Finds: chunk counts of batched plans sized with another plan's memory per row (or its
+    transposed copies), which leaves them over memory_budget or chunked more than needed.
+
+    On "cuda" (no cache, so memory alone sets the count), for every batched candidate in
+    chunks: within the bound at the top of the range it serves, in training (the largest
+    count) or in inference, and one chunk fewer would not be.
+    """
+
+    shape = ((16, 16, 16), (16, 43, 16), (1, 4, 4, 1))
+    top = 4095
+    chunked = [
+        p
+        for p in candidate_plans(2048, *shape, device_type="cuda", largest=top)
+        if p.batched_first and p.chunks > 1
+    ]
+    assert chunked
+    for plan in chunked:
+        fits = {
+            training: plan_memory(plan, top, *shape, training=training)
+            <= memory_budget(top, *shape[:2])
+            for training in (True, False)
+        }
+        fewer = dataclasses.replace(plan, chunks=plan.chunks - 1)
+        fits_fewer = {
+            training: plan_memory(fewer, top, *shape, training=training)
+            <= memory_budget(top, *shape[:2])
+            for training in (True, False)
+        }
+        assert any(fits[t] and not fits_fewer[t] for t in (True, False)), plan
+
+
+def test_the_batched_estimate_counts_its_calls():
+    """Finds: _batched_time without a term per chunk (backward or forward), without the
+    sum of the left block's per-row gradients, or with the merges counted once in training.
+
+    A model where only operator calls cost (1 s each; no compute, no traffic): a three-core
+    layer (2, 2, 4) x (2, 2, 3), split 2, whose left block is merged from two cores (a
+    product and a permuting copy: 2 calls), in 3 chunks. Inference: the merge, and per
+    chunk Z and the output product (6), and the bias added: 9. Training adds the merge
+    twice (its backward: 4), the bias gradient (1) and per chunk Z again, dS, dZ, dx, the
+    per-row products and their sum (18): 23.
+    """
+
+    model = CostModel(flops=1e30, half_dim=1e-12, bandwidth=1e30, overhead=1.0)
+    plan = Plan("twoblock", split=2, first="left", chunks=3, batched_first=True)
+    args = (plan, 6, (2, 2, 4), (2, 2, 3), (1, 2, 2, 1))
+    try:
+        set_cost_model("mps", model)
+        training = estimate_time(*args, device_type="mps", training=True)
+        inference = estimate_time(*args, device_type="mps", training=False)
+    finally:
+        set_cost_model("mps", None)
+    assert inference == pytest.approx(9, rel=1e-9)
+    assert training - inference == pytest.approx(23, rel=1e-9)
+
+
 def test_a_batched_plan_must_be_estimated_faster_by_the_margin():
     """Finds: choose_plan without BATCHED_MARGIN. On (4, 8, 8, 4) at rank 16, batch 256,
     inference, the cost model gives the batched plan at split 2 the time of the right block
