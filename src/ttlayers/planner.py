@@ -837,8 +837,9 @@ def choose_plan(
 
     For training, a ``"dense"`` plan must be estimated more than ``DENSE_TRAINING_MARGIN``
     faster than the best other plan to be chosen: it makes a gradient of the size of ``W``,
-    which the other plans never do. A ``batched_first`` plan must be estimated more than
-    ``BATCHED_MARGIN`` faster (see there).
+    which the other plans never do. A ``batched_first`` plan's estimate is likewise raised by
+    ``BATCHED_MARGIN`` (see there): it must be that much faster than every other plan but
+    a dense one in training, against which the two raised estimates compare.
 
     Arguments as for :func:`estimate_time`, and ``max_chunks``: choose only among the plans
     of at most that many row chunks; ``1`` for a graph that serves every batch size
@@ -906,8 +907,8 @@ DENSE_TRAINING_MARGIN = 0.05
 # 23 % slower), while at M_1 = 64 they ran at 0.96-1.16 times it.
 BATCHED_MIN_INPUTS = 16
 
-# ... and chosen only where they are estimated more than this much faster than every other
-# plan. Where a layer's blocks are alike (modes (4, 8, 8, 4)), the cost model gives them the
+# ... and their estimates are raised by this fraction before the plans are compared (as a
+# dense plan's is in training). Where a layer's blocks are alike (modes (4, 8, 8, 4)), the cost model gives them the
 # time of the plan with the right block first, products of the same shapes in the other
 # order, and they measured 15-23 % slower (inference at rank 16, batch 256 and rank 8,
 # batch 8192); on the 4096 -> 11008 layer, where the model puts them 7-15 % ahead, they
