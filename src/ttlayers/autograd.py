@@ -193,7 +193,7 @@ def guard_or_false(condition: bool | torch.SymBool) -> bool:
 
 
 def row_chunks(x: torch.Tensor, chunks: int) -> Sequence[torch.Tensor]:
-    """``x`` split along its rows into ``chunks`` pieces, as views (some empty if ``chunks > len(x)``).
+    """``x`` split along its rows into ``chunks`` pieces, as views (empty ones past its rows).
 
     Eagerly ``torch.tensor_split``. For a symbolic number of rows (``torch.compile`` with a
     dynamic batch size) the first ``chunks - 1`` pieces take ``B // chunks`` rows each and the

@@ -908,11 +908,11 @@ DENSE_TRAINING_MARGIN = 0.05
 BATCHED_MIN_INPUTS = 16
 
 # ... and their estimates are raised by this fraction before the plans are compared (as a
-# dense plan's is in training). Where a layer's blocks are alike (modes (4, 8, 8, 4)), the cost model gives them the
-# time of the plan with the right block first, products of the same shapes in the other
-# order, and they measured 15-23 % slower (inference at rank 16, batch 256 and rank 8,
-# batch 8192); on the 4096 -> 11008 layer, where the model puts them 7-15 % ahead, they
-# measured 10-15 % ahead.
+# dense plan's is in training). Where a layer's blocks are alike (modes (4, 8, 8, 4)), the
+# cost model gives them the time of the plan with the right block first, products of the
+# same shapes in the other order, and they measured 15-23 % slower (inference at rank 16,
+# batch 256 and rank 8, batch 8192); on the 4096 -> 11008 layer, where the model puts them
+# 7-15 % ahead, they measured 10-15 % ahead.
 BATCHED_MARGIN = 0.05
 
 
