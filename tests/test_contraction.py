@@ -102,6 +102,18 @@ def _add_variants(plans, plan):
                 plans.append(other)
 
 
+def batched_plan(keep_below, chunks):
+    """A batched_first plan at split 1."""
+    return Plan(
+        "twoblock",
+        split=1,
+        first="left",
+        save_max_batch=keep_below,
+        chunks=chunks,
+        batched_first=True,
+    )
+
+
 def plan_id(plan):
     return (
         f"{plan.kind}-s{plan.split}-{plan.first}-keep{plan.save_max_batch}-ch{plan.chunks}"
@@ -268,14 +280,7 @@ def test_the_batched_backward_runs_only_the_products_of_its_path(
     # As test_the_backward_runs_only_the_products_of_its_path, for batched_first plans.
     profiler = pytest.importorskip("torch.profiler")
     cores = make_cores((2, 8), (4, 3), 2)
-    plan = Plan(
-        "twoblock",
-        split=1,
-        first="left",
-        save_max_batch=keep_below,
-        chunks=chunks,
-        batched_first=True,
-    )
+    plan = batched_plan(keep_below, chunks)
     trains = {"left": 0, "right": 1}.get(wanted)
     cores = [c.requires_grad_(k == trains) for k, c in enumerate(cores)]
     x = torch.randn(6, 16, dtype=torch.float64, requires_grad=wanted == "input")
@@ -294,14 +299,7 @@ def test_a_batched_plan_trains_on_one_row_with_a_bias(keep_below, chunks):
     cores = [c.requires_grad_() for c in make_cores((4, 6), (3, 5), 3)]
     bias = torch.randn(15, dtype=torch.float64, requires_grad=True)
     x = torch.randn(1, 24, dtype=torch.float64, requires_grad=True)
-    plan = Plan(
-        "twoblock",
-        split=1,
-        first="left",
-        save_max_batch=keep_below,
-        chunks=chunks,
-        batched_first=True,
-    )
+    plan = batched_plan(keep_below, chunks)
     y = tt_linear(x, cores, bias, plan=plan)
     reference = [t.detach().clone().requires_grad_() for t in (x, bias, *cores)]
     expected = reference[0] @ reference_weight(reference[2:]).T + reference[1]

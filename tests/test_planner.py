@@ -32,6 +32,19 @@ from ttlayers.planner import (
 F64 = torch.float64
 
 
+def estimates_with(model, plan, *shape):
+    """``estimate_time`` of ``plan`` in training and in inference under ``model``, set for
+    the device type "mps" (which has no default model) and restored after."""
+    try:
+        set_cost_model("mps", model)
+        return tuple(
+            estimate_time(plan, *shape, device_type="mps", training=training)
+            for training in (True, False)
+        )
+    finally:
+        set_cost_model("mps", None)
+
+
 # --- the planner: memory -------------------------------------------------------------------
 
 # A small asymmetric 4-core layer, M = 2*3*2*2 = 24 inputs, N = 3*1*2*2 = 12 outputs. Its cores
@@ -275,13 +288,7 @@ def test_the_batched_estimate_counts_its_calls():
 
     model = CostModel(flops=1e30, half_dim=1e-12, bandwidth=1e30, overhead=1.0)
     plan = Plan("twoblock", split=2, first="left", chunks=3, batched_first=True)
-    args = (plan, 6, (2, 2, 4), (2, 2, 3), (1, 2, 2, 1))
-    try:
-        set_cost_model("mps", model)
-        training = estimate_time(*args, device_type="mps", training=True)
-        inference = estimate_time(*args, device_type="mps", training=False)
-    finally:
-        set_cost_model("mps", None)
+    training, inference = estimates_with(model, plan, 6, (2, 2, 4), (2, 2, 3), (1, 2, 2, 1))
     assert inference == pytest.approx(9, rel=1e-9)
     assert training - inference == pytest.approx(23, rel=1e-9)
 
@@ -768,13 +775,7 @@ def test_the_backward_estimate_counts_the_products_of_its_path(from_z, keep_belo
 
     model = CostModel(flops=1e9, half_dim=1e-12, bandwidth=1e30, overhead=0.0)
     plan = Plan("twoblock", split=1, first="right", save_max_batch=keep_below, second_from_z=from_z)
-    args = (plan, 6, (2, 8), (8, 2), (1, 2, 1))
-    try:
-        set_cost_model("mps", model)
-        training = estimate_time(*args, device_type="mps", training=True)
-        inference = estimate_time(*args, device_type="mps", training=False)
-    finally:
-        set_cost_model("mps", None)
+    training, inference = estimates_with(model, plan, 6, (2, 8), (8, 2), (1, 2, 1))
     assert training - inference == pytest.approx(flops / 1e9, rel=1e-9)
 
 
@@ -793,13 +794,7 @@ def test_the_batched_estimate_counts_its_products(keep_below, flops):
 
     model = CostModel(flops=1e9, half_dim=1e-12, bandwidth=1e30, overhead=0.0)
     plan = Plan("twoblock", split=1, first="left", save_max_batch=keep_below, batched_first=True)
-    args = (plan, 6, (2, 8), (4, 3), (1, 2, 1))
-    try:
-        set_cost_model("mps", model)
-        training = estimate_time(*args, device_type="mps", training=True)
-        inference = estimate_time(*args, device_type="mps", training=False)
-    finally:
-        set_cost_model("mps", None)
+    training, inference = estimates_with(model, plan, 6, (2, 8), (4, 3), (1, 2, 1))
     assert inference == pytest.approx(2 * 1920 / 1e9, rel=1e-9)
     assert training - inference == pytest.approx(flops / 1e9, rel=1e-9)
 

@@ -67,7 +67,7 @@ in each of ``x``, ``F`` and ``S``, so its tangent is three products of the same 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -398,20 +398,14 @@ class TwoBlockProduct(torch.autograd.Function):
                 xs_all, g_all, first, second, layout.chunks, layout.second_from_z, *needs
             )
         else:
-            grad_xs: list[torch.Tensor] = []
-            grad_first = grad_second = None
-            pieces = row_chunks(xs_all, layout.chunks), row_chunks(g_all, layout.chunks)
-            for xs, g in zip(*pieces, strict=True):
-                gx, gf, gs = _backward_chunk(
+            grad_xs_rows, grad_first, grad_second = _backward_by_chunks(
+                xs_all,
+                g_all,
+                layout.chunks,
+                lambda xs, g: _backward_chunk(
                     xs, g, first, second, z_kept, layout.second_from_z, *needs
-                )
-                if gx is not None:
-                    grad_xs.append(gx)
-                grad_first = _accumulate(grad_first, gf)
-                grad_second = _accumulate(grad_second, gs)
-            grad_xs_rows = None
-            if need_x:
-                grad_xs_rows = grad_xs[0] if len(grad_xs) == 1 else torch.cat(grad_xs)
+                ),
+            )
         grad_x = None
         if grad_xs_rows is not None:
             ms, mf, _, _ = layout.sides
@@ -466,6 +460,34 @@ class EagerTwoBlockProduct(TwoBlockProduct):
         if not terms:
             return None, None
         return sum(terms[1:], terms[0]), None
+
+
+_Gradients = tuple["torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
+
+
+def _backward_by_chunks(
+    xs_all: torch.Tensor,
+    g_all: torch.Tensor,
+    chunks: int,
+    step: Callable[[torch.Tensor, torch.Tensor], _Gradients],
+) -> _Gradients:
+    """The allocating chunked backward: ``step(xs, g)`` per chunk of rows.
+
+    Returns the chunks' input gradients concatenated (``None`` if ``step`` gave none) and
+    the two blocks' gradients summed, in the accumulation dtype.
+    """
+    grad_rows: list[torch.Tensor] = []
+    grad_first = grad_second = None
+    for xs, g in zip(row_chunks(xs_all, chunks), row_chunks(g_all, chunks), strict=True):
+        gx, gf, gs = step(xs, g)
+        if gx is not None:
+            grad_rows.append(gx)
+        grad_first = _accumulate(grad_first, gf)
+        grad_second = _accumulate(grad_second, gs)
+    if not grad_rows:
+        return None, grad_first, grad_second
+    rows = grad_rows[0] if len(grad_rows) == 1 else torch.cat(grad_rows)
+    return rows, grad_first, grad_second
 
 
 def _backward_into(
@@ -632,11 +654,6 @@ def _batched_z(xs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.t().unsqueeze(0).expand(batch, a.shape[1], m1), xs)
 
 
-def _batched_sizes(layout: TwoBlockLayout, second: torch.Tensor) -> tuple[int, int, int, int]:
-    """``(M_1, M_2, N_1, N_2)`` of a batched layout (its sizes are the blocks' own)."""
-    return layout.m1, layout.m2, layout.n1, second.shape[1]
-
-
 def _batched_forward(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -645,7 +662,7 @@ def _batched_forward(
     layout: TwoBlockLayout,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`two_block_forward` for a ``batched`` layout: ``y`` and the kept ``Z`` (or empty)."""
-    m1, m2, n1, n2 = _batched_sizes(layout, s)
+    m1, m2, n1, n2 = layout.m1, layout.m2, layout.n1, layout.n2
     batch = x.shape[0]
     xs = x.reshape(batch, m1, m2)
     bias2 = None if bias is None else bias.reshape(n1, n2)
@@ -706,7 +723,7 @@ def _batched_backward(
     need_second: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``x``, ``A`` and ``S`` for a ``batched`` layout."""
-    m1, m2, n1, n2 = _batched_sizes(layout, s)
+    m1, m2, n1, n2 = layout.m1, layout.m2, layout.n1, layout.n2
     batch = x.shape[0]
     xs_all = x.reshape(batch, m1, m2)
     g_all = grad_y.reshape(batch, n1, n2)
@@ -719,18 +736,12 @@ def _batched_backward(
     ):
         grad_xs, grad_a, grad_s = _batched_backward_into(xs_all, g_all, a, s, layout.chunks, *needs)
     else:
-        grad_x_rows: list[torch.Tensor] = []
-        grad_a = grad_s = None
-        pieces = row_chunks(xs_all, layout.chunks), row_chunks(g_all, layout.chunks)
-        for xs, g in zip(*pieces, strict=True):
-            gx, ga, gs = _batched_backward_chunk(xs, g, a, s, z_kept, *needs)
-            if gx is not None:
-                grad_x_rows.append(gx)
-            grad_a = _accumulate(grad_a, ga)
-            grad_s = _accumulate(grad_s, gs)
-        grad_xs = None
-        if need_x:
-            grad_xs = grad_x_rows[0] if len(grad_x_rows) == 1 else torch.cat(grad_x_rows)
+        grad_xs, grad_a, grad_s = _backward_by_chunks(
+            xs_all,
+            g_all,
+            layout.chunks,
+            lambda xs, g: _batched_backward_chunk(xs, g, a, s, z_kept, *needs),
+        )
     return (
         None if grad_xs is None else grad_xs.reshape(x.shape),
         None if grad_a is None else grad_a.to(a.dtype),
