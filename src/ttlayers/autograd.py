@@ -380,20 +380,15 @@ class TwoBlockProduct(torch.autograd.Function):
         else:
             z_kept = None  # the backward is differentiated: Z must be a function of x
         needs = need_x, need_first, need_second
+        grad_bias = grad_y.sum(0) if need_bias else None
         if layout.batched:
             grad_x, grad_first, grad_second = _batched_backward(
                 x, first, second, z_kept, grad_y, layout, *needs
             )
-            grad_bias = grad_y.sum(0) if need_bias else None
             return grad_x, grad_first, grad_second, grad_bias, None
         xs_all = _rows_first_major(x, layout)
         g_all = _grad_rows(grad_y, layout)  # (B, Ns, Nf)
-        if (
-            layout.chunks > 1
-            and not torch.is_grad_enabled()  # else the backward is itself differentiated
-            and _accumulation(x.dtype) == x.dtype
-            and plain_tensors(x, first, second, grad_y)
-        ):
+        if _buffered_backward(layout, x, first, second, grad_y):
             grad_xs_rows, grad_first, grad_second = _backward_into(
                 xs_all, g_all, first, second, layout.chunks, layout.second_from_z, *needs
             )
@@ -413,7 +408,6 @@ class TwoBlockProduct(torch.autograd.Function):
             if layout.first == "left":
                 grad_x = grad_x.transpose(1, 2)
             grad_x = grad_x.reshape(x.shape)
-        grad_bias = grad_y.sum(0) if need_bias else None
         if grad_first is not None:
             grad_first = grad_first.to(first.dtype)
         if grad_second is not None:
@@ -460,6 +454,20 @@ class EagerTwoBlockProduct(TwoBlockProduct):
         if not terms:
             return None, None
         return sum(terms[1:], terms[0]), None
+
+
+def _buffered_backward(layout: TwoBlockLayout, x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a chunked backward may write into buffers (``_backward_into`` and its twin).
+
+    Only where it is not itself differentiated, its dtype accumulates in itself, and the
+    tensors are plain (:func:`plain_tensors`).
+    """
+    return (
+        layout.chunks > 1
+        and not torch.is_grad_enabled()  # else the backward is itself differentiated
+        and _accumulation(x.dtype) == x.dtype
+        and plain_tensors(x, *tensors)
+    )
 
 
 _Gradients = tuple["torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
@@ -728,12 +736,7 @@ def _batched_backward(
     xs_all = x.reshape(batch, m1, m2)
     g_all = grad_y.reshape(batch, n1, n2)
     needs = need_x, need_first, need_second
-    if (
-        layout.chunks > 1
-        and not torch.is_grad_enabled()  # else the backward is itself differentiated
-        and _accumulation(x.dtype) == x.dtype
-        and plain_tensors(x, a, s, grad_y)
-    ):
+    if _buffered_backward(layout, x, a, s, grad_y):
         grad_xs, grad_a, grad_s = _batched_backward_into(xs_all, g_all, a, s, layout.chunks, *needs)
     else:
         grad_xs, grad_a, grad_s = _backward_by_chunks(
