@@ -13,7 +13,6 @@ from ttlayers.contraction import (
     _cache_slot,
     _inference_entry,
     _InferenceEntry,
-    _twoblock_prepared,
     core_shapes,
     merge_cores,
     select_plan,
@@ -640,7 +639,7 @@ def test_prepared_inference_matches_the_dense_reference(first, batch, with_bias)
     plan = Plan("twoblock", split=2, first=first)
     x = torch.randn(batch, 24, dtype=torch.float64)
     for rows in (x, x.T.contiguous().T):  # laid out by rows, and by columns
-        y = _twoblock_prepared(rows, *entry.operands(plan), bias, first)
+        y = entry.inference(plan)(rows, bias)
         expected = x @ reference_weight(cores).T + (0 if bias is None else bias)
         torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
 

@@ -228,6 +228,19 @@ def test_parametrized_core_is_used_in_forward_and_backward():
     torch.testing.assert_close(layer(x), x @ weight.T + layer.bias, rtol=1e-12, atol=1e-12)
 
 
+def test_layer_of_more_cores_than_its_precomputed_core_names_uses_them_all():
+    # The layer reads its cores by their names in the ParameterList, made once for the first
+    # 64; beyond that it makes them. 70 cores (69 of modes 1): a dropped core would leave a
+    # chain that does not reach the output, and the product would differ from the reference.
+    layer = TTLinear(2, 3, rank=2, in_modes=(2,) + (1,) * 69, out_modes=(1,) * 69 + (3,))
+    layer = layer.double()
+    assert len(layer._core_list()) == 70
+    x = torch.randn(4, 2, dtype=torch.float64)
+    expected = x @ tt_to_dense(list(layer.cores)).T + layer.bias
+    with torch.no_grad():  # float64 products of order 1: 1e-12 is rounding
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_loading_other_ranks_into_parametrized_cores_is_refused_untouched():
     # Before, the load rebuilt the container: the parametrization was dropped silently and the
     # cores were left half resized, no longer a chain.

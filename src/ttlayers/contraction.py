@@ -15,6 +15,7 @@ import math
 import operator
 import string
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TypeVar
 
 import torch
@@ -334,12 +335,23 @@ def _core_blocks(cores: Sequence[torch.Tensor], split: int) -> tuple[torch.Tenso
     return left.reshape(m1, n1 * r), right.reshape(r * m2, n2)
 
 
+def _block_sizes(
+    in_modes: Sequence[int], out_modes: Sequence[int], split: int
+) -> tuple[int, int, int, int]:
+    """``(M_1, M_2, N_1, N_2)``: the input and output sizes of the blocks of a split."""
+    return (
+        math.prod(in_modes[:split]),
+        math.prod(in_modes[split:]),
+        math.prod(out_modes[:split]),
+        math.prod(out_modes[split:]),
+    )
+
+
 def _batched_layout(cores: Sequence[torch.Tensor], plan: Plan, keep: bool) -> TwoBlockLayout:
     """The :class:`TwoBlockLayout` of a ``batched_first`` plan."""
-    m1 = math.prod([int(core.shape[1]) for core in cores[: plan.split]])
-    m2 = math.prod([int(core.shape[1]) for core in cores[plan.split :]])
-    n1 = math.prod([int(core.shape[2]) for core in cores[: plan.split]])
-    n2 = math.prod([int(core.shape[2]) for core in cores[plan.split :]])
+    in_modes = [int(core.shape[1]) for core in cores]
+    out_modes = [int(core.shape[2]) for core in cores]
+    m1, m2, n1, n2 = _block_sizes(in_modes, out_modes, plan.split)
     return TwoBlockLayout(m1, m2, n1, n2, "left", keep, plan.chunks, batched=True)
 
 
@@ -353,16 +365,29 @@ def _batched_layout(cores: Sequence[torch.Tensor], plan: Plan, keep: bool) -> Tw
 # the core itself: a weak reference to a Parameter would stop torch.utils.swap_tensors, and
 # with it Module.to() under torch.__future__.set_swap_module_params_on_conversion(True).
 class _InferenceEntry:
-    __slots__ = ("blocks", "dtype", "in_features", "out_features", "prepared", "saved", "shapes")
+    __slots__ = (
+        "bias_shape",
+        "blocks",
+        "dtype",
+        "in_features",
+        "out_features",
+        "runners",
+        "saved",
+        "shapes",
+    )
 
     def __init__(self, cores: Sequence[torch.Tensor]) -> None:
         self.saved = [c.detach().clone() for c in cores]
         self.shapes = core_shapes(cores)
         self.in_features = math.prod(self.shapes[0])
         self.out_features = math.prod(self.shapes[1])
+        self.bias_shape = torch.Size([self.out_features])
         self.dtype = cores[0].dtype
-        self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.prepared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        # One pair of blocks per split and layout, shared by the plans that use it.
+        self.blocks: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Keyed by what inference depends on, not by the Plan (hashing all its fields each
+        # call costs more than this lookup).
+        self.runners: dict[tuple[int, str, bool, int], _Inference] = {}
 
     def matches(self, cores: Sequence[torch.Tensor]) -> bool:
         return len(cores) == len(self.saved) and all(
@@ -370,19 +395,19 @@ class _InferenceEntry:
             for c, saved in zip(cores, self.saved, strict=True)
         )
 
-    def split_blocks(self, split: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if split not in self.blocks:
-            self.blocks[split] = _rank_middle_blocks(self.saved, split)
-        return self.blocks[split]
-
-    def operands(self, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (plan.split, "batched" if plan.batched_first else plan.first)
-        if key not in self.prepared:
-            if plan.batched_first:
-                self.prepared[key] = _core_blocks(self.saved, plan.split)
-            else:
-                self.prepared[key] = _operands(*self.split_blocks(plan.split), plan.first)
-        return self.prepared[key]
+    def inference(self, plan: Plan) -> _Inference:
+        """The inference of the two-block ``plan``, from blocks merged once."""
+        key = (plan.split, plan.first, plan.batched_first, plan.chunks)
+        runner = self.runners.get(key)
+        if runner is None:
+            layout = (plan.split, plan.batched_first)
+            if layout not in self.blocks:
+                merge = _core_blocks if plan.batched_first else _rank_middle_blocks
+                self.blocks[layout] = merge(self.saved, plan.split)
+            in_modes, out_modes, _ = self.shapes
+            runner = _inference_runner(plan, self.blocks[layout], in_modes, out_modes)
+            self.runners[key] = runner
+        return runner
 
 
 _block_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> {place: entry}
@@ -442,11 +467,11 @@ def _operands(
 
 
 def _twoblock_prepared(
-    x: torch.Tensor,
     first: torch.Tensor,
     second_t: torch.Tensor,
-    bias: torch.Tensor | None,
     side: str,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """Unchunked inference from the operands of :func:`_operands`: ``(B, M)`` to ``(B, N)``.
 
@@ -486,7 +511,7 @@ def _twoblock_prepared(
 
 
 def _batched_prepared(
-    x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None
+    a: torch.Tensor, s: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Unchunked inference of a ``batched_first`` plan, ``(B, M)`` to ``(B, N)``.
 
@@ -515,6 +540,45 @@ def _batched_prepared(
     return y.view(batch, n1 * n2)
 
 
+def _chunked_inference(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    layout: TwoBlockLayout,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return two_block_forward(x, first, second, bias, layout)[0]
+
+
+_Inference = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _inference_runner(
+    plan: Plan,
+    blocks: tuple[torch.Tensor, torch.Tensor],
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+) -> _Inference:
+    """``(x, bias) -> y``: inference by the two-block ``plan`` from ``blocks``, ``(B, M)`` rows.
+
+    ``blocks``: those of :func:`_core_blocks` for a ``batched_first`` plan, else of
+    :func:`_rank_middle_blocks`. Everything but the input and the bias is bound here, once.
+    """
+    m1, m2, n1, n2 = _block_sizes(in_modes, out_modes, plan.split)
+    if plan.batched_first:
+        a, s = blocks
+        if plan.chunks == 1:
+            return partial(_batched_prepared, a, s)
+        layout = TwoBlockLayout(m1, m2, n1, n2, "left", False, plan.chunks, batched=True)
+        return partial(_chunked_inference, a, s, layout)
+    left, right = blocks
+    if plan.chunks == 1:
+        return partial(_twoblock_prepared, *_operands(left, right, plan.first), plan.first)
+    first, second = (right, left) if plan.first == "right" else (left, right)
+    layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, False, plan.chunks)
+    return partial(_chunked_inference, first, second, layout)
+
+
 def _twoblock_inference(
     x: torch.Tensor,
     cores: Sequence[torch.Tensor],
@@ -523,23 +587,12 @@ def _twoblock_inference(
     entry: _InferenceEntry | None,
 ) -> torch.Tensor:
     """Inference by a two-block plan, from the cached blocks of ``entry`` when there is one."""
-    if plan.batched_first:
-        blocks = entry.operands(plan) if entry is not None else _core_blocks(cores, plan.split)
-        if plan.chunks == 1:
-            return _batched_prepared(x, *blocks, bias)
-        return two_block_forward(x, *blocks, bias, _batched_layout(cores, plan, False))[0]
     if entry is not None:
-        left, right = entry.split_blocks(plan.split)
-    else:
-        left, right = _rank_middle_blocks(cores, plan.split)
-    if plan.chunks == 1:
-        operands = entry.operands(plan) if entry is not None else _operands(left, right, plan.first)
-        return _twoblock_prepared(x, *operands, bias, plan.first)
-    m1, _, n1 = left.shape  # (M1, r, N1)
-    m2, _, n2 = right.shape  # (M2, r, N2)
-    first, second = (right, left) if plan.first == "right" else (left, right)
-    layout = TwoBlockLayout(m1, m2, n1, n2, plan.first, False, plan.chunks)
-    return two_block_forward(x, first, second, bias, layout)[0]
+        return entry.inference(plan)(x, bias)
+    merge = _core_blocks if plan.batched_first else _rank_middle_blocks
+    in_modes = [int(core.shape[1]) for core in cores]
+    out_modes = [int(core.shape[2]) for core in cores]
+    return _inference_runner(plan, merge(cores, plan.split), in_modes, out_modes)(x, bias)
 
 
 def _run_chain(
@@ -816,22 +869,23 @@ def tt_linear(
                 bias is None
                 or (
                     isinstance(bias, torch.Tensor)
-                    and bias.shape == (entry.out_features,)
+                    and bias.shape == entry.bias_shape
                     and bias.dtype == entry.dtype
                     and bias.device.type == "cpu"
                 )
             )
         ):  # else the general path, whose checks name what is wrong
-            in_modes, out_modes, ranks = entry.shapes
-            batch_shape = input.shape[:-1]
-            batch = math.prod(batch_shape)
-            chosen = select_plan(batch, in_modes, out_modes, ranks, input.dtype, "cpu", False)
+            # At batch 1 the Python of this path is a good part of the call: it does no more
+            # than it must (a 2-D input, already (B, M), is not reshaped).
+            two_d = input.dim() == 2
+            batch = input.shape[0] if two_d else math.prod(input.shape[:-1])
+            chosen = select_plan(batch, *entry.shapes, input.dtype, "cpu", False)
             if chosen.kind == "twoblock":  # else: the general path
-                if input.dim() == 2:  # already (B, M), and the result (B, N): no reshapes
-                    return _twoblock_inference(input, cores, bias, chosen, entry)
-                x = input.reshape(batch, entry.in_features)
-                y = _twoblock_inference(x, cores, bias, chosen, entry)
-                return y.reshape(*batch_shape, math.prod(out_modes))
+                run = entry.inference(chosen)
+                if two_d:
+                    return run(input, bias)
+                y = run(input.reshape(batch, entry.in_features), bias)
+                return y.reshape(*input.shape[:-1], entry.out_features)
     in_modes, out_modes, ranks = core_shapes(cores)
     check_real_floating(cores[0].dtype, "the cores' dtype")
     check_real_floating(input.dtype, "input's dtype")
