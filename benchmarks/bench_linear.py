@@ -4,9 +4,9 @@ For each case (a layer shape, TT modes and rank, and a batch size) every method 
 same cores and bias (TensorLy-Torch's layer: its own, of the same shapes), the same input and
 output gradient, and is timed in one process, interleaved with
 the others (one round = one run of each method, so drifting machine load hits all alike;
-each round starts one method later than the one before, so that no method always runs
-right after the same other one, whose memory traffic and freed memory it would inherit),
-reporting the median of ``--repeats`` rounds after ``--warmup`` rounds:
+each round runs them in a random order, seeded, so that no method runs right after the
+same other one more often than after any other, whose memory traffic and freed memory it
+would inherit), reporting the median of ``--repeats`` rounds after ``--warmup`` rounds:
 
 - ``forward``: the forward pass with autograd recording; ``backward``: the backward pass
   from a fixed output gradient (gradients of the input, the cores and the bias);
@@ -47,6 +47,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -292,13 +293,18 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     }
     failed: dict[str, str] = {}
 
-    def rotated(start: int) -> list[tuple[str, nn.Module]]:
-        items = list(methods.items())
-        start %= len(items)
-        return items[start:] + items[:start]
+    # Each round in a random order. (Rotating the order by one method per round, as this
+    # script did until 2026-11-28, runs each method after the same other one in all rounds
+    # but one in n: ttlayers came after nn.Linear in 4 rounds of 5.)
+    order = random.Random(0)
 
-    def one_round(record: bool, start: int) -> None:
-        for name, module in rotated(start):
+    def shuffled() -> list[tuple[str, nn.Module]]:
+        items = list(methods.items())
+        order.shuffle(items)
+        return items
+
+    def one_round(record: bool) -> None:
+        for name, module in shuffled():
             if name in failed:
                 continue
             try:
@@ -322,11 +328,11 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
                 rec["backward"].append(t2 - t1)
                 rec["total"].append(t2 - t0)
 
-    def inference_round(record: bool, start: int) -> None:
+    def inference_round(record: bool) -> None:
         # Inference in rounds of its own, as a model runs it: each call follows other
         # forward passes, not a backward pass that has just evicted the caches.
         with torch.no_grad():
-            for name, module in rotated(start):
+            for name, module in shuffled():
                 if name in failed:
                     continue
                 try:
@@ -341,14 +347,10 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
                 if record:
                     times[name]["infer"].append(t1 - t0)
 
-    for k in range(args.warmup):
-        one_round(False, k)
-    for k in range(args.repeats):
-        one_round(True, k)
-    for k in range(args.warmup):
-        inference_round(False, k)
-    for k in range(args.repeats):
-        inference_round(True, k)
+    for k in range(args.warmup + args.repeats):
+        one_round(record=k >= args.warmup)
+    for k in range(args.warmup + args.repeats):
+        inference_round(record=k >= args.warmup)
 
     tt = originals["ttlayers"]
     assert isinstance(tt, TTLinear)
