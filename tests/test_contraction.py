@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch_versions import needs_whole_graph
 
-from ttlayers import TTLinear, tt_to_dense
+from ttlayers import TTLinear, contraction, tt_to_dense
 from ttlayers.autograd import TwoBlockLayout, _grad_rows
 from ttlayers.contraction import (
     _PLACES_PER_STORAGE,
@@ -1089,22 +1089,63 @@ def test_a_batched_plan_that_is_not_left_first_with_ds_from_z_is_refused(plan):
         tt_linear(torch.randn(3, 64, dtype=torch.float64), cores, plan=plan)
 
 
-def test_inference_fast_path_with_three_dimensional_input():
-    # Mutant C10 (the fast path takes any input of 2+ dims unreshaped). Only the cached,
-    # no-grad, planner-chosen path is affected; the first call fills the cache, the second
-    # takes the fast path. Reference: x W^T + b in float64 from tt_to_dense; float64
-    # products of order 1, so 1e-10 is far above rounding and far below any layout error.
+@pytest.mark.parametrize("shape", [(2, 3), (2, 0)])
+def test_inference_fast_path_with_three_dimensional_input(monkeypatch, shape):
+    # Mutant C10 (the fast path takes any input of 2+ dims unreshaped), and the output
+    # reshaped to in_features (a layer with in == out hid it) or a bias of the wrong width
+    # turning the fast path off. Only the cached, no-grad, planner-chosen path is affected;
+    # the first call fills the cache, the second takes the fast path, which never calls
+    # core_shapes (the general path's check). Reference: x W^T + b in float64 from
+    # tt_to_dense; float64 products of order 1, so 1e-10 is far above rounding and far
+    # below any layout error.
     torch.manual_seed(0)
     layer = TTLinear(
-        1024, 1024, rank=8, in_modes=(4, 8, 8, 4), out_modes=(4, 8, 8, 4), dtype=torch.float64
+        1024, 512, rank=8, in_modes=(4, 8, 8, 4), out_modes=(2, 8, 8, 4), dtype=torch.float64
     )
-    x = torch.randn(2, 3, 1024, dtype=torch.float64)
-    plan = select_plan(6, layer.in_modes, layer.out_modes, layer.ranks, x.dtype, "cpu", False)
+    x = torch.randn(*shape, 1024, dtype=torch.float64)
+    rows = math.prod(shape)
+    plan = select_plan(rows, layer.in_modes, layer.out_modes, layer.ranks, x.dtype, "cpu", False)
     assert plan.kind == "twoblock"  # what the fast path runs
     with torch.no_grad():
         expected = x @ layer.to_dense().T + layer.bias
-        for _ in range(2):
-            torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+        # A bias of the input's width, on the warm cache: the general path's error.
+        wrong = torch.zeros(1024, dtype=torch.float64)
+        with pytest.raises(ValueError, match="bias must be a tensor of shape"):
+            tt_linear(x, list(layer.cores), wrong)
+
+        def general_path(*args, **kwargs):
+            raise AssertionError("the general path ran")
+
+        monkeypatch.setattr(contraction, "core_shapes", general_path)
+        y = layer(x)
+    assert y.shape == (*shape, 512)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_cached_inference_runs_each_plan_in_its_own_chunks(monkeypatch, batched):
+    # The cache entry keeps one runner per plan: a plan of 4 chunks must not be served by the
+    # runner of the same plan unchunked (same values, but an intermediate 4 times as large),
+    # nor the other way round. Each chunked call is seen where it meets two_block_forward.
+    in_modes = out_modes = (4, 8, 8, 4)
+    cores = make_cores(in_modes, out_modes, 4)
+    x = torch.randn(8, 1024, dtype=torch.float64)
+    seen = []
+    real = contraction.two_block_forward
+
+    def spy(x, first, second, bias, layout):
+        seen.append(layout.chunks)
+        return real(x, first, second, bias, layout)
+
+    monkeypatch.setattr(contraction, "two_block_forward", spy)
+    whole = Plan("twoblock", split=2, first="left", batched_first=batched)
+    expected = x @ reference_weight(cores).T
+    with torch.no_grad():
+        for plan in (whole, dataclasses.replace(whole, chunks=4), whole):
+            y = tt_linear(x, cores, plan=plan)  # float64 products of order 1
+            torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    assert seen == [4]
 
 
 def test_an_unchunked_twoblock_plan_does_not_keep_z_above_save_max_batch():
