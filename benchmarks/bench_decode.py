@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from bench_linear import tltorch_layer  # a sibling script: benchmarks/ is on sys.path
 from torch import nn
 
 from ttlayers import TTLinear
@@ -73,19 +74,9 @@ def make_stack(
                     **factory,
                 )
             )
-        else:
-            import tltorch  # type: ignore[import-not-found]
-
+        else:  # TensorLy-Torch's layer of the same modes and ranks
             reference = TTLinear(shape.features, shape.features, shape.rank, in_modes=shape.modes)
-            modules.append(
-                tltorch.FactorizedLinear(
-                    reference.in_modes,
-                    reference.out_modes,
-                    factorization="blocktt",
-                    rank=list(reference.ranks),
-                    implementation="factorized",
-                ).to(**factory)
-            )
+            modules.append(tltorch_layer(reference).to(**factory))
         if k < layers - 1:
             modules.append(nn.ReLU())
     return nn.Sequential(*modules).eval()

@@ -161,6 +161,20 @@ class Rebuild(nn.Module):
         return F.linear(x, weight.reshape(self.shape), self.bias)
 
 
+def tltorch_layer(tt: TTLinear) -> nn.Module:
+    """TensorLy-Torch's TT layer of ``tt``'s modes and ranks (ImportError without it)."""
+    import tltorch  # type: ignore[import-not-found]
+
+    layer: nn.Module = tltorch.FactorizedLinear(
+        tt.in_modes,
+        tt.out_modes,
+        factorization="blocktt",
+        rank=list(tt.ranks),
+        implementation="factorized",
+    )
+    return layer
+
+
 # Every method make_methods may build (tltorch and torch-mpo only when installed).
 METHOD_NAMES = ("dense", "ttlayers", "rebuild", "best-order", "naive-chain", "tltorch", "torch-mpo")
 
@@ -184,16 +198,7 @@ def make_methods(case: Case, device: str, dtype: torch.dtype) -> dict[str, nn.Mo
         "naive-chain": EinsumChain(tt, case.batch, "naive"),
     }
     try:
-        import tltorch  # type: ignore[import-not-found]
-
-        tl = tltorch.FactorizedLinear(
-            tt.in_modes,
-            tt.out_modes,
-            factorization="blocktt",
-            rank=list(tt.ranks),
-            implementation="factorized",
-        ).to(**factory)
-        methods["tltorch"] = tl
+        methods["tltorch"] = tltorch_layer(tt).to(**factory)
     except ImportError:
         pass
     except Exception as error:  # an installed but incompatible version: say so, go on
