@@ -3,10 +3,10 @@
 For each case (a layer shape, TT modes and rank, a batch size), training and inference, this
 times every candidate plan of :func:`ttlayers.planner.candidate_plans` whose cost-model
 estimate is within ``--keep`` times the best estimate (the rest would take long and cannot
-win), interleaved, median of ``--repeats`` rounds after two warm-up rounds, through
-:func:`ttlayers.contraction.tt_linear` with the plan given. The *regret* of a case is the
-measured time of the plan the planner picks over the measured time of the fastest
-candidate: 1.00 means the cost model chose right.
+win), interleaved (each round in a random order), median of ``--repeats`` rounds after two
+warm-up rounds, through :func:`ttlayers.contraction.tt_linear` with the plan given. The
+*regret* of a case is the measured time of the plan the planner picks over the measured
+time of the fastest candidate: 1.00 means the cost model chose right.
 
 Usage::
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 
@@ -87,8 +88,10 @@ def run_case(
     if chosen not in plans:
         plans.append(chosen)
     times: dict[int, list[float]] = {i: [] for i in range(len(plans))}
+    order = random.Random(0)  # each round in a random order (see bench_linear.py)
     for round_ in range(args.repeats + 2):
-        for i, plan in enumerate(plans):
+        for i in order.sample(range(len(plans)), len(plans)):
+            plan = plans[i]
             for tensor in (x, *cores, bias):  # each backward writes fresh gradients
                 tensor.grad = None
             started = time.perf_counter()

@@ -76,7 +76,8 @@ class Plan:
             intermediate product is kept for the backward pass; above it, it is not kept
             (the backward pass does without it, see :mod:`ttlayers.autograd`), so that the
             layer never keeps more memory for training than ``nn.Linear`` (its input, weight
-            and weight gradient).
+            and weight gradient) and, where :func:`plan_memory` counts the kept
+            intermediate, stays within :func:`memory_budget`.
         chunks: For ``"twoblock"``: the rows are processed in this many chunks, so that each
             chunk's intermediate fits in the cache (``CostModel.cache_bytes``) or the plan
             within :func:`memory_budget`; chunked, the intermediate is never kept.
@@ -723,7 +724,8 @@ def candidate_plans(
     """Every plan the cost model chooses from, for this batch size and shape.
 
     ``"dense"`` at every split; ``"twoblock"`` at every split and in both orders, unchunked
-    (keeping the intermediate up to the memory bound) and, where the device has a
+    (keeping the intermediate as :class:`Plan` says, and, where :func:`plan_memory` counts
+    it, only within :func:`memory_budget`) and, where the device has a
     ``cache_bytes``, in as many chunks of rows as keep each chunk's intermediate within it
     (at most ``max_chunks``), or in as many more as bring the plan within
     :func:`memory_budget` (by :func:`plan_memory`) at every batch size up to ``largest``, in
@@ -784,6 +786,13 @@ def candidate_plans(
             train_room = 3 * m * n - made - blocks - merges - copies
             room = 3 * m * n - made - (top * n if transposes else -batch * m)
             infer_rows = room // row_elements
+            # Unchunked, Z is kept for at most as many rows as nn.Linear's weight and gradient
+            # hold (Plan.save_max_batch), and, where plan_memory counts it (Z, dZ and the
+            # per-row Z g^T), only while the plan stays within memory_budget: else a plan
+            # that keeps Z at the small batches of a plan table's range is over the bound at
+            # its largest, and loses the whole range to one that is slower.
+            kept_row = r * ms * (2 * nf + ns) + (2 * m + n if transposes else 0)
+            kept_rows = max(0, (3 * m * n - made - blocks - merges) // kept_row)
             # dS from Z only where that takes fewer operations than from Q (autograd.py).
             cheaper = not batched and ms * nf * (mf + ns) < mf * ns * (nf + ms)
             for second_from_z in (False, True) if cheaper else (False,):
@@ -794,7 +803,10 @@ def candidate_plans(
                     second_from_z=second_from_z,
                     batched_first=batched,
                 )
-                plans.append(replace(variant, save_max_batch=keep))
+                plain = not (batched or second_from_z)
+                plans.append(
+                    replace(variant, save_max_batch=min(keep, kept_rows) if plain else keep)
+                )
                 if batched:
                     per_row = 2 * row_elements + r * mf * nf
                 elif second_from_z:
