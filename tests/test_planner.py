@@ -404,7 +404,7 @@ def test_dense_plan_memory_is_what_autograd_keeps_plus_the_weight_gradient():
 
 def test_a_kept_intermediate_fits_a_linear_weight_and_its_gradient_and_the_memory_bound():
     """Finds: candidate_plans keeping Z for more rows than nn.Linear's weight and gradient
-    (2 M N) hold, or for more than keep the plan within memory_budget; plan_memory's ``<``
+    (2 M N) hold, or for more rows than keep the plan within memory_budget; plan_memory's ``<``
     for ``<=`` at save_max_batch.
 
     Plan's docstring: above save_max_batch the intermediate is not kept, "so that the layer
@@ -414,7 +414,7 @@ def test_a_kept_intermediate_fits_a_linear_weight_and_its_gradient_and_the_memor
     B r M_s (2 N_f + N_s) numbers (and, with the left block first, the transposed rows,
     B (2 M + N)), besides the blocks, their gradients and the merges: those must fit
     3 M N, memory_budget less the output and the input gradient, and one row more must not
-    (the binding limit: 3 / (2 + N_s / N_f) < 2 always). By hand for in (2, 4, 8), out
+    (this limit is the lower: 3 / (2 + N_s / N_f) < 2). By hand for in (2, 4, 8), out
     (8, 2, 2), ranks (1, 3, 5, 1), 3 M N = 6144; at split 1 right, 1 left, 2 right,
     2 left: kept rows of 96, 2080, 800, 1520 numbers and 816, 816, 1360, 1360 of blocks,
     gradients and merges: 55, 2, 5, 3 rows (Z rows of 24, 768, 80, 640 numbers: within
