@@ -58,6 +58,8 @@ def make_stack(
 ) -> nn.Module:
     """``layers`` layers of ``method`` with a ReLU after each but the last."""
     factory = {"device": device, "dtype": dtype}
+    # TensorLy-Torch's layer takes the modes and ranks TTLinear chooses for this shape.
+    reference = TTLinear(shape.features, shape.features, shape.rank, in_modes=shape.modes)
     modules: list[nn.Module] = []
     for k in range(layers):
         if method == "dense":
@@ -74,8 +76,7 @@ def make_stack(
                     **factory,
                 )
             )
-        else:  # TensorLy-Torch's layer of the same modes and ranks
-            reference = TTLinear(shape.features, shape.features, shape.rank, in_modes=shape.modes)
+        else:
             modules.append(tltorch_layer(reference).to(**factory))
         if k < layers - 1:
             modules.append(nn.ReLU())

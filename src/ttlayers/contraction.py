@@ -335,7 +335,12 @@ def _core_blocks(cores: Sequence[torch.Tensor], split: int) -> tuple[torch.Tenso
     return left.reshape(m1, n1 * r), right.reshape(r * m2, n2)
 
 
-def _block_sizes(
+def _modes(cores: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """The cores' input and output modes, unchecked (lists of ints: Dynamo traces them)."""
+    return [int(core.shape[1]) for core in cores], [int(core.shape[2]) for core in cores]
+
+
+def _split_sizes(
     in_modes: Sequence[int], out_modes: Sequence[int], split: int
 ) -> tuple[int, int, int, int]:
     """``(M_1, M_2, N_1, N_2)``: the input and output sizes of the blocks of a split."""
@@ -349,9 +354,7 @@ def _block_sizes(
 
 def _batched_layout(cores: Sequence[torch.Tensor], plan: Plan, keep: bool) -> TwoBlockLayout:
     """The :class:`TwoBlockLayout` of a ``batched_first`` plan."""
-    in_modes = [int(core.shape[1]) for core in cores]
-    out_modes = [int(core.shape[2]) for core in cores]
-    m1, m2, n1, n2 = _block_sizes(in_modes, out_modes, plan.split)
+    m1, m2, n1, n2 = _split_sizes(*_modes(cores), plan.split)
     return TwoBlockLayout(m1, m2, n1, n2, "left", keep, plan.chunks, batched=True)
 
 
@@ -564,7 +567,7 @@ def _inference_runner(
     ``blocks``: those of :func:`_core_blocks` for a ``batched_first`` plan, else of
     :func:`_rank_middle_blocks`. Everything but the input and the bias is bound here, once.
     """
-    m1, m2, n1, n2 = _block_sizes(in_modes, out_modes, plan.split)
+    m1, m2, n1, n2 = _split_sizes(in_modes, out_modes, plan.split)
     if plan.batched_first:
         a, s = blocks
         if plan.chunks == 1:
@@ -590,9 +593,7 @@ def _twoblock_inference(
     if entry is not None:
         return entry.inference(plan)(x, bias)
     merge = _core_blocks if plan.batched_first else _rank_middle_blocks
-    in_modes = [int(core.shape[1]) for core in cores]
-    out_modes = [int(core.shape[2]) for core in cores]
-    return _inference_runner(plan, merge(cores, plan.split), in_modes, out_modes)(x, bias)
+    return _inference_runner(plan, merge(cores, plan.split), *_modes(cores))(x, bias)
 
 
 def _run_chain(
@@ -602,8 +603,8 @@ def _run_chain(
     plan: Plan,
     batch: int,
 ) -> torch.Tensor:
-    in_modes = [int(core.shape[1]) for core in cores]
-    out_features = math.prod([int(core.shape[2]) for core in cores])  # a list: Dynamo traces it
+    in_modes, out_modes = _modes(cores)
+    out_features = math.prod(out_modes)
     cores = [core.to(x.dtype) for core in cores]  # under autocast; no copy otherwise
     y = run_chain(plan, [x.reshape(batch, *in_modes), *cores])  # (B, n_1, ..., n_d)
     y = y.reshape(batch, out_features)
