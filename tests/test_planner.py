@@ -621,7 +621,7 @@ def test_a_plan_table_sizes_its_chunks_for_the_top_of_each_range(monkeypatch):
     two-block plan at split 1, right block first (M_s = 16, M_f = 256, N_f = 688), holds dZ,
     Q and the transposed rows, 2 r M_s N_f + M_s M_f = 92 160 numbers a row, against
     3 M N - 2 * 704 512 (the right block made and both blocks' gradients) - 1024 = 133.9M
-    free: at most 1 452 rows a chunk, so 2 chunks for 1024..2047 rows and 3 for 2048..4095.
+    free: at most 1 452 rows a chunk, so 2 chunks for 1024..2047 rows and 3 for 2048..3071.
     Sized for each range's top it stays the choice from 1024 rows up, its count growing
     with the batch, within the bound at every size served. (Without batched_first plans,
     which the cost model prefers for this layer on "cuda", and whose rows take other sizes;
@@ -637,10 +637,41 @@ def test_a_plan_table_sizes_its_chunks_for_the_top_of_each_range(monkeypatch):
             over = plan_memory(plan, batch, *shape) - memory_budget(batch, *shape[:2])
             assert over <= 0, (lowest, top, plan)
     chunked = [(lowest, plan) for lowest, plan in table if plan.chunks > 1]
-    assert [lowest for lowest, _ in chunked] == [2**k for k in range(10, 18)]
+    assert chunked[0][0] == 1024 and chunked[0][1].chunks == 2
+    assert len(chunked) >= 8  # one plan from 1024 rows on, its chunks growing with the batch
+    start = table.index(chunked[0])
+    assert list(table[start : start + len(chunked)]) == chunked  # consecutive entries
     assert all(plan.kind == "twoblock" for _, plan in chunked)
     counts = [plan.chunks for _, plan in chunked]
     assert counts == sorted(counts) and len(set(counts)) == len(counts)
+
+
+def test_an_unchunked_training_plan_gets_no_cache_allowance():
+    """Finds: an unchunked plan's intermediate counted as cached in training up to twice the
+    cache, as a chunk's is.
+
+    1024 x 1024 (4, 8, 8, 4), rank 8, two threads (a 4 MiB allowance): Z is 32 KiB a row. At
+    96 rows (3 MiB, past the cache but within twice it) training took the unchunked plan,
+    measured 1.2-1.35 times two chunks' time; it must chunk now, while inference, which makes
+    only Z, still runs unchunked. At 48 rows (1.5 MiB, in the cache) training stays unchunked.
+    """
+
+    threads = 2
+    cache = DEFAULT_COST_MODELS["cpu"].cache_bytes * threads
+    assert 48 * 32 * 1024 <= cache < 96 * 32 * 1024 <= 2 * cache  # the sizes the docstring says
+    assert choose_plan(96, *ISSUE, threads=threads, training=True).chunks >= 2
+    assert choose_plan(96, *ISSUE, threads=threads, training=False).chunks == 1
+    assert choose_plan(48, *ISSUE, threads=threads, training=True).chunks == 1
+    unchunked = Plan("twoblock", split=2)
+    for training in (True, False):
+        # The estimate's jump where Z leaves the cache, by rows: in training at the cache,
+        # in inference at twice it.
+        per_row = [
+            estimate_time(unchunked, b, *ISSUE, threads=threads, training=training) / b
+            for b in (64, 65, 128, 129)
+        ]
+        jump_at_cache, jump_at_twice = per_row[1] / per_row[0], per_row[3] / per_row[2]
+        assert (jump_at_cache > 1.2) == training and (jump_at_twice > 1.2) != training
 
 
 def test_max_chunks_admits_plans_of_exactly_that_many_chunks():
@@ -663,22 +694,25 @@ def test_max_chunks_admits_plans_of_exactly_that_many_chunks():
     [(((16, 16), (16, 16), (1, 4, 1)), True), (((2, 256), (256, 2), (1, 2, 1)), False)],
 )
 def test_plan_table_up_to_its_largest_batch(shape, training):
-    """Finds: plan_table tabulating fewer batch sizes than its docstring's 2**24; a table
-    repeating a plan in consecutive entries.
+    """Finds: plan_table tabulating fewer batch sizes than its docstring's 2**24, or others
+    (the half octaves in inference); a table repeating a plan in consecutive entries.
 
-    Each power of two up to 2**24 must get the plan choose_plan gives for the range it starts
-    (up to the next power of two). Consecutive entries differ: each bound is a place where
-    the plan changes (under tracing every bound becomes a guard).
+    Each power of two up to 2**24, and in training each 3 * 2**k below it, must get the plan
+    choose_plan gives for the range it starts (up to the next such size). Consecutive entries
+    differ: each bound is a place where the plan changes (under tracing every bound becomes
+    a guard).
     """
 
+    sizes = sorted(
+        {2**k for k in range(25)} | ({3 * 2**k for k in range(23)} if training else set())
+    )
     table = plan_table(*shape, torch.float32, "cpu", 1, training)
-    for lowest, _ in table:
-        assert lowest == 0 or lowest & (lowest - 1) == 0
+    assert {lowest for lowest, _ in table} <= {0, *sizes}
     assert all(a[1] != b[1] for a, b in itertools.pairwise(table))
-    for k in range(25):
-        in_table = [plan for lowest, plan in table if 2**k >= lowest][-1]
-        expected = choose_plan(2**k, *shape, training=training, largest=2 ** (k + 1) - 1)
-        assert in_table == expected, k
+    for lowest, following in zip(sizes, [*sizes[1:], 2**25], strict=True):
+        in_table = [plan for bound, plan in table if lowest >= bound][-1]
+        expected = choose_plan(lowest, *shape, training=training, largest=following - 1)
+        assert in_table == expected, lowest
 
 
 def test_every_chain_the_planner_chooses_runs():

@@ -300,8 +300,14 @@ def _twoblock_time(
         merge = c.copy(sum(math.prod(shape) for shape in shapes), calls=len(shapes))
     chunks = plan.chunks
     rows = -(-batch // chunks)
-    # A chunk's intermediate that fits in the cache costs no memory traffic.
-    cached = rows * ms * r * nf * c.itemsize <= 2 * c.cache_bytes
+    # A chunk's intermediate that fits in the cache costs no memory traffic. An unchunked
+    # plan in training gets no allowance beyond the cache: each step makes three tensors of
+    # Z's size afresh (Z, its per-row products or Q, and dZ), and glibc's malloc hands
+    # their pages back to the system at the end of the step and faults them in again on the
+    # next (benchmarks/bench_chunks.py: 1,200-2,400 page faults a step and 1.2-1.5 times the
+    # fastest chunk count's time, 1024 x 1024 at rank 8, batch 96-127, Z 3-4 MB).
+    allowance = (1 if training and chunks == 1 else 2) * c.cache_bytes
+    cached = rows * ms * r * nf * c.itemsize <= allowance
     rows_in, rows_out = batch * m1 * m2, batch * n1 * n2
     if plan.batched_first:
         return merge * (3 if training else 1) + _batched_time(
@@ -325,7 +331,7 @@ def _twoblock_time(
         # left block first the rows are laid out so already.
         g_rows = 0.0 if transposes else 2 * c.copy(rows * ns * nf)
         # The product reads Z's and g's copies: in the cache only if both fit.
-        both = rows * (ms * r * nf + ns * nf) * c.itemsize <= 2 * c.cache_bytes
+        both = rows * (ms * r * nf + ns * nf) * c.itemsize <= allowance
         grad_second = chunks * (
             again
             + c.copy(rows * ms * r * nf)
@@ -944,13 +950,15 @@ def plan_table(
     """The chosen plan for every batch size, as ``((lowest batch, plan), ...)``.
 
     Entry ``(b, plan)`` applies to batch sizes from ``b`` up to the next entry's ``b``. Plans
-    are chosen at batch sizes ``1, 2, 4, ..., 2**24`` and apply up to the next power of two
-    (batch 0 takes the plan of batch 1). Cached per argument tuple.
+    are chosen at batch sizes ``1, 2, 4, ..., 2**24`` (in training also at three times each
+    power of two: ``1, 2, 3, 4, 6, 8, 12, ...``) and apply up to the next of them (batch 0
+    takes the plan of batch 1). Cached per argument tuple.
     """
     table: list[tuple[int, Plan]] = []
-    for k in range(_LARGEST_TABULATED_BATCH_LOG2 + 1):
+    sizes = _tabulated_batches(training)
+    for lowest, following in zip(sizes, [*sizes[1:], 2 * sizes[-1]], strict=True):
         plan = choose_plan(
-            2**k,
+            lowest,
             in_modes,
             out_modes,
             ranks,
@@ -958,11 +966,22 @@ def plan_table(
             device_type=device_type,
             threads=threads,
             training=training,
-            largest=2 ** (k + 1) - 1,
+            largest=following - 1,
         )
         if not table or table[-1][1] != plan:
-            table.append((0 if k == 0 else 2**k, plan))
+            table.append((0 if lowest == 1 else lowest, plan))
     return tuple(table)
+
+
+def _tabulated_batches(training: bool) -> list[int]:
+    # Half octaves in training: there the unchunked plan turns slow within an octave of batch
+    # sizes, as its intermediate outgrows the cache (_twoblock_time); chosen at an octave's
+    # lowest size, it took 1.3-1.6 times the fastest plan's time at the octave's top.
+    top = _LARGEST_TABULATED_BATCH_LOG2
+    sizes = [2**k for k in range(top + 1)]
+    if training:
+        sizes += [3 * 2**k for k in range(top - 1)]  # 3 * 2**(top - 2) < 2**top
+    return sorted(sizes)
 
 
 # --- calibration --------------------------------------------------------------------------------
