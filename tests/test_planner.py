@@ -731,6 +731,35 @@ def test_every_chain_the_planner_chooses_runs():
             assert tt_linear(x, list(layer.cores), plan=plan).shape == (64, 2**15)
 
 
+def test_a_chain_order_is_searched_once_per_octave_and_holds_at_any_batch():
+    """Finds: the chain's order searched at every batch size (a training table chooses at
+    half octaves, and a 6-core order search takes up to 0.1 s), or one that gives wrong
+    results at a batch it was not searched for.
+
+    The chain candidate at 96 rows is the one at 64; run at 96 rows it matches the dense
+    float64 reference (sums of products in another order: 1e-10 relative is ample).
+    """
+
+    in_modes, out_modes = (4, 4, 4, 4, 4, 4), (2, 2, 2, 2, 2, 2)
+    layer = TTLinear(4**6, 2**6, 8, in_modes=in_modes, out_modes=out_modes, dtype=F64)
+    ranks = layer.ranks
+
+    def chain(batch: int) -> Plan:
+        return next(
+            p for p in candidate_plans(batch, in_modes, out_modes, ranks) if p.kind == "chain"
+        )
+
+    planner._chain_plan.cache_clear()
+    assert chain(96) == chain(64) == chain(127)
+    chain(128)
+    assert planner._chain_plan.cache_info().misses == 2  # searched at 64 and at 128
+    x = torch.randn(96, 4**6, dtype=F64)
+    with torch.no_grad():
+        got = tt_linear(x, list(layer.cores), layer.bias, plan=chain(96))
+        expected = x @ tt_to_dense(list(layer.cores)).T + layer.bias
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * expected.abs().max())
+
+
 @pytest.mark.parametrize("d", [29, 33, 40])
 def test_every_candidate_chain_runs(d):
     # Every candidate is documented to run in tt_linear: with a greedy path a chain may have
