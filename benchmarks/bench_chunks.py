@@ -43,10 +43,10 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
-def describe(plan: Plan) -> str:
+def describe(plan: Plan, batch: int, training: bool) -> str:
     if plan.kind != "twoblock":
         return plan.kind if plan.kind == "chain" else f"{plan.kind}@{plan.split}"
-    kept = " kept" if plan.chunks == 1 and plan.save_max_batch > 0 else ""
+    kept = " kept" if training and plan.chunks == 1 and batch <= plan.save_max_batch else ""
     first = f"{plan.first}{' batched' if plan.batched_first else ''}"
     return f"twoblock@{plan.split} {first}, {plan.chunks}{kept}"
 
@@ -91,7 +91,7 @@ def run_batch(
     return {
         "batch": batch,
         "z_mb": batch * r * ms * nf * 4 / 2**20,  # the unchunked intermediate, float32
-        "planner": describe(chosen),
+        "planner": describe(chosen, batch, training),
         "best_ms": best * 1e3,
         "ratio": {name: t / best for name, t in medians.items()},
         "faults": {name: sorted(f)[len(f) // 2] for name, f in faults.items()},
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     modes = tuple(int(m) for m in args.modes.split(","))
-    counts = [int(c) for c in args.chunks.split(",")]
+    counts = sorted({1, *(int(c) for c in args.chunks.split(","))})  # 1 fits every batch
     torch.manual_seed(0)
     size = math.prod(modes)
     layer = TTLinear(size, size, rank=args.rank, in_modes=modes, out_modes=modes)

@@ -497,11 +497,12 @@ def test_chosen_plans_stay_within_the_memory_of_nn_linear(shape, training, devic
     # held an intermediate 8x the input, 1 GiB at 2048 rows, twice as slow as 128 chunks;
     # training chain plans kept every einsum intermediate (2x nn.Linear's memory); a kept
     # intermediate's per-row products were N_s / N_f times its size. GPUs never chunked.
-    # The plan table's choice serves every size up to the next power of two: sizes just
-    # below one count too (a kept intermediate is dropped above save_max_batch, inside a range).
+    # The plan table's choice serves every size up to the next tabulated one (powers of two,
+    # and in training 3 * 2**k too): sizes just below one count too (a kept intermediate is
+    # dropped above save_max_batch, inside a range).
     for threads in (1, 2):
         table = plan_table(*shape, torch.float32, device_type, threads, training)
-        for batch in (1, 63, 64, 1000, 2047, 2048, 4095, 16383, 16384, (1 << 20) - 1):
+        for batch in (1, 63, 64, 1000, 2047, 2048, 3071, 4095, 16383, 16384, (1 << 20) - 1):
             plan = [plan for lowest, plan in table if batch >= lowest][-1]
             used = plan_memory(plan, batch, *shape, training=training)
             assert used <= memory_budget(batch, *shape[:2]), (batch, plan)
@@ -567,11 +568,12 @@ def _peak_bytes(step):
         # while the estimate left out the layer's own output and input gradient (1.5-2x).
         ((4, 4), (32, 32), 4, 64, True),
         ((4, 4), (32, 32), 4, 256, False),
-        # Thin blocks at a large batch (the last of a plan table's range 4096..8191), and the
-        # issue's layer there.
+        # Thin blocks at a large batch (the last of a plan table's range, 6144..8191 in
+        # training), and the layer there.
         ((2, 512), (512, 2), 2, 8191, True),
         ((4, 8, 8, 4), (4, 8, 8, 4), 8, 8191, True),
-        # A batch inside a table range (512..1023), where chunks are sized for its top.
+        # A batch inside a table range (768..1023 in training), where chunks are sized for its
+        # top.
         ((2,) * 8, (2,) * 8, 2, 1000, True),
     ],
 )

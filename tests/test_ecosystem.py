@@ -136,6 +136,25 @@ def test_compile_gives_eager_results_on_every_supported_torch(fresh_dynamo, buil
             assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
+def test_a_compiled_graph_caps_its_chunks_at_a_power_of_two(monkeypatch):
+    """Finds: the chunked graph's bound taken at a half octave of the training table.
+
+    At one thread the training table of 1024 x 1024 (4, 8, 8, 4), rank 8, first chunks at 48
+    rows; a graph traced at 2048 rows, capped at 48 chunks, lost the 64-chunk plan that eager
+    code runs there (and at 8192 rows the two-block plan altogether). The bound goes up to 64.
+    """
+
+    monkeypatch.setattr(ttlayers.contraction, "_threads", lambda device_type: 1)
+    modes, ranks = (4, 8, 8, 4), (1, 8, 8, 8, 1)
+    table = ttlayers.contraction._plan_table_constant(
+        modes, modes, ranks, torch.float32, "cpu", True
+    )
+    assert next(lowest for lowest, plan in table if plan.chunks > 1) == 48
+    eager = select_plan(2048, modes, modes, ranks, torch.float32, "cpu", True)
+    graph = ttlayers.contraction._graph_plan(2048, modes, modes, ranks, torch.float32, "cpu", True)
+    assert eager.chunks == 64 and graph == eager
+
+
 @needs_whole_graph
 @pytest.mark.parametrize("build", [make_model, _wide_model], ids=["small", "wide"])
 def test_compile_fullgraph_no_graph_break_no_recompile(fresh_dynamo, build):
@@ -216,7 +235,7 @@ def _record_graph_plans(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 @needs_whole_graph
 @pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
 def test_compile_dynamic_batch_over_many_plan_ranges_compiles_once(fresh_dynamo, training):
-    # Eagerly the plan changes at almost every power of two of the batch size (chunk counts
+    # Eagerly the plan changes at almost every tabulated batch size (chunk counts
     # grow with it). Compiled, a guard per range was a graph per range: batch sizes up to
     # 8193 reached Dynamo's recompile limit (8), a hard error with fullgraph=True. One plan
     # now serves every batch size of a graph, and a layer has at most two such graphs.

@@ -613,9 +613,9 @@ def test_a_plan_serving_a_range_fits_the_memory_bound_at_both_ends():
 
 
 def test_a_plan_table_sizes_its_chunks_for_the_top_of_each_range(monkeypatch):
-    """Finds: chunk counts sized for the lowest batch of a table range (2^k) instead of its
-    top (2^(k+1) - 1), whose chunks then overflow the memory bound at the top and leave only
-    the dense plan.
+    """Finds: chunk counts sized for the lowest batch of a table range (such as 2^k) instead
+    of its top (the next tabulated size - 1), whose chunks then overflow the memory bound at
+    the top and leave only the dense plan.
 
     4096 -> 11008 as (16, 16, 16) x (16, 43, 16), rank 4, on "cuda" in training: the
     two-block plan at split 1, right block first (M_s = 16, M_f = 256, N_f = 688), holds dZ,
@@ -650,10 +650,11 @@ def test_an_unchunked_training_plan_gets_no_cache_allowance():
     """Finds: an unchunked plan's intermediate counted as cached in training up to twice the
     cache, as a chunk's is.
 
-    1024 x 1024 (4, 8, 8, 4), rank 8, two threads (a 4 MiB allowance): Z is 32 KiB a row. At
+    1024 x 1024 (4, 8, 8, 4), rank 8, two threads (a 2 MiB cache): Z is 32 KiB a row. At
     96 rows (3 MiB, past the cache but within twice it) training took the unchunked plan,
-    measured 1.2-1.35 times two chunks' time; it must chunk now, while inference, which makes
-    only Z, still runs unchunked. At 48 rows (1.5 MiB, in the cache) training stays unchunked.
+    measured 1.2-1.5 times the fastest chunk count's time; it must chunk now, while
+    inference, which makes only Z, still runs unchunked. At 48 rows (1.5 MiB, in the cache)
+    training stays unchunked.
     """
 
     threads = 2
@@ -672,6 +673,33 @@ def test_an_unchunked_training_plan_gets_no_cache_allowance():
         ]
         jump_at_cache, jump_at_twice = per_row[1] / per_row[0], per_row[3] / per_row[2]
         assert (jump_at_cache > 1.2) == training and (jump_at_twice > 1.2) != training
+    # With dS from Z, the product of Z's and g's copies reads both: in the cache within it
+    # (36 KiB a row, so up to 56 rows), not within twice it (113).
+    from_z = Plan("twoblock", split=2, second_from_z=True)
+    per_row = [
+        estimate_time(from_z, b, *ISSUE, threads=threads, training=True) / b
+        for b in (56, 57, 113, 114)
+    ]
+    assert per_row[1] / per_row[0] > 1.02 and per_row[3] / per_row[2] < 1.01
+
+
+def test_max_chunks_caps_a_plan_of_more_chunks_instead_of_dropping_it():
+    """Finds: choose_plan dropping the plans of more than ``max_chunks`` chunks.
+
+    A compiled graph serves every batch from its bound up with at most that many chunks.
+    At one thread the training table of 1024 x 1024 (4, 8, 8, 4), rank 8, first chunks at 48
+    rows, and the two-block plan of 2048 rows, 64 chunks, was dropped for a graph capped at
+    48: the dense plan took its place, estimated 1.3 times slower. Capped at 16 or 48 it is
+    the same plan in that many (larger) chunks; at most one chunk means none.
+    """
+
+    free = choose_plan(2048, *ISSUE, threads=1)
+    assert free.kind == "twoblock" and free.chunks == 64
+    for cap in (16, 48):
+        assert choose_plan(2048, *ISSUE, threads=1, max_chunks=cap) == dataclasses.replace(
+            free, chunks=cap
+        )
+    assert choose_plan(2048, *ISSUE, threads=1, max_chunks=1).chunks == 1
 
 
 def test_max_chunks_admits_plans_of_exactly_that_many_chunks():
@@ -693,20 +721,30 @@ def test_max_chunks_admits_plans_of_exactly_that_many_chunks():
     ("shape", "training"),
     [(((16, 16), (16, 16), (1, 4, 1)), True), (((2, 256), (256, 2), (1, 2, 1)), False)],
 )
-def test_plan_table_up_to_its_largest_batch(shape, training):
+def test_plan_table_up_to_its_largest_batch(shape, training, monkeypatch):
     """Finds: plan_table tabulating fewer batch sizes than its docstring's 2**24, or others
-    (the half octaves in inference); a table repeating a plan in consecutive entries.
+    (the half octaves in inference); a range's plan chosen for other sizes than it serves; a
+    table repeating a plan in consecutive entries.
 
     Each power of two up to 2**24, and in training each 3 * 2**k below it, must get the plan
-    choose_plan gives for the range it starts (up to the next such size). Consecutive entries
-    differ: each bound is a place where the plan changes (under tracing every bound becomes
-    a guard).
+    choose_plan gives for the range it starts (up to the next such size, exclusive), and
+    choose_plan is asked exactly that. Consecutive entries differ: each bound is a place where
+    the plan changes (under tracing every bound becomes a guard).
     """
 
     sizes = sorted(
         {2**k for k in range(25)} | ({3 * 2**k for k in range(23)} if training else set())
     )
-    table = plan_table(*shape, torch.float32, "cpu", 1, training)
+    asked = []
+
+    def spy(batch, *args, largest=0, **kwargs):
+        asked.append((batch, largest))
+        return choose_plan(batch, *args, largest=largest, **kwargs)
+
+    monkeypatch.setattr(planner, "choose_plan", spy)
+    table = plan_table.__wrapped__(*shape, torch.float32, "cpu", 1, training)
+    monkeypatch.undo()
+    assert asked == [(s, t - 1) for s, t in zip(sizes, [*sizes[1:], 2**25], strict=True)]
     assert {lowest for lowest, _ in table} <= {0, *sizes}
     assert all(a[1] != b[1] for a, b in itertools.pairwise(table))
     for lowest, following in zip(sizes, [*sizes[1:], 2**25], strict=True):
@@ -751,8 +789,9 @@ def test_a_chain_order_is_searched_once_per_octave_and_holds_at_any_batch():
 
     planner._chain_plan.cache_clear()
     assert chain(96) == chain(64) == chain(127)
+    assert planner._chain_plan.cache_info().misses == 1  # searched at 64 only
     chain(128)
-    assert planner._chain_plan.cache_info().misses == 2  # searched at 64 and at 128
+    assert planner._chain_plan.cache_info().misses == 2
     x = torch.randn(96, 4**6, dtype=F64)
     with torch.no_grad():
         got = tt_linear(x, list(layer.cores), layer.bias, plan=chain(96))

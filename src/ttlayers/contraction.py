@@ -669,10 +669,11 @@ def _graph_plan(
     """The plan of a graph that serves many batch sizes (see :func:`_one_plan`).
 
     The best plan for the size the graph is traced at, from one of two ranges: below the
-    smallest batch size the plan table chunks, plans without chunks; from there up, plans of
-    at most that many chunks, so that no chunk is ever empty (an empty chunk's products
-    guard on the chunk size being nonzero, and a batch below the chunk count would then
-    compile a graph that replaces the chunked one for every later size). A compiled graph
+    smallest batch size the plan table chunks (rounded up to a power of two), plans without
+    chunks; from there up, plans of at most that many chunks, so that no chunk is ever empty
+    (an empty chunk's products guard on the chunk size being nonzero, and a batch below the
+    chunk count would then compile a graph that replaces the chunked one for every later
+    size). A compiled graph
     guards on that one bound: at most two graphs per layer shape. An exported graph (dynamic
     or strict; a static non-strict export runs eager code's plan), which must take every
     size without a guard, and a size known only from the data, take the plans without
@@ -681,6 +682,10 @@ def _graph_plan(
     example = _example_size(batch)
     table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
     bound = next((lowest for lowest, plan in table if plan.chunks > 1), None)
+    if bound is not None:
+        # Up to a power of two: a training table can first chunk at a half octave (48, 96),
+        # and the bound also caps the chunks of every larger batch the graph serves.
+        bound = 1 << (bound - 1).bit_length()
     chunked = bound is not None and not _exporting() and _known_at_least(batch, bound)
     return _one_plan_constant(
         example, in_modes, out_modes, ranks, dtype, device_type, training, bound if chunked else 1

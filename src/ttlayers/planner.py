@@ -24,9 +24,10 @@ measurements made with :func:`calibrate`, the CUDA ones are read off an H100's d
 (see ``DEFAULT_COST_MODELS``); :func:`calibrate` measures your own.
 
 A plan is chosen per (batch size, modes, ranks, dtype, device type, training or not). Plans
-are tabulated over batch sizes ``1, 2, 4, ...`` once per layer shape, so choosing one is a
-few integer comparisons. A traced graph (``torch.compile``, ``torch.export``) runs one plan
-at every batch size instead, chosen for the size it is traced at (see
+are tabulated over batch sizes ``1, 2, 4, ...`` (in training ``1, 2, 3, 4, 6, 8, ...``) once
+per layer shape, so choosing one is a few integer comparisons. A traced graph
+(``torch.compile``, ``torch.export``) runs one plan at every batch size instead, chosen for
+the size it is traced at (see
 :func:`ttlayers.contraction.tt_linear` and the performance guide).
 """
 
@@ -659,7 +660,7 @@ def _chain_plan(
     equation = ",".join(terms) + "->" + output
     shapes = _chain_operand_shapes(batch, in_modes, out_modes, ranks)
     # opt_einsum's "dp" is exact but exponential in the cores: seconds per path from about
-    # 13 cores with unit modes or rank-1 bonds, and a table plans 25 batch sizes. Greedy
+    # 13 cores with unit modes or rank-1 bonds, and a table searches 25 (one per octave). Greedy
     # beyond 10 cores, where the chain rarely wins anyway.
     search = "optimal" if len(terms) <= 7 else "dp" if len(terms) <= 11 else "greedy"
     path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=search)
@@ -866,7 +867,8 @@ def choose_plan(
     Arguments as for :func:`estimate_time`, and ``max_chunks``: choose only among the plans
     of at most that many row chunks; ``1`` for a graph that serves every batch size
     (``torch.export`` with a dynamic batch dimension), more for a compiled graph that serves
-    the batch sizes from there up.
+    the batch sizes from there up, for which a plan of more chunks competes with
+    ``max_chunks`` of them instead (larger chunks, where the cache would want more).
     """
     candidates = candidate_plans(
         batch,
@@ -878,8 +880,14 @@ def choose_plan(
         threads=threads,
         largest=largest,
     )
-    if max_chunks is not None:
+    if max_chunks is not None and max_chunks <= 1:
         candidates = [plan for plan in candidates if plan.chunks <= max_chunks]
+    elif max_chunks is not None:
+        # Else a compiled graph that serves batch sizes from a small bound up (the first
+        # size its plan table chunks, 48 rows for some layers) lost the two-block plans at
+        # large batches to the dense one, whose estimate was 1.3 times theirs.
+        capped = (replace(plan, chunks=min(plan.chunks, max_chunks)) for plan in candidates)
+        candidates = list(dict.fromkeys(capped))
     # Within the memory nn.Linear would use, at the largest batch served (memory grows with
     # the batch, but a kept intermediate is dropped above save_max_batch: both ends count);
     # if no plan is, the leanest.
