@@ -673,11 +673,10 @@ def _graph_plan(
     chunks; from there up, plans of at most that many chunks, so that no chunk is ever empty
     (an empty chunk's products guard on the chunk size being nonzero, and a batch below the
     chunk count would then compile a graph that replaces the chunked one for every later
-    size). A compiled graph
-    guards on that one bound: at most two graphs per layer shape. An exported graph (dynamic
-    or strict; a static non-strict export runs eager code's plan), which must take every
-    size without a guard, and a size known only from the data, take the plans without
-    chunks. Plans differ in speed and memory, never in their results.
+    size). A compiled graph guards on that one bound: at most two graphs per layer shape. An
+    exported graph (dynamic or strict; a static non-strict export runs eager code's plan),
+    which must take every size without a guard, and a size known only from the data, take
+    the plans without chunks. Plans differ in speed and memory, never in their results.
     """
     example = _example_size(batch)
     table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
