@@ -302,12 +302,14 @@ def _twoblock_time(
     chunks = plan.chunks
     rows = -(-batch // chunks)
     # A chunk's intermediate that fits in the cache costs no memory traffic. An unchunked
-    # plan in training gets no allowance beyond the cache: each step makes three tensors of
-    # Z's size afresh (Z, its per-row products or Q, and dZ), and glibc's malloc hands
-    # their pages back to the system at the end of the step and faults them in again on the
-    # next (benchmarks/bench_chunks.py: 1,200-2,400 page faults a step and 1.2-1.5 times the
-    # fastest chunk count's time, 1024 x 1024 at rank 8, batch 96-127, Z 3-4 MB).
-    allowance = (1 if training and chunks == 1 else 2) * c.cache_bytes
+    # plan in training gets one thread's cache, whatever the threads: each step makes three
+    # tensors of Z's size afresh (Z, its per-row products or Q, and dZ), and glibc's malloc
+    # hands their pages back to the system at the end of the step and faults them in again
+    # on the next (benchmarks/bench_chunks.py: 1,200-2,400 page faults a step and 1.2-1.5
+    # times the fastest chunk count's time, 1024 x 1024 at rank 8, batch 96-127, Z 3-4 MB;
+    # in a stack of four such layers, 2 chunks took 0.85-0.99 times its time from Z = 1.25
+    # MB, and 0.90-0.95 in a stack of 4096 x 4096 layers from 1.5 MB).
+    allowance = c.model.cache_bytes if training and chunks == 1 else 2 * c.cache_bytes
     cached = rows * ms * r * nf * c.itemsize <= allowance
     rows_in, rows_out = batch * m1 * m2, batch * n1 * n2
     if plan.batched_first:
@@ -785,6 +787,8 @@ def candidate_plans(
             if costing.cache_bytes:  # each chunk's intermediate in the cache
                 chunks = -(-batch * row_elements * costing.itemsize // costing.cache_bytes)
                 chunks = min(chunks, costing.model.max_chunks)
+                if batch * row_elements * costing.itemsize > costing.model.cache_bytes:
+                    chunks = max(chunks, 2)  # an unchunked plan's Z in training (_twoblock_time)
             # The rows a chunk may hold within memory_budget at every batch from batch to
             # top, as plan_memory counts (the layer's output and input gradient are on both
             # sides): in training a chunk's dZ, Q and transposed rows (or Z, dZ and the
