@@ -136,23 +136,57 @@ def test_compile_gives_eager_results_on_every_supported_torch(fresh_dynamo, buil
             assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_a_compiled_graph_caps_its_chunks_at_a_power_of_two(monkeypatch):
-    """Finds: the chunked graph's bound taken at a half octave of the training table.
+@pytest.mark.parametrize(
+    ("threads", "modes", "rank", "rows", "first_bound", "chunks"),
+    [
+        # The training table first chunks at a half octave, 48 rows: rounded up to 64, the
+        # bound left 48-63 rows unchunked (eager: 2 chunks, estimated 0.7 times the time).
+        (1, (4, 8, 8, 4), 8, 48, 48, 2),
+        # Capped at the first bound (48, or 64 rounded up), a graph at 2048 rows lost eager
+        # code's 64 chunks (and at 8192 rows the two-block plan altogether).
+        (1, (4, 8, 8, 4), 8, 2048, 48, 64),
+        # The table chunks from 6 rows: capped at 8, a graph at 256 rows ran unchunked, 1.5
+        # times eager code's 32 chunks (measured: 142 ms against 93 ms).
+        (2, (8, 8, 8, 8), 16, 256, 6, 32),
+    ],
+)
+def test_a_compiled_graph_chunks_as_eager_code_does(
+    monkeypatch, threads, modes, rank, rows, first_bound, chunks
+):
+    """Finds: a compiled graph's chunks capped at the plan table's first chunked size (with
+    one chunked range for every larger batch), or that size rounded to a power of two.
 
-    At one thread the training table of 1024 x 1024 (4, 8, 8, 4), rank 8, first chunks at 48
-    rows; a graph traced at 2048 rows, capped at 48 chunks, lost the 64-chunk plan that eager
-    code runs there (and at 8192 rows the two-block plan altogether). The bound goes up to 64.
+    Training; the thread count is patched, as the tables depend on it. The graph's plan (the
+    plan Dynamo would trace at that size, as it serves a range of sizes) must be eager code's.
     """
 
-    monkeypatch.setattr(ttlayers.contraction, "_threads", lambda device_type: 1)
-    modes, ranks = (4, 8, 8, 4), (1, 8, 8, 8, 1)
+    monkeypatch.setattr(ttlayers.contraction, "_threads", lambda device_type: threads)
+    ranks = (1, rank, rank, rank, 1)
     table = ttlayers.contraction._plan_table_constant(
         modes, modes, ranks, torch.float32, "cpu", True
     )
-    assert next(lowest for lowest, plan in table if plan.chunks > 1) == 48
-    eager = select_plan(2048, modes, modes, ranks, torch.float32, "cpu", True)
-    graph = ttlayers.contraction._graph_plan(2048, modes, modes, ranks, torch.float32, "cpu", True)
-    assert eager.chunks == 64 and graph == eager
+    bounds = ttlayers.contraction._graph_bounds(table)
+    assert bounds[0] == first_bound and len(bounds) == 2, bounds
+    eager = select_plan(rows, modes, modes, ranks, torch.float32, "cpu", True)
+    graph = ttlayers.contraction._graph_plan(rows, modes, modes, ranks, torch.float32, "cpu", True)
+    assert eager.chunks == chunks and graph == eager, (graph, eager)
+
+
+def test_graph_bounds_by_hand():
+    """Finds: a second bound taken at the first entry of more chunks than one, than the first
+    entry's chunks, or off by an entry; more than two bounds; bounds with no chunked entry."""
+
+    def plan(chunks):
+        return ttlayers.planner.Plan("twoblock", split=1, chunks=chunks)
+
+    table = ((0, plan(1)), (6, plan(2)), (24, plan(3)), (48, plan(6)), (64, plan(8)))
+    table += ((96, plan(12)), (512, plan(64)), (768, plan(96)))
+    assert ttlayers.contraction._graph_bounds(table) == [6, 64]
+    assert ttlayers.contraction._graph_bounds(table[:4]) == [6]
+    assert (
+        ttlayers.contraction._graph_bounds(((0, plan(1)), (8, ttlayers.planner.Plan("dense"))))
+        == []
+    )
 
 
 @needs_whole_graph
@@ -257,8 +291,12 @@ def test_compile_dynamic_batch_over_many_plan_ranges_compiles_once(fresh_dynamo,
     for rows in sizes:
         _compiled_step(compiled, reference, rows, training)
     # Batch 1 (Dynamo specializes it); then one graph below the plan table's first chunked
-    # size and one from there up.
-    assert counter.frame_count <= 3
+    # size and one for each chunked range from there up (at most two).
+    table = ttlayers.contraction._plan_table_constant(
+        layer.in_modes, layer.out_modes, layer.ranks, torch.float32, "cpu", training
+    )
+    assert len(ttlayers.contraction._graph_bounds(table)) <= 2
+    assert counter.frame_count <= 2 + len(ttlayers.contraction._graph_bounds(table))
 
 
 @needs_whole_graph
@@ -297,8 +335,9 @@ def test_a_small_batch_does_not_unchunk_a_compiled_layer(fresh_dynamo, training,
     # A chunked graph's empty chunks (a batch below the chunk count) failed a guard on the
     # chunk size, and the graph compiled then, traced at the small size without chunks, ran
     # every later batch too, at about twice the time. Now a graph serves either the sizes
-    # below the plan table's first chunked size (no chunks) or those from there up (never
-    # more chunks than that size): two graphs, each batch run by the one for its range.
+    # below the plan table's first chunked size (no chunks) or those of one chunked range
+    # (never more chunks than its lowest size): a graph per range, each batch run by the one
+    # for its range.
     seen = _record_graph_plans(monkeypatch)
     graphs: list[int] = []  # the chunk count each compiled graph was traced with
     ran: list[int] = []  # which graph each call ran
@@ -318,10 +357,23 @@ def test_a_small_batch_does_not_unchunk_a_compiled_layer(fresh_dynamo, training,
     layer = TTLinear(1024, 1024, rank=8, in_modes=modes, out_modes=modes).train(training)
     reference = layer.to_linear().double()
     compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)
-    for rows in (2048, 3, 2048, 5, 8193):
+    table = ttlayers.contraction._plan_table_constant(
+        modes, modes, layer.ranks, torch.float32, "cpu", training
+    )
+    bounds = ttlayers.contraction._graph_bounds(table)
+    assert bounds and bounds[0] > 5
+
+    def graph_range(rows):
+        return sum(rows >= bound for bound in bounds)
+
+    traced_in: list[int] = []  # the range of the size each graph was traced at
+    for rows in (2048, 3, 2048, 5, 8193, 2048, 3):
         _compiled_step(compiled, reference, rows, training)
+        if len(traced_in) < len(graphs):
+            traced_in.append(graph_range(rows))
         assert (graphs[ran[-1]] > 1) == (rows > 5), (rows, graphs, ran)
-    assert len(graphs) == 2
+        assert traced_in[ran[-1]] == graph_range(rows), (rows, traced_in, ran)
+    assert len(graphs) == len({graph_range(rows) for rows in (2048, 3, 8193)})
 
 
 @needs_whole_graph
