@@ -100,6 +100,11 @@ CASES = [
     Case("4096 (8,8,8,8) r4 b128", 4096, 4096, 4, 128, M8, M8),
     Case("4096 (8,8,8,8) r64 b128", 4096, 4096, 64, 128, M8, M8),
     Case("4096 (8,8,8,8) r16 b1", 4096, 4096, 16, 1, M8, M8),
+    # Batch sizes whose compiled graph chunks less than eager code (capped by the range of
+    # batch sizes it serves) or did (one chunked range from 6 rows up: unchunked at 256).
+    Case("4096 (8,8,8,8) r16 b96", 4096, 4096, 16, 96, M8, M8),
+    Case("4096 (8,8,8,8) r16 b256", 4096, 4096, 16, 256, M8, M8),
+    Case("4096 (8,8,8,8) r16 b1024", 4096, 4096, 16, 1024, M8, M8),
     # A large batch: the intermediate of one unchunked two-block product would be 8x the input.
     Case("4096 (8,8,8,8) r16 b2048", 4096, 4096, 16, 2048, M8, M8),
     # Thin blocks at a large batch: a row of the two-block intermediate is larger than a row

@@ -15,6 +15,7 @@ import math
 import operator
 import string
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import TypeVar
 
@@ -668,16 +669,16 @@ def _graph_plan(
 ) -> Plan:
     """The plan of a graph that serves many batch sizes (see :func:`_one_plan`).
 
-    The best plan for the size the graph is traced at, from one of up to three ranges (see
-    :func:`_graph_bounds`): below the smallest batch size the plan table chunks, plans
-    without chunks; from each bound up to the next, plans of at most that bound's many
-    chunks, so that no chunk is ever empty (an empty chunk's products guard on the chunk size
-    being nonzero, and a batch below the chunk count would then compile a graph that replaces
-    the chunked one for every later size). A compiled graph guards on the bounds: at most
-    three graphs per layer shape. An exported graph (dynamic or strict; a static non-strict
-    export runs eager code's plan), which must take every size without a guard, and a size
-    known only from the data, take the plans without chunks. Plans differ in speed and
-    memory, never in their results.
+    One of up to three ranges of batch sizes holds the size the graph is traced at (see
+    :func:`_graph_bounds`). Below the first bound, the best plan without chunks for that
+    size; from a bound up to the next, eager code's plan for that size with at most as many
+    chunks as the bound, so that no chunk is ever empty (an empty chunk's products guard on
+    the chunk size being nonzero, and a batch below the chunk count would then compile a
+    graph that replaces the chunked one for every later size). A compiled graph guards on
+    the bounds: at most three graphs per layer shape. An exported graph (dynamic or strict;
+    a static non-strict export runs eager code's plan), which must take every size without a
+    guard, and a size known only from the data, take the plans without chunks. Plans differ
+    in speed and memory, never in their results.
     """
     example = _example_size(batch)
     table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
@@ -693,25 +694,33 @@ def _graph_plan(
 
 
 def _graph_bounds(table: tuple[tuple[int, Plan], ...]) -> list[int]:
-    """The lowest batch sizes of a compiled graph's chunked ranges, at most two.
+    """The lowest batch sizes of a compiled graph's chunked ranges: none, one or two.
 
-    The first is the table's first entry that chunks; the second, its first entry of more
-    chunks than the first bound, so that up to there a graph may chunk as the table does, and
-    beyond, as many times as the second bound. Each bound is a graph that Dynamo may compile
-    (it compiles at most 8 per frame), hence no more than two.
+    The first is the table's first chunked size, rounded up to a power of two, where the
+    first bounds of a model's other layer shapes tend to fall too (each distinct bound is one
+    more graph Dynamo may compile, and it compiles at most 8 per frame, batch 1 and the first
+    static graph included). The second, only where the table chunks more than the first,
+    is ``_GRAPH_TOP_BOUND``, one for every layer shape.
 
-    With one range from the first bound up, whose bound (rounded up to a power of two) also
-    capped the chunks, a training step of 4096 x 4096 (8, 8, 8, 8) at rank 16 and 256 rows
-    compiled to a plan of at most 8 chunks (the table chunks from 6 rows): unchunked, which
-    took 1.5 times eager code's 32 chunks (142 ms against 93 ms on the project's 2-core CPU).
+    With the first range alone, capped at its lowest size, a training step of 4096 x 4096
+    (8, 8, 8, 8) at rank 16 and 256 rows compiled to a plan of at most 8 chunks (the table
+    chunks from 6 rows): unchunked, which took 1.5 times eager code's 32 chunks (142 ms
+    against 93 ms on the project's 2-core CPU). A second bound per layer shape at the
+    table's first size of more chunks than the first bound let three layer shapes that chunk
+    early give 7 ranges, and a run of small batch sizes reached Dynamo's limit.
     """
-    bounds: list[int] = []
-    for lowest, plan in table:
-        if plan.chunks > (bounds[-1] if bounds else 1):  # more than the last range allows
-            bounds.append(lowest)
-            if len(bounds) == 2:
-                break
-    return bounds
+    first = next((lowest for lowest, plan in table if plan.chunks > 1), None)
+    if first is None:
+        return []
+    first = 1 << (first - 1).bit_length()
+    if first < _GRAPH_TOP_BOUND and any(plan.chunks > first for _, plan in table):
+        return [first, _GRAPH_TOP_BOUND]
+    return [first]
+
+
+# From this batch size up, a compiled graph may chunk as many times as a cost model chunks
+# for its cache by default (CostModel.max_chunks).
+_GRAPH_TOP_BOUND = 128
 
 
 @_assume_constant_result
@@ -723,10 +732,19 @@ def _one_plan_constant(
     dtype: torch.dtype,
     device_type: str,
     training: bool,
-    max_chunks: int | None,
+    max_chunks: int,
 ) -> Plan:
-    # The best plan for the example's size of at most max_chunks chunks. A constant of the
-    # graph for Dynamo, as the plan table is above.
+    # A constant of the graph for Dynamo, as the plan table is above. Chunked: eager code's
+    # plan for the example's size, with at most max_chunks chunks. Not the cost model's best
+    # plan of at most max_chunks: it ranks larger chunks, past the cache, too slow and an
+    # unchunked plan's page faults not at all, and it ran a training step of 4096 x 4096
+    # (8, 8, 8, 8) at rank 16 and 256 rows unchunked (1.65 times 16 chunks, while 8 chunks
+    # took 1.04 times and 4 chunks 1.17 times; benchmarks/bench_chunks.py). Unchunked: the
+    # best plan without chunks.
+    if max_chunks > 1:
+        table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
+        plan = next(plan for lowest, plan in reversed(table) if example_size >= lowest)
+        return replace(plan, chunks=min(plan.chunks, max_chunks))
     return choose_plan(
         example_size,
         in_modes,
@@ -736,7 +754,7 @@ def _one_plan_constant(
         device_type=device_type,
         threads=_threads(device_type),
         training=training,
-        max_chunks=max_chunks,
+        max_chunks=1,
     )
 
 

@@ -874,10 +874,10 @@ def choose_plan(
     a dense one in training, against which the two raised estimates compare.
 
     Arguments as for :func:`estimate_time`, and ``max_chunks``: choose only among the plans
-    of at most that many row chunks; ``1`` for a graph that serves every batch size
-    (``torch.export`` with a dynamic batch dimension), more for a compiled graph that serves
-    the batch sizes from there up, for which a plan of more chunks competes with
-    ``max_chunks`` of them instead (larger chunks, where the cache would want more).
+    of at most that many row chunks (``1`` for a graph that serves every batch size, such as
+    ``torch.export`` with a dynamic batch dimension); above 1, a plan of more chunks
+    competes with ``max_chunks`` of them instead (larger chunks, where the cache would want
+    more).
     """
     candidates = candidate_plans(
         batch,
@@ -892,9 +892,9 @@ def choose_plan(
     if max_chunks is not None and max_chunks <= 1:
         candidates = [plan for plan in candidates if plan.chunks <= max_chunks]
     elif max_chunks is not None:
-        # Else a compiled graph that serves batch sizes from a small bound up (the first
-        # size its plan table chunks, 48 rows for some layers) lost the two-block plans at
-        # large batches to the dense one, whose estimate was 1.3 times theirs.
+        # Dropped instead, a graph that served batch sizes from a small bound up (48 rows
+        # for some layers) lost the two-block plans at large batches to the dense one,
+        # whose estimate was 1.3 times theirs.
         capped = (replace(plan, chunks=min(plan.chunks, max_chunks)) for plan in candidates)
         candidates = list(dict.fromkeys(capped))
     # Within the memory nn.Linear would use, at the largest batch served (memory grows with
