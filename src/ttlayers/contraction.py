@@ -699,8 +699,8 @@ def _graph_bounds(table: tuple[tuple[int, Plan], ...]) -> list[int]:
     The first is the table's first chunked size, rounded up to a power of two, where the
     first bounds of a model's other layer shapes tend to fall too (each distinct bound is one
     more graph Dynamo may compile, and it compiles at most 8 per frame, batch 1 and the first
-    static graph included). The second, only where the table chunks more than the first,
-    is ``_GRAPH_TOP_BOUND``, one for every layer shape.
+    static graph included). The second, only where the first is below it and the table
+    chunks more than the first, is ``_GRAPH_TOP_BOUND``, one for every layer shape.
 
     With the first range alone, capped at its lowest size, a training step of 4096 x 4096
     (8, 8, 8, 8) at rank 16 and 256 rows compiled to a plan of at most 8 chunks (the table
@@ -737,10 +737,12 @@ def _one_plan_constant(
     # A constant of the graph for Dynamo, as the plan table is above. Chunked: eager code's
     # plan for the example's size, with at most max_chunks chunks. Not the cost model's best
     # plan of at most max_chunks: it ranks larger chunks, past the cache, too slow and an
-    # unchunked plan's page faults not at all, and it ran a training step of 4096 x 4096
-    # (8, 8, 8, 8) at rank 16 and 256 rows unchunked (1.65 times 16 chunks, while 8 chunks
-    # took 1.04 times and 4 chunks 1.17 times; benchmarks/bench_chunks.py). Unchunked: the
-    # best plan without chunks.
+    # unchunked plan's page faults not at all. For a training step of 4096 x 4096
+    # (8, 8, 8, 8) at rank 16 and 96 rows, one thread, capped at 8 chunks, that plan is
+    # unchunked: 1.49 times the fastest chunk count, where eager code's 24 chunks capped to
+    # 8 took 1.06 times (benchmarks/bench_chunks.py). Capped, a plan chunked for the memory
+    # bound may exceed it (by up to 1.2 times, at 2^16 rows and more). Unchunked: the best
+    # plan without chunks.
     if max_chunks > 1:
         table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
         plan = next(plan for lowest, plan in reversed(table) if example_size >= lowest)
@@ -789,8 +791,9 @@ def _example_size(batch: int | torch.SymInt) -> int:
     """The example's value of a symbolic size, read without adding a guard.
 
     A size known only from the data (unbacked: the rows of ``x[mask]``) has no example value:
-    1, whose plan suits small batches, which such sizes often are (PyTorch's own fallback,
-    8,192 rows, would give a plan of 128 chunks, nearly all empty for a few hundred rows).
+    1 (moved into the range ``torch._check`` gave the size, if any), whose plan suits small
+    batches, which such sizes often are (PyTorch's own fallback, 8,192 rows, would give a
+    plan of 128 chunks, nearly all empty for a few hundred rows).
     """
     from torch.fx.experimental import symbolic_shapes
 
