@@ -141,18 +141,20 @@ def test_compile_gives_eager_results_on_every_supported_torch(fresh_dynamo, buil
     ("threads", "modes", "rank", "rows", "bounds", "chunks"),
     [
         # Capped at the first bound (48, rounded up to 64), a graph at 2048 rows lost eager
-        # code's 64 chunks (and at 8192 rows the two-block plan altogether).
+        # code's 64 chunks (and at 8192 rows the two-block plan altogether). From 128 rows
+        # up, at most 64.
         (1, (4, 8, 8, 4), 8, 2048, [64, 128], 64),
         # The table chunks from 6 rows: capped at 8, a graph at 256 rows ran unchunked, 1.5
         # times eager code's 32 chunks (measured: 142 ms against 93 ms).
         (2, (8, 8, 8, 8), 16, 256, [8, 128], 32),
-        # Within the first chunked range, eager code's plan capped: at one thread 24 chunks
-        # to 8, 1.06 times the fastest count, where the cost model's best plan of at most
-        # 8 chunks is unchunked, 1.49 times (bench_chunks.py); at two threads 12 to 8.
-        (1, (8, 8, 8, 8), 16, 96, [8, 128], 8),
-        (2, (8, 8, 8, 8), 16, 96, [8, 128], 8),
-        # From the second bound up, at most 128 chunks (eager code: 139, for memory).
-        (2, (4, 8, 8, 4), 8, 16384, [64, 128], 128),
+        # Within the first chunked range, eager code's plan capped at half the range's
+        # lowest size: at one thread 24 chunks to 4, where the cost model's best plan of at
+        # most 4 chunks is unchunked (at 8: 1.49 times the fastest count, against 1.06 for
+        # 8 chunks; bench_chunks.py); at two threads 12 to 4.
+        (1, (8, 8, 8, 8), 16, 96, [8, 128], 4),
+        (2, (8, 8, 8, 8), 16, 96, [8, 128], 4),
+        # From the second bound up, at most 64 chunks (eager code: 139, for memory).
+        (2, (4, 8, 8, 4), 8, 16384, [64, 128], 64),
     ],
 )
 def test_a_compiled_graph_chunks_as_eager_code_does(
@@ -164,7 +166,7 @@ def test_a_compiled_graph_chunks_as_eager_code_does(
 
     Training; the thread count is patched, as the tables depend on it. The graph's plan (the
     one Dynamo would trace at that size, to serve a range of sizes) must be eager code's
-    with at most as many chunks as its range's lowest size.
+    with at most half as many chunks as its range's lowest size.
     """
 
     monkeypatch.setattr(ttlayers.contraction, "_threads", lambda device_type: threads)
@@ -180,9 +182,9 @@ def test_a_compiled_graph_chunks_as_eager_code_does(
 
 
 def test_graph_bounds_by_hand():
-    """Finds: a first bound not rounded up to a power of two, a second bound where the table
-    never chunks more than the first, or one below or at the first, or bounds with no
-    chunked entry."""
+    """Finds: a first bound not rounded up to a power of two (of at least 4, whose range may
+    chunk twice), a second bound where the table never chunks more than the first, or one
+    below or at the first, or bounds with no chunked entry."""
 
     def plan(chunks):
         return ttlayers.planner.Plan("twoblock", split=1, chunks=chunks)
@@ -192,6 +194,7 @@ def test_graph_bounds_by_hand():
     assert bounds(table) == [8]  # never more than 8 chunks
     assert bounds((*table, (96, plan(12)), (768, plan(96)))) == [8, 128]
     assert bounds(((0, plan(1)), (200, plan(4)), (400, plan(300)))) == [256]
+    assert bounds(((0, plan(1)), (2, plan(2)), (3, plan(3)))) == [4]
     assert bounds(((0, plan(1)), (8, ttlayers.planner.Plan("dense")))) == []
 
 
@@ -380,6 +383,36 @@ def test_a_small_batch_does_not_unchunk_a_compiled_layer(fresh_dynamo, training,
         assert (graphs[ran[-1]] > 1) == (rows > 5), (rows, graphs, ran)
         assert traced_in[ran[-1]] == graph_range(rows), (rows, traced_in, ran)
     assert len(graphs) == len({graph_range(rows) for rows in (2048, 3, 8193)})
+
+
+@needs_whole_graph
+def test_a_capped_compiled_graph_serves_the_lowest_size_of_its_range(fresh_dynamo, monkeypatch):
+    # Where eager code chunks more than a range's lowest size allows (4096 x 4096,
+    # (8, 8, 8, 8), rank 16, at 96 rows: 12 or 24 chunks, by the thread count), the graph
+    # traced there caps its chunks at half that size, so that the lowest sizes of the range
+    # still run it, each chunk of two rows or more: a chunk of one row (at 8 rows in 8
+    # chunks) failed Dynamo's guard against sizes 0 and 1, and the graph then compiled at 8
+    # rows, with 2 chunks, ran every later size of the range. One graph for 96 rows, the
+    # range's lowest sizes and 64 rows.
+    from torch._dynamo.testing import CompileCounter
+
+    seen = _record_graph_plans(monkeypatch)
+    torch.manual_seed(0)
+    modes = (8, 8, 8, 8)
+    layer = TTLinear(4096, 4096, rank=16, in_modes=modes, out_modes=modes)
+    table = ttlayers.contraction._plan_table_constant(
+        modes, modes, layer.ranks, torch.float32, "cpu", True
+    )
+    low = ttlayers.contraction._graph_bounds(table)[0]
+    eager = select_plan(96, modes, modes, layer.ranks, torch.float32, "cpu", True)
+    assert low <= 8 and eager.chunks > low  # the cap binds at 96 rows
+    reference = layer.to_linear().double()
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+    for rows in (96, low, low + 1, 2 * low - 1, 64, 96):
+        _compiled_step(compiled, reference, rows, True)
+    assert counter.frame_count == 1
+    assert seen["chunks"] == low // 2
 
 
 @needs_whole_graph

@@ -671,10 +671,11 @@ def _graph_plan(
 
     One of up to three ranges of batch sizes holds the size the graph is traced at (see
     :func:`_graph_bounds`). Below the first bound, the best plan without chunks for that
-    size; from a bound up to the next, eager code's plan for that size with at most as many
-    chunks as the bound, so that no chunk is ever empty (an empty chunk's products guard on
-    the chunk size being nonzero, and a batch below the chunk count would then compile a
-    graph that replaces the chunked one for every later size). A compiled graph guards on
+    size; from a bound up to the next, eager code's plan for that size with at most half as
+    many chunks as the bound, so that every chunk has two rows or more. (A chunk's products
+    guard on its size being neither 0 nor 1, the sizes Dynamo specializes: a batch that
+    made a chunk of one row or none would compile a graph, traced at that small size, that
+    replaced the chunked one for every later size of the range.) A compiled graph guards on
     the bounds: at most three graphs per layer shape. An exported graph (dynamic or strict;
     a static non-strict export runs eager code's plan), which must take every size without a
     guard, and a size known only from the data, take the plans without chunks. Plans differ
@@ -687,7 +688,7 @@ def _graph_plan(
         for bound in _graph_bounds(table):
             if not _known_at_least(batch, bound):
                 break
-            cap = bound
+            cap = bound // 2
     return _one_plan_constant(
         example, in_modes, out_modes, ranks, dtype, device_type, training, cap
     )
@@ -696,7 +697,8 @@ def _graph_plan(
 def _graph_bounds(table: tuple[tuple[int, Plan], ...]) -> list[int]:
     """The lowest batch sizes of a compiled graph's chunked ranges: none, one or two.
 
-    The first is the table's first chunked size, rounded up to a power of two, where the
+    The first is the table's first chunked size, rounded up to a power of two (at least 4,
+    so that its range may chunk), where the
     first bounds of a model's other layer shapes tend to fall too (each distinct bound is one
     more graph Dynamo may compile, and it compiles at most 8 per frame, batch 1 and the first
     static graph included). The second, only where the first is below it and the table
@@ -712,14 +714,14 @@ def _graph_bounds(table: tuple[tuple[int, Plan], ...]) -> list[int]:
     first = next((lowest for lowest, plan in table if plan.chunks > 1), None)
     if first is None:
         return []
-    first = 1 << (first - 1).bit_length()
+    first = max(4, 1 << (first - 1).bit_length())  # the range's plans get up to first // 2
     if first < _GRAPH_TOP_BOUND and any(plan.chunks > first for _, plan in table):
         return [first, _GRAPH_TOP_BOUND]
     return [first]
 
 
-# From this batch size up, a compiled graph may chunk as many times as a cost model chunks
-# for its cache by default (CostModel.max_chunks).
+# From this batch size up, a compiled graph may chunk 64 times, half the chunks a cost model
+# makes for its cache by default (CostModel.max_chunks).
 _GRAPH_TOP_BOUND = 128
 
 
@@ -738,11 +740,10 @@ def _one_plan_constant(
     # plan for the example's size, with at most max_chunks chunks. Not the cost model's best
     # plan of at most max_chunks: it ranks larger chunks, past the cache, too slow and an
     # unchunked plan's page faults not at all. For a training step of 4096 x 4096
-    # (8, 8, 8, 8) at rank 16 and 96 rows, one thread, capped at 8 chunks, that plan is
-    # unchunked: 1.49 times the fastest chunk count, where eager code's 24 chunks capped to
-    # 8 took 1.06 times (benchmarks/bench_chunks.py). Capped, a plan chunked for the memory
-    # bound may exceed it (by up to 1.2 times, at 2^16 rows and more). Unchunked: the best
-    # plan without chunks.
+    # (8, 8, 8, 8) at rank 16 and 96 rows, capped at 4 chunks, that plan is unchunked: at one
+    # thread 1.56 times the fastest chunk count, where 4 chunks took 1.11 times
+    # (benchmarks/bench_chunks.py). Capped, a plan chunked for the memory bound may exceed it
+    # (by up to 1.2 times, at 2^16 rows and more). Unchunked: the best plan without chunks.
     if max_chunks > 1:
         table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
         plan = next(plan for lowest, plan in reversed(table) if example_size >= lowest)
