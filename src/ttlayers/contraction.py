@@ -698,11 +698,11 @@ def _graph_bounds(table: tuple[tuple[int, Plan], ...]) -> list[int]:
     """The lowest batch sizes of a compiled graph's chunked ranges: none, one or two.
 
     The first is the table's first chunked size, rounded up to a power of two (at least 4,
-    so that its range may chunk), where the
-    first bounds of a model's other layer shapes tend to fall too (each distinct bound is one
-    more graph Dynamo may compile, and it compiles at most 8 per frame, batch 1 and the first
-    static graph included). The second, only where the first is below it and the table
-    chunks more than the first, is ``_GRAPH_TOP_BOUND``, one for every layer shape.
+    so that its range may chunk), where the first bounds of a model's other layer shapes
+    tend to fall too (each distinct bound is one more graph Dynamo may compile, and it
+    compiles at most 8 per frame, batch 1 and the first static graph included). The second,
+    only where the first is below it and the table chunks more than the first, is
+    ``_GRAPH_TOP_BOUND``, one for every layer shape.
 
     With the first range alone, capped at its lowest size, a training step of 4096 x 4096
     (8, 8, 8, 8) at rank 16 and 256 rows compiled to a plan of at most 8 chunks (the table
@@ -745,8 +745,7 @@ def _one_plan_constant(
     # (benchmarks/bench_chunks.py). Capped, a plan chunked for the memory bound may exceed it
     # (by up to 1.2 times, at 2^16 rows and more). Unchunked: the best plan without chunks.
     if max_chunks > 1:
-        table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)
-        plan = next(plan for lowest, plan in reversed(table) if example_size >= lowest)
+        plan = select_plan(example_size, in_modes, out_modes, ranks, dtype, device_type, training)
         return replace(plan, chunks=min(plan.chunks, max_chunks))
     return choose_plan(
         example_size,
