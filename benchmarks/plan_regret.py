@@ -12,6 +12,7 @@ Usage::
 
     python benchmarks/plan_regret.py                  # CPU, float32, 2 threads
     python benchmarks/plan_regret.py --threads 1 --json regret.json
+    python benchmarks/plan_regret.py --large --keep 3 --repeats 5   # 2,048-8,192 rows
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ CASES: list[tuple[int, int, int, int, tuple[int, ...] | None, tuple[int, ...] | 
     (4096, 4096, 16, 24, M8, M8),
     (4096, 4096, 16, 128, M8, M8),
     (4096, 11008, 16, 1, None, None),
+]
+# --large: where chunks stop fitting the cache and the memory bound sets their count.
+LARGE_CASES: list[tuple[int, int, int, int, tuple[int, ...] | None, tuple[int, ...] | None]] = [
+    (1024, 1024, 8, 2048, M4, M4),
+    (1024, 1024, 8, 8192, M4, M4),
+    (4096, 4096, 16, 1024, M8, M8),
+    (4096, 4096, 16, 4096, M8, M8),
 ]
 
 
@@ -130,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--keep", type=float, default=6.0, help="time plans within this factor")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--large", action="store_true", help="the large-batch cases instead (minutes each)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     records = []
     print("| case | pass | planner's choice | ms | fastest candidate | ms | regret |")
     print("|---|---|---|---|---|---|---|")
-    for case in CASES:
+    for case in LARGE_CASES if args.large else CASES:
         for training in (True, False):
             r = run_case(case, training, args)
             records.append(r)
