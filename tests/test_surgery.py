@@ -248,6 +248,40 @@ def test_shared_parameter_skipped_by_default_converted_by_filter_with_warning():
     assert isinstance(model.head, TTLinear)
 
 
+def test_a_shared_bias_is_a_tie_as_a_shared_weight_is():
+    # Two layers with one bias Parameter: converting both would give each its own copy.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 64))
+    model[2].bias = model[0].bias
+    report = tensorize_(model, rank=4)
+    assert [row.name for row in report.layers] == ["3"]
+    reasons = {skip.name: skip.reason for skip in report.skipped}
+    assert reasons["0"].startswith("bias is shared with '2.bias'")
+    assert reasons["2"].startswith("bias is shared with '0.bias'")
+    assert type(model[0]) is type(model[2]) is nn.Linear and model[0].bias is model[2].bias
+    model[2].weight = model[0].weight  # both: named together
+    with pytest.warns(UserWarning, match="whose weight and bias are shared with '2.weight', "):
+        tensorize_(model, rank=4, filter_fn=lambda module, name: name == "0")
+
+
+@pytest.mark.parametrize("features", [(64, 0), (0, 64)])
+def test_a_layer_with_no_weight_numbers_is_skipped(features):
+    # nn.Linear(0, n) and nn.Linear(n, 0) are valid layers; there is nothing to factor, and
+    # the rest of the model still converts, with or without a budget.
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
+        empty = nn.Linear(*features, dtype=torch.float64)
+    for options in ({"rank": 4}, {"compression": 2.0}):
+        model = nn.Sequential(nn.Linear(64, 64, dtype=torch.float64))
+        model.add_module("empty", empty)
+        report = tensorize_(model, **options)
+        assert [row.name for row in report.layers] == ["0"]
+        assert [skip.name for skip in report.skipped] == ["empty"]
+        assert "nothing to factor" in report.skipped[0].reason
+        assert model.empty is empty
+
+
 def test_a_budget_counts_a_tied_weight_once():
     # Two modules, one weight: the model has 64 * 64 weight parameters, and after conversion
     # one TT layer per module. Before, the budget and the report counted the weight twice:
@@ -448,6 +482,10 @@ def test_conversion_leaves_the_random_number_generator_alone(kwargs):
     state = torch.get_rng_state()
     tensorize_(model, **kwargs)
     layer = TTLinear.from_dense(linear, rank=2)
+    # Loading a checkpoint builds TT layers too, whose initial values it overwrites.
+    fresh = make_net()
+    state = torch.get_rng_state()
+    load_tensorized_(fresh, model.state_dict())
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.isfinite(core).all() for core in layer.cores)
 

@@ -358,6 +358,11 @@ def _structural_reason(model: nn.Module, linear: nn.Linear, names: list[str]) ->
         )
     if isinstance(linear.weight, nn.parameter.UninitializedParameter):
         return "lazy layer not initialized yet; run a forward pass first"
+    if linear.in_features == 0 or linear.out_features == 0:
+        return (
+            f"it maps {linear.in_features} to {linear.out_features} features: a weight of no "
+            "numbers has nothing to factor"
+        )
     if not isinstance(linear.weight, nn.Parameter):
         return (
             "its weight is computed by a hook (torch.nn.utils.prune, or the legacy weight_norm "
@@ -426,16 +431,17 @@ def tensorize_(
         - With ``filter_fn``, every ``nn.Linear`` for which ``filter_fn(module,
           qualified_name)`` is true (for a module under several names, true for any of them),
           whatever its compression.
-        - Without it, every ``nn.Linear`` whose weight is not shared with another module
-          (converting would untie it; select it with ``filter_fn`` to do so anyway) and,
+        - Without it, every ``nn.Linear`` whose weight and bias are not shared with another
+          module (converting would untie them; select it with ``filter_fn`` to do so anyway) and,
           without a budget, whose TT form at the requested ``rank``/``eps`` has fewer
           parameters than its dense weight; with a budget, that has some factorization with
           fewer (not a layer with one input or one output).
         - Never: layers that are already ``TTLinear``; the model itself; the ``out_proj`` of an
           ``nn.MultiheadAttention`` (which reads ``out_proj.weight`` directly); uninitialized
-          lazy layers; layers whose weight is parametrized (``torch.nn.utils.parametrize``) or
-          computed by a hook (``torch.nn.utils.prune``, the legacy ``weight_norm`` and
-          ``spectral_norm``); subclasses of ``nn.Linear`` that override ``forward``.
+          lazy layers; layers with no inputs or no outputs; layers whose weight is
+          parametrized (``torch.nn.utils.parametrize``) or computed by a hook
+          (``torch.nn.utils.prune``, the legacy ``weight_norm`` and ``spectral_norm``);
+          subclasses of ``nn.Linear`` that override ``forward``.
           Every ``nn.Linear`` not converted is listed in ``report.skipped`` with the reason.
 
     Guarantees:
@@ -547,25 +553,35 @@ def tensorize_(
 
     skipped: list[SkippedLayer] = []
     selected: list[tuple[nn.Linear, list[str]]] = []
-    untying: list[tuple[str, list[str]]] = []
+    untying: list[tuple[str, str]] = []  # (layer, what of it is shared with whom)
     for key, linear in linears.items():
         layer_names = names[key]
         reason = _structural_reason(model, linear, layer_names)
-        own = {f"{name}.weight".lstrip(".") for name in layer_names}
-        shared = (
-            []
+        own = {f"{name}.{kind}".lstrip(".") for name in layer_names for kind in ("weight", "bias")}
+        shared_by = (
+            {}
             if reason is not None  # e.g. a parametrized weight, computed on access
-            else [owner for owner in owners[id(linear.weight)] if owner not in own]
+            else {
+                kind: others
+                for kind, param in (("weight", linear.weight), ("bias", linear.bias))
+                if param is not None
+                and (others := [owner for owner in owners[id(param)] if owner not in own])
+            }
+        )
+        shared = [owner for others in shared_by.values() for owner in others]
+        tie = (
+            " and ".join(shared_by)
+            + (" are" if len(shared_by) > 1 else " is")
+            + f" shared with {', '.join(map(repr, shared))}"
         )
         if reason is None and filter_fn is not None:
             if not any(bool(filter_fn(linear, name)) for name in layer_names):
                 reason = "not selected by filter_fn"
             elif shared:
-                untying.append((layer_names[0], shared))
+                untying.append((layer_names[0], tie))
         elif reason is None and shared:
             reason = (
-                f"weight is shared with {', '.join(map(repr, shared))}; converting would untie "
-                "it (select it with filter_fn to convert anyway)"
+                f"{tie}; converting would untie them (select it with filter_fn to convert anyway)"
             )
         if reason is None and budgeted and filter_fn is None:
             reason = _cannot_shrink(linear)
@@ -604,10 +620,9 @@ def tensorize_(
         )
 
     # Warned before the swap: a warnings filter that raises must leave the model as it was.
-    for name, shared in untying:  # layers chosen by filter_fn are always converted
+    for name, tie in untying:  # layers chosen by filter_fn are always converted
         warnings.warn(
-            f"tensorize_ converts '{name}', whose weight is shared with "
-            f"{', '.join(map(repr, shared))}; the two will no longer be tied.",
+            f"tensorize_ converts '{name}', whose {tie}; they will no longer be tied.",
             UserWarning,
             stacklevel=2,
         )
@@ -1093,16 +1108,20 @@ def load_tensorized_(
             built[name] = by_module[id(module)]
             continue
         reference = module.cores[0] if isinstance(module, TTLinear) else module.weight
-        layer = TTLinear(
-            sizes[0],
-            sizes[1],
-            rank=ranks[1:-1],
-            in_modes=in_modes,
-            out_modes=out_modes,
-            bias=module.bias is not None,
-            device=reference.device,
-            dtype=reference.dtype,
-        )
+        # The initial cores are overwritten by the checkpoint: the global random number
+        # generators are put back, as load_state_dict leaves them.
+        device = reference.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            layer = TTLinear(
+                sizes[0],
+                sizes[1],
+                rank=ranks[1:-1],
+                in_modes=in_modes,
+                out_modes=out_modes,
+                bias=module.bias is not None,
+                device=device,
+                dtype=reference.dtype,
+            )
         _match_flags(layer, module, module.training)
         if layer.bias is not None and module.bias is not None and not lazy:
             # A checkpoint without the bias (strict=False) keeps the layer's own, as
