@@ -9,6 +9,7 @@ sums of a few hundred rows); "exact" recoveries are checked at 1e-6.
 import copy
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -494,6 +495,64 @@ def test_nan_activations_name_the_layer():
     with pytest.raises(ValueError, match=r"layer '1'.*NaN"):
         tensorize_(model, rank=2, calibration=calibration_data(), filter_fn=lambda m, n: n == "1")
     assert_unchanged(model, before)
+
+
+def test_activations_whose_squares_overflow_are_an_error_not_a_hang():
+    # Finite float64 inputs of 1e160: their sum of squares is inf, and the fit's search for a
+    # positive-definite ridge multiplied an infinite ridge by 10 forever.
+    x = 1e160 * calibration_data().double()
+    with pytest.raises(ValueError, match="overflow float64"):
+        ActivationStatistics.from_inputs(x)
+    linear = nn.Linear(16, 16).double()
+    with pytest.raises(ValueError, match="overflow float64"):
+        TTLinear.from_dense(linear, rank=2, inputs=x)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).double()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"layer '0'.*overflow float64"):
+        tensorize_(model, rank=2, calibration=x, filter_fn=lambda m, n: True)
+    assert_unchanged(model, before)
+    # At 1e150 the sums are finite (256 * 16 * 1e300 < 1.8e308): the fit runs.
+    layer = TTLinear.from_dense(linear, rank=2, inputs=1e150 * calibration_data().double())
+    assert all(torch.isfinite(core).all() for core in layer.cores)
+
+
+def test_a_ridge_that_overflows_is_an_error_not_a_hang():
+    # Statistics set by hand: an indefinite covariance of entries near float64's largest,
+    # which no finite ridge makes positive definite.
+    stats = ActivationStatistics(2)
+    stats.count = 1
+    stats.input_sum = torch.zeros(2, dtype=F64)
+    stats.input_gram = torch.tensor([[1e308, 0.0], [0.0, -1e308]], dtype=F64)
+    with pytest.raises(ValueError, match="cannot be made positive definite"):
+        weighted_problem(torch.eye(2, dtype=F64), stats, (2,))
+
+
+def test_a_transformer_encoder_packing_padded_batches_is_calibrated_on_its_real_tokens():
+    # Given a padding mask in eval mode, nn.TransformerEncoder packs the batch into a nested
+    # tensor of the real tokens and calls linear1/linear2 on it: the capture failed there
+    # ("NestedTensorImpl doesn't support sizes"), and so did TTLinear. Packed, the layers'
+    # samples are the real tokens only, which the same sequences unpadded, one per batch,
+    # also give: the two conversions agree to rounding (1e-9 on outputs of order 1).
+    def encoder():
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).double().eval()
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, 16, generator=g, dtype=F64)
+    lengths = [6, 4, 3, 5]
+    mask = torch.arange(6)[None, :] >= torch.tensor(lengths)[:, None]
+    packed, unpadded = encoder(), encoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested tensors' prototype warning; .weight reads
+        tensorize_(packed, rank=2, calibration=[{"src": x, "src_key_padding_mask": mask}])
+        tensorize_(unpadded, rank=2, calibration=[x[i : i + 1, :n] for i, n in enumerate(lengths)])
+        assert isinstance(packed.layers[1].linear2, TTLinear)
+        with torch.no_grad():
+            y = packed(x, src_key_padding_mask=mask)
+            for i, n in enumerate(lengths):
+                expected = unpadded(x[i : i + 1, :n])[0]
+                torch.testing.assert_close(y[i, :n], expected, rtol=0, atol=1e-9)
 
 
 def test_layer_the_data_never_reach_is_an_error():

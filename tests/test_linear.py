@@ -137,6 +137,33 @@ def test_leading_dims(shape):
     torch.testing.assert_close(y, x @ layer.to_dense().T + layer.bias)
 
 
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+@pytest.mark.parametrize("grad", [True, False])
+def test_nested_input_is_taken_as_f_linear_takes_it(layout, grad):
+    # nn.TransformerEncoder packs a padded batch into a nested tensor in eval mode and calls
+    # its linear layers on it; F.linear takes both layouts. Each tensor of the result and
+    # the gradients of the cores match a float64 dense computation on the unpacked tensors.
+    torch.manual_seed(0)
+    layer = TTLinear(24, 20, rank=3, in_modes=(2, 3, 4), out_modes=(5, 2, 2)).double()
+    parts = [torch.randn(n, 24, dtype=torch.float64) for n in (3, 1, 5)]
+    packed = torch.nested.as_nested_tensor(parts, layout=layout)
+    with torch.set_grad_enabled(grad):
+        out = layer(packed)
+    assert out.is_nested and out.layout == layout
+    w = tt_to_dense([core.detach() for core in layer.cores])
+    for got, x in zip(out.unbind(), parts, strict=True):
+        torch.testing.assert_close(got, x @ w.T + layer.bias, rtol=0, atol=1e-12)
+    if grad:
+        sum(got.square().sum() for got in out.unbind()).backward()
+        cores = [core.detach().requires_grad_() for core in layer.cores]
+        x = torch.cat(parts)
+        (x @ tt_to_dense(cores).T + layer.bias.detach()).square().sum().backward()
+        for core, reference in zip(layer.cores, cores, strict=True):
+            torch.testing.assert_close(core.grad, reference.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="expected input of shape"):
+        layer(torch.nested.as_nested_tensor([torch.randn(2, 23, dtype=torch.float64)]))
+
+
 def test_gradcheck_float64():
     torch.manual_seed(0)
     layer = TTLinear(12, 10, 3, in_modes=(2, 3, 2), out_modes=(1, 5, 2), dtype=torch.float64)

@@ -198,7 +198,9 @@ class ActivationStatistics:
         Raises:
             TypeError: If a batch is not a floating-point tensor.
             ValueError: If a batch has the wrong width or holds NaN/Inf, or ``reference`` is
-                given to unpaired statistics or missing for paired ones, or has another shape.
+                given to unpaired statistics or missing for paired ones, or has another shape,
+                or the sums of squares overflow float64 (values past about
+                ``1e154 / sqrt(N)``).
         """
         x = self._check("inputs", inputs)
         if self.paired != (reference is not None):
@@ -229,6 +231,15 @@ class ActivationStatistics:
         self.input_sum += x.sum(0)
         self.input_gram.addmm_(x.T, x)
         self.count += int(x.shape[0])
+        # Finite diagonals bound every other sum (Cauchy-Schwarz); an infinite one would send
+        # the fit's search for a positive-definite ridge into an endless loop.
+        grams = [self.input_gram] if reference is None else [self.input_gram, self.reference_gram]
+        if not all(bool(torch.isfinite(torch.diagonal(g)).all()) for g in grams if g is not None):
+            raise ValueError(
+                "the sums of squares of the inputs overflow float64 (largest |value| "
+                f"{float(x.abs().max()):.3g}); scale the calibration data down. These "
+                "statistics are unusable now."
+            )
 
     def _raw(self) -> tuple[torch.Tensor, ...]:
         """``(sum x, sum x°, sum x x^T, sum x x°^T, sum x° x°^T)``; ``x° = x`` if unpaired."""
@@ -433,6 +444,11 @@ def weighted_problem(
         raw_scale = float(torch.diagonal(statistics._raw()[2]).abs().max()) / statistics.count
         while int(info) != 0:
             delta = max(10.0 * delta, torch.finfo(_FLOAT).eps * raw_scale, 1e-300)
+            if not math.isfinite(delta):
+                raise ValueError(
+                    "the input covariance cannot be made positive definite in float64 (its "
+                    "entries are too large); scale the calibration data down."
+                )
             covariance = c_xx + delta * eye
             chol, info = torch.linalg.cholesky_ex(covariance)
     cross = w @ c_xr.T + delta * w  # T = W E[x° x^T] + δ W, (out, in)

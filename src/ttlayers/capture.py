@@ -227,7 +227,12 @@ class ActivationCapture:
         self._pass(index, batch, handles)
         if not seen:
             return None
-        rows = [x.reshape(-1, x.shape[-1]) for x in seen]
+        # A nested tensor (nn.TransformerEncoder's packed batch) holds no padding rows.
+        rows = [
+            row.reshape(-1, row.shape[-1])
+            for x in seen
+            for row in (x.unbind() if x.is_nested else (x,))
+        ]
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     def statistics(

@@ -883,7 +883,8 @@ def tt_linear(
     precision first, so each block is rounded once, as ``nn.Linear``'s weight is.
 
     Args:
-        input: Shape ``(*, prod m_k)``.
+        input: Shape ``(*, prod m_k)``; or a nested tensor of such tensors (the result is
+            nested too, of the same layout).
         cores: ``d`` tensors, core ``k`` of shape ``(r_k, m_k, n_k, r_{k+1})``, ``r_0 = r_d = 1``.
         bias: Shape ``(prod n_k,)``, or ``None``.
         plan: How to contract (one of :func:`ttlayers.planner.candidate_plans`); by default
@@ -899,6 +900,11 @@ def tt_linear(
             ``prod m_k``, the bias's shape is not ``(prod n_k,)``, or the input or the bias
             is on another device than the cores.
     """
+    if input.is_nested:
+        # nn.TransformerEncoder packs a padded batch into a nested tensor in eval mode, and
+        # F.linear takes one: each of its tensors goes through the layer.
+        parts = [tt_linear(part, cores, bias, plan=plan) for part in input.unbind()]
+        return torch.nested.as_nested_tensor(parts, layout=input.layout)
     device_type = input.device.type
     if (
         plan is None

@@ -176,10 +176,11 @@ class TTLinear(nn.Module):
         """Apply ``y = x W^T + b``.
 
         Args:
-            input: Shape ``(*, in_features)``.
+            input: Shape ``(*, in_features)``, or a nested tensor of such tensors (as
+                ``nn.TransformerEncoder`` makes of a padded batch).
 
         Returns:
-            Shape ``(*, out_features)``.
+            Shape ``(*, out_features)``; nested for a nested input.
 
         Raises:
             ValueError: If the last dimension of ``input`` is not ``in_features``, or the
@@ -198,7 +199,8 @@ class TTLinear(nn.Module):
                     "use torch.export."
                 )
             raise TypeError(f"TTLinear expected a tensor input; got {type(given).__name__}.")
-        if input.dim() == 0 or input.shape[-1] != self.in_features:
+        # A nested tensor's tensors are checked one by one (tt_linear).
+        if not input.is_nested and (input.dim() == 0 or input.shape[-1] != self.in_features):
             raise ValueError(
                 f"TTLinear expected input of shape (*, in_features={self.in_features}); got "
                 f"shape {tuple(input.shape)} with last dimension "

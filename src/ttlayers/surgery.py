@@ -411,7 +411,9 @@ def tensorize_(
         changed. The fit starts from TT-SVD at the same ranks and is never worse than it on
         the calibration data. Ranks come from ``rank``/``eps`` (as for TT-SVD) or from the
         budget. Passes run under ``torch.no_grad()`` in eval mode (training flags restored);
-        every row of a layer's input (every token, padding included) is a sample. The
+        every row of a layer's input is a sample: every token, padding included, except
+        where the model packs a padded batch into a nested tensor (``nn.TransformerEncoder``
+        in eval mode, given ``src_key_padding_mask``), which holds the real tokens only. The
         statistics are float64 sums on the layer's device; only one layer's exist at a time.
         A layer called several times in one forward pass (a number that may differ between
         batches) is fitted to the inputs of all its calls, those of its later calls coming
