@@ -255,6 +255,7 @@ def test_a_budget_above_the_model_never_makes_a_layer_larger(calibrated):
         ({"params": 5.0}, TypeError, "params"),
         ({"params": 100}, ValueError, "bias"),
         ({"params": 200}, ValueError, "budget"),
+        ({"compression": 1.01, "num_cores": 1}, ValueError, "num_cores=1 keeps each weight"),
     ],
 )
 def test_tensorize_bad_budgets_leave_the_model_alone(kwargs, kind, match):
@@ -623,6 +624,9 @@ def test_a_budget_of_just_the_biases_is_refused_for_the_biases():
     model = nn.Sequential(nn.Linear(7, 3)).double()
     with pytest.raises(ValueError, match="does not even cover the 3 bias parameters"):
         tensorize_(model, params=3)
+    model = nn.Sequential(nn.Linear(7, 3, bias=False)).double()
+    with pytest.raises(ValueError, match="budget 0 leaves no parameters for the cores"):
+        tensorize_(model, compression=100.0)
 
 
 def test_even_share_that_exactly_holds_the_smallest_form_is_accepted():

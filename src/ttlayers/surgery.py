@@ -524,6 +524,11 @@ def tensorize_(
     """
     _check_arguments(model, rank, eps, filter_fn, num_cores)
     _check_budget(compression, params, rank, eps)
+    if num_cores == 1 and (compression is not None or params is not None):
+        raise ValueError(
+            "num_cores=1 keeps each weight whole, one core of all its numbers: no budget can "
+            "make a layer smaller. Pass num_cores >= 2, or None to let the budget choose."
+        )
     budgeted = compression is not None or params is not None
     allocation, ridge, sweeps = _check_fit_options(
         allocation, ridge, sweeps, budgeted=budgeted, calibrated=calibration is not None
@@ -928,9 +933,14 @@ def _budget(
     dense = _count_parameters(*(lin for lin, _ in selected))
     budget = int(dense / compression) if compression is not None else int(params or 0)
     if budget <= sum(biases):
+        short = (
+            f"does not even cover the {sum(biases):,} bias parameters of"
+            if sum(biases)
+            else "leaves no parameters for the cores of"
+        )
         raise ValueError(
-            f"the parameter budget {budget:,} does not even cover the {sum(biases):,} bias "
-            f"parameters of the {len(selected)} selected layers; allow more parameters."
+            f"the parameter budget {budget:,} {short} the {len(selected)} selected layers; "
+            "allow more parameters."
         )
     if allocation == "even":
         shares = [int(budget * size / sum(sizes)) for size in sizes]
