@@ -394,6 +394,37 @@ def test_wrong_input_width_message_names_both_widths():
         layer(torch.tensor(1.0))
 
 
+def test_dtype_messages_give_advice_that_works():
+    # A complex input was told to convert the layer to complex or use autocast, and a float64
+    # input to use autocast, which leaves float64 alone: both led to a second error.
+    layer = TTLinear(24, 6, 2)
+    with pytest.raises(
+        TypeError, match=r"real floating-point.*complex64.*\.to\(torch\.float32\)\.$"
+    ):
+        layer(torch.ones(3, 24, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"float64\. .*\.to\(torch\.float64\)\.$") as error:
+        layer(torch.ones(3, 24, dtype=torch.float64))
+    assert "autocast" not in str(error.value)
+    with pytest.raises(TypeError, match=r"\.to\(torch\.float16\), or run under torch\.autocast"):
+        layer(torch.ones(3, 24, dtype=torch.float16))
+    with torch.autocast("cpu"), pytest.raises(TypeError, match="not float64 ones"):
+        layer(torch.ones(3, 24, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("features", [(1, 16), (16, 1), (16, 16)])
+def test_the_dense_weight_of_one_core_is_a_copy(features):
+    # One core is its own block; with one input or output feature its transpose was already
+    # contiguous, so W shared the core's memory and nn.init.zeros_(layer.weight) zeroed it.
+    torch.manual_seed(0)
+    layer = TTLinear(*features, num_cores=1)
+    before = layer.cores[0].detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # .weight's warning about its cost
+        nn.init.zeros_(layer.weight)
+    assert torch.equal(layer.cores[0], before)
+    assert layer.to_dense().data_ptr() != layer.cores[0].data_ptr()
+
+
 def test_integer_input_and_tt_linear_width_messages():
     layer = TTLinear(24, 6, 2)
     with pytest.raises(TypeError, match=r"floating-point.*int64.*\.to\(torch\.float32\)"):

@@ -220,7 +220,10 @@ def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     in_modes, out_modes, _ = core_shapes(cores)
     check_same_kind(cores)
     block = _dense_block(cores, len(cores) // 2)
-    return block.reshape(math.prod(in_modes), math.prod(out_modes)).t().contiguous()
+    w = block.reshape(math.prod(in_modes), math.prod(out_modes)).t()
+    # One core is its own block, and with one input or output feature its transpose is
+    # already contiguous: W would share the core's memory, and writing into W change it.
+    return w.clone(memory_format=torch.contiguous_format) if len(cores) == 1 else w.contiguous()
 
 
 def run_chain(plan: Plan, operands: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -976,7 +979,11 @@ def tt_linear(
             "tt_linear expected the input, the cores and the bias in one dtype; got input "
             f"{x.dtype}, cores {cores_dtype}"
             + ("" if bias is None else f", bias {bias.dtype}")
-            + "."
+            + (
+                " (under torch.autocast, which casts float32 tensors, not float64 ones)."
+                if autocast_enabled(device_type)
+                else "."
+            )
         )
     if plan is None:
         # A trace gets the inference plan whatever the grad mode: torch.jit.trace checks its

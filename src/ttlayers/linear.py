@@ -209,15 +209,17 @@ class TTLinear(nn.Module):
         cores = self._core_list()
         dtype = cores[0].dtype
         if input.dtype != dtype and not autocast_enabled(input.device.type):
-            if not (input.is_floating_point() or input.is_complex()):
+            if not input.is_floating_point():  # complex too: TT layers here are real
                 raise TypeError(
-                    f"TTLinear expected a floating-point input of dtype {dtype}, the dtype of "
-                    f"its cores; got {input.dtype}. Convert it with .to({dtype})."
+                    f"TTLinear expected a real floating-point input of dtype {dtype}, the dtype "
+                    f"of its cores; got {input.dtype}. Convert it with .to({dtype})."
                 )
+            # Autocast leaves float64 alone: no advice that would fail again.
+            autocast = "" if input.dtype == torch.float64 else ", or run under torch.autocast"
             raise TypeError(
                 f"TTLinear expected input of dtype {dtype}, the dtype of its cores; got "
                 f"{input.dtype}. Convert the input with .to({dtype}) or the layer with "
-                f".to({input.dtype}), or run under torch.autocast."
+                f".to({input.dtype}){autocast}."
             )
         # The contraction order is planned per input shape, dtype and device by
         # ttlayers.planner; under autocast, input, cores and bias all take the autocast dtype,
