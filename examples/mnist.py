@@ -33,6 +33,7 @@ import sys
 import time
 import urllib.request
 import warnings
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -132,7 +133,8 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as stream:
             data = stream.read()
-    except (OSError, EOFError) as error:  # BadGzipFile is an OSError; a cut .gz an EOFError
+    # BadGzipFile is an OSError, a cut .gz an EOFError, damaged compressed data a zlib.error.
+    except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{path} is corrupt or truncated ({error}); delete it and retry.") from None
     if len(data) < 4 or data[:3] != b"\x00\x00\x08":
         raise DataError(
@@ -256,8 +258,10 @@ def load_dataset(
     splits = []
     for images_path, labels_path in (paths[:2], paths[2:]):
         images, labels = read_idx(images_path), read_idx(labels_path)
-        if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise DataError(f"{images_path} must hold 28x28 images; got shape {images.shape}.")
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or images.shape[0] == 0:
+            raise DataError(
+                f"{images_path} must hold one or more 28x28 images; got shape {images.shape}."
+            )
         if labels.shape != images.shape[:1] or labels.max(initial=0) > 9:
             raise DataError(
                 f"{labels_path} must hold {images.shape[0]} labels in 0..9 to match "
@@ -542,8 +546,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--finetune-epochs", args.finetune_epochs, 0),
         ("--calibrate", args.calibrate, 0),
     ):
-        if value is not None and value < low:
-            parser.error(f"{flag} takes a number >= {low}; got {value}")
+        if value is not None and not low <= value <= sys.maxsize:
+            parser.error(f"{flag} takes a number from {low} to {sys.maxsize}; got {value}")
+    if not -(2**63) <= args.seed < 2**64:  # what torch.manual_seed takes
+        parser.error(f"--seed takes a number from {-(2**63)} to {2**64 - 1}; got {args.seed}")
     for flag, value in (("--lr", args.lr), ("--finetune-lr", args.finetune_lr)):
         if value is not None and not 0 < value < math.inf:
             parser.error(f"{flag} must be positive and finite; got {value}")

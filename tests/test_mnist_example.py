@@ -100,6 +100,27 @@ def test_read_idx_rejects_a_cut_gzip_stream(mnist, tmp_path):
         mnist.read_idx(path)
 
 
+def test_read_idx_rejects_damaged_compressed_data(mnist, tmp_path):
+    # The gzip header intact, the deflate stream damaged: zlib.error, which is no OSError.
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    packed = bytearray(gzip.compress(idx_bytes(np.arange(4 * 28 * 28).reshape(4, 28, 28) % 256)))
+    packed[20:40] = b"\xff" * 20
+    path.write_bytes(bytes(packed))
+    with pytest.raises(mnist.DataError, match=r"train-images-idx3-ubyte\.gz is corrupt"):
+        mnist.read_idx(path)
+
+
+def test_a_file_of_no_images_is_refused_before_training(mnist, tmp_path, capsys):
+    folder = write_dataset(tmp_path / "data", n_train=8, n_test=4)
+    (folder / FILES[2]).write_bytes(gzip.compress(idx_bytes(np.zeros((0, 28, 28)))))
+    (folder / FILES[3]).write_bytes(gzip.compress(idx_bytes(np.zeros(0))))
+    code = mnist.main(["--data-dir", str(folder), "--no-download", "--no-accel"])
+    assert code == 2
+    err = capsys.readouterr()
+    assert "must hold one or more 28x28 images" in err.err
+    assert "Train Epoch" not in err.out
+
+
 @pytest.mark.parametrize("header", [b"\x00\x00\x09\x01", b"\x1f\x8b\x08\x00", b"\x00\x00"])
 def test_read_idx_rejects_wrong_magic_number(mnist, tmp_path, header):
     path = tmp_path / "labels"
@@ -338,11 +359,13 @@ def test_end_to_end(mnist, tiny_data, tmp_path, mode):
     ("argv", "message"),
     [
         (["--convert", "--eps", "1.5"], "--eps is a relative error bound"),
-        (["--rank", "0"], "--rank takes a number >= 1"),
-        (["--batch-size", "0"], "--batch-size takes a number >= 1"),
-        (["--log-interval", "0"], "--log-interval takes a number >= 1"),
-        (["--epochs", "0"], "--epochs takes a number >= 1"),
-        (["--calibrate", "-3"], "--calibrate takes a number >= 0"),
+        (["--rank", "0"], "--rank takes a number from 1 to "),
+        (["--batch-size", "0"], "--batch-size takes a number from 1 to "),
+        (["--log-interval", "0"], "--log-interval takes a number from 1 to "),
+        (["--epochs", "0"], "--epochs takes a number from 1 to "),
+        (["--calibrate", "-3"], "--calibrate takes a number from 0 to "),
+        (["--test-batch-size", str(2**64)], "--test-batch-size takes a number from 1 to "),
+        (["--seed", str(2**64)], "--seed takes a number from"),
         (["--model", "ttmlp", "--eps", "0.5"], "--eps applies to --convert only"),
         (["--model", "ttmlp", "--finetune-epochs", "3"], "--finetune-epochs applies"),
         (["--model", "dense", "--rank", "3"], "--rank applies to the TT models"),
