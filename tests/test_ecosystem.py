@@ -226,6 +226,54 @@ def test_compile_fullgraph_no_graph_break_no_recompile(fresh_dynamo, build):
     assert counter.frame_count <= 2
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.compiler, "set_stance"), reason="needs torch.compiler.set_stance (2.6)"
+)
+def test_a_compiled_model_is_calibrated_eagerly(fresh_dynamo):
+    # A capture pass ends early by raising from a hook, which a graph compiled with
+    # fullgraph=True refused ("calibration batch 0 failed ... Unsupported"). The passes now
+    # run eagerly, and the conversion is the one of the model itself.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32))
+    reference = copy.deepcopy(model)
+    x = torch.randn(200, 64)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled(x)
+    options = {"rank": 3, "num_cores": 2, "calibration": x, "filter_fn": lambda m, n: True}
+    tensorize_(compiled, **options)
+    tensorize_(reference, **options)
+    for name, value in reference.state_dict().items():
+        assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+    assert_close(compiled(x), reference(x), **EAGER_TOL)
+
+
+@needs_whole_graph
+def test_a_jagged_nested_input_compiles_whole_and_keeps_its_ragged_size(fresh_dynamo):
+    # Before, TTLinear unbound a jagged tensor into its sequences: Dynamo could not guard on
+    # their sizes with fullgraph=True, and the result got new offsets, so that a residual
+    # x + layer(x) failed on "(3, j1, 16) and (3, j4, 16)".
+    torch.manual_seed(0)
+    layer = TTLinear(16, 16, rank=3)
+    generator = torch.Generator().manual_seed(1)
+    parts = [torch.randn(n, 16, generator=generator) for n in (3, 5, 2)]
+
+    def residual(module):
+        x = torch.nested.as_nested_tensor([p.clone() for p in parts], layout=torch.jagged)
+        x.requires_grad_()
+        return x, x + module(x)
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    for module in (compiled, layer):
+        layer.zero_grad()
+        x, y = residual(module)
+        assert y.shape[:2] == x.shape[:2]
+        y.values().square().sum().backward()
+        w = tt_to_dense([core.detach() for core in layer.cores])
+        for got, part in zip(y.unbind(), parts, strict=True):
+            assert_close(got, part + part @ w.T + layer.bias, **EAGER_TOL)
+        assert all(core.grad is not None for core in layer.cores)
+
+
 @needs_whole_graph
 def test_compile_dynamic_batch_gives_eager_results(fresh_dynamo):
     from torch._dynamo.testing import CompileCounter

@@ -88,16 +88,20 @@ def _call(model: nn.Module, batch: object) -> None:
 
 @contextlib.contextmanager
 def _calibrating(model: nn.Module) -> Iterator[None]:
-    """No grad, eval mode; restore every module's training flag afterwards.
+    """No grad, eval mode, eager; restore every module's training flag afterwards.
 
     The flags are set directly, not through ``model.eval()``: a model's own ``train()`` may
-    do more (freeze parameters, say), which could not be undone here.
+    do more (freeze parameters, say), which could not be undone here. A model wrapped by
+    ``torch.compile`` runs eagerly: its graphs would be compiled again for the hooks, and
+    with ``fullgraph=True`` the exception that ends a pass early is an error.
     """
     flags = [(module, module.training) for module in model.modules()]
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    eager = set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
     try:
         for module, _ in flags:
             module.training = False
-        with torch.no_grad():
+        with torch.no_grad(), eager:
             yield
     finally:
         for module, flag in flags:

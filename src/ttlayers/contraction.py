@@ -17,7 +17,7 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -904,8 +904,22 @@ def tt_linear(
             is on another device than the cores.
     """
     if input.is_nested:
-        # nn.TransformerEncoder packs a padded batch into a nested tensor in eval mode, and
-        # F.linear takes one: each of its tensors goes through the layer.
+        # F.linear takes nested tensors, and nn.TransformerEncoder packs a padded batch into
+        # one in eval mode. Jagged: the rows are one tensor, and the result keeps the
+        # input's offsets, so its ragged size is the input's (x + layer(x) works) and
+        # torch.compile traces it. Strided: each tensor goes through the layer.
+        if input.layout == torch.jagged:
+            jagged: Any = input  # a NestedTensor, whose offsets() and lengths() Tensor lacks
+            return torch.nested.nested_tensor_from_jagged(
+                tt_linear(jagged.values(), cores, bias, plan=plan),
+                offsets=jagged.offsets(),
+                lengths=jagged.lengths(),
+                jagged_dim=getattr(input, "_ragged_idx", 1),
+                # The sequence lengths the input has cached, as F.linear's result keeps them:
+                # a compiled backward expects its gradient to carry the same ones.
+                min_seqlen=getattr(input, "_maybe_min_seqlen", None),
+                max_seqlen=getattr(input, "_maybe_max_seqlen", None),
+            )
         parts = [tt_linear(part, cores, bias, plan=plan) for part in input.unbind()]
         return torch.nested.as_nested_tensor(parts, layout=input.layout)
     device_type = input.device.type
