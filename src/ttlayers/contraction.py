@@ -910,15 +910,19 @@ def tt_linear(
         # torch.compile traces it. Strided: each tensor goes through the layer.
         if input.layout == torch.jagged:
             jagged: Any = input  # a NestedTensor, whose offsets() and lengths() Tensor lacks
+            # The sequence lengths the input has cached, as F.linear's result keeps them: a
+            # compiled backward expects its gradient to carry the same ones.
+            cached = {
+                key: value
+                for key in ("min_seqlen", "max_seqlen")
+                if (value := getattr(jagged, f"_maybe_{key}", None)) is not None
+            }
             return torch.nested.nested_tensor_from_jagged(
                 tt_linear(jagged.values(), cores, bias, plan=plan),
                 offsets=jagged.offsets(),
                 lengths=jagged.lengths(),
-                jagged_dim=getattr(input, "_ragged_idx", 1),
-                # The sequence lengths the input has cached, as F.linear's result keeps them:
-                # a compiled backward expects its gradient to carry the same ones.
-                min_seqlen=getattr(input, "_maybe_min_seqlen", None),
-                max_seqlen=getattr(input, "_maybe_max_seqlen", None),
+                jagged_dim=getattr(jagged, "_ragged_idx", 1),
+                **cached,
             )
         parts = [tt_linear(part, cores, bias, plan=plan) for part in input.unbind()]
         return torch.nested.as_nested_tensor(parts, layout=input.layout)
