@@ -55,10 +55,23 @@ def make_model(
 
 
 def _wide_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """One 256 x 256 layer of rank 8 in 4 cores: the planner picks its "twoblock" plan (a custom
-    autograd.Function) for small batches, where make_model's layers use the other plans."""
+    """One 512 x 512 layer of rank 8 in 4 cores: the planner picks its "twoblock" plan (a custom
+    autograd.Function) up to 32 rows in training and at every batch in inference, where
+    make_model's layers use the other plans. (At 256 x 256 training takes the dense plan.)"""
     torch.manual_seed(seed)
-    return nn.Sequential(TTLinear(256, 256, rank=8, num_cores=4, dtype=dtype))
+    return nn.Sequential(TTLinear(512, 512, rank=8, num_cores=4, dtype=dtype))
+
+
+def test_the_wide_model_takes_the_two_block_plan():
+    """Finds: a cost model change that moves _wide_model off the custom autograd.Function,
+    so that the tests using it no longer check that path (at 256 x 256 training went dense)."""
+    layer = _wide_model()[0]
+    for training in (True, False):
+        for rows in (1, 3, 8, 32):
+            plan = select_plan(
+                rows, layer.in_modes, layer.out_modes, layer.ranks, torch.float32, "cpu", training
+            )
+            assert plan.kind == "twoblock", (rows, training, plan)
 
 
 def tt_layers(model: nn.Module) -> list[TTLinear]:
@@ -783,14 +796,14 @@ def test_jit_trace_never_builds_the_dense_weight(monkeypatch):
         raise AssertionError("the dense weight was built")
 
     monkeypatch.setattr(TTLinear, "to_dense", refuse)
-    traced = _trace(model, torch.randn(8, 256))
+    traced = _trace(model, torch.randn(8, 512))
     monkeypatch.undo()  # the float64 reference is built from to_dense
     _check_at_other_batch_sizes(traced, model, (3,))
 
 
 def test_jit_trace_reads_the_current_cores_and_backpropagates():
     model = _wide_model().eval()
-    x = torch.randn(8, 256)
+    x = torch.randn(8, 512)
     with torch.no_grad():
         model(x)  # an inference call first: its cached blocks must not enter the trace
     traced = _trace(model, x)
@@ -1279,13 +1292,14 @@ def test_per_sample_gradients_with_vmap_and_grad(build):
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-# Batch sizes that take different plans (two-block keeping its intermediate or not, dense).
-@pytest.mark.parametrize("rows", [1, 128, 512])
+# Batch sizes that take different plans in float64 (two-block keeping its intermediate, in 2
+# chunks, dense).
+@pytest.mark.parametrize("rows", [1, 64, 512])
 def test_activation_checkpointing_gives_the_same_gradients(rows, reentrant):
     from torch.utils.checkpoint import checkpoint
 
     model = _wide_model(dtype=torch.float64)
-    x = torch.randn(rows, 256, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(rows, model[0].in_features, dtype=torch.float64, requires_grad=True)
 
     def gradients(run) -> list[torch.Tensor]:
         model.zero_grad()
@@ -1303,7 +1317,7 @@ def test_forward_mode_ad_agrees_with_reverse_mode():
     model = _wide_model(dtype=torch.float64)
     params = {name: p.detach() for name, p in model.named_parameters()}
     tangents = {name: torch.randn_like(p) for name, p in params.items()}
-    x = torch.randn(4, 256, dtype=torch.float64)
+    x = torch.randn(4, model[0].in_features, dtype=torch.float64)
 
     def f(params):
         return torch.func.functional_call(model, params, (x,))

@@ -17,11 +17,13 @@ device:
   for very low ranks, where the blocks themselves would be large.
 
 The cost model counts, for each matrix product, ``2 m k n`` operations at a speed that drops
-when the smallest of ``m, k, n`` is small (``speed = peak * d / (d + half_dim)``), bounded
-below by the time to move its operands; every copy at the memory bandwidth; and a fixed
-overhead per operator call. The constants are per device type: the CPU defaults are
-measurements made with :func:`calibrate`, the CUDA ones are read off an H100's data sheet
-(see ``DEFAULT_COST_MODELS``); :func:`calibrate` measures your own.
+when the smallest of ``m, k, n`` is small (``speed = peak * d / (d + half_dim)``), plus the
+time to move its operands (a fraction of it where they are in the cache); every copy at the
+memory bandwidth; a fixed overhead per operator call; and on CPUs, per training step, a few
+dozen calls' worth more for the Python around a two-block plan or a chain, and the page
+faults of fresh tensors above 32 MiB. The constants are per device type: the CPU defaults
+are measurements made with :func:`calibrate`, the CUDA ones are read off an H100's data
+sheet (see ``DEFAULT_COST_MODELS``); :func:`calibrate` measures your own.
 
 A plan is chosen per (batch size, modes, ranks, dtype, device type, training or not). Plans
 are tabulated over batch sizes ``1, 2, 4, ...`` (in training ``1, 2, 3, 4, 6, 8, ...``) once
@@ -130,6 +132,8 @@ class CostModel:
         max_chunks: At most this many chunks: each costs a dozen operator calls.
         matrix_overhead: Seconds of fixed cost per matrix of a batched product.
         dtype_speedup: ``(dtype name, factor)`` pairs: the peak of a dtype relative to float32.
+        cache_traffic: The fraction of its memory traffic that a product whose operands are
+            in the cache still pays (0: none).
     """
 
     flops: float
@@ -140,6 +144,7 @@ class CostModel:
     max_chunks: int = 128
     matrix_overhead: float = 0.0
     dtype_speedup: tuple[tuple[str, float], ...] = ()
+    cache_traffic: float = 0.0
 
     def speedup(self, dtype: torch.dtype) -> float:
         """The peak of ``dtype`` relative to float32 (1.0 when not listed)."""
@@ -161,6 +166,7 @@ DEFAULT_COST_MODELS: dict[str, CostModel] = {
         cache_bytes=2**20,
         matrix_overhead=3e-7,
         dtype_speedup=(("float64", 0.5), ("bfloat16", 2.0), ("float16", 0.5)),
+        cache_traffic=0.3,
     ),
     "cuda": CostModel(
         flops=4.0e13,
@@ -183,7 +189,7 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
     Raises:
         TypeError: If ``model`` is neither a :class:`CostModel` nor ``None``.
         ValueError: If a speed, bandwidth or cost of ``model`` is not positive and finite
-            (or, for the costs, not ``>= 0``).
+            (or, for the costs, not ``>= 0``), or ``cache_traffic`` is not in ``[0, 1]``.
     """
     given: object = model  # checked as what a caller may pass, not as annotated
     if given is not None and not isinstance(given, CostModel):
@@ -201,6 +207,8 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
                 )
         if model.cache_bytes < 0 or model.max_chunks < 1:
             raise ValueError("model.cache_bytes must be >= 0 and model.max_chunks >= 1.")
+        if not 0 <= model.cache_traffic <= 1:
+            raise ValueError(f"model.cache_traffic must be in [0, 1]; got {model.cache_traffic!r}.")
     if model is None:
         _cost_models.pop(device_type, None)
         if device_type in DEFAULT_COST_MODELS:
@@ -225,6 +233,10 @@ class _Costing:
     speedup: float  # of the dtype, times the threads
     cache_bytes: int
     reuses_blocks: bool = False  # inference reuses merged blocks (ttlayers.contraction)
+    # On CPUs the Python around the products adds to the time (a GPU runs its kernels
+    # meanwhile; see _TWOBLOCK_TRAINING_CALLS), and so do the page faults of large
+    # temporaries (see _fault_time).
+    on_cpu: bool = False
 
     def gemm(
         self, batch: int, m: int, k: int, n: int, calls: int = 1, in_cache: bool = False
@@ -239,10 +251,10 @@ class _Costing:
         smallest = min(m, k, n)
         speed = self.model.flops * self.speedup * smallest / (smallest + self.model.half_dim)
         compute = 2.0 * batch * m * k * n / speed
-        traffic = 0.0
-        if not in_cache:
-            # The result is written back, which costs reading it first (write-allocate).
-            traffic = self.itemsize * batch * (m * k + k * n + 2 * m * n) / self.model.bandwidth
+        # The result is written back, which costs reading it first (write-allocate).
+        traffic = self.itemsize * batch * (m * k + k * n + 2 * m * n) / self.model.bandwidth
+        if in_cache:
+            traffic *= self.model.cache_traffic
         fixed = calls * self.model.overhead + (batch - 1) * self.model.matrix_overhead
         return compute + traffic + fixed
 
@@ -312,14 +324,18 @@ def _twoblock_time(
     allowance = c.model.cache_bytes if training and chunks == 1 else 2 * c.cache_bytes
     cached = rows * ms * r * nf * c.itemsize <= allowance
     rows_in, rows_out = batch * m1 * m2, batch * n1 * n2
+    glue = c.model.overhead * _TWOBLOCK_TRAINING_CALLS if c.on_cpu and training else 0.0
     if plan.batched_first:
-        return merge * (3 if training else 1) + _batched_time(
-            c, plan, batch, (m1, m2, n1, n2, r), cached, training
+        return (
+            glue
+            + merge * (3 if training else 1)
+            + _batched_time(c, plan, batch, (m1, m2, n1, n2, r), cached, training)
         )
     transposes = plan.first == "left"
     first_product = chunks * c.gemm(1, rows * ms, mf, r * nf, in_cache=cached)
     forward = (
-        merge
+        glue
+        + merge
         + first_product
         + chunks * c.gemm(rows, ns, ms * r, nf, in_cache=cached)
         + (c.copy(rows_in) + c.copy(rows_out) if transposes else 0.0)
@@ -361,6 +377,18 @@ def _twoblock_time(
         + c.copy(rows_out)  # bias gradient
     )
     return forward + backward
+
+
+# Operator calls' worth of fixed cost that a training step pays on CPUs beyond the products
+# and copies counted (on GPUs, unmeasured: none): for a two-block plan, the Python of its
+# autograd.Function (forward, setup_context, backward, and torch's binding of
+# Function.apply's arguments) and the views between the products; for a chain, einsum's
+# planning and permutes and their backward nodes. At 1 and 2 rows on the project's 2-core
+# CPU (1024 -> 1024, 784 -> 1024, 784 -> 256 and 512 -> 512 layers), a two-block training
+# step took up to 1.2 ms more than its estimate beyond the dense plan's excess, 0.6 ms
+# on average, and a chain 0.04-0.4 ms. Inference showed no excess that changed a choice.
+_TWOBLOCK_TRAINING_CALLS = 40
+_CHAIN_TRAINING_CALLS = 25
 
 
 def _batched_time(
@@ -410,7 +438,10 @@ def _dense_time(
         m1, m2, n1, n2, r = _blocks(plan, in_modes, out_modes, ranks)
         merge = _merge_cost(c, shapes[:s]) + _merge_cost(c, shapes[s:])
         merge += c.gemm(1, m1 * n1, r, m2 * n2) + c.copy(m * n)
-    forward = merge + c.gemm(1, batch, m, n)
+    # Tensors of the size of W made afresh: the merged blocks' product and W laid out as
+    # (N, M); in training also W's gradient and its copy in the blocks' layout.
+    fresh = (0 if s == 0 else 2) + (2 if training and s else 1 if training else 0)
+    forward = merge + c.gemm(1, batch, m, n) + fresh * _fault_time(c, m * n)
     if not training:
         return forward
     # Input gradient, weight gradient, and the merge backward (about twice its forward).
@@ -446,14 +477,40 @@ def _chain_time(
             math.prod(sizes[a] for a in group)
             for group in (batch_dims, set(left) - shared, contracted, set(right) - shared)
         ]
-        operands = math.prod(sizes[a] for a in left) + math.prod(sizes[a] for a in right)
+        left_size, right_size = (math.prod(sizes[a] for a in term) for term in (left, right))
+        operands = left_size + right_size
         out_size = math.prod(sizes[a] for a in result)
         # torch.einsum permutes both operands into a batched product and the result back,
         # and its backward does so for two products: copies of everything, at least twice.
+        # The step's result is fresh, and so are its operands' gradients.
         product = c.gemm(dims[0], dims[1], dims[2], dims[3])
-        forward += product + c.copy(operands + out_size, calls=4)
+        forward += product + c.copy(operands + out_size, calls=4) + _fault_time(c, out_size)
         backward += 2 * product + c.copy(2 * (operands + out_size), calls=8)
-    return forward + (backward if training else 0.0)
+        backward += _fault_time(c, left_size) + _fault_time(c, right_size)
+    if not training:
+        return forward
+    glue = c.model.overhead * _CHAIN_TRAINING_CALLS if c.on_cpu else 0.0
+    return forward + backward + glue
+
+
+def _fault_time(c: _Costing, elements: int) -> float:
+    """The page faults of a fresh tensor of ``elements`` on a CPU, where glibc maps it afresh.
+
+    glibc's ``malloc`` serves blocks above its largest mmap threshold (32 MiB on 64-bit
+    systems) from fresh mappings and unmaps them when they are freed, so every allocation
+    faults in all their pages. Measured on the project's 2-core CPU: a fresh 64 MiB tensor
+    filled in 32 ms, the same tensor refilled in 4 ms (16,385 faults: 1.7 us a page). The
+    dense plan of a 4096 x 4096 layer in inference, which makes two such tensors a call,
+    took 115 ms against an estimate of 52 ms without them.
+    """
+    nbytes = elements * c.itemsize
+    if not c.on_cpu or nbytes <= _MMAP_THRESHOLD_MAX:
+        return 0.0
+    return nbytes * _FAULT_SECONDS_PER_BYTE
+
+
+_MMAP_THRESHOLD_MAX = 32 * 2**20
+_FAULT_SECONDS_PER_BYTE = 28e-3 / 2**26  # 28 ms for 64 MiB
 
 
 _TIMERS = {"dense": _dense_time, "twoblock": _twoblock_time, "chain": _chain_time}
@@ -628,8 +685,10 @@ def _costing(dtype: torch.dtype, device_type: str, threads: int) -> _Costing:
     units = max(1, threads) if device_type == "cpu" else 1
     itemsize = torch.empty((), dtype=dtype).element_size()
     speedup = model.speedup(dtype) * units
-    reuse = device_type == "cpu"
-    return _Costing(model, itemsize, speedup, model.cache_bytes * units, reuses_blocks=reuse)
+    on_cpu = device_type == "cpu"
+    return _Costing(
+        model, itemsize, speedup, model.cache_bytes * units, reuses_blocks=on_cpu, on_cpu=on_cpu
+    )
 
 
 # --- candidates and the choice ----------------------------------------------------------------
@@ -1031,9 +1090,9 @@ def calibrate(
     Times, each the fastest of ``repeats`` runs: a tiny product (``overhead``); a large
     square product (``flops``); a batch of products with an inner dimension of 16 whose
     operands fit in the cache (``half_dim``, from how far below ``flops`` they run); and a
-    copy of 16 MiB (``bandwidth``). ``cache_bytes``, ``max_chunks``, ``matrix_overhead`` and
-    ``dtype_speedup`` are copied from the default model of the device type. Install the
-    result with :func:`set_cost_model`.
+    copy of 16 MiB (``bandwidth``). ``cache_bytes``, ``max_chunks``, ``matrix_overhead``,
+    ``dtype_speedup`` and ``cache_traffic`` are copied from the default model of the device
+    type. Install the result with :func:`set_cost_model`.
 
     Args:
         device: The device to measure.
@@ -1077,6 +1136,7 @@ def calibrate(
         max_chunks=default.max_chunks,
         matrix_overhead=default.matrix_overhead,
         dtype_speedup=default.dtype_speedup,
+        cache_traffic=default.cache_traffic,
     )
 
 
