@@ -439,8 +439,12 @@ def _dense_time(
         merge = _merge_cost(c, shapes[:s]) + _merge_cost(c, shapes[s:])
         merge += c.gemm(1, m1 * n1, r, m2 * n2) + c.copy(m * n)
     # Tensors of the size of W made afresh: the merged blocks' product and W laid out as
-    # (N, M); in training also W's gradient and its copy in the blocks' layout.
-    fresh = (0 if s == 0 else 2) + (2 if training and s else 1 if training else 0)
+    # (N, M); in training also W's gradient and its copy in the blocks' layout. (At split
+    # 0 the one core is W: only its gradient.)
+    if s == 0:
+        fresh = 1 if training else 0
+    else:
+        fresh = 4 if training else 2
     forward = merge + c.gemm(1, batch, m, n) + fresh * _fault_time(c, m * n)
     if not training:
         return forward
@@ -500,8 +504,8 @@ def _fault_time(c: _Costing, elements: int) -> float:
     systems) from fresh mappings and unmaps them when they are freed, so every allocation
     faults in all their pages. Measured on the project's 2-core CPU: a fresh 64 MiB tensor
     filled in 32 ms, the same tensor refilled in 4 ms (16,385 faults: 1.7 us a page). The
-    dense plan of a 4096 x 4096 layer in inference, which makes two such tensors a call,
-    took 115 ms against an estimate of 52 ms without them.
+    dense plan of a 4096 x 4096 layer at rank 64 and 128 rows in inference, which makes two
+    such tensors a call, took 115 ms against an estimate of 52 ms without them.
     """
     nbytes = elements * c.itemsize
     if not c.on_cpu or nbytes <= _MMAP_THRESHOLD_MAX:
