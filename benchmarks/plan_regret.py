@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nregret: geometric mean {geomean:.3f}, worst {max(regrets):.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "torch": torch.__version__, "records": records}, f)
+            setup = {"threads": args.threads, "steps": args.steps, "keep": args.keep}
+            setup["cases"] = "large" if args.large else "moderate" if args.moderate else "default"
+            json.dump({**setup, "torch": torch.__version__, "records": records}, f)
     return 0
 
 

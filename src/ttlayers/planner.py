@@ -21,9 +21,9 @@ when the smallest of ``m, k, n`` is small (``speed = peak * d / (d + half_dim)``
 time to move its operands (a fraction of it where they are in the cache); every copy at the
 memory bandwidth; a fixed overhead per operator call; and on CPUs, per training step, a few
 dozen calls' worth more for the Python around a two-block plan or a chain, and the page
-faults of fresh tensors above 32 MiB. The constants are per device type: the CPU defaults
-are measurements made with :func:`calibrate`, the CUDA ones are read off an H100's data
-sheet (see ``DEFAULT_COST_MODELS``); :func:`calibrate` measures your own.
+faults of fresh tensors of 32 MiB or more. The constants are per device type: the CPU
+defaults are measurements made with :func:`calibrate`, the CUDA ones are read off an H100's
+data sheet (see ``DEFAULT_COST_MODELS``); :func:`calibrate` measures your own.
 
 A plan is chosen per (batch size, modes, ranks, dtype, device type, training or not). Plans
 are tabulated over batch sizes ``1, 2, 4, ...`` (in training ``1, 2, 3, 4, 6, 8, ...``) once
@@ -243,8 +243,9 @@ class _Costing:
     ) -> float:
         """``batch`` products ``(m, k) @ (k, n)`` in ``calls`` operator calls.
 
-        Plus the memory traffic of the operands, unless they are in cache: a product with a
-        small inner dimension and a large result spends as long writing it as computing it.
+        Plus the memory traffic of the operands (``cache_traffic`` of it where they are in
+        cache): a product with a small inner dimension and a large result spends as long
+        writing it as computing it.
         """
         if min(batch, m, k, n) == 0:
             return calls * self.model.overhead
@@ -313,14 +314,15 @@ def _twoblock_time(
         merge = c.copy(sum(math.prod(shape) for shape in shapes), calls=len(shapes))
     chunks = plan.chunks
     rows = -(-batch // chunks)
-    # A chunk's intermediate that fits in the cache costs no memory traffic. An unchunked
-    # plan in training gets one thread's cache, whatever the threads: each step makes three
-    # tensors of Z's size afresh (Z, its per-row products or Q, and dZ), and glibc's malloc
-    # hands their pages back to the system at the end of the step and faults them in again
-    # on the next (benchmarks/bench_chunks.py: 1,200-2,400 page faults a step and 1.2-1.5
-    # times the fastest chunk count's time, 1024 x 1024 at rank 8, batch 96-127, Z 3-4 MB;
-    # in a stack of four such layers, 2 chunks took 0.85-0.99 times its time from Z = 1.25
-    # MB, and 0.90-0.95 in a stack of 4096 x 4096 layers from 1.5 MB).
+    # A chunk's intermediate that fits in the cache costs only cache_traffic of its memory
+    # traffic. An unchunked plan in training gets one thread's cache, whatever the threads:
+    # each step makes three tensors of Z's size afresh (Z, its per-row products or Q, and
+    # dZ), and glibc's malloc hands their pages back to the system at the end of the step
+    # and faults them in again on the next (benchmarks/bench_chunks.py: 1,200-2,400 page
+    # faults a step and 1.2-1.5 times the fastest chunk count's time, 1024 x 1024 at rank
+    # 8, batch 96-127, Z 3-4 MB; in a stack of four such layers, 2 chunks took 0.85-0.99
+    # times its time from Z = 1.25 MB, and 0.90-0.95 in a stack of 4096 x 4096 layers from
+    # 1.5 MB).
     allowance = c.model.cache_bytes if training and chunks == 1 else 2 * c.cache_bytes
     cached = rows * ms * r * nf * c.itemsize <= allowance
     rows_in, rows_out = batch * m1 * m2, batch * n1 * n2
@@ -438,10 +440,10 @@ def _dense_time(
         m1, m2, n1, n2, r = _blocks(plan, in_modes, out_modes, ranks)
         merge = _merge_cost(c, shapes[:s]) + _merge_cost(c, shapes[s:])
         merge += c.gemm(1, m1 * n1, r, m2 * n2) + c.copy(m * n)
-    # Tensors of the size of W made afresh: the merged blocks' product and W laid out as
-    # (N, M); in training also W's gradient and its copy in the blocks' layout. (At split
-    # 0 the one core is W: only its gradient.)
-    if s == 0:
+    # Tensors of the size of W made afresh: the merged blocks' product and its copy in the
+    # layer's layout; in training also W's gradient and its copy in the blocks' layout. (A
+    # single core is W: only its gradient.)
+    if len(shapes) == 1:
         fresh = 1 if training else 0
     else:
         fresh = 4 if training else 2
@@ -502,13 +504,14 @@ def _fault_time(c: _Costing, elements: int) -> float:
 
     glibc's ``malloc`` serves blocks above its largest mmap threshold (32 MiB on 64-bit
     systems) from fresh mappings and unmaps them when they are freed, so every allocation
-    faults in all their pages. Measured on the project's 2-core CPU: a fresh 64 MiB tensor
+    faults in all their pages. A tensor of exactly 32 MiB is one of them: PyTorch's aligned
+    allocation asks for a little more. Measured on the project's 2-core CPU: a fresh 64 MiB tensor
     filled in 32 ms, the same tensor refilled in 4 ms (16,385 faults: 1.7 us a page). The
     dense plan of a 4096 x 4096 layer at rank 64 and 128 rows in inference, which makes two
     such tensors a call, took 115 ms against an estimate of 52 ms without them.
     """
     nbytes = elements * c.itemsize
-    if not c.on_cpu or nbytes <= _MMAP_THRESHOLD_MAX:
+    if not c.on_cpu or nbytes < _MMAP_THRESHOLD_MAX:
         return 0.0
     return nbytes * _FAULT_SECONDS_PER_BYTE
 
