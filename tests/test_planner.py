@@ -340,14 +340,15 @@ def test_a_cpu_training_step_pays_the_glue_of_its_plan_kind(monkeypatch):
 
 
 def test_fresh_tensors_above_glibcs_mmap_threshold_pay_their_page_faults(monkeypatch):
-    """Finds: a dense plan's W-sized temporaries charged no page faults above 32 MiB (or
+    """Finds: a dense plan's W-sized temporaries charged no page faults from 32 MiB up (or
     below it, or on GPUs), or a chain's large steps charged none.
 
     4096 x 4096 (8, 8, 8, 8), W of 64 MiB in float32: the dense plan at split 2 makes two
-    W-sized tensors in inference (the merged blocks' product and W as (N, M)) and four in a
-    training step, each 64 MiB of faults; 1024 x 1024's W (4 MiB) stays in the heap; "cuda"
-    has none. A chain pays for its steps above 32 MiB (at rank 64 and 128 rows they hold
-    tens of millions of numbers), more in training (their operands' gradients too).
+    W-sized tensors in inference (the merged blocks' product and its copy in the layer's
+    layout) and four in a training step, each 64 MiB of faults; 1024 x 1024's W (4 MiB)
+    stays in the heap; "cuda" has none. A chain pays for its steps from 32 MiB up (at rank
+    64 and 128 rows they hold tens of millions of numbers), more in training (their
+    operands' gradients too).
     """
 
     rate = planner._FAULT_SECONDS_PER_BYTE
