@@ -232,10 +232,10 @@ class _Costing:
     itemsize: int
     speedup: float  # of the dtype, times the threads
     cache_bytes: int
-    reuses_blocks: bool = False  # inference reuses merged blocks (ttlayers.contraction)
-    # On CPUs the Python around the products adds to the time (a GPU runs its kernels
-    # meanwhile; see _TWOBLOCK_TRAINING_CALLS), and so do the page faults of large
-    # temporaries (see _fault_time).
+    # On CPUs inference reuses merged blocks (ttlayers.contraction), the Python around the
+    # products adds to the time (a GPU runs its kernels meanwhile; see
+    # _TWOBLOCK_TRAINING_CALLS), and so do the page faults of large temporaries (see
+    # _fault_time).
     on_cpu: bool = False
 
     def gemm(
@@ -310,7 +310,7 @@ def _twoblock_time(
     ms, mf, ns, nf = (m1, m2, n1, n2) if plan.first == "right" else (m2, m1, n2, n1)
     shapes = _core_shapes(in_modes, out_modes, ranks)
     merge = _merge_cost(c, shapes[: plan.split]) + _merge_cost(c, shapes[plan.split :])
-    if c.reuses_blocks and not training:  # checking that the cores are unchanged instead
+    if c.on_cpu and not training:  # reusing the blocks, checking the cores are unchanged
         merge = c.copy(sum(math.prod(shape) for shape in shapes), calls=len(shapes))
     chunks = plan.chunks
     rows = -(-batch // chunks)
@@ -693,9 +693,7 @@ def _costing(dtype: torch.dtype, device_type: str, threads: int) -> _Costing:
     itemsize = torch.empty((), dtype=dtype).element_size()
     speedup = model.speedup(dtype) * units
     on_cpu = device_type == "cpu"
-    return _Costing(
-        model, itemsize, speedup, model.cache_bytes * units, reuses_blocks=on_cpu, on_cpu=on_cpu
-    )
+    return _Costing(model, itemsize, speedup, model.cache_bytes * units, on_cpu=on_cpu)
 
 
 # --- candidates and the choice ----------------------------------------------------------------
