@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import ttlayers.contraction
 from ttlayers import TTLinear, tt_to_dense
 from ttlayers.contraction import tt_linear
 from ttlayers.planner import Plan, candidate_plans
@@ -64,8 +65,15 @@ def test_to_dense_matches_entrywise_formula(in_modes, out_modes, rank):
     torch.manual_seed(0)
     layer = make(in_modes, out_modes, rank, dtype=torch.float64)
     expected = reference_dense(list(layer.cores))
+    dense = layer.to_dense().detach()
     # float64 products of d <= 6 factors: rounding ~1e-16 relative; 1e-12 is far above it.
-    np.testing.assert_allclose(layer.to_dense().detach().numpy(), expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dense.numpy(), expected, rtol=1e-12, atol=1e-14)
+    # W is a fresh contiguous tensor, also where modes of 1 make its last copy a view:
+    # writing into it leaves the cores alone.
+    assert dense.is_contiguous()
+    before = [core.detach().clone() for core in layer.cores]
+    dense.fill_(7.0)
+    assert all(torch.equal(core, old) for core, old in zip(layer.cores, before, strict=True))
 
 
 def test_weight_is_the_dense_matrix_for_code_that_reads_it():
@@ -162,6 +170,30 @@ def test_nested_input_is_taken_as_f_linear_takes_it(layout, grad):
             torch.testing.assert_close(core.grad, reference.grad, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="expected input of shape"):
         layer(torch.nested.as_nested_tensor([torch.randn(2, 23, dtype=torch.float64)]))
+
+
+def test_a_strided_nested_input_of_several_dims_goes_through_as_its_rows(monkeypatch):
+    # A strided nested tensor's tensors may differ in every dimension but the last: all
+    # their rows go through one call (one plan chosen, not one per tensor), and each result
+    # keeps its tensor's leading shape.
+    torch.manual_seed(0)
+    layer = TTLinear(24, 20, rank=3, in_modes=(2, 3, 4), out_modes=(5, 2, 2)).double()
+    parts = [torch.randn(*shape, 24, dtype=torch.float64) for shape in ((2, 3), (1, 4), (0, 2))]
+    batches = []
+    select = ttlayers.contraction.select_plan
+    monkeypatch.setattr(
+        ttlayers.contraction, "select_plan", lambda b, *a: batches.append(b) or select(b, *a)
+    )
+    with torch.no_grad():
+        out = layer(torch.nested.as_nested_tensor(parts))
+    assert batches == [10]
+    w = tt_to_dense(list(layer.cores)).detach()
+    for got, x in zip(out.unbind(), parts, strict=True):
+        torch.testing.assert_close(got, x @ w.T + layer.bias, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"expected input of shape \(\*, 24\).*\(3, 23\)"):
+        layer(torch.nested.as_nested_tensor([torch.randn(2, 24), torch.randn(3, 23)]).double())
+    with pytest.raises(ValueError, match=r"expected input of shape \(\*, 24\)"):
+        layer(torch.nested.as_nested_tensor([torch.tensor(1.0)]).double())
 
 
 def test_gradcheck_float64():

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import doctest
 import math
+import pickle
 import warnings
 
 import numpy as np
@@ -506,31 +507,76 @@ def test_numpy_scalars_are_accepted_as_numbers():
     assert tensorize_(ratio, compression=np.float32(4.0)).budget == int(8320 / 4)
 
 
-def test_converted_transformer_runs_in_torch_fast_path():
-    # nn.TransformerEncoderLayer in eval mode without gradients reads linear1.weight and
-    # linear2.weight for its fused kernel: TTLinear.weight gives the dense matrices.
-    torch.manual_seed(0)
+def _encoder() -> nn.TransformerEncoder:
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+def _unfused(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``encoder(x)`` with every module's own forward: PyTorch's fused kernel switched off."""
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return encoder(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+def test_a_converted_transformer_layer_runs_its_tt_layers_not_the_fused_kernel():
+    # In eval mode without gradients nn.TransformerEncoderLayer runs a fused kernel on
+    # linear1.weight and linear2.weight, unless a module of the layer has a hook.
+    # TTLinear.weight, which warns on every read here, would rebuild the dense matrices.
+    torch.manual_seed(0)
+    encoder = _encoder()
     report = tensorize_(encoder, rank=4)
     assert {row.name.rpartition(".")[2] for row in report.layers} == {"linear1", "linear2"}
     encoder.eval()
     x = torch.randn(2, 5, 32)
+    reference = copy.deepcopy(encoder).double()
     with torch.no_grad():
-        with pytest.warns(UserWarning, match="TTLinear.weight"):  # the fused path reads it
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y = encoder(x)
+        expected = _unfused(reference, x.double())
+        # float32 through two encoder layers against float64: ~100 units of float32 roundoff.
+        torch.testing.assert_close(y, expected.float(), rtol=1e-5, atol=1e-5)
+        # Without the hooks the fused kernel runs, on the rebuilt weights, to the same result.
+        for module in encoder.modules():
+            module._forward_pre_hooks.clear()
+        with pytest.warns(UserWarning, match="TTLinear.weight"):
             fused = encoder(x)
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            unfused = encoder(x)  # every TTLinear through its own forward
-        finally:
-            torch.backends.mha.set_fastpath_enabled(True)
-    # float32 through two encoder layers computed two ways: 1e-5 is ~100 units of roundoff.
-    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused, expected.float(), rtol=1e-5, atol=1e-5)
+    # Only the converted layers of a transformer layer get the hook.
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    tensorize_(model, rank=4)
+    assert all(not module._forward_pre_hooks for module in model.modules())
+
+
+def test_a_transformer_converted_by_loading_or_unpickled_keeps_off_the_fused_kernel():
+    torch.manual_seed(0)
+    converted = _encoder()
+    tensorize_(converted, rank=4)
+    loaded = _encoder()
+    load_tensorized_(loaded, converted.state_dict())
+    unpickled = pickle.loads(pickle.dumps(converted))
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # TTLinear.weight warns: the fused kernel ran
+        expected = converted.eval()(x)
+        for model in (loaded.eval(), unpickled.eval(), copy.deepcopy(converted)):
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # the same modules
+
+
+def test_converted_transformer_compiles_whole():
+    torch.manual_seed(0)
+    encoder = _encoder()
+    tensorize_(encoder, rank=4)
+    encoder.eval()
+    x = torch.randn(2, 5, 32)
     torch._dynamo.reset()
     try:
         compiled = torch.compile(encoder, backend="aot_eager", fullgraph=True)
-        with torch.no_grad():  # the fused path reads .weight while Dynamo traces
-            torch.testing.assert_close(compiled(x), fused, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), _unfused(encoder, x), rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.reset()
 

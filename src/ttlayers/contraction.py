@@ -219,11 +219,24 @@ def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     in_modes, out_modes, _ = core_shapes(cores)
     check_same_kind(cores)
-    block = _dense_block(cores, len(cores) // 2)
-    w = block.reshape(math.prod(in_modes), math.prod(out_modes)).t()
-    # One core is its own block, and with one input or output feature its transpose is
-    # already contiguous: W would share the core's memory, and writing into W change it.
-    return w.clone(memory_format=torch.contiguous_format) if len(cores) == 1 else w.contiguous()
+    if len(cores) == 1:
+        # With one input or output feature the core's transpose is already contiguous: W
+        # would share the core's memory, and writing into W change it.
+        w = cores[0].reshape(in_modes[0], out_modes[0]).t()
+        return w.clone(memory_format=torch.contiguous_format)
+    split = len(cores) // 2
+    left, right = merge_cores(cores[:split]), merge_cores(cores[split:])
+    _, m_left, n_left, rank = left.shape
+    _, m_right, n_right, _ = right.shape
+    # One product and one copy of W's size. The blocks are laid out (n, m) first, so that
+    # the product's (n_left, m_left, n_right, m_right) needs only its middle axes swapped:
+    # the copy moves runs of m_right contiguous entries. (The block (1, M, N, 1) of the dense
+    # plan, transposed, took two copies of W's size: 2.7-5 times as long on the project's
+    # CPU for the layers of benchmarks/bench_encoder.py.)
+    a = left.reshape(m_left, n_left, rank).transpose(0, 1).reshape(n_left * m_left, rank)
+    b = right.reshape(rank, m_right, n_right).transpose(1, 2).reshape(rank, n_right * m_right)
+    product = torch.mm(a, b).view(n_left, m_left, n_right, m_right)
+    return product.transpose(1, 2).contiguous().view(n_left * n_right, m_left * m_right)
 
 
 def run_chain(plan: Plan, operands: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -907,7 +920,7 @@ def tt_linear(
         # F.linear takes nested tensors, and nn.TransformerEncoder packs a padded batch into
         # one in eval mode. Jagged: the rows are one tensor, and the result keeps the
         # input's offsets, so its ragged size is the input's (x + layer(x) works) and
-        # torch.compile traces it. Strided: each tensor goes through the layer.
+        # torch.compile traces it. Strided: the rows of all its tensors, in one call.
         if input.layout == torch.jagged:
             jagged: Any = input  # a NestedTensor, whose offsets() and lengths() Tensor lacks
             # The sequence lengths the input has cached, as F.linear's result keeps them: a
@@ -924,7 +937,22 @@ def tt_linear(
                 jagged_dim=getattr(jagged, "_ragged_idx", 1),
                 **cached,
             )
-        parts = [tt_linear(part, cores, bias, plan=plan) for part in input.unbind()]
+        tensors = input.unbind()
+        if not tensors or tensors[0].dim() == 0 or len({t.shape[-1] for t in tensors}) > 1:
+            # Each through the layer, whose checks name what is wrong.
+            parts = [tt_linear(part, cores, bias, plan=plan) for part in tensors]
+            return torch.nested.as_nested_tensor(parts, layout=input.layout)
+        # One call on all the rows: per tensor, the call's fixed costs (merging the cores,
+        # choosing the plan, checking the cores are unchanged) were paid once per sequence.
+        counts = [math.prod(t.shape[:-1]) for t in tensors]
+        rows = torch.cat(
+            [t.reshape(count, t.shape[-1]) for t, count in zip(tensors, counts, strict=True)]
+        )
+        y = tt_linear(rows, cores, bias, plan=plan)
+        parts = [
+            part.view(*t.shape[:-1], y.shape[-1])
+            for part, t in zip(torch.split(y, counts), tensors, strict=True)
+        ]
         return torch.nested.as_nested_tensor(parts, layout=input.layout)
     device_type = input.device.type
     if (

@@ -260,15 +260,17 @@ class TTLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """``W``, shape ``(out_features, in_features)``, computed from the cores on each access.
 
-        For code written against ``nn.Linear`` that reads ``.weight``, such as the fast path
-        of ``nn.TransformerEncoderLayer`` in eval mode, or a check of its dtype or device. The
-        same as :meth:`to_dense`: differentiable with respect to the cores, the size of the
-        dense weight, not a parameter: writing into it in place (``nn.init.zeros_``,
-        ``mul_``) changes a copy and is lost; change the cores to change the layer. It warns (once
-        per place that reads it, under Python's default filter): code that reads it in every
-        forward pass spends the dense layer's time and memory on it. ``dir()`` does not list
-        it, so that tools which read every listed attribute (``torch.jit.trace``) do not
-        build ``W``.
+        For code written against ``nn.Linear`` that reads ``.weight``, such as the fused
+        kernel of ``nn.TransformerEncoderLayer`` in eval mode, or a check of its dtype or
+        device. The same as :meth:`to_dense`: differentiable with respect to the cores, the
+        size of the dense weight, not a parameter: writing into it in place
+        (``nn.init.zeros_``, ``mul_``) changes a copy and is lost; change the cores to change
+        the layer. It warns (once per place that reads it, under Python's default filter):
+        code that reads it in every forward pass spends the dense layer's time and memory on
+        it. (That kernel is skipped where a module of the layer has a hook:
+        :func:`ttlayers.tensorize_` gives the layers it converts there a forward pre-hook that
+        does nothing.) ``dir()`` does not list it, so that tools which read every listed
+        attribute (``torch.jit.trace``) do not build ``W``.
         """
         if not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn
             warnings.warn(

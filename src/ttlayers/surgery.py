@@ -453,6 +453,12 @@ def tensorize_(
         - Weight tying: an ``nn.Linear`` reachable under several names is converted once and
           the same ``TTLinear`` installed under every name.
         - Forward hooks registered on a replaced ``nn.Linear`` do not carry over.
+        - A converted ``linear1`` or ``linear2`` of an ``nn.TransformerEncoderLayer`` gets a
+          forward pre-hook that does nothing. A hook is what makes that layer, in eval mode
+          without gradients, run its modules instead of PyTorch's fused kernel, which reads
+          ``linear1.weight`` and ``linear2.weight``, the dense matrices rebuilt from the
+          cores on every call (up to 6 times as long as running the modules, measured by
+          ``benchmarks/bench_encoder.py``).
 
     Args:
         model: The model to convert in place.
@@ -896,6 +902,9 @@ def _match_flags(layer: TTLinear, linear: nn.Linear | TTLinear, training: bool) 
 def _swap(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Callable[[], None]:
     """Install each module under its qualified name; return what puts the old ones back.
 
+    A ``TTLinear`` installed as ``linear1`` or ``linear2`` of an ``nn.TransformerEncoderLayer``
+    gets the pre-hook :func:`_runs_its_own_forward`.
+
     ``setattr`` on a registered child cannot fail in plain modules; if it ever does, what was
     swapped is put back before the error propagates.
     """
@@ -911,10 +920,27 @@ def _swap(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Callable
             parent = model.get_submodule(parent_name)
             swapped.append((parent, attribute, getattr(parent, attribute)))
             setattr(parent, attribute, layer)
+            if (
+                isinstance(layer, TTLinear)
+                and isinstance(parent, nn.TransformerEncoderLayer)
+                and attribute in ("linear1", "linear2")
+                and _runs_its_own_forward not in layer._forward_pre_hooks.values()
+            ):
+                layer.register_forward_pre_hook(_runs_its_own_forward)
     except BaseException:
         undo()
         raise
     return undo
+
+
+def _runs_its_own_forward(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """A forward pre-hook that changes nothing.
+
+    ``nn.TransformerEncoderLayer`` skips its fused inference kernel when any of its modules
+    has a hook. That kernel would take the dense weights of a converted ``linear1`` and
+    ``linear2`` (``TTLinear.weight``), rebuilt from the cores on every call. A module-level
+    function, so that a pickled model keeps it.
+    """
 
 
 def _budget(
