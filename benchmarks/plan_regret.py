@@ -18,6 +18,10 @@ Usage::
 With ``--steps N`` each round runs a plan N times in a row and keeps the fastest of all but
 the first, which pays for the previous plan's allocations (the C allocator's state): the
 time of a plan repeated, as in a training loop.
+
+The candidates' chunk counts are sized for ``--threads`` threads, as the planner sizes its
+own. (Until 2026-11-28, 12:30 UTC they were sized for one thread, whatever ``--threads``: the
+runs recorded before then timed the planner's choice against the one-thread chunk counts.)
 """
 
 from __future__ import annotations
@@ -131,7 +135,8 @@ def run_case(
             plan, batch, in_modes, out_modes, ranks, training=training, threads=threads
         )
 
-    plans = candidate_plans(batch, in_modes, out_modes, ranks)
+    # Chunk counts sized for the threads the plans run with, as the planner sizes them.
+    plans = candidate_plans(batch, in_modes, out_modes, ranks, threads=threads)
     best_estimate = min(estimate(p) for p in plans)
     plans = [p for p in plans if estimate(p) <= args.keep * best_estimate]
     # What TTLinear runs: the plan table's entry for this batch size.

@@ -136,10 +136,12 @@ def read_idx(path: Path) -> np.ndarray:
     # BadGzipFile is an OSError, a cut .gz an EOFError, damaged compressed data a zlib.error.
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{path} is corrupt or truncated ({error}); delete it and retry.") from None
+    if not data:
+        raise DataError(f"{path} is empty; delete it and retry.")
     if len(data) < 4 or data[:3] != b"\x00\x00\x08":
         raise DataError(
             f"{path} is not an IDX file of unsigned bytes: its magic number is "
-            f"0x{data[:4].hex() or 'empty'}, expected 0x000008 then the number of dimensions."
+            f"0x{data[:4].hex()}, expected 0x000008 then the number of dimensions."
         )
     ndim = data[3]
     header = 4 + 4 * ndim
@@ -161,16 +163,33 @@ def _own_folders(info: DatasetInfo, data_dir: Path) -> tuple[Path, ...]:
     return (data_dir, data_dir / "raw", data_dir / info.folder / "raw")
 
 
+def _files_in(folder: Path) -> list[Path | None]:
+    """Each of the four files in ``folder`` (.gz or unpacked), or None where it is not."""
+    return [
+        next((p for p in (folder / name, folder / name[: -len(".gz")]) if p.is_file()), None)
+        for name in FILES
+    ]
+
+
 def find_files(info: DatasetInfo, data_dir: Path) -> list[Path] | None:
     """The four files from the first folder that has them all (.gz or unpacked), or None."""
     for folder in (*_own_folders(info, data_dir), *map(Path, info.system_dirs)):
-        paths = [
-            next((p for p in (folder / name, folder / name[: -len(".gz")]) if p.is_file()), None)
-            for name in FILES
-        ]
+        paths = _files_in(folder)
         if all(paths):
             return [p for p in paths if p is not None]
     return None
+
+
+def _what_is_in(info: DatasetInfo, data_dir: Path) -> str:
+    """Which of the four files ``data_dir`` has, for a run that uses another copy."""
+    folder, paths = max(
+        ((folder, _files_in(folder)) for folder in _own_folders(info, data_dir)),
+        key=lambda found: sum(p is not None for p in found[1]),
+    )
+    missing = [name for name, path in zip(FILES, paths, strict=True) if path is None]
+    if len(missing) == len(FILES):
+        return f"none in {data_dir}"
+    return f"{folder} lacks {', '.join(missing)}"
 
 
 def download(info: DatasetInfo, data_dir: Path) -> list[Path]:
@@ -214,6 +233,20 @@ def fetch(url: str, target: Path, md5: str) -> None:
     partial.replace(target)
 
 
+def calibration_images(train_set: TensorDataset, count: int) -> torch.Tensor:
+    """The first ``count`` training images, with a note where the set has fewer than asked
+    and fewer than the hidden layer's 784 inputs (parse_args notes a small ``count``)."""
+    images = train_set.tensors[0][:count]
+    if len(images) < 784 <= count:
+        print(
+            f"note: --calibrate {count}, but the training set has {len(images)} images, "
+            "fewer than the layer's 784 inputs; the fit then follows those few images "
+            "closely and can do worse than plain TT-SVD on the test set.",
+            file=sys.stderr,
+        )
+    return images
+
+
 def default_data_dir(dataset: str) -> Path:
     return Path("~/.pytorch").expanduser() / DATASETS[dataset].folder
 
@@ -254,7 +287,7 @@ def load_dataset(
             raise DataError(missing_message(dataset, data_dir, str(error))) from None
     elif paths[0].parent not in _own_folders(info, data_dir):
         # A system copy (Debian's package): say so, or a mistyped --data-dir goes unnoticed.
-        print(f"Using the {info.title} files in {paths[0].parent} (none in {data_dir}).")
+        print(f"Using the {info.title} files in {paths[0].parent} ({_what_is_in(info, data_dir)}).")
     splits = []
     for images_path, labels_path in (paths[:2], paths[2:]):
         images, labels = read_idx(images_path), read_idx(labels_path)
@@ -633,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
             convert(plain, args.rank, args.eps)
             print("\nPlain TT-SVD, before fine-tuning:")
             plain_before = test(plain, device, test_loader)
-            calibration = train_set.tensors[0][: args.calibrate].to(device)
+            calibration = calibration_images(train_set, args.calibrate).to(device)
             print(f"Data-aware conversion on {len(calibration)} training images:")
         convert(model, args.rank, args.eps, calibration)
         print(describe(model, args.model))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from ttlayers import TTLinear
 
@@ -129,6 +130,14 @@ def test_read_idx_rejects_wrong_magic_number(mnist, tmp_path, header):
         mnist.read_idx(path)
 
 
+@pytest.mark.parametrize("compressed", [False, True])
+def test_read_idx_says_an_empty_file_is_empty(mnist, tmp_path, compressed):
+    path = tmp_path / ("labels.gz" if compressed else "labels")
+    path.write_bytes(gzip.compress(b"") if compressed else b"")
+    with pytest.raises(mnist.DataError, match=r"labels(\.gz)? is empty; delete it and retry"):
+        mnist.read_idx(path)
+
+
 def test_load_dataset_names_the_corrupt_file_and_the_script_exits_2(mnist, tmp_path, capsys):
     folder = write_dataset(tmp_path / "data", n_train=8, n_test=4)
     bad = folder / "t10k-images-idx3-ubyte.gz"
@@ -164,6 +173,13 @@ def test_load_dataset_says_when_it_uses_a_system_copy(mnist, tmp_path, monkeypat
     assert len(train) == 4
     out = capsys.readouterr().out
     assert f"files in {system} (none in {tmp_path / 'typo'})" in out
+    # With some of the files in --data-dir, the message names the ones it lacks.
+    partial = tmp_path / "partial"
+    write_dataset(partial, n_train=2, n_test=2)
+    (partial / mnist.FILES[3]).unlink()
+    train, _ = mnist.load_dataset("fashion-mnist", partial, allow_download=False)
+    assert len(train) == 4  # the system copy's
+    assert f"files in {system} ({partial} lacks {mnist.FILES[3]})" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------
@@ -399,3 +415,11 @@ def test_few_calibration_images_get_a_note_and_the_data_dir_its_home(mnist, caps
     assert args.data_dir == Path("~/idx").expanduser()
     mnist.parse_args(["--convert", "--calibrate", "1024"])
     assert "fewer images" not in capsys.readouterr().err
+    # A training set smaller than asked for gets the note when the images are used.
+    small = TensorDataset(torch.zeros(300, 1, 28, 28), torch.zeros(300, dtype=torch.int64))
+    assert len(mnist.calibration_images(small, 1024)) == 300
+    assert "the training set has 300 images" in capsys.readouterr().err
+    assert len(mnist.calibration_images(small, 200)) == 200  # parse_args noted this one
+    large = TensorDataset(torch.zeros(800, 1, 28, 28), torch.zeros(800, dtype=torch.int64))
+    assert len(mnist.calibration_images(large, 1024)) == 800
+    assert capsys.readouterr().err == ""
