@@ -12,9 +12,10 @@ This script times, under ``torch.no_grad()`` on the same input:
   runs on the rebuilt weights (what ``tensorize_`` gave before the hooks).
 
 One round runs each model once, in a seeded random order; the script reports the median over
-``--repeats`` rounds after ``--warmup`` rounds and the ratio to ``dense`` measured in the same
-rounds. ``rebuild`` is the median time of ``to_dense()`` of one layer's ``linear1`` and
-``linear2`` together, what the fused kernel pays per encoder layer and call. With
+``--repeats`` rounds after ``--warmup`` rounds, and its ratio to the median of ``dense`` over
+the same rounds. ``rebuild`` is the median time of ``to_dense()`` of one layer's ``linear1``
+and ``linear2`` together; PyTorch reads each weight twice (to check it, then for the
+kernel), so the fused kernel pays twice that per encoder layer and call. With
 ``--padding F``, the last fraction ``F`` of every sequence but the first is padding, given as
 ``src_key_padding_mask``: the encoder then packs the batch into a nested tensor.
 

@@ -234,8 +234,11 @@ def fetch(url: str, target: Path, md5: str) -> None:
 
 
 def calibration_images(train_set: TensorDataset, count: int) -> torch.Tensor:
-    """The first ``count`` training images, with a note where the set has fewer than asked
-    and fewer than the hidden layer's 784 inputs (parse_args notes a small ``count``)."""
+    """The first ``count`` training images.
+
+    With a note where the set has fewer than asked and fewer than the hidden layer's 784
+    inputs (``parse_args`` notes a small ``count``).
+    """
     images = train_set.tensors[0][:count]
     if len(images) < 784 <= count:
         print(

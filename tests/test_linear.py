@@ -192,6 +192,10 @@ def test_a_strided_nested_input_of_several_dims_goes_through_as_its_rows(monkeyp
         torch.testing.assert_close(got, x @ w.T + layer.bias, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match=r"expected input of shape \(\*, 24\).*\(3, 23\)"):
         layer(torch.nested.as_nested_tensor([torch.randn(2, 24), torch.randn(3, 23)]).double())
+    with pytest.raises(
+        ValueError, match=r"expected input of shape \(\*, 24\).*got shape \(2, 23\)"
+    ):
+        layer(torch.nested.as_nested_tensor([torch.randn(2, 23), torch.randn(3, 23)]).double())
     with pytest.raises(ValueError, match=r"expected input of shape \(\*, 24\)"):
         layer(torch.nested.as_nested_tensor([torch.tensor(1.0)]).double())
 
@@ -494,6 +498,9 @@ def test_tt_linear_checks_its_bias_plan_and_dtypes():
     for grad in (True, False):  # the general path, and the inference fast path once cached
         with torch.set_grad_enabled(grad):
             tt_linear(x, cores)
+            for packed in (x, torch.nested.as_nested_tensor([x, x])):
+                with pytest.raises(TypeError, match=r"core 1 must be a torch.Tensor; got ndarray"):
+                    tt_linear(packed, [cores[0], cores[1].numpy(), cores[2]])
             with pytest.raises(ValueError, match=r"bias must be .*shape \(32,\).*got \(31,\)"):
                 tt_linear(x, cores, torch.zeros(31))
             with pytest.raises(TypeError, match=r"bias must be a floating-point tensor .* float"):

@@ -557,12 +557,21 @@ def test_a_transformer_converted_by_loading_or_unpickled_keeps_off_the_fused_ker
     tensorize_(converted, rank=4)
     loaded = _encoder()
     load_tensorized_(loaded, converted.state_dict())
+    # A TTLinear of the checkpoint's modes is kept, not rebuilt: it gets the hook too.
+    kept = _encoder()
+    own = []
+    for layer, source in zip(kept.layers, converted.layers, strict=True):
+        modes = {"in_modes": source.linear1.in_modes, "out_modes": source.linear1.out_modes}
+        layer.linear1 = TTLinear(32, 64, rank=2, **modes)
+        own.append(layer.linear1)
+    load_tensorized_(kept, converted.state_dict())
+    assert [layer.linear1 for layer in kept.layers] == own
     unpickled = pickle.loads(pickle.dumps(converted))
     x = torch.randn(2, 5, 32)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # TTLinear.weight warns: the fused kernel ran
         expected = converted.eval()(x)
-        for model in (loaded.eval(), unpickled.eval(), copy.deepcopy(converted)):
+        for model in (loaded.eval(), kept.eval(), unpickled.eval(), copy.deepcopy(converted)):
             torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # the same modules
 
 

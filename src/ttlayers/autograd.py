@@ -253,7 +253,11 @@ def plain_tensors(*tensors: torch.Tensor | None) -> bool:
     legacy = getattr(functorch, "is_legacy_batchedtensor", None)
     if wrapped is None or legacy is None:
         return False
-    return not any(t is not None and (wrapped(t) or legacy(t)) for t in tensors)
+    # Anything but a tensor is not plain either: the caller's checks then name it.
+    return all(
+        t is None or (isinstance(t, torch.Tensor) and not (wrapped(t) or legacy(t)))
+        for t in tensors
+    )
 
 
 def _forward_into(

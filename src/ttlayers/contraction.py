@@ -116,11 +116,14 @@ def core_shapes(
     """Read ``(in_modes, out_modes, ranks)`` off a chain of cores, checking that it chains.
 
     Raises:
+        TypeError: If a core is not a tensor.
         ValueError: If the chain is empty, a core is not 4-D, or neighbouring ranks differ.
     """
     if len(cores) == 0:
         raise ValueError("cores must hold at least one core; got none.")
     for k, core in enumerate(cores):
+        if not isinstance(core, torch.Tensor):
+            raise TypeError(f"core {k} must be a torch.Tensor; got {type(core).__name__}.")
         if core.dim() != 4:
             raise ValueError(
                 f"core {k} must be 4-D (r_k, m_k, n_k, r_k+1); got shape {tuple(core.shape)}."
@@ -938,8 +941,10 @@ def tt_linear(
                 **cached,
             )
         tensors = input.unbind()
-        if not tensors or tensors[0].dim() == 0 or len({t.shape[-1] for t in tensors}) > 1:
-            # Each through the layer, whose checks name what is wrong.
+        four_d = all(isinstance(c, torch.Tensor) and c.dim() == 4 for c in cores)
+        width = math.prod(c.shape[1] for c in cores) if four_d else -1  # -1: checked below
+        if not tensors or any(t.dim() == 0 or t.shape[-1] != width for t in tensors):
+            # Each through the layer, whose checks name what is wrong (and the tensor).
             parts = [tt_linear(part, cores, bias, plan=plan) for part in tensors]
             return torch.nested.as_nested_tensor(parts, layout=input.layout)
         # One call on all the rows: per tensor, the call's fixed costs (merging the cores,

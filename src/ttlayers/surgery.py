@@ -457,7 +457,7 @@ def tensorize_(
           forward pre-hook that does nothing. A hook is what makes that layer, in eval mode
           without gradients, run its modules instead of PyTorch's fused kernel, which reads
           ``linear1.weight`` and ``linear2.weight``, the dense matrices rebuilt from the
-          cores on every call (up to 6 times as long as running the modules, measured by
+          cores on every call (up to 7 times as long as running the modules, measured by
           ``benchmarks/bench_encoder.py``).
 
     Args:
@@ -902,8 +902,7 @@ def _match_flags(layer: TTLinear, linear: nn.Linear | TTLinear, training: bool) 
 def _swap(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Callable[[], None]:
     """Install each module under its qualified name; return what puts the old ones back.
 
-    A ``TTLinear`` installed as ``linear1`` or ``linear2`` of an ``nn.TransformerEncoderLayer``
-    gets the pre-hook :func:`_runs_its_own_forward`.
+    Each goes through :func:`_skip_fused_kernel`.
 
     ``setattr`` on a registered child cannot fail in plain modules; if it ever does, what was
     swapped is put back before the error propagates.
@@ -920,17 +919,26 @@ def _swap(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Callable
             parent = model.get_submodule(parent_name)
             swapped.append((parent, attribute, getattr(parent, attribute)))
             setattr(parent, attribute, layer)
-            if (
-                isinstance(layer, TTLinear)
-                and isinstance(parent, nn.TransformerEncoderLayer)
-                and attribute in ("linear1", "linear2")
-                and _runs_its_own_forward not in layer._forward_pre_hooks.values()
-            ):
-                layer.register_forward_pre_hook(_runs_its_own_forward)
+            _skip_fused_kernel(parent, attribute, layer)
     except BaseException:
         undo()
         raise
     return undo
+
+
+def _skip_fused_kernel(parent: nn.Module, attribute: str, layer: nn.Module) -> None:
+    """Give a ``TTLinear`` installed as an encoder layer's ``linear1`` or ``linear2`` the hook.
+
+    ``parent`` holds ``layer`` as ``attribute``. The hook, :func:`_runs_its_own_forward`, is
+    registered once; any other module or place is left alone.
+    """
+    if (
+        isinstance(layer, TTLinear)
+        and isinstance(parent, nn.TransformerEncoderLayer)
+        and attribute in ("linear1", "linear2")
+        and _runs_its_own_forward not in layer._forward_pre_hooks.values()
+    ):
+        layer.register_forward_pre_hook(_runs_its_own_forward)
 
 
 def _runs_its_own_forward(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -1061,7 +1069,9 @@ def load_tensorized_(
     made it (a budget, a filter, ``eps``), with the bias, ``requires_grad`` flags and training
     mode of the layer it replaces; a ``TTLinear`` of other modes is rebuilt the same way, one
     of the same modes is kept (it takes the stored ranks itself). Then ``state_dict`` is
-    loaded as by ``model.load_state_dict``, which reports any key that matches nothing.
+    loaded as by ``model.load_state_dict``, which reports any key that matches nothing. As
+    with :func:`tensorize_`, each of these layers that is ``linear1`` or ``linear2`` of an
+    ``nn.TransformerEncoderLayer`` gets a forward pre-hook that does nothing.
 
     Args:
         model: The model to convert and load into.
@@ -1113,6 +1123,7 @@ def load_tensorized_(
     # model lacks) are left to load_state_dict.
     built: dict[str, TTLinear] = {}
     by_module: dict[int, TTLinear] = {}
+    kept: list[str] = []
     for name, found in cores.items():
         try:
             module = model.get_submodule(name)
@@ -1132,6 +1143,7 @@ def load_tensorized_(
             in_modes,
             out_modes,
         ):
+            kept.append(name)
             continue
         sizes = (math.prod(in_modes), math.prod(out_modes))
         lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin) and (
@@ -1172,7 +1184,12 @@ def load_tensorized_(
         raise ValueError("the model itself is a stored TTLinear; use TTLinear.load_state_dict.")
     undo = _swap(model, list(built.items()))
     try:
-        return model.load_state_dict(state_dict, strict=strict, assign=assign)
+        loaded = model.load_state_dict(state_dict, strict=strict, assign=assign)
     except BaseException:
         undo()
         raise
+    for name in filter(None, kept):  # as the layers built above got it from _swap
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        _skip_fused_kernel(parent, attribute, getattr(parent, attribute))
+    return loaded
