@@ -123,7 +123,7 @@ def core_shapes(
         raise ValueError("cores must hold at least one core; got none.")
     for k, core in enumerate(cores):
         if not isinstance(core, torch.Tensor):
-            raise TypeError(f"core {k} must be a torch.Tensor; got {type(core).__name__}.")
+            raise TypeError(f"cores[{k}] must be a tensor; got {type(core).__name__}.")
         if core.dim() != 4:
             raise ValueError(
                 f"core {k} must be 4-D (r_k, m_k, n_k, r_k+1); got shape {tuple(core.shape)}."
