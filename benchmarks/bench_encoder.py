@@ -15,7 +15,8 @@ One round runs each model once, in a seeded random order; the script reports the
 ``--repeats`` rounds after ``--warmup`` rounds, and its ratio to the median of ``dense`` over
 the same rounds. ``rebuild`` is the median time of ``to_dense()`` of one layer's ``linear1``
 and ``linear2`` together; PyTorch reads each weight twice (to check it, then for the
-kernel), so the fused kernel pays twice that per encoder layer and call. With
+kernel), so the fused kernel pays twice that per encoder layer and call. ``compression`` is
+``tensorize_``'s report's: the feed-forward layers' parameters before over after. With
 ``--padding F``, the last fraction ``F`` of every sequence but the first is padding, given as
 ``src_key_padding_mask``: the encoder then packs the batch into a nested tensor.
 
@@ -81,7 +82,7 @@ def run(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     )
     models: dict[str, nn.Module] = {"dense": nn.TransformerEncoder(layer, case.layers).eval()}
     converted = copy.deepcopy(models["dense"])
-    ttlayers.tensorize_(converted, rank=case.rank)
+    compression = ttlayers.tensorize_(converted, rank=case.rank).compression
     models["ttlayers"] = converted
     fused = copy.deepcopy(converted)
     for module in fused.modules():
@@ -114,6 +115,7 @@ def run(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
             "ms": statistics.median(values) * 1e3,
             "ratio": statistics.median(values) / dense,
             "rebuild_ms": rebuild,
+            "compression": compression,  # of the converted feed-forward layers
         }
         for name, values in times.items()
     ]
@@ -142,19 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         records += run(case, args)
     if args.markdown:
-        print("| case | " + " | ".join(METHODS) + " | rebuild (ms) |")
-        print("|---|" + "---|" * (len(METHODS) + 1))
+        print("| case | " + " | ".join(METHODS) + " | rebuild (ms) | compression |")
+        print("|---|" + "---|" * (len(METHODS) + 2))
         for case in cases:
             rows = {r["method"]: r for r in records if r["case"] == case.name}
             cells = [f"{rows[m]['ms']:.1f} ms ({rows[m]['ratio']:.2f}x)" for m in METHODS]
+            first = rows["dense"]
             print(
-                f"| {case.name} | " + " | ".join(cells) + f" | {rows['dense']['rebuild_ms']:.2f} |"
+                f"| {case.name} | "
+                + " | ".join(cells)
+                + f" | {first['rebuild_ms']:.2f} | {first['compression']:.1f}x |"
             )
     else:
         for r in records:
             print(
                 f"{r['case']:30} {r['method']:9} {r['ms']:9.2f} ms  {r['ratio']:5.2f}x dense"
-                f"  (rebuild {r['rebuild_ms']:.2f} ms)"
+                f"  (rebuild {r['rebuild_ms']:.2f} ms, compression {r['compression']:.1f}x)"
             )
     if args.json:
         setup = {
