@@ -461,6 +461,23 @@ def test_calibration_accepts_tuple_dict_and_dataloader_batches():
         report = tensorize_(model, rank=2, calibration=calibration, filter_fn=lambda m, n: True)
         assert report.calibration_samples == 256
 
+    class Pair(nn.Module):  # two required inputs, as nn.Transformer's src and tgt
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+
+        def forward(self, src, tgt):
+            return self.a(src) + tgt
+
+    model = Pair().double()
+    before = snapshot(model)
+    # A bare tuple is a collection of batches: each of x and x runs alone and lacks tgt.
+    with pytest.raises(ValueError, match=r"missing 1 required .*one batch of several inputs"):
+        tensorize_(model, rank=2, calibration=(x, x), filter_fn=lambda m, n: True)
+    assert_unchanged(model, before)
+    report = tensorize_(model, rank=2, calibration=[(x, x)], filter_fn=lambda m, n: True)
+    assert report.calibration_samples == 256
+
 
 @pytest.mark.parametrize(
     ("calibration", "kind", "match"),
@@ -470,6 +487,7 @@ def test_calibration_accepts_tuple_dict_and_dataloader_batches():
         (torch.full((8, 16), math.nan, dtype=F64), ValueError, "NaN"),
         ((x for x in [torch.randn(8, 16, dtype=F64)]), TypeError, "re-iterable"),
         ([], ValueError, "no batches"),
+        (torch.zeros(0, 16, dtype=F64), ValueError, "no calibration inputs.*called with 0 rows"),
         (
             torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(0, 16))),
             ValueError,

@@ -246,7 +246,8 @@ class ActivationStatistics:
         if self.count == 0 or self.input_sum is None or self.input_gram is None:
             raise ValueError(
                 "the activation statistics hold no samples; the layer received no calibration "
-                "inputs (is it used in the model's forward pass?)."
+                "inputs: it was not called, or called with 0 rows (is it used in the model's "
+                "forward pass? are the batches empty?)."
             )
         if self.paired:
             assert self.reference_sum is not None and self.reference_gram is not None

@@ -26,8 +26,10 @@ from ttlayers.calibration import ActivationStatistics
 __all__ = ["ActivationCapture", "check_calibration"]
 
 _HOW = (
-    "A tensor batch is passed as model(batch), a tuple or list as model(*batch), a dict as "
-    "model(**batch); for a loader of (input, target) pairs pass [x for x, _ in loader]."
+    "calibration is one tensor batch or a collection of batches (a list, a tuple, a "
+    "DataLoader). A tensor batch is passed as model(batch), a tuple or list as "
+    "model(*batch), a dict as model(**batch): one batch of several inputs is [(src, tgt)]; "
+    "for a loader of (input, target) pairs pass [x for x, _ in loader]."
 )
 
 

@@ -413,7 +413,8 @@ def tensorize_(
         budget. Passes run under ``torch.no_grad()`` in eval mode (training flags restored);
         every row of a layer's input is a sample: every token, padding included, except
         where the model packs a padded batch into a nested tensor (``nn.TransformerEncoder``
-        in eval mode, given ``src_key_padding_mask``), which holds the real tokens only. The
+        in eval mode, given ``src_key_padding_mask``, where PyTorch's conditions for it hold:
+        ``batch_first=True``, ``norm_first=False``, ...), which holds the real tokens only. The
         statistics are float64 sums on the layer's device; only one layer's exist at a time.
         A layer called several times in one forward pass (a number that may differ between
         batches) is fitted to the inputs of all its calls, those of its later calls coming
@@ -475,8 +476,9 @@ def tensorize_(
         calibration: Real inputs of the model: a tensor (one batch), a list or tuple of
             batches, or a re-iterable such as a ``DataLoader`` (not a generator: it is replayed
             for every layer). A tensor batch is run as ``model(batch)``, a tuple or list as
-            ``model(*batch)``, a dict as ``model(**batch)``; for a loader of ``(input,
-            target)`` pairs pass ``[x for x, _ in loader]``. Batches must be on the model's
+            ``model(*batch)``, a dict as ``model(**batch)``: one batch of several inputs is
+            ``[(src, tgt)]``; for a loader of ``(input, target)`` pairs pass
+            ``[x for x, _ in loader]``. Batches must be on the model's
             device. A few hundred to a few thousand samples are typical.
         compression: Budget as a ratio > 1: the converted layers get at most their dense
             parameter count (weights and biases) divided by this.
