@@ -336,6 +336,8 @@ def test_fit_rejects_mismatched_or_empty_statistics():
         fit_tt(w, ActivationStatistics.from_inputs(torch.randn(3, 5)), (2, 3), (2, 2), rank=2)
     with pytest.raises(ValueError, match="no samples"):
         fit_tt(w, ActivationStatistics(6), (2, 3), (2, 2), rank=2)
+    with pytest.raises(TypeError, match=r"statistics must be an ActivationStatistics.*Tensor"):
+        fit_tt(w, torch.randn(3, 6, dtype=F64), (2, 3), (2, 2), rank=2)  # was AttributeError
     w[0, 0] = math.nan
     with pytest.raises(ValueError, match="NaN"):
         fit_tt(w, ActivationStatistics.from_inputs(torch.randn(3, 6)), (2, 3), (2, 2), rank=2)

@@ -773,7 +773,8 @@ def fit_tt(
         A :class:`TTFit` with the cores, the bias and the errors before and after the fit.
 
     Raises:
-        TypeError: If ``weight`` or ``bias`` is not a floating-point tensor.
+        TypeError: If ``weight`` or ``bias`` is not a floating-point tensor, or
+            ``statistics`` not an :class:`ActivationStatistics`.
         ValueError: If ``weight`` is not 2-D or on the meta device, shapes disagree, a value
             is NaN/Inf, the statistics are empty, or an option is out of range.
 
@@ -788,6 +789,11 @@ def fit_tt(
         True
     """
     check_matrix(weight, "weight", finite=True)
+    if not isinstance(statistics, ActivationStatistics):
+        raise TypeError(
+            "statistics must be an ActivationStatistics (ActivationStatistics.from_inputs(x)); "
+            f"got {type(statistics).__name__}."
+        )
     out_features, in_features = (int(s) for s in weight.shape)
     check_bias(bias, out_features)
     if bias is not None:
