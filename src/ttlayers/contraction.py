@@ -941,8 +941,7 @@ def tt_linear(
                 **cached,
             )
         tensors = input.unbind()
-        four_d = all(isinstance(c, torch.Tensor) and c.dim() == 4 for c in cores)
-        width = math.prod(c.shape[1] for c in cores) if four_d else -1  # -1: checked below
+        width = math.prod(core_shapes(cores)[0])  # which also checks the cores
         if not tensors or any(t.dim() == 0 or t.shape[-1] != width for t in tensors):
             # Each through the layer, whose checks name what is wrong (and the tensor).
             parts = [tt_linear(part, cores, bias, plan=plan) for part in tensors]
