@@ -200,6 +200,17 @@ def test_a_strided_nested_input_of_several_dims_goes_through_as_its_rows(monkeyp
         layer(torch.nested.as_nested_tensor([torch.tensor(1.0)]).double())
 
 
+def test_an_empty_strided_nested_input_keeps_its_dtype_and_is_checked():
+    # With no tensor in it, the result's dtype comes from the layer, not from the nested
+    # tensor constructor's default (float32); the input's dtype is still checked.
+    layer = TTLinear(24, 20, rank=3, in_modes=(2, 3, 4), out_modes=(5, 2, 2)).double()
+    with torch.no_grad():
+        out = layer(torch.nested.nested_tensor([], dtype=torch.float64))
+    assert out.is_nested and out.dtype == torch.float64 and out.unbind() == ()
+    with pytest.raises(TypeError, match="expected input of dtype torch.float64"):
+        layer(torch.nested.nested_tensor([], dtype=torch.float32))
+
+
 def test_gradcheck_float64():
     torch.manual_seed(0)
     layer = TTLinear(12, 10, 3, in_modes=(2, 3, 2), out_modes=(1, 5, 2), dtype=torch.float64)

@@ -942,7 +942,13 @@ def tt_linear(
             )
         tensors = input.unbind()
         width = math.prod(core_shapes(cores)[0])  # which also checks the cores
-        if not tensors or any(t.dim() == 0 or t.shape[-1] != width for t in tensors):
+        if not tensors:
+            # No tensor to take the result's dtype from: an empty call checks the input's
+            # dtype and device against the cores' and gives both.
+            empty = torch.empty(0, width, dtype=input.dtype, device=input.device)
+            y = tt_linear(empty, cores, bias, plan=plan)
+            return torch.nested.nested_tensor([], dtype=y.dtype, device=y.device)
+        if any(t.dim() == 0 or t.shape[-1] != width for t in tensors):
             # Each through the layer, whose checks name what is wrong (and the tensor).
             parts = [tt_linear(part, cores, bias, plan=plan) for part in tensors]
             return torch.nested.as_nested_tensor(parts, layout=input.layout)
