@@ -86,6 +86,7 @@ def test_paired_statistics_hold_cross_moment():
         (torch.tensor(1.0), "in_features=5"),
         (torch.full((2, 5), math.nan), "NaN"),
         (torch.ones(2, 5, dtype=torch.int64), "floating point"),
+        (torch.ones(2, 5, device="meta"), "meta device"),
     ],
 )
 def test_statistics_reject_bad_batches(batch, match):
@@ -103,6 +104,31 @@ def test_statistics_pairing_must_be_consistent():
         ActivationStatistics(3, paired=True).update(torch.randn(2, 3))
     with pytest.raises(ValueError, match="shape of inputs"):
         ActivationStatistics(3, paired=True).update(torch.randn(2, 3), torch.randn(3, 3))
+    # paired=None or "no" made every later update fail with a message about pairing.
+    for paired in (None, "no", 1):
+        with pytest.raises(TypeError, match="paired must be a bool"):
+            ActivationStatistics(3, paired=paired)
+
+
+def test_a_reference_that_is_not_a_tensor_is_a_type_error_and_adds_nothing():
+    stats = ActivationStatistics(3, paired=True)
+    with pytest.raises(TypeError, match="reference must be a tensor; got list"):
+        stats.update(torch.randn(2, 3), [[0.0] * 3] * 2)
+    with pytest.raises(ValueError, match="reference holds NaN"):
+        stats.update(torch.randn(2, 3), torch.full((2, 3), math.nan))
+    assert stats.count == 0 and stats.input_sum is None
+    with pytest.raises(TypeError, match="reference must be a tensor; got list"):
+        ActivationStatistics.from_inputs(torch.randn(2, 3), [[0.0] * 3] * 2)
+
+
+def test_statistics_on_the_meta_device_are_refused():
+    # The sums were added on the meta device, then Tensor.item() failed inside torch.
+    with pytest.raises(ValueError, match="meta device holds none"):
+        ActivationStatistics(3, device="meta")
+    with pytest.raises(ValueError, match="inputs is on the meta device"):
+        ActivationStatistics.from_inputs(torch.ones(2, 3, device="meta"))
+    with pytest.raises(ValueError, match="inputs is on the meta device"):
+        TTLinear.from_dense(torch.randn(4, 3), rank=1, inputs=torch.ones(2, 3, device="meta"))
 
 
 # --- the fit -------------------------------------------------------------------------------
@@ -302,6 +328,10 @@ def test_constant_inputs_with_a_bias_and_paired_statistics(spread):
     [
         ({"ridge": -1.0}, ValueError, "ridge"),
         ({"sweeps": -1}, ValueError, "sweeps"),
+        ({"sweeps": 1.0}, TypeError, "sweeps must be an int >= 0; got float"),
+        ({"cg_steps": "3"}, TypeError, "cg_steps must be an int >= 0; got str"),
+        ({"max_direct": True}, TypeError, "max_direct must be an int >= 0; got bool"),
+        ({"bias": torch.zeros(4, device="meta")}, ValueError, "bias is on the meta device"),
         ({"rank": 0}, ValueError, "rank"),
         ({"bias": torch.zeros(3, dtype=F64)}, ValueError, "bias"),
         ({"bias": torch.full((4,), math.nan, dtype=F64)}, ValueError, "bias holds NaN"),
@@ -313,6 +343,15 @@ def test_fit_rejects_bad_options(kwargs, kind, match):
     arguments = {"rank": 2, **kwargs}
     with pytest.raises(kind, match=match):
         fit_tt(torch.randn(4, 6, dtype=F64), stats, (2, 3), (2, 2), **arguments)
+
+
+def test_fit_takes_numpy_integers_as_tensorize_does():
+    stats = ActivationStatistics.from_inputs(torch.randn(20, 6, dtype=F64))
+    w = torch.randn(4, 6, dtype=F64)
+    numpy_options = {"sweeps": np.int64(2), "cg_steps": np.int32(5), "max_direct": np.int64(0)}
+    fit = fit_tt(w, stats, (2, 3), (2, 2), rank=2, **numpy_options)
+    same = fit_tt(w, stats, (2, 3), (2, 2), rank=2, sweeps=2, cg_steps=5, max_direct=0)
+    assert fit.output_error == same.output_error
 
 
 @pytest.mark.parametrize(

@@ -295,6 +295,16 @@ def test_from_dense_nan_weight_named():
         TTLinear.from_dense(linear, rank=2)
 
 
+def test_from_dense_nan_or_inf_bias_named_as_with_calibration():
+    # The data-aware path refused a NaN bias and plain TT-SVD copied it into the new layer.
+    for bad in (math.nan, math.inf):
+        linear = nn.Linear(8, 8)
+        with torch.no_grad():
+            linear.bias[3] = bad
+        with pytest.raises(ValueError, match=r"source\.bias holds NaN or Inf"):
+            TTLinear.from_dense(linear, rank=2)
+
+
 def test_from_dense_carries_bias_dtype_and_is_trainable(gen):
     dense = nn.Linear(12, 10, dtype=torch.float64)
     layer = TTLinear.from_dense(dense, 3, in_modes=(3, 4), out_modes=(2, 5))
@@ -435,6 +445,37 @@ def test_round_bad_input(gen):
     # The same error as tt_to_dense and TTLinear.from_cores give (a ValueError before).
     with pytest.raises(TypeError, match=r"one dtype and device.*cores\[1\] torch.float32"):
         tt_round([a[0], a[1].float()])
+    # A chain with a bond of rank 0 (the zero matrix) came back with rank-0 cores.
+    with pytest.raises(ValueError, match=r"cores\[0\] has a size of 0"):
+        tt_round([a[0][..., :0], a[1][:0]])
+
+
+def test_round_and_tt_to_dense_take_a_layers_parameter_list():
+    # layer.cores is an nn.ParameterList, not a Sequence: it was refused by tt_round.
+    layer = TTLinear(12, 12, 3, in_modes=(3, 4), out_modes=(4, 3), dtype=torch.float64)
+    rounded = tt_round(layer.cores, rank=2)
+    reference = tt_round([core.detach() for core in layer.cores], rank=2)
+    for got, want in zip(rounded, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(tt_to_dense(layer.cores), layer.to_dense(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("cores", "kind", "match"),
+    [
+        (None, TypeError, "sequence of 4-D tensors.*got NoneType"),
+        (torch.ones(1, 2, 3, 1), TypeError, r"got one tensor of shape \(1, 2, 3, 1\)"),
+        (torch.ones(2, 1, 2, 2, 1), TypeError, r"got one tensor of shape \(2, 1, 2, 2, 1\)"),
+        ([torch.ones(1, 2, 2, 1, dtype=torch.bool)], TypeError, r"cores\[0\] .*torch.bool"),
+        ([torch.ones(1, 2, 2, 1, dtype=torch.int64)], TypeError, r"cores\[0\] .*torch.int64"),
+        ([torch.ones(1, 2, 2, 1, dtype=torch.complex64)], TypeError, "complex64"),
+    ],
+)
+def test_tt_to_dense_names_what_is_wrong_with_the_cores(cores, kind, match):
+    # Before: len() of None, a stacked tensor taken core by core, mm on bools, and an
+    # integer (or complex) matrix where every other function refuses such cores.
+    with pytest.raises(kind, match=match):
+        tt_to_dense(cores)
 
 
 # --- error measures -------------------------------------------------------------------------
@@ -730,7 +771,7 @@ def test_integer_cores_are_rejected(call):
     # Cores must be floating point: without the check, tt_round of these integer
     # cores works in float32 and casts back to int64: it silently returns cores of zeros.
     cores = [torch.ones(1, 2, 3, 2, dtype=torch.int64), torch.ones(2, 3, 2, 1, dtype=torch.int64)]
-    with pytest.raises(TypeError, match=r"\[0\] must be a floating-point tensor"):
+    with pytest.raises(TypeError, match=r"\[0\] must be a real floating-point tensor"):
         call(cores)
 
 

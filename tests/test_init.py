@@ -76,25 +76,53 @@ def test_init_on_meta_and_half_precision():
     assert torch.isfinite(half.to_dense()).all()
 
 
-@pytest.mark.parametrize("std", [0.0, -1.0, float("nan"), float("inf"), True])
+@pytest.mark.parametrize("std", [0.0, -1.0, float("nan"), float("inf"), 10**400])
 def test_bad_std_is_a_clear_error(std):
     cores = list(TTLinear(16, 16, 2).cores)
     with pytest.raises(ValueError, match="std must be a positive finite number"):
         tt_normal_(cores, std)
 
 
-def test_cores_must_be_a_sequence_of_4d_tensors():
+@pytest.mark.parametrize("std", [True, "0.1", None])
+def test_std_that_is_not_a_number_is_a_type_error(std):
+    cores = list(TTLinear(16, 16, 2).cores)
+    with pytest.raises(TypeError, match="std must be a positive finite number"):
+        tt_normal_(cores, std)
+
+
+def test_std_too_large_for_the_dtype_is_refused_not_filled_with_inf():
+    # float32 holds 3.4e38; std=1e300 gave cores of inf before.
+    cores = list(TTLinear(16, 16, 2).cores)
+    before = [core.detach().clone() for core in cores]
+    with pytest.raises(ValueError, match=r"too large for torch\.float32"):
+        tt_normal_(cores, 1e300)
+    assert all(torch.equal(a, b) for a, b in zip(cores, before, strict=True))
+    tt_normal_([core.double() for core in cores], 1e300)  # float64 holds 1e300
+
+
+def test_cores_must_be_a_chain_of_4d_tensors():
     layer = TTLinear(16, 16, 2)
-    for bad in (layer.cores[0], [], [torch.ones(3, 3)]):
-        with pytest.raises(TypeError, match="non-empty sequence of 4-D tensors"):
-            tt_normal_(bad, 1.0)
+    with pytest.raises(TypeError, match=r"sequence of 4-D tensors.*one tensor of shape"):
+        tt_normal_(layer.cores[0], 1.0)
+    with pytest.raises(ValueError, match="at least one core"):
+        tt_normal_([], 1.0)
+    with pytest.raises(ValueError, match="must be 4-D"):
+        tt_normal_([torch.ones(3, 3)], 1.0)
+
+
+def test_tt_normal_fills_a_layers_parameter_list():
+    # The natural call on a layer's own cores: an nn.ParameterList, not a Sequence.
+    torch.manual_seed(0)
+    layer = TTLinear(256, 256, 4)
+    tt_normal_(layer.cores, 0.5)
+    assert abs(float(layer.to_dense().detach().std()) - 0.5) < 0.05  # 65,536 entries: ~1 %
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
 def test_tt_normal_refuses_cores_it_cannot_fill(dtype):
     # Integer cores rounded every draw to 0 silently; complex ones failed inside clamp.
     cores = [torch.empty(1, 4, 4, 2, dtype=dtype), torch.empty(2, 4, 4, 1, dtype=dtype)]
-    with pytest.raises(TypeError, match=rf"real floating-point tensors; got {dtype}"):
+    with pytest.raises(TypeError, match=rf"real floating-point tensor .*got {dtype}"):
         tt_normal_(cores, 0.1)
 
 

@@ -207,7 +207,7 @@ def test_an_empty_strided_nested_input_keeps_its_dtype_and_is_checked():
     with torch.no_grad():
         out = layer(torch.nested.nested_tensor([], dtype=torch.float64))
     assert out.is_nested and out.dtype == torch.float64 and out.unbind() == ()
-    with pytest.raises(TypeError, match="expected input of dtype torch.float64"):
+    with pytest.raises(TypeError, match=r"expected input of dtype torch\.float64"):
         layer(torch.nested.nested_tensor([], dtype=torch.float32))
 
 
@@ -501,6 +501,17 @@ def test_complex_and_integer_dtypes_are_rejected():
             layer(torch.randn(3, 16, dtype=torch.complex64))
 
 
+def test_dtype_that_is_not_a_torch_dtype():
+    # nn.Linear takes Python's float (torch reads it as float64); other objects were an
+    # AttributeError from inside the dtype check.
+    assert (
+        TTLinear(16, 16, 2, dtype=float).cores[0].dtype == nn.Linear(2, 2, dtype=float).weight.dtype
+    )
+    for dtype in ("float32", np.float32):
+        with pytest.raises(TypeError, match=r"dtype must be a torch\.dtype"):
+            TTLinear(16, 16, 2, dtype=dtype)
+
+
 def test_tt_linear_checks_its_bias_plan_and_dtypes():
     torch.manual_seed(0)
     layer = TTLinear(64, 32, 4, in_modes=(4, 4, 4), out_modes=(2, 4, 4))
@@ -554,8 +565,16 @@ def test_from_cores_copies_a_layers_own_parameter_list():
 
 def test_from_cores_checks_cores_and_bias_before_building():
     cores = [core.detach() for core in TTLinear(16, 16, 2, num_cores=2).cores]
-    with pytest.raises(TypeError, match="cores must be a sequence of 4-D tensors; got Tensor"):
+    # A stack of cores is one tensor, not a chain (it was taken as one, core by core).
+    with pytest.raises(TypeError, match=r"cores must be a sequence of 4-D.*one tensor of shape"):
         TTLinear.from_cores(torch.ones(2, 1, 4, 4, 1))
+    # The messages name the cores, not the constructor's arguments the caller never gave.
+    with pytest.raises(TypeError, match=r"cores\[0\] must be a real floating-point.*int64"):
+        TTLinear.from_cores([core.long() for core in cores])
+    with pytest.raises(TypeError, match=r"cores\[1\] must be a real floating-point.*complex"):
+        TTLinear.from_cores([cores[0], cores[1].to(torch.complex64)])
+    with pytest.raises(ValueError, match=r"cores\[0\] has a size of 0 \(shape \(1, 4, 4, 0\)\)"):
+        TTLinear.from_cores([torch.ones(1, 4, 4, 0), torch.ones(0, 4, 4, 1)])
     with pytest.raises(TypeError, match=r"bias must be a floating-point tensor.*torch\.int64"):
         TTLinear.from_cores(cores, torch.zeros(16, dtype=torch.int64))
     with pytest.raises(ValueError, match="bias is on the meta device"):

@@ -448,6 +448,24 @@ def test_layers_whose_weight_a_hook_computes_are_skipped_with_a_reason(hook):
         model(torch.randn(3, 64))  # the hooked layer still runs
 
 
+def test_layers_that_are_not_real_floating_point_are_skipped_with_a_reason():
+    # A complex layer made the whole call fail (inside TT-SVD); it is skipped, the rest
+    # converted, even with a filter_fn that selects it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64, dtype=torch.complex64))
+    report = tensorize_(model, rank=4, filter_fn=lambda module, name: True)
+    assert [row.name for row in report.layers] == ["0"]
+    assert report.skipped[0].name == "1" and "torch.complex64" in report.skipped[0].reason
+    assert isinstance(model[0], TTLinear) and type(model[1]) is nn.Linear
+
+
+def test_a_report_row_of_no_parameters_after_has_no_compression():
+    row = LayerReport(
+        "x", 4, 4, (4,), (4,), (1, 1), params_before=16, params_after=0, relative_error=0
+    )
+    assert math.isnan(row.compression)
+
+
 def test_linear_subclasses_that_override_forward_are_skipped():
     class Scaled(nn.Linear):
         def forward(self, x):
@@ -742,6 +760,15 @@ def test_load_tensorized_reports_keys_as_load_state_dict_does(edit, match):
     fresh = make_net()
     with pytest.raises(RuntimeError, match=match):
         load_tensorized_(fresh, state)
+    assert all(type(fresh.get_submodule(name)) is nn.Linear for name in LINEAR_NAMES)
+
+
+def test_load_tensorized_names_a_key_that_is_not_a_string():
+    model = make_net()
+    tensorize_(model, rank=2)
+    fresh = make_net()
+    with pytest.raises(TypeError, match="keys must be strings; got 3"):
+        load_tensorized_(fresh, {**model.state_dict(), 3: torch.ones(1)})
     assert all(type(fresh.get_submodule(name)) is nn.Linear for name in LINEAR_NAMES)
 
 

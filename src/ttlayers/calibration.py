@@ -103,8 +103,8 @@ class ActivationStatistics:
         cross_gram (Tensor | None): ``sum x x°^T`` (paired only).
 
     Raises:
-        TypeError: If ``in_features`` is not an int.
-        ValueError: If ``in_features`` is not positive.
+        TypeError: If ``in_features`` is not an int or ``paired`` not a bool.
+        ValueError: If ``in_features`` is not positive or ``device`` is the meta device.
 
     Example:
         >>> stats = ActivationStatistics(4)
@@ -136,9 +136,13 @@ class ActivationStatistics:
         if in_features < 1:
             raise ValueError(f"in_features must be a positive int; got {in_features!r}.")
         self.in_features = int(in_features)
+        if not isinstance(paired, bool):
+            raise TypeError(f"paired must be a bool; got {paired!r}.")
         self.paired = paired
         self.count = 0
         self._device = None if device is None else torch.device(device)
+        if self._device is not None and self._device.type == "meta":
+            raise ValueError("device must hold values; the meta device holds none.")
         self.input_sum = self.input_gram = None
         self.reference_sum = self.reference_gram = self.cross_gram = None
 
@@ -165,7 +169,7 @@ class ActivationStatistics:
                 "inputs must be a tensor of shape (*, in_features); got "
                 f"{type(inputs).__name__}{'' if not isinstance(inputs, torch.Tensor) else ' 0-d'}."
             )
-        stats = cls(int(inputs.shape[-1]), paired=reference is not None, device=inputs.device)
+        stats = cls(int(inputs.shape[-1]), paired=reference is not None)  # on inputs' device
         stats.update(inputs, reference)
         return stats
 
@@ -179,6 +183,11 @@ class ActivationStatistics:
             )
         if not batch.is_floating_point():
             raise TypeError(f"{name} must be floating point; got {batch.dtype}.")
+        if batch.device.type == "meta":
+            raise ValueError(
+                f"{name} is on the meta device, which holds no values; calibration needs real "
+                "activations (load the model's weights first)."
+            )
         rows = batch.detach().reshape(-1, self.in_features)
         if not bool(torch.isfinite(rows).all()):
             raise ValueError(
@@ -197,10 +206,10 @@ class ActivationStatistics:
 
         Raises:
             TypeError: If a batch is not a floating-point tensor.
-            ValueError: If a batch has the wrong width or holds NaN/Inf, or ``reference`` is
-                given to unpaired statistics or missing for paired ones, or has another shape,
-                or the sums of squares overflow float64 (values past about
-                ``1e154 / sqrt(N)``).
+            ValueError: If a batch has the wrong width, holds NaN/Inf or is on the meta
+                device, or ``reference`` is given to unpaired statistics or missing for
+                paired ones, or has another shape, or the sums of squares overflow float64
+                (values past about ``1e154 / sqrt(N)``).
         """
         x = self._check("inputs", inputs)
         if self.paired != (reference is not None):
@@ -209,18 +218,18 @@ class ActivationStatistics:
                 f"paired={self.paired}, got reference="
                 f"{'a tensor' if reference is not None else None}."
             )
+        xr = None if reference is None else self._check("reference", reference)
+        if reference is not None and tuple(reference.shape) != tuple(inputs.shape):
+            raise ValueError(
+                f"reference must have the shape of inputs {tuple(inputs.shape)}; got "
+                f"{tuple(reference.shape)}."
+            )
         if self._device is None:
             self._device = x.device
         if self.input_sum is None or self.input_gram is None:
             self.input_sum = x.new_zeros(self.in_features)
             self.input_gram = x.new_zeros(self.in_features, self.in_features)
-        if reference is not None:
-            if tuple(reference.shape) != tuple(inputs.shape):
-                raise ValueError(
-                    f"reference must have the shape of inputs {tuple(inputs.shape)}; got "
-                    f"{tuple(reference.shape)}."
-                )
-            xr = self._check("reference", reference)
+        if xr is not None:
             if self.reference_sum is None or self.reference_gram is None or self.cross_gram is None:
                 self.reference_sum = x.new_zeros(self.in_features)
                 self.reference_gram = x.new_zeros(self.in_features, self.in_features)
@@ -773,10 +782,11 @@ def fit_tt(
         A :class:`TTFit` with the cores, the bias and the errors before and after the fit.
 
     Raises:
-        TypeError: If ``weight`` or ``bias`` is not a floating-point tensor, or
-            ``statistics`` not an :class:`ActivationStatistics`.
-        ValueError: If ``weight`` is not 2-D or on the meta device, shapes disagree, a value
-            is NaN/Inf, the statistics are empty, or an option is out of range.
+        TypeError: If ``weight`` or ``bias`` is not a floating-point tensor,
+            ``statistics`` not an :class:`ActivationStatistics`, or an option not an int.
+        ValueError: If ``weight`` or ``bias`` is not 2-D or on the meta device, shapes
+            disagree, a value is NaN/Inf, the statistics are empty, or an option is out of
+            range.
 
     Example:
         Inputs in a 3-dimensional subspace: rank 3 reproduces the outputs, TT-SVD cannot.
@@ -797,15 +807,21 @@ def fit_tt(
     out_features, in_features = (int(s) for s in weight.shape)
     check_bias(bias, out_features)
     if bias is not None:
+        if bias.device.type == "meta":
+            raise ValueError("bias is on the meta device, which holds no values to fit.")
         if not bool(torch.isfinite(bias).all()):
             raise ValueError("bias holds NaN or Inf values; a TT fit needs finite entries.")
-    for name, value, low in (
-        ("sweeps", sweeps, 0),
-        ("max_direct", max_direct, 0),
-        ("cg_steps", cg_steps, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}; got {value!r}.")
+    options: tuple[tuple[str, object], ...] = (
+        ("sweeps", sweeps),
+        ("max_direct", max_direct),
+        ("cg_steps", cg_steps),
+    )
+    for name, value in options:  # checked as what a caller may pass, not as annotated
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int >= 0; got {type(value).__name__}.")
+        if value < 0:
+            raise ValueError(f"{name} must be an int >= 0; got {value!r}.")
+    sweeps, max_direct, cg_steps = int(sweeps), int(max_direct), int(cg_steps)
     in_t, out_t = validate_modes(in_features, out_features, in_modes, out_modes)
     resolve_ranks(rank, in_t, out_t)  # validates the rank argument
 

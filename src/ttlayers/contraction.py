@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import operator
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
@@ -40,6 +40,7 @@ __all__ = [
     "check_bias",
     "check_real_floating",
     "check_same_kind",
+    "core_list",
     "core_shapes",
     "merge_cores",
     "rank_middle_block",
@@ -69,6 +70,9 @@ def check_real_floating(dtype: torch.dtype, name: str) -> None:
     Complex TT layers are not supported: the hand-written backward pass of
     :mod:`ttlayers.autograd` does not conjugate. ``name`` is the argument named in the message.
     """
+    given: object = dtype  # checked as what a caller may pass, not as annotated
+    if not isinstance(given, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype, such as torch.float32; got {dtype!r}.")
     if not dtype.is_floating_point:
         raise TypeError(
             f"{name} must be a real floating-point dtype (float16, bfloat16, float32, float64); "
@@ -108,6 +112,45 @@ def check_same_kind(cores: Sequence[torch.Tensor], name: str = "cores") -> None:
                 f"{name} must share one dtype and device; got {name}[0] {first.dtype} on "
                 f"{first.device} and {name}[{k}] {core.dtype} on {core.device}."
             )
+
+
+def core_list(cores: object, name: str = "cores") -> list[torch.Tensor]:
+    """``cores`` as a list, each core a real floating-point tensor with no size of 0.
+
+    Any iterable of tensors is taken but a tensor: a layer's ``nn.ParameterList`` too.
+    ``name`` is the argument named in the messages. The chain itself is checked by
+    :func:`core_shapes`.
+
+    Raises:
+        TypeError: If ``cores`` is a tensor or not iterable, or a core is not a real
+            floating-point tensor.
+        ValueError: If a core has a size of 0.
+    """
+    if isinstance(cores, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a sequence of 4-D tensors (r_k, m_k, n_k, r_k+1); got one tensor "
+            f"of shape {tuple(cores.shape)} (a chain of one core is [core])."
+        )
+    if not isinstance(cores, Iterable):
+        raise TypeError(
+            f"{name} must be a sequence of 4-D tensors (r_k, m_k, n_k, r_k+1); got "
+            f"{type(cores).__name__}."
+        )
+    listed = list(cores)
+    for k, core in enumerate(listed):
+        if not isinstance(core, torch.Tensor):
+            raise TypeError(f"{name}[{k}] must be a tensor; got {type(core).__name__}.")
+        if not core.is_floating_point():
+            raise TypeError(
+                f"{name}[{k}] must be a real floating-point tensor (float16, bfloat16, float32, "
+                f"float64); got {core.dtype}."
+            )
+        if core.numel() == 0:
+            raise ValueError(
+                f"{name}[{k}] has a size of 0 (shape {tuple(core.shape)}); the modes and ranks "
+                "of a TT chain are positive."
+            )
+    return listed
 
 
 def core_shapes(
@@ -217,9 +260,11 @@ def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
         ``i`` and ``j`` are the row-major multi-indices of the output and input positions.
 
     Raises:
-        ValueError: If the cores are not 4-D or their ranks do not chain.
-        TypeError: If the cores are not all of one dtype and device.
+        ValueError: If the cores are not 4-D, have a size of 0, or their ranks do not chain.
+        TypeError: If ``cores`` is not a sequence of real floating-point tensors of one dtype
+            and device.
     """
+    cores = core_list(cores)
     in_modes, out_modes, _ = core_shapes(cores)
     check_same_kind(cores)
     if len(cores) == 1:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ttlayers.contraction import check_same_kind, core_shapes, tt_to_dense
+from ttlayers.contraction import check_same_kind, core_list, core_shapes, tt_to_dense
 from ttlayers.shapes import max_ranks, resolve_ranks, validate_modes
 
 __all__ = ["relative_error", "tt_relative_error", "tt_round", "tt_svd"]
@@ -119,21 +119,14 @@ def _warn_below_precision(eps: float | None, dtype: torch.dtype, result: torch.d
         )
 
 
-def _check_cores(
-    name: str, cores: object
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    if isinstance(cores, torch.Tensor) or not isinstance(cores, Sequence):
-        raise TypeError(f"{name} must be a sequence of 4-D tensors; got {type(cores).__name__}.")
-    for k, core in enumerate(cores):
-        if not isinstance(core, torch.Tensor):
-            raise TypeError(f"{name}[{k}] must be a tensor; got {type(core).__name__}.")
-        if not core.is_floating_point():
-            raise TypeError(f"{name}[{k}] must be a floating-point tensor; got {core.dtype}.")
-    shapes = core_shapes(cores)
-    check_same_kind(cores, name)
-    for k, core in enumerate(cores):
+def _check_cores(name: str, cores: object) -> list[torch.Tensor]:
+    """``cores`` as a list, checked: a chain of finite real floating-point tensors."""
+    listed = core_list(cores, name)
+    core_shapes(listed)
+    check_same_kind(listed, name)
+    for k, core in enumerate(listed):
         _check_finite(f"{name}[{k}]", core)
-    return shapes
+    return listed
 
 
 def check_matrix(matrix: object, name: str = "matrix", *, finite: bool = False) -> None:
@@ -365,7 +358,8 @@ def tt_round(
         >>> [c.shape[3] for c in tt_round(doubled)][:-1]
         [8]
     """
-    in_modes, out_modes, _ = _check_cores("cores", cores)
+    cores = _check_cores("cores", cores)
+    in_modes, out_modes, _ = core_shapes(cores)
     check_eps(eps)
     caps = _bond_caps(rank, in_modes, out_modes)
     dtype = cores[0].dtype
@@ -418,7 +412,7 @@ def relative_error(matrix: torch.Tensor, cores: Sequence[torch.Tensor]) -> float
     check_matrix(matrix)
     if matrix.device.type == "meta":
         raise ValueError("matrix is on the meta device, which holds no values to compare.")
-    _check_cores("cores", cores)
+    cores = _check_cores("cores", cores)
     with torch.no_grad():
         dtype = _working_dtype(torch.promote_types(matrix.dtype, cores[0].dtype))
         reference = matrix.detach().to(dtype)
@@ -467,8 +461,8 @@ def tt_relative_error(reference: Sequence[torch.Tensor], cores: Sequence[torch.T
     Raises:
         ValueError: If the modes disagree.
     """
-    ref_modes = _check_cores("reference", reference)[:2]
-    modes = _check_cores("cores", cores)[:2]
+    reference, cores = _check_cores("reference", reference), _check_cores("cores", cores)
+    ref_modes, modes = core_shapes(reference)[:2], core_shapes(cores)[:2]
     if ref_modes != modes:
         raise ValueError(
             f"reference and cores must have the same (in_modes, out_modes); got {ref_modes} "

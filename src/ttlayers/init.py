@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ttlayers.contraction import core_shapes
+from ttlayers.contraction import core_list, core_shapes
 
 __all__ = ["core_std", "tt_normal_"]
 
@@ -35,13 +35,19 @@ def core_std(ranks: Sequence[int], std: float) -> float:
         ``(std^2 / prod_{k=1}^{d-1} r_k) ** (1 / (2 d))``, computed in log space.
 
     Raises:
+        TypeError: If ``std`` is not a real number.
         ValueError: If ``std`` is not a positive finite number, or ``ranks`` is not at least
             two positive ints.
     """
     given: object = std  # checked as what a caller may pass, not as annotated
-    real = isinstance(given, numbers.Real) and not isinstance(given, bool)
-    if not real or not 0 < float(given) < math.inf:  # type: ignore[arg-type]
-        raise ValueError(f"std must be a positive finite number; got {std!r}.")
+    if isinstance(given, bool) or not isinstance(given, numbers.Real):
+        raise TypeError(f"std must be a positive finite number; got {type(given).__name__}.")
+    try:
+        value = float(given)
+    except OverflowError:  # an int past float's range
+        value = math.inf
+    if not 0 < value < math.inf:
+        raise ValueError(f"std must be a positive finite number; got {value:g}.")
     given_ranks: Sequence[object] = ranks
     if len(ranks) < 2 or not all(
         isinstance(r, numbers.Integral) and int(r) >= 1 for r in given_ranks
@@ -68,27 +74,20 @@ def tt_normal_(cores: Sequence[torch.Tensor], std: float) -> None:
         std: Target standard deviation of the dense matrix entries, ``> 0``.
 
     Raises:
-        TypeError: If ``cores`` is not a non-empty sequence of 4-D real floating-point
-            tensors.
-        ValueError: If ``std`` is not a positive finite number, or the cores do not chain
-            (neighbouring ranks differ, or a boundary rank is not 1).
+        TypeError: If ``cores`` is not a sequence (a layer's ``nn.ParameterList`` included) of
+            real floating-point tensors, or ``std`` is not a real number.
+        ValueError: If ``std`` is not a positive finite number or too large for the cores'
+            dtype, or the cores are not a chain (none, not 4-D, a size of 0, neighbouring
+            ranks that differ, or a boundary rank that is not 1).
     """
-    given: object = cores  # checked as what a caller may pass, not as annotated
-    if (
-        isinstance(given, torch.Tensor)
-        or not isinstance(given, Sequence)
-        or not given
-        or not all(isinstance(core, torch.Tensor) and core.dim() == 4 for core in given)
-    ):
-        raise TypeError(
-            "cores must be a non-empty sequence of 4-D tensors (r_k, m_k, n_k, r_{k+1}); got "
-            f"{type(cores).__name__}."
-        )
-    for core in cores:
-        if not core.is_floating_point():  # integers would round to 0, complex has no randn
-            raise TypeError(f"cores must be real floating-point tensors; got {core.dtype}.")
+    cores = core_list(cores)  # integers would round to 0, complex has no randn
     _, _, ranks = core_shapes(cores)
     scale = core_std(ranks, std)
+    # Normal samples reach about 6 standard deviations in a few million draws.
+    if not 6 * scale < torch.finfo(cores[0].dtype).max:
+        raise ValueError(
+            f"std={std!r} is too large for {cores[0].dtype}: the cores' entries would overflow."
+        )
     for core in cores:
         # Sample in float32 at least: float16 cannot hold the intermediate sums well.
         work = torch.randn(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -18,6 +18,7 @@ from ttlayers.contraction import (
     check_bias,
     check_real_floating,
     check_same_kind,
+    core_list,
     core_shapes,
     tt_linear,
     tt_to_dense,
@@ -141,6 +142,9 @@ class TTLinear(nn.Module):
         self.in_features = math.prod(self.in_modes)  # a Python int, even from a NumPy one
         self.out_features = math.prod(self.out_modes)
         ranks = resolve_ranks(rank, self.in_modes, self.out_modes)
+        given: object = dtype  # checked as what a caller may pass, not as annotated
+        if given is float:  # as torch's factories (and so nn.Linear) read it
+            dtype = torch.float64
         if dtype is not None:
             check_real_floating(dtype, "dtype")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -365,18 +369,12 @@ class TTLinear(nn.Module):
             A ``TTLinear`` on the cores' device and dtype.
 
         Raises:
-            ValueError: If the cores do not chain, or the bias has the wrong shape or is on
-                the meta device while the cores are not.
-            TypeError: If ``cores`` is not a sequence of tensors, the cores differ in dtype
-                or device, or the bias is not a floating-point tensor.
+            ValueError: If the cores do not chain or have a size of 0, or the bias has the
+                wrong shape or is on the meta device while the cores are not.
+            TypeError: If ``cores`` is not a sequence of real floating-point tensors, the
+                cores differ in dtype or device, or the bias is not a floating-point tensor.
         """
-        given: object = cores  # checked as what a caller may pass, not as annotated
-        if isinstance(given, torch.Tensor) or not isinstance(given, Iterable):
-            raise TypeError(f"cores must be a sequence of 4-D tensors; got {type(given).__name__}.")
-        cores = list(given)  # a layer's own nn.ParameterList too (not a Sequence)
-        for k, core in enumerate(cores):
-            if not isinstance(core, torch.Tensor):
-                raise TypeError(f"cores[{k}] must be a tensor; got {type(core).__name__}.")
+        cores = core_list(cores)  # a layer's own nn.ParameterList too (not a Sequence)
         in_modes, out_modes, ranks = core_shapes(cores)
         check_same_kind(cores)
         out_features = math.prod(out_modes)
@@ -456,10 +454,10 @@ class TTLinear(nn.Module):
         Raises:
             TypeError: If ``source`` is neither an ``nn.Linear`` nor a 2-D tensor.
             ValueError: If ``source`` is a lazy layer not initialized yet, the weight is on
-                the meta device or holds NaN or Inf, ``eps`` is outside ``(0, 1)``, a rank
-                is not positive, the modes do not multiply to the sizes, ``inputs`` have
-                another width than ``in_features`` or hold NaN/Inf, or ``ridge`` is negative
-                or given without ``inputs``.
+                the meta device or holds NaN or Inf (or the bias does), ``eps`` is outside
+                ``(0, 1)``, a rank is not positive, the modes do not multiply to the sizes,
+                ``inputs`` have another width than ``in_features`` or hold NaN/Inf, or
+                ``ridge`` is negative or given without ``inputs``.
         """
         if isinstance(source, nn.Linear):
             if isinstance(source.weight, nn.parameter.UninitializedParameter):
@@ -484,6 +482,11 @@ class TTLinear(nn.Module):
             raise ValueError(
                 f"ridge={ridge!r} applies only to a data-aware conversion; pass inputs= or "
                 "leave ridge out."
+            )
+        if bias is not None and bias.device.type != "meta" and not bool(bias.isfinite().all()):
+            raise ValueError(
+                "source.bias holds NaN or Inf values; a conversion needs finite entries. Check "
+                "the weights for divergence before converting."
             )
         out_features, in_features = weight.shape
         in_modes_t, out_modes_t = validate_modes(

@@ -96,7 +96,7 @@ class LayerReport:
     @property
     def compression(self) -> float:
         """``params_before / params_after``."""
-        return self.params_before / self.params_after
+        return self.params_before / self.params_after if self.params_after else math.nan
 
 
 @dataclass(frozen=True)
@@ -368,6 +368,8 @@ def _structural_reason(model: nn.Module, linear: nn.Linear, names: list[str]) ->
             "its weight is computed by a hook (torch.nn.utils.prune, or the legacy weight_norm "
             "or spectral_norm); remove the hook first"
         )
+    if not linear.weight.is_floating_point():
+        return f"its weight is {linear.weight.dtype}; TT layers are real floating point"
     if type(linear).forward is not nn.Linear.forward:
         return f"{type(linear).__name__} overrides forward, which a TTLinear would drop"
     if "forward" in vars(linear):  # e.g. accelerate's hooks wrap an instance's forward
@@ -1114,6 +1116,8 @@ def load_tensorized_(
         raise TypeError(f"state_dict must be a mapping; got {type(state_dict).__name__}.")
     cores: dict[str, dict[int, Any]] = {}
     for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"state_dict's keys must be strings; got {key!r}.")
         prefix, _, index = key.rpartition(".")
         layer_name, _, attribute = prefix.rpartition(".")
         if attribute == "cores" and index.isdigit():
