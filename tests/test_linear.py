@@ -302,6 +302,39 @@ def test_parametrized_core_is_used_in_forward_and_backward():
     torch.testing.assert_close(layer(x), x @ weight.T + layer.bias, rtol=1e-12, atol=1e-12)
 
 
+class Masked(nn.Module):
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, core: torch.Tensor) -> torch.Tensor:
+        return core * self.mask
+
+
+def test_a_core_pruned_with_prune_is_refused_and_a_mask_parametrization_trains():
+    # prune's hook sits on the ParameterList, whose forward never runs: the core kept its
+    # value at pruning time, and the second backward pass failed. Refused, naming the way
+    # that works: a parametrization, which is reapplied at every access.
+    torch.manual_seed(0)
+    layer = TTLinear(24, 30, rank=3, in_modes=(3, 4, 2), out_modes=(2, 5, 3)).double()
+    x = torch.randn(4, 24, dtype=torch.float64)
+    torch.nn.utils.prune.l1_unstructured(layer.cores, "1", amount=0.5)
+    with pytest.raises(TypeError, match=r"core 1 is pruned.*register_parametrization"):
+        layer(x)
+    mask = layer.cores._buffers["1_mask"].clone()
+    torch.nn.utils.prune.remove(layer.cores, "1")
+    torch.nn.utils.parametrize.register_parametrization(layer.cores, "1", Masked(mask))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        layer(x).square().sum().backward()
+        optimizer.step()
+    # The masked entries stay 0 through training, and the output is that of the masked core.
+    assert torch.all(layer.cores[1][mask == 0] == 0)
+    weight = tt_to_dense([layer.cores[k] for k in range(3)])
+    torch.testing.assert_close(layer(x), x @ weight.T + layer.bias, rtol=1e-12, atol=1e-12)
+
+
 def test_layer_of_more_cores_than_its_precomputed_core_names_uses_them_all():
     # The layer reads its cores by their names in the ParameterList, made once for the first
     # 64; beyond that it makes them. 70 cores (69 of modes 1): a dropped core would leave a

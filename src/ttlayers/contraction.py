@@ -743,7 +743,7 @@ def _graph_plan(
     the bounds: at most three graphs per layer shape. An exported graph (dynamic or strict;
     a static non-strict export runs eager code's plan), which must take every size without a
     guard, and a size known only from the data, take the plans without chunks. Plans differ
-    in speed and memory, never in their results.
+    in speed and memory, and in their results only by rounding.
     """
     example = _example_size(batch)
     table = _plan_table_constant(in_modes, out_modes, ranks, dtype, device_type, training)

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from ttlayers import decomposition
 from ttlayers.calibration import DEFAULT_RIDGE, ActivationStatistics, fit_tt
@@ -36,6 +36,29 @@ _WEIGHT_IS_COMPUTED = (
     "TTLinear.weight is computed from the cores and cannot be assigned; build a layer from the "
     "new matrix with TTLinear.from_dense, or change the cores."
 )
+
+
+def _refuse_pruned(cores: nn.ParameterList) -> None:
+    """Raise if ``torch.nn.utils.prune`` has pruned a core.
+
+    Prune hooks recompute the masked tensor before the module's forward pass, and the
+    container's forward is never called: the core would keep the value it had when pruned,
+    and the second backward pass would fail (the graph of that product is freed).
+    """
+    pruned = [
+        hook._tensor_name
+        for hook in cores._forward_pre_hooks.values()
+        if isinstance(hook, prune.BasePruningMethod)
+    ]
+    if pruned:
+        name = pruned[0]
+        raise TypeError(
+            f"TTLinear's core {name} is pruned with torch.nn.utils.prune, whose mask an "
+            "nn.ParameterList never reapplies (its forward pass is not called). Remove it "
+            f"(prune.remove(layer.cores, {name!r})) and mask the core with a parametrization "
+            f"instead: torch.nn.utils.parametrize.register_parametrization(layer.cores, "
+            f"{name!r}, mask_module)."
+        )
 
 
 class TTLinear(nn.Module):
@@ -251,6 +274,7 @@ class TTLinear(nn.Module):
         try:
             return [params[name] for name in names]  # type: ignore[misc]
         except KeyError:
+            _refuse_pruned(cores)
             return list(cores)
 
     def to_dense(self) -> torch.Tensor:
