@@ -84,9 +84,10 @@ def tt_normal_(cores: Sequence[torch.Tensor], std: float) -> None:
     _, _, ranks = core_shapes(cores)
     scale = core_std(ranks, std)
     # Normal samples reach about 6 standard deviations in a few million draws.
-    if not 6 * scale < torch.finfo(cores[0].dtype).max:
+    narrowest = min((core.dtype for core in cores), key=lambda dtype: torch.finfo(dtype).max)
+    if not 6 * scale < torch.finfo(narrowest).max:
         raise ValueError(
-            f"std={std!r} is too large for {cores[0].dtype}: the cores' entries would overflow."
+            f"std={std!r} is too large for {narrowest}: the cores' entries would overflow."
         )
     for core in cores:
         # Sample in float32 at least: float16 cannot hold the intermediate sums well.
