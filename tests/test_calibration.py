@@ -108,6 +108,7 @@ def test_statistics_pairing_must_be_consistent():
     for paired in (None, "no", 1):
         with pytest.raises(TypeError, match="paired must be a bool"):
             ActivationStatistics(3, paired=paired)
+    assert ActivationStatistics(3, paired=np.bool_(True)).paired is True  # a NumPy bool is one
 
 
 def test_a_reference_that_is_not_a_tensor_is_a_type_error_and_adds_nothing():

@@ -464,6 +464,7 @@ def test_round_and_tt_to_dense_take_a_layers_parameter_list():
     ("cores", "kind", "match"),
     [
         (None, TypeError, "sequence of 4-D tensors.*got NoneType"),
+        ({torch.ones(1, 2, 2, 1)}, TypeError, "in chain order; got set"),
         (torch.ones(1, 2, 3, 1), TypeError, r"got one tensor of shape \(1, 2, 3, 1\)"),
         (torch.ones(2, 1, 2, 2, 1), TypeError, r"got one tensor of shape \(2, 1, 2, 2, 1\)"),
         ([torch.ones(1, 2, 2, 1, dtype=torch.bool)], TypeError, r"cores\[0\] .*torch.bool"),

@@ -319,8 +319,19 @@ def test_a_core_pruned_with_prune_is_refused_and_a_mask_parametrization_trains()
     layer = TTLinear(24, 30, rank=3, in_modes=(3, 4, 2), out_modes=(2, 5, 3)).double()
     x = torch.randn(4, 24, dtype=torch.float64)
     torch.nn.utils.prune.l1_unstructured(layer.cores, "1", amount=0.5)
-    with pytest.raises(TypeError, match=r"core 1 is pruned.*register_parametrization"):
-        layer(x)
+    # Every reader of the cores: they would read the value cached at pruning time, stale
+    # once "1_orig" changes (a checkpoint loaded, say).
+    readers = {
+        "forward": lambda: layer(x),
+        "to_dense": layer.to_dense,
+        "round": layer.round,
+        "from_cores": lambda: TTLinear.from_cores(layer.cores),
+        "tt_round": lambda: ttlayers.tt_round(layer.cores),
+        "tt_to_dense": lambda: tt_to_dense(layer.cores),
+    }
+    for reader in readers.values():
+        with pytest.raises(TypeError, match=r"core 1 is pruned.*register_parametrization"):
+            reader()
     mask = layer.cores._buffers["1_mask"].clone()
     torch.nn.utils.prune.remove(layer.cores, "1")
     torch.nn.utils.parametrize.register_parametrization(layer.cores, "1", Masked(mask))

@@ -66,6 +66,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import opt_einsum
 import torch
 
@@ -136,9 +137,10 @@ class ActivationStatistics:
         if in_features < 1:
             raise ValueError(f"in_features must be a positive int; got {in_features!r}.")
         self.in_features = int(in_features)
-        if not isinstance(paired, bool):
-            raise TypeError(f"paired must be a bool; got {paired!r}.")
-        self.paired = paired
+        given_paired: object = paired  # checked as what a caller may pass, not as annotated
+        if not isinstance(given_paired, (bool, np.bool_)):
+            raise TypeError(f"paired must be a bool; got {type(given_paired).__name__}.")
+        self.paired = bool(paired)
         self.count = 0
         self._device = None if device is None else torch.device(device)
         if self._device is not None and self._device.type == "meta":
@@ -784,9 +786,9 @@ def fit_tt(
     Raises:
         TypeError: If ``weight`` or ``bias`` is not a floating-point tensor,
             ``statistics`` not an :class:`ActivationStatistics`, or an option not an int.
-        ValueError: If ``weight`` or ``bias`` is not 2-D or on the meta device, shapes
-            disagree, a value is NaN/Inf, the statistics are empty, or an option is out of
-            range.
+        ValueError: If ``weight`` is not 2-D, ``weight`` or ``bias`` is on the meta device,
+            shapes disagree, a value is NaN/Inf, the statistics are empty, or an option is out
+            of range.
 
     Example:
         Inputs in a 3-dimensional subspace: rank 3 reproduces the outputs, TT-SVD cannot.
@@ -818,7 +820,7 @@ def fit_tt(
     )
     for name, value in options:  # checked as what a caller may pass, not as annotated
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int >= 0; got {type(value).__name__}.")
+            raise TypeError(f"{name} must be an int >= 0; got {type(value).__name__} {value!r}.")
         if value < 0:
             raise ValueError(f"{name} must be an int >= 0; got {value!r}.")
     sweeps, max_direct, cg_steps = int(sweeps), int(max_direct), int(cg_steps)

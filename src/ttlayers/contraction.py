@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ttlayers.autograd import (
@@ -44,6 +46,7 @@ __all__ = [
     "core_shapes",
     "merge_cores",
     "rank_middle_block",
+    "refuse_pruned",
     "run_chain",
     "select_plan",
     "tt_linear",
@@ -114,6 +117,27 @@ def check_same_kind(cores: Sequence[torch.Tensor], name: str = "cores") -> None:
             )
 
 
+def refuse_pruned(cores: object) -> None:
+    """Raise a ``TypeError`` if ``cores`` is a module with a core pruned by ``nn.utils.prune``.
+
+    Prune's hook recomputes the masked tensor before the module's forward pass, and an
+    ``nn.ParameterList``'s forward is never called: the core would keep the value it had
+    when pruned (or when a layer last read it), and a second backward pass through it fails.
+    """
+    if not isinstance(cores, nn.Module) or not cores._forward_pre_hooks:
+        return
+    for hook in cores._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            name = hook._tensor_name
+            raise TypeError(
+                f"TTLinear's core {name} is pruned with torch.nn.utils.prune, whose mask an "
+                "nn.ParameterList never reapplies (its forward pass is not called). Remove it "
+                f"(prune.remove(layer.cores, {name!r})) and mask the core with a "
+                "parametrization instead: torch.nn.utils.parametrize."
+                f"register_parametrization(layer.cores, {name!r}, mask_module)."
+            )
+
+
 def core_list(cores: object, name: str = "cores") -> list[torch.Tensor]:
     """``cores`` as a list, each core a real floating-point tensor with no size of 0.
 
@@ -122,8 +146,8 @@ def core_list(cores: object, name: str = "cores") -> list[torch.Tensor]:
     :func:`core_shapes`.
 
     Raises:
-        TypeError: If ``cores`` is a tensor or not iterable, or a core is not a real
-            floating-point tensor.
+        TypeError: If ``cores`` is a tensor, a set or not iterable, a core is not a real
+            floating-point tensor, or a layer's core is pruned (see :func:`refuse_pruned`).
         ValueError: If a core has a size of 0.
     """
     if isinstance(cores, torch.Tensor):
@@ -131,11 +155,12 @@ def core_list(cores: object, name: str = "cores") -> list[torch.Tensor]:
             f"{name} must be a sequence of 4-D tensors (r_k, m_k, n_k, r_k+1); got one tensor "
             f"of shape {tuple(cores.shape)} (a chain of one core is [core])."
         )
-    if not isinstance(cores, Iterable):
+    if not isinstance(cores, Iterable) or isinstance(cores, (set, frozenset)):
         raise TypeError(
-            f"{name} must be a sequence of 4-D tensors (r_k, m_k, n_k, r_k+1); got "
-            f"{type(cores).__name__}."
+            f"{name} must be a sequence of 4-D tensors (r_k, m_k, n_k, r_k+1), in chain "
+            f"order; got {type(cores).__name__}."
         )
+    refuse_pruned(cores)
     listed = list(cores)
     for k, core in enumerate(listed):
         if not isinstance(core, torch.Tensor):

@@ -44,10 +44,12 @@ def core_std(ranks: Sequence[int], std: float) -> float:
         raise TypeError(f"std must be a positive finite number; got {type(given).__name__}.")
     try:
         value = float(given)
-    except OverflowError:  # an int past float's range
-        value = math.inf
+    except OverflowError:
+        raise ValueError(
+            "std must be a positive finite number; got an int past float's range."
+        ) from None
     if not 0 < value < math.inf:
-        raise ValueError(f"std must be a positive finite number; got {value:g}.")
+        raise ValueError(f"std must be a positive finite number; got {std!r}.")
     given_ranks: Sequence[object] = ranks
     if len(ranks) < 2 or not all(
         isinstance(r, numbers.Integral) and int(r) >= 1 for r in given_ranks

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize, prune
+from torch.nn.utils import parametrize
 
 from ttlayers import decomposition
 from ttlayers.calibration import DEFAULT_RIDGE, ActivationStatistics, fit_tt
@@ -20,6 +20,7 @@ from ttlayers.contraction import (
     check_same_kind,
     core_list,
     core_shapes,
+    refuse_pruned,
     tt_linear,
     tt_to_dense,
 )
@@ -36,29 +37,6 @@ _WEIGHT_IS_COMPUTED = (
     "TTLinear.weight is computed from the cores and cannot be assigned; build a layer from the "
     "new matrix with TTLinear.from_dense, or change the cores."
 )
-
-
-def _refuse_pruned(cores: nn.ParameterList) -> None:
-    """Raise if ``torch.nn.utils.prune`` has pruned a core.
-
-    Prune hooks recompute the masked tensor before the module's forward pass, and the
-    container's forward is never called: the core would keep the value it had when pruned,
-    and the second backward pass would fail (the graph of that product is freed).
-    """
-    pruned = [
-        hook._tensor_name
-        for hook in cores._forward_pre_hooks.values()
-        if isinstance(hook, prune.BasePruningMethod)
-    ]
-    if pruned:
-        name = pruned[0]
-        raise TypeError(
-            f"TTLinear's core {name} is pruned with torch.nn.utils.prune, whose mask an "
-            "nn.ParameterList never reapplies (its forward pass is not called). Remove it "
-            f"(prune.remove(layer.cores, {name!r})) and mask the core with a parametrization "
-            f"instead: torch.nn.utils.parametrize.register_parametrization(layer.cores, "
-            f"{name!r}, mask_module)."
-        )
 
 
 class TTLinear(nn.Module):
@@ -213,7 +191,8 @@ class TTLinear(nn.Module):
             ValueError: If the last dimension of ``input`` is not ``in_features``, or the
                 input is on another device than the layer.
             TypeError: If ``input`` is not a tensor, or has another dtype than the cores outside
-                ``torch.autocast`` (inside, autocast chooses the dtype, as for ``nn.Linear``).
+                ``torch.autocast`` (inside, autocast chooses the dtype, as for ``nn.Linear``),
+                or a core is pruned with ``torch.nn.utils.prune`` (use a parametrization).
         """
         given: object = input  # checked as what a caller may pass, not as annotated
         if not isinstance(given, torch.Tensor):
@@ -274,7 +253,7 @@ class TTLinear(nn.Module):
         try:
             return [params[name] for name in names]  # type: ignore[misc]
         except KeyError:
-            _refuse_pruned(cores)
+            refuse_pruned(cores)
             return list(cores)
 
     def to_dense(self) -> torch.Tensor:
@@ -282,7 +261,7 @@ class TTLinear(nn.Module):
 
         Differentiable with respect to the cores.
         """
-        return tt_to_dense(list(self.cores))
+        return tt_to_dense(self._core_list())
 
     @property
     def weight(self) -> torch.Tensor:
@@ -562,7 +541,7 @@ class TTLinear(nn.Module):
             ValueError: If ``eps`` is outside ``(0, 1)`` or a rank is not positive.
         """
         with torch.no_grad():
-            cores = [core.detach() for core in self.cores]
+            cores = [core.detach() for core in self._core_list()]
             rounded = decomposition.tt_round(cores, rank=rank, eps=eps)
             bias = None if self.bias is None else self.bias.detach()
             layer = type(self).from_cores(rounded, bias)

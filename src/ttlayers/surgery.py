@@ -446,7 +446,8 @@ def tensorize_(
           lazy layers; layers with no inputs or no outputs; layers whose weight is
           parametrized (``torch.nn.utils.parametrize``) or computed by a hook
           (``torch.nn.utils.prune``, the legacy ``weight_norm`` and ``spectral_norm``);
-          subclasses of ``nn.Linear`` that override ``forward``.
+          layers whose weight is not real floating point (complex, integer); subclasses of
+          ``nn.Linear`` that override ``forward``.
           Every ``nn.Linear`` not converted is listed in ``report.skipped`` with the reason.
 
     Guarantees:
