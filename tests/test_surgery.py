@@ -763,6 +763,28 @@ def test_load_tensorized_reports_keys_as_load_state_dict_does(edit, match):
     assert all(type(fresh.get_submodule(name)) is nn.Linear for name in LINEAR_NAMES)
 
 
+def test_load_tensorized_names_bad_arguments_and_leaves_the_model_as_it_was():
+    model = make_net()
+    tensorize_(model, rank=2)
+    state = model.state_dict()
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module; got dict"):
+        load_tensorized_(dict(state), state)
+    with pytest.raises(TypeError, match="state_dict must be a mapping; got list"):
+        load_tensorized_(make_net(), list(state.items()))
+    fresh = make_net()
+    before = snapshot(fresh)
+    gappy = {k: v for k, v in state.items() if k != "blocks.0.up.cores.0"}
+    with pytest.raises(
+        ValueError, match=r"not tensors 0\.\.d-1 \(blocks\.0\.up\.cores\.0 is missing\)"
+    ):
+        load_tensorized_(fresh, gappy)
+    assert_unchanged(fresh, before)
+    root = nn.Linear(64, 32)
+    with pytest.raises(ValueError, match="the model itself is a stored TTLinear"):
+        load_tensorized_(root, TTLinear.from_dense(nn.Linear(64, 32), rank=2).state_dict())
+    assert type(root) is nn.Linear
+
+
 def test_load_tensorized_names_a_key_that_is_not_a_string():
     model = make_net()
     tensorize_(model, rank=2)

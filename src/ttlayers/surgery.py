@@ -1139,9 +1139,14 @@ def load_tensorized_(
         if not isinstance(module, (nn.Linear, TTLinear)):
             continue
         shown = name or "<root>"
-        tensors = [found[k] for k in range(len(found)) if isinstance(found.get(k), torch.Tensor)]
-        if len(tensors) != len(found):
-            raise ValueError(f"the cores of '{shown}' in state_dict are not tensors 0..d-1.")
+        count = max(found) + 1
+        tensors = [found[k] for k in range(count) if isinstance(found.get(k), torch.Tensor)]
+        if len(tensors) != count:
+            missing = [k for k in range(count) if k not in found]
+            raise ValueError(
+                f"the cores of '{shown}' in state_dict are not tensors 0..d-1"
+                + (f" ({name}.cores.{missing[0]} is missing)." if missing else ".")
+            )
         try:
             in_modes, out_modes, ranks = core_shapes(tensors)
         except ValueError as error:
