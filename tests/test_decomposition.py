@@ -445,6 +445,11 @@ def test_round_bad_input(gen):
     # The same error as tt_to_dense and TTLinear.from_cores give (a ValueError before).
     with pytest.raises(TypeError, match=r"one dtype and device.*cores\[1\] torch.float32"):
         tt_round([a[0], a[1].float()])
+    # The messages name the argument: tt_relative_error's first one is "reference".
+    with pytest.raises(ValueError, match=r"reference\[1\] must be 4-D"):
+        tt_relative_error([a[0], a[1][0]], a)
+    with pytest.raises(ValueError, match=r"reference\[0\] and reference\[1\] do not chain"):
+        tt_relative_error([a[0], a[0]], a)
     # A chain with a bond of rank 0 (the zero matrix) came back with rank-0 cores.
     with pytest.raises(ValueError, match=r"cores\[0\] has a size of 0"):
         tt_round([a[0][..., :0], a[1][:0]])

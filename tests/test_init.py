@@ -136,7 +136,7 @@ def test_core_std_needs_positive_integer_ranks(ranks):
     "shapes, message",
     [
         ([(1, 4, 4, 2), (3, 4, 4, 1)], "do not chain"),  # the scale needs the true bond ranks
-        ([(2, 4, 4, 2), (2, 4, 4, 1)], "boundary ranks must be 1"),
+        ([(2, 4, 4, 2), (2, 4, 4, 1)], "boundary ranks of cores must be 1"),
     ],
 )
 def test_tt_normal_refuses_cores_that_do_not_chain(shapes, message):

@@ -179,32 +179,34 @@ def core_list(cores: object, name: str = "cores") -> list[torch.Tensor]:
 
 
 def core_shapes(
-    cores: Sequence[torch.Tensor],
+    cores: Sequence[torch.Tensor], name: str = "cores"
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Read ``(in_modes, out_modes, ranks)`` off a chain of cores, checking that it chains.
+
+    ``name`` is the argument named in the messages.
 
     Raises:
         TypeError: If a core is not a tensor.
         ValueError: If the chain is empty, a core is not 4-D, or neighbouring ranks differ.
     """
     if len(cores) == 0:
-        raise ValueError("cores must hold at least one core; got none.")
+        raise ValueError(f"{name} must hold at least one core; got none.")
     for k, core in enumerate(cores):
         if not isinstance(core, torch.Tensor):
-            raise TypeError(f"cores[{k}] must be a tensor; got {type(core).__name__}.")
+            raise TypeError(f"{name}[{k}] must be a tensor; got {type(core).__name__}.")
         if core.dim() != 4:
             raise ValueError(
-                f"core {k} must be 4-D (r_k, m_k, n_k, r_k+1); got shape {tuple(core.shape)}."
+                f"{name}[{k}] must be 4-D (r_k, m_k, n_k, r_k+1); got shape {tuple(core.shape)}."
             )
     ranks = [cores[0].shape[0]] + [core.shape[3] for core in cores]
     for k in range(len(cores) - 1):
         if cores[k].shape[3] != cores[k + 1].shape[0]:
             raise ValueError(
-                f"cores {k} and {k + 1} do not chain: shapes {tuple(cores[k].shape)} and "
-                f"{tuple(cores[k + 1].shape)}."
+                f"{name}[{k}] and {name}[{k + 1}] do not chain: shapes "
+                f"{tuple(cores[k].shape)} and {tuple(cores[k + 1].shape)}."
             )
     if ranks[0] != 1 or ranks[-1] != 1:
-        raise ValueError(f"the boundary ranks must be 1; got {ranks[0]} and {ranks[-1]}.")
+        raise ValueError(f"the boundary ranks of {name} must be 1; got {ranks[0]} and {ranks[-1]}.")
     in_modes = tuple(int(core.shape[1]) for core in cores)
     out_modes = tuple(int(core.shape[2]) for core in cores)
     return in_modes, out_modes, tuple(int(r) for r in ranks)

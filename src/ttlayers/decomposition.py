@@ -122,7 +122,7 @@ def _warn_below_precision(eps: float | None, dtype: torch.dtype, result: torch.d
 def _check_cores(name: str, cores: object) -> list[torch.Tensor]:
     """``cores`` as a list, checked: a chain of finite real floating-point tensors."""
     listed = core_list(cores, name)
-    core_shapes(listed)
+    core_shapes(listed, name)
     check_same_kind(listed, name)
     for k, core in enumerate(listed):
         _check_finite(f"{name}[{k}]", core)
