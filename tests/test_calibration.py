@@ -120,6 +120,8 @@ def test_a_reference_that_is_not_a_tensor_is_a_type_error_and_adds_nothing():
     assert stats.count == 0 and stats.input_sum is None
     with pytest.raises(TypeError, match="reference must be a tensor; got list"):
         ActivationStatistics.from_inputs(torch.randn(2, 3), [[0.0] * 3] * 2)
+    with pytest.raises(ValueError, match=r"at least one feature; got shape \(5, 0\)"):
+        ActivationStatistics.from_inputs(torch.ones(5, 0))  # named inputs, not in_features
     for inputs, shown in (([[0.0] * 3], "got list"), (torch.tensor(1.0), "got Tensor 0-d")):
         with pytest.raises(TypeError, match=rf"inputs must be a tensor of shape .*{shown}"):
             ActivationStatistics.from_inputs(inputs)

@@ -291,8 +291,10 @@ def test_from_dense_nan_weight_named():
     linear = nn.Linear(8, 8)
     with torch.no_grad():
         linear.weight[3, 1] = math.nan
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match=r"source\.weight holds NaN"):
         TTLinear.from_dense(linear, rank=2)
+    with pytest.raises(ValueError, match="source holds NaN"):  # the caller's name, not "matrix"
+        TTLinear.from_dense(linear.weight, rank=2)
 
 
 def test_from_dense_nan_or_inf_bias_named_as_with_calibration():

@@ -171,6 +171,10 @@ class ActivationStatistics:
                 "inputs must be a tensor of shape (*, in_features); got "
                 f"{type(inputs).__name__}{'' if not isinstance(inputs, torch.Tensor) else ' 0-d'}."
             )
+        if inputs.shape[-1] == 0:
+            raise ValueError(
+                f"inputs must have at least one feature; got shape {tuple(inputs.shape)}."
+            )
         stats = cls(int(inputs.shape[-1]), paired=reference is not None)  # on inputs' device
         stats.update(inputs, reference)
         return stats

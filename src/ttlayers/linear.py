@@ -486,6 +486,10 @@ class TTLinear(nn.Module):
                 f"ridge={ridge!r} applies only to a data-aware conversion; pass inputs= or "
                 "leave ridge out."
             )
+        # Named as the caller passed it (tt_svd would say "matrix").
+        decomposition.check_matrix(
+            weight, "source.weight" if isinstance(source, nn.Linear) else "source", finite=True
+        )
         if bias is not None and bias.device.type != "meta" and not bool(bias.isfinite().all()):
             raise ValueError(
                 "source.bias holds NaN or Inf values; a conversion needs finite entries. Check "
