@@ -245,6 +245,59 @@ def test_a_budget_above_the_model_never_makes_a_layer_larger(calibrated):
     assert report.params_after < report.params_before
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_shape_that_starts_above_the_dense_size_is_never_chosen(calibrated):
+    # suggest_modes puts a prime size in one core ((1, 3) x (1, 3), (1, 17) x (1, 7)): at
+    # rank 1 that shape has one parameter more than the dense weight and no error, and an
+    # allocator with room chose it. Each layer of these models can be made smaller.
+    torch.manual_seed(0)
+    models = [
+        (nn.Sequential(nn.Linear(3, 3)).double(), {"params": 10**6}),
+        (
+            nn.Sequential(
+                nn.Linear(128, 128, bias=False),
+                nn.Linear(128, 17, bias=False),
+                nn.Linear(17, 7, bias=False),
+            ).double(),
+            {"compression": 2.0},
+        ),
+    ]
+    for model, budget in models:
+        x = torch.randn(300, model[0].in_features, dtype=F64)
+        report = tensorize_(model, calibration=x if calibrated else None, **budget)
+        assert len(report.layers) == len(model)
+        for row in report.layers:
+            assert row.params_after < row.params_before, (row.name, row.in_modes, row.ranks)
+
+
+def test_a_budget_below_the_smallest_forms_says_what_the_biases_took():
+    # The message gave the budget less the biases as if it were the budget passed.
+    model = nn.Sequential(nn.Linear(64, 64))
+    with pytest.raises(
+        ValueError,
+        match=r"budget 100, 36 after the 64 bias parameters, is below .* 1 selected layer, 48",
+    ):
+        tensorize_(model, params=100)
+    assert type(model[0]) is nn.Linear
+
+
+def test_num_cores_2_includes_plain_low_rank_and_larger_d_skips_what_cannot_shrink():
+    # 13 -> 17 has no balanced 2-core shape below its size; plain low rank (2 cores) is one.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 17), nn.Linear(64, 64)).double()
+    report = tensorize_(model, compression=1.5, num_cores=2)
+    assert report.layers[0].in_modes == (1, 13)
+    assert report.layers[0].params_after < report.layers[0].params_before
+    # With 3 cores its only shape is (1, 13, 1) x (1, 17, 1): skipped, with the reason;
+    # selected by filter_fn, converted whatever its size (as documented).
+    model = nn.Sequential(nn.Linear(13, 17), nn.Linear(64, 64)).double()
+    report = tensorize_(model, compression=2.0, num_cores=3)
+    assert [row.name for row in report.layers] == ["1"]
+    assert "shape of 3 cores, (1, 13, 1) x (1, 17, 1), takes 223" in report.skipped[0].reason
+    report = tensorize_(model, params=10**4, num_cores=3, filter_fn=lambda m, n: n == "0")
+    assert report.layers[0].in_modes == (1, 13, 1)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "kind", "match"),
     [
@@ -343,7 +396,7 @@ def test_a_budget_leaves_a_2x2_layer_dense(calibrated):
     report = tensorize_(model, compression=2.0, calibration=x)
     assert [row.name for row in report.layers] == ["0", "2"]
     assert [skip.name for skip in report.skipped] == ["3"]
-    assert "no factorization" in report.skipped[0].reason
+    assert "low rank cannot make it smaller" in report.skipped[0].reason
     assert type(model[3]) is nn.Linear
     assert all(row.params_after < row.params_before for row in report.layers)
 

@@ -242,7 +242,8 @@ def layer_options(
 
     Returns:
         The points of every candidate's greedy path, each with fewer parameters than the
-        dense layer (except a first point, all ranks 1, that has as many or more).
+        dense layer. Only where no shape has such a point, the first points (all ranks 1),
+        which have as many or more: the choices of a layer that cannot be made smaller.
 
     Raises:
         TypeError: If ``weight`` is not a 2-D floating-point tensor.
@@ -265,7 +266,11 @@ def layer_options(
         total = float(target.square().sum())
         spectra = bond_spectra(target, in_modes, out_modes)
         options.extend(_rank_path(spectra, tuple(in_modes), tuple(out_modes), total, limit))
-    return options
+    # A shape whose every core but one has a mode product of 1 (prime sizes, or d above the
+    # factors) starts at more parameters than the dense layer, with no error: an allocator
+    # given room would choose it and make the layer larger.
+    smaller = [option for option in options if option.parameters < limit]
+    return smaller or options
 
 
 def _frontier(options: Sequence[RankChoice]) -> list[RankChoice]:

@@ -43,7 +43,7 @@ class TTLinear(nn.Module):
     r"""A linear layer ``y = x W^T + b`` whose weight ``W`` is a Tensor-Train (TT) matrix.
 
     ``W`` of shape ``(out_features, in_features)`` is never stored. It is the chain of ``d``
-    cores ``G_k`` of shape ``(r_k, m_k, n_k, r_{k+1})`` (Novikov et al. 2015, "Tensorizing
+    cores ``G_k`` of shape ``(r_{k-1}, m_k, n_k, r_k)`` (Novikov et al. 2015, "Tensorizing
     Neural Networks"):
 
     .. math::
@@ -54,7 +54,8 @@ class TTLinear(nn.Module):
     ``j`` over ``in_modes = (m_1, ..., m_d)`` and ``i = (i_1, ..., i_d)`` that of output
     position ``i`` over ``out_modes = (n_1, ..., n_d)``; ``r_0 = r_d = 1``. So
     ``x.reshape(*batch, *in_modes)`` splits an input correctly. The layer stores
-    ``sum_k r_k m_k n_k r_{k+1}`` numbers instead of ``prod_k m_k n_k``.
+    ``sum_k r_{k-1} m_k n_k r_k`` numbers instead of ``prod_k m_k n_k``. (``cores[k]``,
+    counted from 0, has shape ``(r_k, m_{k+1}, n_{k+1}, r_{k+1})``.)
 
     The forward pass is :func:`ttlayers.contraction.tt_linear`: a plan chosen once per input
     shape, dtype and device by the cost model of :mod:`ttlayers.planner` (rebuild ``W`` and

@@ -439,15 +439,18 @@ def tensorize_(
         - Without it, every ``nn.Linear`` whose weight and bias are not shared with another
           module (converting would untie them; select it with ``filter_fn`` to do so anyway) and,
           without a budget, whose TT form at the requested ``rank``/``eps`` has fewer
-          parameters than its dense weight; with a budget, that has some factorization with
-          fewer (not a layer with one input or one output).
+          parameters than its dense weight; with a budget, whose plain low rank and, with
+          ``num_cores``, whose ``num_cores``-core shape have fewer at rank 1 (not a layer
+          with one input or one output, or 2 x 2, or one whose sizes have too few factors
+          for ``num_cores`` cores). No layer a budget selects comes out larger.
         - Never: layers that are already ``TTLinear``; the model itself; the ``out_proj`` of an
           ``nn.MultiheadAttention`` (which reads ``out_proj.weight`` directly); uninitialized
           lazy layers; layers with no inputs or no outputs; layers whose weight is
           parametrized (``torch.nn.utils.parametrize``) or computed by a hook
           (``torch.nn.utils.prune``, the legacy ``weight_norm`` and ``spectral_norm``);
           layers whose weight is not real floating point (complex, integer); subclasses of
-          ``nn.Linear`` that override ``forward``.
+          ``nn.Linear`` that override ``forward``, and layers whose ``forward`` is replaced
+          on the instance (as accelerate's hooks do).
           Every ``nn.Linear`` not converted is listed in ``report.skipped`` with the reason.
 
     Guarantees:
@@ -602,7 +605,7 @@ def tensorize_(
                 f"{tie}; converting would untie them (select it with filter_fn to convert anyway)"
             )
         if reason is None and budgeted and filter_fn is None:
-            reason = _cannot_shrink(linear)
+            reason = _cannot_shrink(linear, num_cores)
         if reason is None:
             selected.append((linear, layer_names))
         else:
@@ -674,19 +677,30 @@ def _wrap(names: list[str], error: Exception) -> Exception:
     return kind(f"cannot tensorize layer '{names[0]}': {error}")
 
 
-def _cannot_shrink(linear: nn.Linear) -> str | None:
+def _cannot_shrink(linear: nn.Linear, num_cores: int | None) -> str | None:
     """Why a budget leaves ``linear`` dense, or ``None`` if it does not.
 
-    A layer with one input or one output (or 2 x 2) has no factorization with fewer
-    parameters than its weight.
+    A layer with one input or one output (or 2 x 2) is left dense: plain low rank has no
+    fewer parameters than its weight. So is a layer whose ``num_cores``-core shape has none
+    at rank 1: sizes with too few factors (a prime, say) put all of them in one core.
     """
-    smallest = linear.in_features + linear.out_features  # rank 1, plain low rank
     dense = linear.in_features * linear.out_features
+    plain = linear.in_features + linear.out_features  # rank 1, plain low rank
+    if plain >= dense:
+        return (
+            f"rank 1 already takes {plain:,} weight parameters, not fewer than the dense "
+            f"{dense:,}: low rank cannot make it smaller (a budget leaves a layer with one "
+            "input or one output, or 2 x 2, dense)"
+        )
+    smallest, (in_modes, out_modes) = min(
+        (num_parameters(i, o, (1,) * (len(i) + 1)), (i, o)) for i, o in _shapes(linear, num_cores)
+    )
     if smallest < dense:
         return None
     return (
-        f"rank 1 already takes {smallest:,} weight parameters, not fewer than the dense "
-        f"{dense:,}: no factorization makes it smaller"
+        f"its shape of {num_cores} cores, {in_modes} x {out_modes}, takes {smallest:,} weight "
+        f"parameters at rank 1, not fewer than the dense {dense:,}; num_cores=2 or None "
+        "includes plain low rank"
     )
 
 
@@ -694,9 +708,11 @@ def _shapes(
     linear: nn.Linear, num_cores: int | None
 ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """The candidate (in_modes, out_modes) of a layer under a budget."""
-    if num_cores is not None:
-        return [suggest_modes(linear.in_features, linear.out_features, num_cores)]
-    return candidate_shapes(linear.in_features, linear.out_features, (2, 3))
+    if num_cores is None:
+        return candidate_shapes(linear.in_features, linear.out_features, (2, 3))
+    if num_cores == 2:  # plain low rank is a 2-core shape too
+        return candidate_shapes(linear.in_features, linear.out_features, (2,))
+    return [suggest_modes(linear.in_features, linear.out_features, num_cores)]
 
 
 def _convert(
@@ -996,6 +1012,18 @@ def _budget(
                 )
         cores = [share - bias for share, bias in zip(shares, biases, strict=True)]
         return budget, allocate_evenly(options, cores)
+    smallest = sum(min((option.parameters for option in layer), default=0) for layer in options)
+    if budget - sum(biases) < smallest:
+        after = (
+            f", {budget - sum(biases):,} after the {sum(biases):,} bias parameters,"
+            if any(biases)
+            else ""
+        )
+        raise ValueError(
+            f"the parameter budget {budget:,}{after} is below the smallest TT forms of the "
+            f"{len(selected)} selected layer{'s' if len(selected) > 1 else ''}, {smallest:,} "
+            "core parameters at rank 1; allow more parameters (a lower compression)."
+        )
     return budget, allocate(options, budget - sum(biases))
 
 
