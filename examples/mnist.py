@@ -491,14 +491,18 @@ def convert(
     image rows on one side of the middle bond, columns on the other. Only the hidden layer
     is converted; the 10-output classifier is too narrow to gain.
     """
-    report = ttlayers.tensorize_(
-        model,
-        rank=rank,
-        eps=eps,
-        filter_fn=lambda module, name: name == "hidden",
-        num_cores=len(HIDDEN_MODES[0]),
-        calibration=calibration,
-    )
+    with warnings.catch_warnings():
+        # Fewer images than inputs: parse_args and calibration_images have said so, with
+        # what it costs here.
+        warnings.filterwarnings("ignore", message="tensorize_: layer .* calibration rows")
+        report = ttlayers.tensorize_(
+            model,
+            rank=rank,
+            eps=eps,
+            filter_fn=lambda module, name: name == "hidden",
+            num_cores=len(HIDDEN_MODES[0]),
+            calibration=calibration,
+        )
     print(report)
 
 

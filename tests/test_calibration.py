@@ -620,6 +620,35 @@ def test_a_transformer_encoder_packing_padded_batches_is_calibrated_on_its_real_
                 torch.testing.assert_close(y[i, :n], expected, rtol=0, atol=1e-9)
 
 
+class _HeadOnTwoRows(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x))[:2])
+
+
+def test_a_layer_that_sees_fewer_rows_than_inputs_is_warned_about():
+    # Its output error on 2 rows was near 0 whatever the ranks, and a budget starved it
+    # silently (rank 1, weight error 0.85). The warning comes before the swap: a filter
+    # that turns it into an error leaves the model as it was.
+    torch.manual_seed(0)
+    model = _HeadOnTwoRows()
+    x = torch.randn(100, 32)
+    with pytest.warns(UserWarning, match="'head' received 2 calibration rows, fewer than its 32"):
+        tensorize_(copy.deepcopy(model), compression=2.0, calibration=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="'head' received 2"):
+            tensorize_(model, compression=2.0, calibration=x)
+    assert type(model.body) is nn.Linear and type(model.head) is nn.Linear
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 100 rows for 32 inputs: no warning
+        tensorize_(nn.Sequential(nn.Linear(32, 32)), compression=2.0, calibration=x)
+
+
 def test_layer_the_data_never_reach_is_an_error():
     class Unused(nn.Module):
         def __init__(self) -> None:

@@ -641,6 +641,15 @@ def tensorize_(
         )
 
     # Warned before the swap: a warnings filter that raises must leave the model as it was.
+    for name, count, inputs in converted.few_rows:
+        warnings.warn(
+            f"tensorize_: layer '{name}' received {count} calibration rows, fewer than its "
+            f"{inputs} inputs. Its fit (and, under a budget, its share) rests on activations "
+            f"of at most {count} dimensions, and its output error on them says little about "
+            "other inputs; calibrate with more data.",
+            UserWarning,
+            stacklevel=2,
+        )
     for name, tie in untying:  # layers chosen by filter_fn are always converted
         warnings.warn(
             f"tensorize_ converts '{name}', whose {tie}; they will no longer be tied.",
@@ -669,6 +678,7 @@ class _Converted:
     layers: list[tuple[list[str], TTLinear, LayerReport]]
     budget: int | None
     samples: int
+    few_rows: list[tuple[str, int, int]] = field(default_factory=list)  # name, rows, inputs
 
 
 def _wrap(names: list[str], error: Exception) -> Exception:
@@ -777,6 +787,7 @@ def _convert(
             budget, allocated = _budget(selected, compression, params, allocation, options)
             choices = list(allocated)
         converted: list[tuple[list[str], TTLinear, LayerReport]] = []
+        few_rows: list[tuple[str, int, int]] = []
         started = time.perf_counter()
         for k, (linear, layer_names) in enumerate(selected):
             try:
@@ -830,6 +841,8 @@ def _convert(
                 fit = fit_to(stats)
                 if samples == 0:  # the first layer converted (earlier ones may be skipped)
                     samples = stats.count
+                if stats.count < linear.in_features:
+                    few_rows.append((layer_names[0], stats.count, linear.in_features))
                 del stats
                 layer = TTLinear.from_cores(fit.cores, fit.bias)
                 if capture.calls(linear) > 1:
@@ -867,7 +880,7 @@ def _convert(
                     f"error {fit.output_error:.3g} (TT-SVD {fit.output_error_start:.3g}), "
                     f"RMS so far {so_far:.3g}, {time.perf_counter() - started:.1f} s"
                 )
-    return _Converted(converted, budget, samples)
+    return _Converted(converted, budget, samples, few_rows)
 
 
 def _say(message: str) -> None:
