@@ -516,6 +516,11 @@ def tensorize_(
             model (naming the batch), the calibration data never reach a selected layer, the
             budget is too small, or no layer was selected (listing those that exist).
 
+    Warns:
+        UserWarning: Before any layer is swapped, for a layer ``filter_fn`` unties from
+            another, and for a layer that received fewer calibration rows than it has
+            inputs (its fit rests on that few dimensions).
+
     Example:
         >>> model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 3))
         >>> report = tensorize_(model, rank=8)
