@@ -119,14 +119,19 @@ def _warn_below_precision(eps: float | None, dtype: torch.dtype, result: torch.d
         )
 
 
-def _check_cores(name: str, cores: object) -> list[torch.Tensor]:
-    """``cores`` as a list, checked: a chain of finite real floating-point tensors."""
+def _check_cores(
+    name: str, cores: object
+) -> tuple[list[torch.Tensor], tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """``(cores as a list, (in_modes, out_modes, ranks))``, checked as a chain.
+
+    The cores must be finite real floating-point tensors of one dtype and device.
+    """
     listed = core_list(cores, name)
-    core_shapes(listed, name)
+    shapes = core_shapes(listed, name)
     check_same_kind(listed, name)
     for k, core in enumerate(listed):
         _check_finite(f"{name}[{k}]", core)
-    return listed
+    return listed, shapes
 
 
 def check_matrix(matrix: object, name: str = "matrix", *, finite: bool = False) -> None:
@@ -358,8 +363,7 @@ def tt_round(
         >>> [c.shape[3] for c in tt_round(doubled)][:-1]
         [8]
     """
-    cores = _check_cores("cores", cores)
-    in_modes, out_modes, _ = core_shapes(cores)
+    cores, (in_modes, out_modes, _) = _check_cores("cores", cores)
     check_eps(eps)
     caps = _bond_caps(rank, in_modes, out_modes)
     dtype = cores[0].dtype
@@ -412,7 +416,7 @@ def relative_error(matrix: torch.Tensor, cores: Sequence[torch.Tensor]) -> float
     check_matrix(matrix)
     if matrix.device.type == "meta":
         raise ValueError("matrix is on the meta device, which holds no values to compare.")
-    cores = _check_cores("cores", cores)
+    cores, _ = _check_cores("cores", cores)
     with torch.no_grad():
         dtype = _working_dtype(torch.promote_types(matrix.dtype, cores[0].dtype))
         reference = matrix.detach().to(dtype)
@@ -461,8 +465,9 @@ def tt_relative_error(reference: Sequence[torch.Tensor], cores: Sequence[torch.T
     Raises:
         ValueError: If the modes disagree.
     """
-    reference, cores = _check_cores("reference", reference), _check_cores("cores", cores)
-    ref_modes, modes = core_shapes(reference)[:2], core_shapes(cores)[:2]
+    reference, ref_shapes = _check_cores("reference", reference)
+    cores, shapes = _check_cores("cores", cores)
+    ref_modes, modes = ref_shapes[:2], shapes[:2]
     if ref_modes != modes:
         raise ValueError(
             f"reference and cores must have the same (in_modes, out_modes); got {ref_modes} "
