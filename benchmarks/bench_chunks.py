@@ -24,10 +24,12 @@ import argparse
 import json
 import math
 import random
+import statistics
 import sys
 import time
 
 import torch
+from _cli import HelpFormatter, positive_int, positive_ints
 
 from ttlayers import TTLinear
 from ttlayers.contraction import select_plan, tt_linear
@@ -85,7 +87,7 @@ def run_batch(
             if round_ >= 3:
                 times[name].append(elapsed)
                 faults[name].append(minor_faults() - before)
-    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    medians = {name: statistics.median(t) for name, t in times.items()}
     best = min(t for name, t in medians.items() if name != "planner")
     r, ms, nf = layer.ranks[d // 2], math.prod(modes[: d // 2]), math.prod(modes[d // 2 :])
     return {
@@ -94,24 +96,47 @@ def run_batch(
         "planner": describe(chosen, batch, training),
         "best_ms": best * 1e3,
         "ratio": {name: t / best for name, t in medians.items()},
-        "faults": {name: sorted(f)[len(f) // 2] for name, f in faults.items()},
+        "faults": {name: statistics.median(f) for name, f in faults.items()},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--modes", default="4,8,8,4", help="input modes = output modes")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--batches", default="32,48,64,96,127,192,256")
-    parser.add_argument("--chunks", default="1,2,3,4,8")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--inference", action="store_true")
-    parser.add_argument("--json", default=None)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--modes",
+        type=positive_ints,
+        default="4,8,8,4",
+        help="comma-separated input modes, also the output modes; at least two",
+    )
+    parser.add_argument("--rank", type=positive_int, default=8, help="every inner bond")
+    parser.add_argument(
+        "--batches",
+        type=positive_ints,
+        default="32,48,64,96,127,192,256",
+        help="comma-separated batch sizes",
+    )
+    parser.add_argument(
+        "--chunks",
+        type=positive_ints,
+        default="1,2,3,4,8",
+        help="comma-separated chunk counts to time (1 is always timed)",
+    )
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed rounds")
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="CPU threads (set_num_threads)"
+    )
+    parser.add_argument(
+        "--inference", action="store_true", help="time forward passes under no_grad"
+    )
+    parser.add_argument("--json", default=None, help="write the records and the setup here")
     args = parser.parse_args(argv)
+    if len(args.modes) < 2:
+        parser.error(f"--modes: the two-block plans need two modes or more; got {args.modes}")
     torch.set_num_threads(args.threads)
-    modes = tuple(int(m) for m in args.modes.split(","))
-    counts = sorted({1, *(int(c) for c in args.chunks.split(","))})  # 1 fits every batch
+    modes = tuple(args.modes)
+    counts = sorted({1, *args.chunks})  # 1 fits every batch
     torch.manual_seed(0)
     size = math.prod(modes)
     layer = TTLinear(size, size, rank=args.rank, in_modes=modes, out_modes=modes)
@@ -124,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| batch | Z MB | planner's choice | its time | {' | '.join(names)} | fastest ms |")
     print("|---|---|---|---|" + "---|" * len(names) + "---|")
     records = []
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batches:
         rec = run_batch(layer, batch, counts, args)
         records.append(rec)
         ratio, faults = rec["ratio"], rec["faults"]
@@ -139,7 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "torch": torch.__version__, "records": records}, f)
+            setup = {
+                "modes": modes,
+                "rank": args.rank,
+                "inference": args.inference,
+                "repeats": args.repeats,
+                "threads": args.threads,
+                "torch": torch.__version__,
+            }
+            json.dump({"setup": setup, "records": records}, f, indent=1)
     return 0
 
 

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _cli import HelpFormatter, check_device, positive_int
 
 import ttlayers
 from ttlayers.decomposition import relative_error
@@ -84,26 +85,37 @@ def tensorly_error(w: torch.Tensor, factors: list[torch.Tensor]) -> float:
     return float(torch.linalg.vector_norm(w - dense) / torch.linalg.vector_norm(w))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=4096, help="matrix is size x size")
-    parser.add_argument("--num-cores", type=int, default=None, help="d; default: the library's")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument("--size", type=positive_int, default=4096, help="matrix is size x size")
+    parser.add_argument(
+        "--num-cores", type=positive_int, default=None, help="d; default: the library's"
+    )
     parser.add_argument("--power", type=float, default=1.0, help="s_k = k^-power")
-    parser.add_argument("--ranks", type=int, nargs="*", default=[16, 64, 256])
-    parser.add_argument("--eps", type=float, nargs="*", default=[0.1, 0.3])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-tensorly", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--ranks", type=positive_int, nargs="*", default=[16, 64, 256], help="rank settings"
+    )
+    parser.add_argument(
+        "--eps", type=float, nargs="*", default=[0.1, 0.3], help="error bounds, in (0, 1)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--no-tensorly", action="store_true", help="skip TensorLy even when it is installed"
+    )
+    args = parser.parse_args(argv)
     # Checked before the matrix is built and the first rows run.
-    if args.size < 1 or args.repeats < 1 or (args.num_cores is not None and args.num_cores < 1):
-        parser.error("--size, --repeats and --num-cores take positive integers")
-    if any(rank < 1 for rank in args.ranks):
-        parser.error(f"--ranks take positive integers; got {args.ranks}")
     if any(not 0 < eps < 1 for eps in args.eps):
         parser.error(f"--eps takes relative errors in (0, 1); got {args.eps}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device takes cpu, cuda or cuda:N; got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device takes cpu, cuda or cuda:N; got {args.device!r}")
+    check_device(parser, args.device)
 
     w = decaying_matrix(args.size, args.power, args.device)
     in_modes, out_modes = ttlayers.suggest_modes(args.size, args.size, args.num_cores)
@@ -124,7 +136,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     # Warm up (library loading, first-call allocations) on a small matrix, untimed.
-    small = w[:64, :64].contiguous()
+    small = torch.randn(64, 64, device=args.device)
     ttlayers.TTLinear.from_dense(small, rank=4, num_cores=2)
     if use_tensorly:
         tensor_train_matrix(small.reshape(8, 8, 8, 8), rank=[1, 4, 1])

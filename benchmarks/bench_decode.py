@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from bench_linear import tltorch_layer  # a sibling script: benchmarks/ is on sys.path
+from _cli import HelpFormatter, check_device, non_negative_int, positive_int, positive_ints, select
+from bench_linear import tltorch_layer  # sibling scripts: benchmarks/ is on sys.path
 from torch import nn
 
 from ttlayers import TTLinear
@@ -130,32 +131,37 @@ def run(shape: Shape, batch: int, args: argparse.Namespace) -> list[dict[str, ob
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (set_num_threads)")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--batches", default="1", help="comma-separated batch sizes")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     parser.add_argument(
-        "--shapes", default="", help="';'-separated shape names or their prefixes (default: all)"
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="of all"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="CPU threads (set_num_threads)"
+    )
+    parser.add_argument("--layers", type=positive_int, default=8, help="layers in the stack")
+    parser.add_argument(
+        "--batches", type=positive_ints, default="1", help="comma-separated batch sizes"
+    )
+    parser.add_argument(
+        "--shapes", default="", help="';'-separated shape names or their beginnings (default: all)"
     )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
-    parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--repeats", type=positive_int, default=200, help="timed rounds")
+    parser.add_argument("--warmup", type=non_negative_int, default=20, help="untimed rounds first")
     parser.add_argument("--json", default="", help="write the records and the setup here")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
-    if args.layers < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("--layers and --repeats must be >= 1 and --warmup >= 0")
     args.methods = ["dense", *(m for m in args.methods.split(",") if m and m != "dense")]
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    wanted = [w.strip() for w in args.shapes.split(";") if w.strip()]
-    shapes = [s for s in SHAPES if not wanted or any(s.name.startswith(w) for w in wanted)]
-    if not shapes:
-        parser.error(f"no shape matches {args.shapes!r}; shapes: {[s.name for s in SHAPES]}")
-    batches = [int(b) for b in args.batches.split(",")]
+    check_device(parser, args.device)
+    picked = set(select(parser, "--shapes", args.shapes, [s.name for s in SHAPES]))
+    shapes = [s for s in SHAPES if s.name in picked]
+    batches = args.batches
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     records: list[dict[str, object]] = []
@@ -182,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype,
             "threads": torch.get_num_threads(),
             "layers": args.layers,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
             "torch": torch.__version__,
         }
         with open(args.json, "w") as f:

@@ -39,6 +39,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from _cli import HelpFormatter, non_negative_int, positive_int, select
 from torch import nn
 
 import ttlayers
@@ -122,24 +123,26 @@ def run(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (set_num_threads)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="CPU threads (set_num_threads)"
+    )
     parser.add_argument("--padding", type=float, default=0.0, help="padded fraction, in [0, 1)")
     parser.add_argument(
-        "--cases", default="", help="';'-separated case names or their prefixes (default: all)"
+        "--cases", default="", help="';'-separated case names or their beginnings (default: all)"
     )
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed rounds")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed rounds first")
     parser.add_argument("--json", default="", help="write the records and the setup here")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or not 0 <= args.padding < 1:
-        parser.error("--repeats must be >= 1, --warmup >= 0 and --padding in [0, 1)")
+    if not 0 <= args.padding < 1:
+        parser.error(f"--padding takes a fraction in [0, 1); got {args.padding}")
+    picked = set(select(parser, "--cases", args.cases, [c.name for c in CASES]))
+    cases = [c for c in CASES if c.name in picked]
     torch.set_num_threads(args.threads)
-    prefixes = [p.strip() for p in args.cases.split(";") if p.strip()]
-    cases = [c for c in CASES if not prefixes or any(c.name.startswith(p) for p in prefixes)]
-    if not cases:
-        parser.error(f"no case matches {args.cases!r}; cases: {[c.name for c in CASES]}")
     records = []
     for case in cases:
         records += run(case, args)

@@ -24,9 +24,10 @@ would inherit), reporting the median of ``--repeats`` rounds after ``--warmup`` 
 Methods: ``dense`` (``nn.Linear``), ``ttlayers`` (``TTLinear``), ``rebuild`` (contract the
 cores into ``W``, then ``F.linear``), ``best-order`` (opt_einsum's FLOP-optimal pairwise order
 as two-operand einsums, autograd through them), ``naive-chain`` (t3f-style: the input meets
-the cores one at a time, left to right), ``tltorch`` (TensorLy-Torch's ``FactorizedLinear``
-with ``factorization="blocktt"``, ``implementation="factorized"``, when installed) and
-``torch-mpo`` (when installed; not on PyPI at the time of writing, so skipped).
+the cores one at a time, left to right) and ``tltorch`` (TensorLy-Torch's ``FactorizedLinear``
+with ``factorization="blocktt"``, ``implementation="factorized"``, when installed; asked for
+by ``--methods`` and not installed, it is named on stderr). torch-mpo is not measured: it is
+not on PyPI, and this script has no adapter for it.
 
 Usage::
 
@@ -44,10 +45,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -57,7 +60,8 @@ from dataclasses import dataclass
 import opt_einsum
 import torch
 import torch.nn.functional as F
-from plan_regret import describe  # a sibling script: benchmarks/ is on sys.path
+from _cli import HelpFormatter, check_device, non_negative_int, positive_int, select
+from plan_regret import describe  # sibling scripts: benchmarks/ is on sys.path
 from torch import nn
 
 from ttlayers import TTLinear
@@ -180,8 +184,8 @@ def tltorch_layer(tt: TTLinear) -> nn.Module:
     return layer
 
 
-# Every method make_methods may build (tltorch and torch-mpo only when installed).
-METHOD_NAMES = ("dense", "ttlayers", "rebuild", "best-order", "naive-chain", "tltorch", "torch-mpo")
+# Every method make_methods may build (tltorch only when installed).
+METHOD_NAMES = ("dense", "ttlayers", "rebuild", "best-order", "naive-chain", "tltorch")
 
 
 def make_methods(case: Case, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
@@ -523,19 +527,31 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (set_num_threads)")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="of all"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="CPU threads (set_num_threads)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed rounds")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed rounds first")
     parser.add_argument(
         "--cases",
         default="all",
-        help="';'-separated: all, issue, memory, case names or their prefixes",
+        help="';'-separated: all, a group (issue, memory, sweep, transformer), case names or "
+        "their beginnings",
     )
-    parser.add_argument("--methods", default="", help="comma-separated methods (and dense)")
+    parser.add_argument(
+        "--methods",
+        default="",
+        help=f"comma-separated, from {', '.join(METHOD_NAMES)}; dense and ttlayers always run "
+        "(default: all)",
+    )
     parser.add_argument("--json", default="", help="write the records and the setup here")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument(
@@ -544,40 +560,30 @@ def main() -> None:
         choices=["off", "default", "reduce-overhead", "max-autotune"],
         help="run every method under torch.compile with this mode (reduce-overhead: CUDA graphs)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHOD_NAMES]
     if unknown:
         parser.error(f"unknown --methods {', '.join(unknown)}; known: {', '.join(METHOD_NAMES)}")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats takes a number >= 1 and --warmup a number >= 0")
+    if "tltorch" in args.methods and importlib.util.find_spec("tltorch") is None:
+        print("note: --methods tltorch: tltorch is not installed, so not measured", file=sys.stderr)
+    check_device(parser, args.device)
+    groups = {"all": [c.name for c in CASES]}
+    for case in CASES:
+        groups.setdefault(case.group, []).append(case.name)
+    picked = set(select(parser, "--cases", args.cases, [c.name for c in CASES], groups))
+    cases = [c for c in CASES if c.name in picked]
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    # ';'-separated: "all", a group ("issue", "memory"), a full case name, or the beginning
-    # of case names.
-    wanted = [w.strip() for w in args.cases.split(";")]
-    names = {c.name for c in CASES}
-
-    def selected(case: Case) -> bool:
-        return any(
-            w == "all"
-            or (w in ("issue", "memory") and case.group == w)
-            or case.name == w
-            or (w not in names and case.name.startswith(w))
-            for w in wanted
-        )
-
-    cases = [c for c in CASES if selected(c)]
-    if not cases:
-        parser.error(f"--cases {args.cases!r} selects no case; see CASES in {__file__}")
     setup = {
-        "command": " ".join(["python", *sys.argv]),
+        "command": shlex.join(["python", *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "repeats": args.repeats,
+        "warmup": args.warmup,
         "compile": args.compile,
         "load_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }

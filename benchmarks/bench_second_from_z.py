@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from unittest import mock
 
 import torch
-from plan_regret import describe  # a sibling script: benchmarks/ is on sys.path
+from _cli import HelpFormatter, positive_int
+from plan_regret import describe  # sibling scripts: benchmarks/ is on sys.path
 from torch import nn
 
 import ttlayers.planner as planner
@@ -75,10 +76,19 @@ def time_layer(layer: TTLinear, batch: int, new: Plan, old: Plan) -> tuple[float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=14)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--layers",
+        type=positive_int,
+        default=14,
+        help="random layers to time (at most 5,000 drawn)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="of the random layers and inputs")
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="CPU threads (set_num_threads)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -53,9 +54,9 @@ def run(name: str, command: list[str], limit: int, log: Path, mode: str = "w") -
     )
     env["PYTHONUNBUFFERED"] = "1"
     start = time.time()
-    print(f"=== {name}: {' '.join(command)}", flush=True)
+    print(f"=== {name}: {shlex.join(command)}", flush=True)
     with log.open(mode) as f:
-        f.write(f"$ {' '.join(command)}\n")
+        f.write(f"$ {shlex.join(command)}\n")
         f.flush()
         try:
             code = subprocess.run(
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     summary += ["", "```", lines[-1].strip(), "```", ""]
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
     for name, dtype, extra, _ in BENCHES:
-        arguments = " ".join([f"--device {device} --dtype", dtype, *extra])
+        arguments = shlex.join(["--device", device, "--dtype", dtype, *extra])
         summary += [f"## `bench_linear.py {arguments}`", ""]
         try:  # the table from the JSON, which holds every case finished, even if cut short
             import json

@@ -5,6 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+fashion_mnist=0
+for arg in "$@"; do
+    case "$arg" in
+        --fashion-mnist) fashion_mnist=1 ;;
+        -h|--help) sed -n '2,4s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown argument '$arg' (the only option is --fashion-mnist)" >&2; exit 2 ;;
+    esac
+done
+
 python=${PYTHON:-python3}
 # A venv whose pip is missing is what a failed "python3 -m venv" leaves (Debian without
 # python3-venv): rebuild it rather than fail on it at every later run.
@@ -28,9 +37,14 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 pip install -e ".[dev]"
 
-if [ "${1:-}" = "--fashion-mnist" ]; then
+if [ "$fashion_mnist" = 1 ]; then
     data=/usr/share/datasets/fashion-mnist
-    if [ ! -f "$data/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/null; then
+    if [ ! -f "$data/train-images-idx3-ubyte.gz" ]; then
+        if ! command -v apt-get >/dev/null; then
+            echo "setup.sh: no apt-get here to install Fashion-MNIST; put its four IDX .gz" \
+                "files in $data (or pass examples/mnist.py --data-dir)." >&2
+            exit 1
+        fi
         sudo_cmd=""
         [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
         $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq dataset-fashion-mnist
