@@ -402,7 +402,8 @@ def test_a_budget_leaves_a_2x2_layer_dense(calibrated):
 
 
 def test_options_never_reach_the_dense_size():
-    """Kills: _rank_path stopping at ``> limit`` instead of ``>= limit``.
+    """layer_options offers no point at the dense size (whichever of _rank_path's stop or the
+    filter after it ensures that).
 
     A 4 x 4 weight: plain low rank 2 and the (2,2)x(2,2) TT at rank 2 both take exactly 16
     parameters, the dense count; layer_options promises fewer (except the all-ones start).
@@ -465,7 +466,10 @@ def brute_force(layers, budget):
 
 @pytest.mark.parametrize(("out_features", "in_features"), [(3, 7), (4, 5), (5, 11), (6, 6), (2, 9)])
 def test_low_rank_path_is_every_rank_below_the_dense_size(out_features, in_features):
-    """Finds: _rank_path stopping at ``>= limit - 1`` (one parameter early), or ``> limit``.
+    """Finds: _rank_path stopping at ``>= limit - 1`` (one parameter early).
+
+    (A path that ran one point past the limit would not show here: layer_options drops
+    points at or above the dense size, which test_options_never_reach_the_dense_size checks.)
 
     Plain low rank at rank r takes r (m + n) parameters; the path must offer every rank up to
     the largest with r (m + n) < m n (and r <= min(m, n)), by brute force over r. 3 x 7 is the
@@ -561,6 +565,132 @@ def test_bonds_that_can_only_grow_together_are_raised_together(in_modes, out_mod
     assert all(b < a for a, b in itertools.pairwise(errors)), errors
     for option in options:
         assert tt_svd_error(w, option) <= option.error * (1 + 1e-9) + 1e-12
+
+
+def _reference_path_check(w, in_modes, out_modes, options):
+    """Problems with ``options`` as one shape's greedy path, against a numpy reference.
+
+    P1: each point's ranks form a chain TT-SVD builds (each bond within its cap and its
+    neighbours' ranks times their cores' sizes), with ``num_parameters`` parameters and the
+    error ``sqrt(dropped energy / total)``. P2: each step is, among the moves from the point
+    before, one with the most energy removed per added parameter; a move raises one bond by
+    one or, only where no bond can grow alone, one bond plus the cheapest set of others that
+    makes the chain valid. P3: the path stops only where the best next move would reach the
+    dense size. Ratios and errors agree to 1e-9 (numpy and torch SVDs agree to ~1e-14).
+    """
+    d, dense = len(in_modes), w.numel()
+    sizes = [m * n for m, n in zip(in_modes, out_modes, strict=True)]
+    energy = [
+        np.linalg.svd(np_unfolding(w.numpy(), in_modes, out_modes, k), compute_uv=False) ** 2
+        for k in range(1, d)
+    ]
+    caps, total = [1, *(len(e) for e in energy), 1], float((w**2).sum())
+
+    def valid(r):
+        return r[0] == r[d] == 1 and all(
+            r[k] <= min(caps[k], r[k - 1] * sizes[k - 1], r[k + 1] * sizes[k]) for k in range(1, d)
+        )
+
+    def cost(r):
+        return num_parameters(in_modes, out_modes, r)
+
+    def moves(r):
+        single = [q for k in range(1, d) if valid(q := [*r[:k], r[k] + 1, *r[k + 1 :]])]
+        if single:
+            return single
+        joint = []
+        for k in range(1, d):
+            others = [j for j in range(1, d) if j != k]
+            grown = []
+            for raised in itertools.product((0, 1), repeat=len(others)):
+                q = list(r)
+                q[k] += 1
+                for j, extra in zip(others, raised, strict=True):
+                    q[j] += extra
+                if valid(q):
+                    grown.append(q)
+            if grown:
+                joint.append(min(grown, key=cost))
+        return joint
+
+    def ratios(r):
+        removed = {
+            tuple(q): sum(float(energy[k - 1][r[k] : q[k]].sum()) for k in range(1, d))
+            for q in moves(r)
+        }
+        return {q: gain / (cost(q) - cost(r)) for q, gain in removed.items()}
+
+    problems = []
+    for option in options:
+        r = list(option.ranks)
+        error = math.sqrt(sum(float(e[r[k] :].sum()) for k, e in enumerate(energy, 1)) / total)
+        if not valid(r) or option.parameters != cost(r) or abs(option.error - error) > 1e-9:
+            problems.append(f"P1 {option.ranks}")
+    for here, there in itertools.pairwise(options):
+        scores = ratios(list(here.ranks))
+        taken = scores.get(tuple(there.ranks), -math.inf)
+        if taken < max(scores.values()) * (1 - 1e-9):
+            problems.append(f"P2 {here.ranks} -> {there.ranks}; best {max(scores, key=scores.get)}")
+    scores = ratios(list(options[-1].ranks))
+    if scores and cost(best := list(max(scores, key=scores.get))) < dense:
+        problems.append(f"P3 stopped at {options[-1].ranks}; {best} has {cost(best)} < {dense}")
+    return problems
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes", "seed"),
+    [
+        ((4, 1, 3), (1, 2, 1), 128),
+        ((1, 1, 2, 1, 1), (2, 1, 1, 1, 5), 1613),
+        ((5, 1, 2, 1, 1), (5, 1, 1, 4, 1), 1193),
+        ((3, 1, 1, 8), (1, 2, 1, 4), 70),
+        ((2, 3, 4), (4, 3, 2), 0),
+        ((8, 1, 1), (1, 1, 8), 1),
+    ],
+)
+def test_rank_path_matches_a_reference_greedy(in_modes, out_modes, seed):
+    """Finds: a step cost with the cores' sizes swapped, the joint move of the least gain, and
+    floor instead of ceil where a joint move propagates a raised bond to its neighbours.
+
+    The other path tests use near-symmetric shapes, where those mistakes cost nothing; these
+    shapes of unequal cores and modes of 1 (from a review helper's fuzzing) expose them.
+    """
+    w = matrix_with_spectrum(math.prod(out_modes), math.prod(in_modes), 0.1, seed)
+    options = layer_options(w, shapes=[(in_modes, out_modes)])
+    assert len(options) > 1
+    assert _reference_path_check(w, in_modes, out_modes, options) == []
+
+
+def test_a_layer_that_cannot_shrink_gets_its_rank_one_points_only():
+    """Finds: layer_options dropping the first points of a layer that has nothing smaller.
+
+    A 2 x 2 weight (4 numbers): plain low rank at rank 1 takes 4, (1, 2) x (1, 2) takes 5,
+    (1, 2, 1) x (1, 2, 1) takes 6. The docstring: only where no shape has a point below the
+    dense size, the first points, all ranks 1, which have as many or more.
+    """
+    w = torch.randn(2, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    options = layer_options(w)
+    assert [option.parameters for option in options] == [4, 5, 6]
+    assert all(set(option.ranks) == {1} for option in options)
+
+
+def test_candidate_shapes_are_without_duplicates_where_they_coincide():
+    # A 13 -> 1 layer: the balanced 2-core shape is plain low rank's; a d given twice is one.
+    assert candidate_shapes(13, 1, (2, 3)) == [((1, 13), (1, 1)), ((1, 13, 1), (1, 1, 1))]
+    assert candidate_shapes(784, 256, (2, 2, 3)) == candidate_shapes(784, 256, (2, 3))
+
+
+def test_bond_spectra_of_a_float32_weight_are_float64():
+    # Singular values from 1 down to 1e-6: float32 SVD gets the smallest wrong by ~1e-3
+    # relative, float64 to ~1e-12. Reference: numpy float64 on the same (float32) numbers.
+    u, _ = torch.linalg.qr(
+        torch.randn(24, 24, dtype=F64, generator=torch.Generator().manual_seed(0))
+    )
+    w = ((u * torch.logspace(0, -6, 24, dtype=F64)) @ u.T).float()
+    (s,) = bond_spectra(w, (1, 24), (24, 1))
+    assert s.dtype == torch.float64
+    reference = np.linalg.svd(w.double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(s.numpy(), reference, rtol=1e-9)
 
 
 # --- allocate ----------------------------------------------------------------------------------

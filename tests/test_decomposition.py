@@ -506,6 +506,21 @@ def test_tt_relative_error_matches_dense(dtype, gen):
         tt_relative_error(a, random_tt((3, 2, 2), (3, 2, 2), (1, 2, 2, 1), gen, dtype))
 
 
+def test_tt_relative_error_works_in_the_wider_dtype():
+    # b is a rounded to float32: their distance, about 5e-8 of the norm, is below float32's
+    # resolution, so a computation in the narrower dtype misses it (0, or 10x off). Reference:
+    # numpy float64 on the two dense matrices; agreement to 1e-6 relative is float64 rounding
+    # of sums of a few hundred terms with room to spare.
+    a = random_tt((2, 2, 2), (3, 3, 3), (1, 3, 4, 1), torch.Generator().manual_seed(0))
+    b = [core.float() for core in a]
+    expected = np_rel_error(np_dense(a), np_dense(b))
+    assert 1e-9 < expected < 1e-6
+    assert tt_relative_error(a, b) == pytest.approx(expected, rel=1e-6)
+    assert tt_relative_error(b, a) == pytest.approx(
+        np_rel_error(np_dense(b), np_dense(a)), rel=1e-6
+    )
+
+
 def test_error_of_zero_reference():
     zero = [torch.zeros(1, 2, 2, 1), torch.zeros(1, 2, 2, 1)]
     one = [torch.ones(1, 2, 2, 1), torch.ones(1, 2, 2, 1)]
@@ -671,6 +686,35 @@ def test_eps_ranks_are_those_of_a_per_bond_budget_of_eps_over_sqrt_d_minus_1(
     expected, closest = np_tt_svd_ranks(w.numpy(), in_modes, out_modes, eps)
     assert closest > 1e-6
     assert ranks_of(tt_svd(w, in_modes, out_modes, eps=eps)) == expected
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes"),
+    [((4, 6), (6, 4)), ((2, 3, 2, 2), (2, 2, 3, 2)), ((2, 2, 2, 2, 2), (2, 2, 2, 2, 2))],
+)
+@pytest.mark.parametrize("eps", [0.1, 0.25])
+def test_round_eps_ranks_are_those_of_tt_svd_of_the_dense_matrix(in_modes, out_modes, eps):
+    # Rounding an exact TT to eps must cut each bond where TT-SVD of the dense matrix does:
+    # the eps bound alone (test_round_eps_bound) also holds for needlessly large ranks, as with
+    # a tolerance computed from half the norm. Same reference and margin as the test above.
+    w = decaying_matrix(
+        math.prod(out_modes), math.prod(in_modes), 0.3, torch.Generator().manual_seed(1)
+    )
+    expected, closest = np_tt_svd_ranks(w.numpy(), in_modes, out_modes, eps)
+    assert closest > 1e-6
+    assert ranks_of(tt_round(tt_svd(w, in_modes, out_modes), eps=eps)) == expected
+
+
+def test_rank_sequence_at_the_caps_is_not_clipped_and_does_not_warn(gen):
+    # Caps (1, 8, 8, 1): a sequence equal to them is used as given; only one above warns.
+    w = torch.randn(24, 24, generator=gen, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cores = tt_svd(w, (2, 3, 4), (4, 3, 2), rank=[8, 8])
+        assert ranks_of(cores) == (1, 8, 8, 1)
+        assert ranks_of(tt_round(cores, rank=[8, 8])) == (1, 8, 8, 1)
+        layer = TTLinear.from_dense(w, [8, 8], in_modes=(2, 3, 4), out_modes=(4, 3, 2))
+        assert layer.ranks == (1, 8, 8, 1)
 
 
 def test_eps_bound_holds_when_many_small_singular_values_are_needed():

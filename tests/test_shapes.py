@@ -47,6 +47,27 @@ def test_factorize_is_the_most_equal_factorization(n, d):
     assert tuple(sorted(factors, reverse=True)) == min(all_factorizations(n, d))
 
 
+def test_factorize_is_the_most_equal_factorization_for_every_small_size():
+    # The hand-picked sizes above miss tie-breaks between equal largest factors: a search that
+    # compared the remaining factors the wrong way round gave (9, 5, 4) for 180 = 6 * 6 * 5.
+    # Exhaustive against the brute force, n <= 400 and d = 2..5 (about a second).
+    wrong = [
+        (n, d, factorize(n, d))
+        for n in range(1, 401)
+        for d in range(2, 6)
+        if tuple(sorted(factorize(n, d), reverse=True)) != min(all_factorizations(n, d))
+    ]
+    assert not wrong, wrong[:5]
+
+
+def test_suggest_modes_is_factorize_of_each_side_in_its_order():
+    # 10 and 12 in three factors are not palindromes, so a reversed side would show.
+    assert (
+        suggest_modes(10, 12, 3) == (factorize(10, 3), factorize(12, 3)) == ((1, 5, 2), (2, 3, 2))
+    )
+    assert suggest_modes(12, 10, 3) == ((2, 3, 2), (1, 5, 2))
+
+
 def test_factorize_returns_ints_for_any_integer_and_many_cores():
     # NumPy sizes gave NumPy scalars among the factors; hundreds of cores overflowed the
     # recursion (beyond one factor per prime, the rest are 1s).
