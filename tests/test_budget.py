@@ -304,6 +304,7 @@ def test_num_cores_2_includes_plain_low_rank_and_larger_d_skips_what_cannot_shri
         ({"compression": 4.0, "params": 100}, ValueError, "either"),
         ({"compression": 4.0, "rank": 3}, ValueError, "cannot be combined"),
         ({"compression": 0.5}, ValueError, "compression"),
+        ({"compression": 1.0}, ValueError, "compression"),
         ({"compression": "4"}, TypeError, "compression"),
         ({"params": 5.0}, TypeError, "params"),
         ({"params": 100}, ValueError, "bias"),
@@ -691,6 +692,36 @@ def test_bond_spectra_of_a_float32_weight_are_float64():
     assert s.dtype == torch.float64
     reference = np.linalg.svd(w.double().numpy(), compute_uv=False)
     np.testing.assert_allclose(s.numpy(), reference, rtol=1e-9)
+
+
+def test_a_budget_scores_bias_free_layers_on_uncentered_moments():
+    """Finds: the budget scoring every calibrated layer on centered moments.
+
+    A layer without a bias cannot absorb the mean of its outputs, so its options' errors are
+    of the uncentered outputs, as fit_tt fits it. Inputs with a large mean (5) make the two
+    scores rank the options differently. Reference: the allocation computed by hand from
+    layer_options(center=False) on the original model's activations (those are what the
+    budget scores) and allocate().
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32, bias=False), nn.Linear(32, 32, bias=False)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 32, dtype=F64, generator=g) * torch.logspace(0, -3, 32, dtype=F64)
+    x = x + 5.0 * torch.randn(32, dtype=F64, generator=g)
+    with torch.no_grad():
+        inputs = [x, model[0](x)]
+    options = [
+        layer_options(
+            linear.weight.detach(),
+            statistics=ActivationStatistics.from_inputs(h),
+            center=False,
+            shapes=candidate_shapes(32, 32, (2, 3)),
+        )
+        for linear, h in zip(model, inputs, strict=True)
+    ]
+    expected = [(c.in_modes, c.out_modes, c.ranks) for c in allocate(options, 2 * 32 * 32 // 4)]
+    report = tensorize_(model, compression=4.0, calibration=x)
+    assert [(row.in_modes, row.out_modes, row.ranks) for row in report.layers] == expected
 
 
 # --- allocate ----------------------------------------------------------------------------------

@@ -402,14 +402,20 @@ def test_deepcopy_and_pickle():
         assert other.cores[0].data_ptr() != layer.cores[0].data_ptr()
 
 
-def test_extra_repr():
-    text = repr(TTLinear(1024, 1024, 8, in_modes=(4, 8, 8, 4), out_modes=(4, 8, 8, 4)))
+@pytest.mark.parametrize("bias", [True, False])
+def test_extra_repr(bias):
+    # The numbers written out by hand: cores 128 + 4096 + 4096 + 128 = 8,448, plus the bias;
+    # nn.Linear has 1024 * 1024 (+ 1024) parameters.
+    layer = TTLinear(1024, 1024, 8, in_modes=(4, 8, 8, 4), out_modes=(4, 8, 8, 4), bias=bias)
+    params = 8448 + 1024 * bias
+    text = repr(layer)
     for piece in [
-        "in_features=1024",
-        "in_modes=(4, 8, 8, 4)",
+        "in_features=1024, out_features=1024",
+        "in_modes=(4, 8, 8, 4), out_modes=(4, 8, 8, 4)",
         "ranks=(1, 8, 8, 8, 1)",
-        "params=",
-        "compression=",
+        f"bias={bias}",
+        f"params={params}",
+        f"compression={(1024 * 1024 + 1024 * bias) / params:.1f}x",
     ]:
         assert piece in text
 

@@ -854,3 +854,129 @@ def test_load_tensorized_non_strict_reports_the_keys():
     result = load_tensorized_(fresh, state, strict=False)
     assert result.missing_keys == ["blocks.1.norm.bias"]
     assert isinstance(fresh.blocks[0].up, TTLinear)
+
+
+# --- from a mutation audit of surgery.py ----------------------------------------------------------
+
+F64 = torch.float64
+
+
+def _small_mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)).double()
+
+
+def _anisotropic_inputs(rows=256, seed=13):
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(16, 16, dtype=F64, generator=g))
+    scales = torch.logspace(0, -2, 16, dtype=F64)
+    return (torch.randn(rows, 16, dtype=F64, generator=g) * scales) @ basis.T + 0.3
+
+
+def test_tensorize_fits_with_the_ridge_it_is_given():
+    # The first layer sees the original inputs, so tensorize_ must fit it exactly as
+    # from_dense(inputs=..., ridge=...) does: the same computation, bit for bit in float64. A
+    # ridge of 10 changes the fit by about 1 (relative), far from the default's.
+    model = _small_mlp()
+    original = copy.deepcopy(model[0])
+    x = _anisotropic_inputs()
+    tensorize_(model, rank=2, num_cores=2, calibration=x, ridge=10.0)
+    reference = TTLinear.from_dense(original, 2, num_cores=2, inputs=x, ridge=10.0)
+    torch.testing.assert_close(model[0].to_dense(), reference.to_dense(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(model[0].bias, reference.bias, rtol=1e-12, atol=1e-15)
+
+
+def test_tensorize_reports_the_output_error_of_plain_tt_svd_next_to_the_fit():
+    # tt_svd_output_error: plain TT-SVD at the same ranks, original bias, on the layer's
+    # calibration inputs. For the first layer those are x, so the reference is direct: the
+    # float64 output error of from_dense(rank) on x, to 1e-9 (the report sums moments in
+    # float64; the direct value is a norm of a 256 x 32 difference).
+    model = _small_mlp()
+    first = copy.deepcopy(model[0])
+    x = _anisotropic_inputs()
+    report = tensorize_(model, rank=2, num_cores=2, calibration=x)
+    plain = TTLinear.from_dense(first, 2, num_cores=2)
+    with torch.no_grad():
+        y = first(x)
+        direct = float((plain(x) - y).norm() / y.norm())
+    row = report.layers[0]
+    assert row.tt_svd_output_error == pytest.approx(direct, rel=1e-9)
+    assert row.output_error < row.tt_svd_output_error
+
+
+def test_eps_picks_the_same_ranks_with_and_without_calibration():
+    # With calibration, eps still picks the ranks as TT-SVD of the weight does; the fit then
+    # moves the cores. At eps = 0.5 these 64 x 64 layers get ranks in the twenties, far from
+    # their caps of 64.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).double()
+    plain = copy.deepcopy(model)
+    x = torch.randn(512, 64, dtype=F64)
+
+    def select_all(module, name):
+        return True
+
+    without = tensorize_(plain, eps=0.5, num_cores=2, filter_fn=select_all)
+    calibrated = tensorize_(model, eps=0.5, num_cores=2, calibration=x, filter_fn=select_all)
+    ranks = [row.ranks for row in without.layers]
+    assert all(1 < r[1] < 64 for r in ranks), ranks
+    assert [row.ranks for row in calibrated.layers] == ranks
+
+
+def test_default_selection_compares_weights_without_biases_with_or_without_calibration():
+    # 8 x 8 at rank 3: cores of 60 numbers against a weight of 64, so the layer gets smaller;
+    # the bias (8) is the same on both sides and must not tip the choice (60 + 8 >= 64).
+    for calibration in (None, torch.randn(50, 8)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 64))
+        report = tensorize_(model, rank=3, num_cores=2, calibration=calibration)
+        assert "0" in [row.name for row in report.layers], calibration is not None
+
+
+def test_calibration_rows_equal_to_the_inputs_do_not_warn():
+    # The warning is for fewer rows than inputs, where the fit is underdetermined; as many
+    # rows as inputs is enough.
+    model = nn.Sequential(nn.Linear(16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensorize_(
+            model,
+            rank=2,
+            num_cores=2,
+            calibration=torch.randn(16, 16),
+            filter_fn=lambda module, name: True,
+        )
+
+
+def test_a_one_layer_report_has_no_total_row():
+    model = nn.Sequential(nn.Linear(64, 64))
+    text = str(tensorize_(model, rank=2, filter_fn=lambda module, name: True))
+    assert not any(line.startswith("total") for line in text.splitlines())
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    text = str(tensorize_(model, rank=2, filter_fn=lambda module, name: True))
+    assert sum(line.startswith("total") for line in text.splitlines()) == 1
+
+
+def test_the_default_sweeps_are_two():
+    # The documented default. Three cores and anisotropic inputs, so that the number of ALS
+    # sweeps changes the result (sweeps=1 differs in the fourth digit); the same call with
+    # sweeps=2 must give the same layer, exactly.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 27, generator=g) * torch.logspace(0, -2, 27)
+    layers = []
+    for sweeps in (None, 2, 1):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(27, 27, bias=False))
+        options = {} if sweeps is None else {"sweeps": sweeps}
+        tensorize_(
+            model,
+            rank=2,
+            num_cores=3,
+            calibration=x,
+            filter_fn=lambda module, name: True,
+            **options,
+        )
+        layers.append(model[0].to_dense().detach())
+    default, two, one = layers
+    torch.testing.assert_close(default, two, rtol=0, atol=0)
+    assert not torch.allclose(default, one, rtol=1e-5, atol=0)
