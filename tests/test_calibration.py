@@ -254,7 +254,10 @@ def test_low_dimensional_inputs_are_recovered_where_tt_svd_fails(in_modes, out_m
     assert direct_error(x, w, None, fit.cores, None) < 1e-5
 
 
-def test_paired_fit_compensates_an_upstream_distortion():
+# Plain low rank (all of the input in one core) is whitened exactly and ALS is skipped: there
+# the whitened target W* K alone must carry the paired optimum.
+@pytest.mark.parametrize(("in_modes", "out_modes"), [((2, 4), (2, 3)), ((1, 8), (6, 1))])
+def test_paired_fit_compensates_an_upstream_distortion(in_modes, out_modes):
     # The converted model feeds x = x° A^T; the original layer computed W x°. A full-rank TT
     # fit of the paired objective finds W A^{-1}, restoring the original outputs exactly.
     g = torch.Generator().manual_seed(7)
@@ -263,7 +266,7 @@ def test_paired_fit_compensates_an_upstream_distortion():
     x_ref = torch.randn(200, 8, dtype=F64, generator=g)
     x = x_ref @ a.T
     stats = ActivationStatistics.from_inputs(x, x_ref)
-    fit = fit_tt(w, stats, (2, 4), (2, 3), rank=8, ridge=0.0)
+    fit = fit_tt(w, stats, in_modes, out_modes, rank=8, ridge=0.0)
     assert fit.output_error_start > 0.1
     assert direct_error(x, w, None, fit.cores, None, x_ref) < 1e-6
     # Paired errors come from an expansion that cancels: accurate to ~sqrt(float64 eps).
@@ -819,13 +822,15 @@ def test_half_precision_fit_reports_the_errors_of_the_rounded_layer(dtype):
     assert layer.conversion_error == pytest.approx(weight_error, rel=1e-6)
 
 
-def test_a_layer_called_in_a_loop_is_refitted_to_its_converted_inputs():
+@pytest.mark.parametrize("calls", [2, 4])
+def test_a_layer_called_in_a_loop_is_refitted_to_its_converted_inputs(calls):
     # Its later calls' inputs come from its own earlier calls. Fitted only to the original
     # model's inputs (what from_dense(inputs=...) does here), its error in the converted model
     # is larger than the error reported on those inputs. tensorize_ fits once more to the
     # inputs the converted layer produces, which lowers the true error and brings the report
-    # close to it. (Numbers of this case: true error 0.918 with the report at 0.792 before;
-    # now 0.904 and 0.892.)
+    # close to it. (Numbers of the 4-call case: true error 0.918 with the report at 0.792
+    # before; now 0.904 and 0.892. Two calls are the smallest loop, where a refit only from a
+    # third call on would never run.)
     class Loop(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -834,7 +839,7 @@ def test_a_layer_called_in_a_loop_is_refitted_to_its_converted_inputs():
                 self.step.weight.mul_(2.5)
 
         def forward(self, x):
-            for _ in range(4):
+            for _ in range(calls):
                 x = torch.tanh(self.step(x))
             return x
 
@@ -1112,3 +1117,122 @@ def test_weight_errors_reported_are_those_of_tt_svd_and_of_the_fit():
         float(torch.linalg.vector_norm(w - fitted) / norm), rel=1e-9
     )
     assert fit.weight_error > fit.weight_error_start  # the fit trades weight error for outputs
+
+
+# --- from a mutation audit of calibration.py ------------------------------------------------------
+
+
+def test_a_reference_batch_whose_squares_overflow_is_refused_like_an_input_batch():
+    # Only the reference (original model's) inputs overflow: their gram is what the paired
+    # fit's constant and scorer come from, which turned into NaN errors when it went unchecked.
+    g = torch.Generator().manual_seed(20)
+    x = torch.randn(20, 6, dtype=F64, generator=g)
+    x_ref = x.clone()
+    x_ref[0, 0] = 1e200  # finite, but 1e400 does not fit in float64
+    with pytest.raises(ValueError, match="overflow float64"):
+        ActivationStatistics(6, paired=True).update(x, x_ref)
+    with pytest.raises(ValueError, match="overflow float64"):
+        ActivationStatistics.from_inputs(x, x_ref)
+
+
+def test_a_layer_with_a_bias_gets_the_closed_form_fit_of_the_centered_covariance():
+    # With a bias, b_tt absorbs the mean, so the weight must fit Cov(x), not E[x x^T]: with
+    # a mean of 3 against spreads of 1 to 0.01 the two weightings pick different subspaces.
+    # Reference: the weighted low-rank approximation (Cholesky of Cov + δI, SVD of W L) and
+    # the optimal bias b + (W - W_tt) mean(x), all in float64.
+    g = torch.Generator().manual_seed(21)
+    w = torch.randn(10, 12, dtype=F64, generator=g)
+    b = torch.randn(10, dtype=F64, generator=g)
+    x = anisotropic_inputs(200, 12, g, shift=3.0)
+    ridge = 1e-3
+    stats = ActivationStatistics.from_inputs(x)
+    fit = fit_tt(w, stats, (1, 12), (10, 1), rank=4, bias=b, ridge=ridge)
+    mu = x.mean(0)
+    c = (x - mu).T @ (x - mu) / x.shape[0]
+    c = c + ridge * torch.diagonal(c).mean() * torch.eye(12, dtype=F64)
+    chol = torch.linalg.cholesky(c)
+    u, s, vh = torch.linalg.svd(w @ chol)
+    reference = (u[:, :4] * s[:4]) @ vh[:4] @ torch.linalg.inv(chol)
+    # The same tolerances as the uncentered closed-form test: two float64 routes to one SVD
+    # (measured 2e-13 apart); the bias adds one product with a mean of size 3.
+    torch.testing.assert_close(tt_to_dense(fit.cores), reference, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(fit.bias, b + (w - reference) @ mu, rtol=1e-8, atol=1e-10)
+    assert fit.chosen == "whitened tt-svd"
+
+
+def test_a_layer_whose_outputs_are_all_zero_reports_zero_errors():
+    # Zero weight, no bias: the reference outputs are 0 and so is TT-SVD's (exact) copy of
+    # them. 0 / 0 is reported as 0 (nothing was lost), not a ZeroDivisionError.
+    g = torch.Generator().manual_seed(22)
+    w = torch.zeros(8, 12, dtype=F64)
+    stats = ActivationStatistics.from_inputs(torch.randn(50, 12, dtype=F64, generator=g))
+    fit = fit_tt(w, stats, (3, 4), (2, 4), rank=2)
+    assert torch.equal(tt_to_dense(fit.cores), w)
+    assert fit.output_error == fit.output_error_start == 0.0
+    assert fit.weight_error == fit.weight_error_start == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_start_errors_are_those_of_the_rounded_tt_svd(dtype):
+    # The start is the plain TT-SVD layer as it would be installed, cores rounded to the
+    # model's dtype. That rounding moves its output error by 8e-5 (bfloat16) and 2e-5
+    # (float16) relative (measured), far above the float64 roundoff (measured 3e-15) by which
+    # the moments and the direct products differ: 1e-6 sits between the two.
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 64).to(dtype)
+    x = calibration_data(width=64).to(dtype)
+    in_modes, out_modes = (8, 8), (8, 8)
+    w, b, x64 = linear.weight.detach().double(), linear.bias.detach().double(), x.double()
+    plain = [core.to(dtype).double() for core in tt_svd(w, in_modes, out_modes, rank=16)]
+    w_tt = tt_to_dense(plain)
+    y = x64 @ w.T + b
+    output_error = float((x64 @ w_tt.T + b - y).norm() / y.norm())
+    weight_error = float((w_tt - w).norm() / w.norm())
+    fit = fit_tt(
+        linear.weight.detach(),
+        ActivationStatistics.from_inputs(x),
+        in_modes,
+        out_modes,
+        rank=16,
+        bias=linear.bias.detach(),
+    )
+    assert fit.output_error_start == pytest.approx(output_error, rel=1e-6)
+    assert fit.weight_error_start == pytest.approx(weight_error, rel=1e-6)
+
+
+def _three_core_problem():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 18, dtype=F64, generator=g)
+    x = anisotropic_inputs(300, 18, g)
+    return w, x, ActivationStatistics.from_inputs(x)
+
+
+def test_each_als_sweep_is_two_half_sweeps_and_the_default_is_two_sweeps():
+    # "als k" names the iterate after k half-sweeps (TTFit.chosen). On anisotropic inputs
+    # with d = 3 every half-sweep lowers the error, so the last one wins: "als 2s" after s
+    # sweeps. The default, documented as 2, must give exactly the fit of sweeps=2.
+    w, _, stats = _three_core_problem()
+    fits = {s: fit_tt(w, stats, (3, 2, 3), (2, 3, 2), rank=3, sweeps=s) for s in (1, 2)}
+    for s, fit in fits.items():
+        assert fit.chosen == f"als {2 * s}"
+    assert fits[2].output_error < fits[1].output_error
+    default = fit_tt(w, stats, (3, 2, 3), (2, 3, 2), rank=3)
+    assert default.chosen == fits[2].chosen
+    assert default.output_error == fits[2].output_error  # the same arithmetic: equal exactly
+    for core, expected in zip(default.cores, fits[2].cores, strict=True):
+        assert torch.equal(core, expected)
+
+
+def test_one_conjugate_gradient_step_per_update_already_improves_on_the_starts():
+    # cg_steps=1 is one steepest-descent step per core update, which lowers the objective
+    # whenever the gradient is not zero; over two sweeps on this anisotropic problem the ALS
+    # iterates then beat the better start (the whitened TT-SVD) by far: 0.287 against 0.656
+    # measured directly, so below half of it with room to spare. (With no step at all the
+    # iterates are the start itself.)
+    w, x, stats = _three_core_problem()
+    starts = fit_tt(w, stats, (3, 2, 3), (2, 3, 2), rank=3, sweeps=0)
+    assert starts.chosen == "whitened tt-svd"
+    fit = fit_tt(w, stats, (3, 2, 3), (2, 3, 2), rank=3, sweeps=2, max_direct=0, cg_steps=1)
+    assert fit.chosen.startswith("als")
+    start_error = direct_error(x, w, None, starts.cores, None)
+    assert direct_error(x, w, None, fit.cores, None) < 0.5 * start_error

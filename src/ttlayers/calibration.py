@@ -250,10 +250,13 @@ class ActivationStatistics:
         # the fit's search for a positive-definite ridge into an endless loop.
         grams = [self.input_gram] if reference is None else [self.input_gram, self.reference_gram]
         if not all(bool(torch.isfinite(torch.diagonal(g)).all()) for g in grams if g is not None):
+            what, largest = "inputs", float(x.abs().max())
+            if xr is not None:
+                what, largest = "inputs or the reference", max(largest, float(xr.abs().max()))
             raise ValueError(
-                "the sums of squares of the inputs overflow float64 (largest |value| "
-                f"{float(x.abs().max()):.3g}); scale the calibration data down. These "
-                "statistics are unusable now."
+                f"the sums of squares of the {what} overflow float64 (largest |value| "
+                f"{largest:.3g}); scale the calibration data down. These statistics are "
+                "unusable now."
             )
 
     def _raw(self) -> tuple[torch.Tensor, ...]:
