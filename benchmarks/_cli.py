@@ -64,6 +64,17 @@ def float_at_least(lowest: float) -> Callable[[str], float]:
     return parse
 
 
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype`` and ``--threads``, as the timing scripts take them."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="of all"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="CPU threads (set_num_threads)"
+    )
+
+
 def check_device(parser: argparse.ArgumentParser, device: str) -> None:
     """Stop with a usage error if ``device`` is a CUDA device this machine does not have."""
     if device.startswith("cuda") and not torch.cuda.is_available():

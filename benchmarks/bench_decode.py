@@ -30,7 +30,15 @@ import time
 from dataclasses import dataclass
 
 import torch
-from _cli import HelpFormatter, check_device, non_negative_int, positive_int, positive_ints, select
+from _cli import (
+    HelpFormatter,
+    add_device_options,
+    check_device,
+    non_negative_int,
+    positive_int,
+    positive_ints,
+    select,
+)
 from bench_linear import tltorch_layer  # sibling scripts: benchmarks/ is on sys.path
 from torch import nn
 
@@ -134,13 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="of all"
-    )
-    parser.add_argument(
-        "--threads", type=positive_int, default=2, help="CPU threads (set_num_threads)"
-    )
+    add_device_options(parser)
     parser.add_argument("--layers", type=positive_int, default=8, help="layers in the stack")
     parser.add_argument(
         "--batches", type=positive_ints, default="1", help="comma-separated batch sizes"

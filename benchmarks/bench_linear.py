@@ -60,7 +60,14 @@ from dataclasses import dataclass
 import opt_einsum
 import torch
 import torch.nn.functional as F
-from _cli import HelpFormatter, check_device, non_negative_int, positive_int, select
+from _cli import (
+    HelpFormatter,
+    add_device_options,
+    check_device,
+    non_negative_int,
+    positive_int,
+    select,
+)
 from plan_regret import describe  # sibling scripts: benchmarks/ is on sys.path
 from torch import nn
 
@@ -531,13 +538,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="of all"
-    )
-    parser.add_argument(
-        "--threads", type=positive_int, default=2, help="CPU threads (set_num_threads)"
-    )
+    add_device_options(parser)
     parser.add_argument("--repeats", type=positive_int, default=20, help="timed rounds")
     parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed rounds first")
     parser.add_argument(
