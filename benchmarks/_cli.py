@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 import torch
+
+Number = TypeVar("Number", int, float)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -24,21 +27,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def _int_at_least(lowest: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+def _at_least(
+    kind: str, convert: Callable[[str], Number], lowest: Number
+) -> Callable[[str], Number]:
+    """A parser of ``kind`` (``convert`` of the text), finite and ``>= lowest``."""
+
+    def parse(text: str) -> Number:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lowest}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not (math.isfinite(value) and value >= lowest):
+            raise argparse.ArgumentTypeError(f"expected {kind} >= {lowest}, got {text}")
         return value
 
     return parse
 
 
-positive_int = _int_at_least(1)
-non_negative_int = _int_at_least(0)
+positive_int = _at_least("an integer", int, 1)
+non_negative_int = _at_least("an integer", int, 0)
 
 
 def positive_ints(text: str) -> list[int]:
@@ -50,18 +57,8 @@ def positive_ints(text: str) -> list[int]:
 
 
 def float_at_least(lowest: float) -> Callable[[str], float]:
-    """A finite float >= ``lowest``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (math.isfinite(value) and value >= lowest):
-            raise argparse.ArgumentTypeError(f"expected a finite number >= {lowest}, got {text}")
-        return value
-
-    return parse
+    """A parser of finite floats ``>= lowest``."""
+    return _at_least("a finite number", float, lowest)
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
