@@ -37,7 +37,8 @@ def _at_least(
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
-        if not (math.isfinite(value) and value >= lowest):
+        # An int is always finite (and may be too large for math.isfinite's float).
+        if not ((isinstance(value, int) or math.isfinite(value)) and value >= lowest):
             raise argparse.ArgumentTypeError(f"expected {kind} >= {lowest}, got {text}")
         return value
 
