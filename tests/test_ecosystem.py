@@ -1194,6 +1194,26 @@ def test_a_core_missing_from_the_checkpoint_is_a_missing_key():
     assert torch.equal(target.cores[0], source.cores[0])
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_dense_checkpoint_says_to_convert_after_loading(strict):
+    dense = _nested(nn.Linear(12, 8))
+    model = _nested(TTLinear(12, 8, rank=3, in_modes=(3, 4), out_modes=(2, 4)))
+    before = clone_parameters(model)
+    hint = r"TTLinear 'encoder\.proj' keeps its cores.*'encoder\.proj\.weight' of shape \(8, 12\)"
+    with pytest.warns(UserWarning, match=hint):
+        if strict:
+            with pytest.raises(RuntimeError, match=r'Unexpected key\(s\).*"encoder\.proj\.weight"'):
+                model.load_state_dict(dense.state_dict())
+        else:
+            result = model.load_state_dict(dense.state_dict(), strict=False)
+            assert result.unexpected_keys == ["encoder.proj.weight"]
+    assert all(torch.equal(before[k], p) for k, p in model.named_parameters() if "cores" in k)
+    # A checkpoint with cores (of this layer or another) never warns.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.load_state_dict(model.state_dict())
+
+
 def _compressible_mlp(seed: int) -> nn.Sequential:
     """An MLP whose weights are TT matrices of rank 3 plus 1% noise: eps finds ranks near 3."""
     torch.manual_seed(seed)

@@ -580,6 +580,17 @@ class TTLinear(nn.Module):
             if key.startswith(core_prefix) and key[len(core_prefix) :].isdigit()
         }
         count = max(indices, default=-1) + 1
+        dense = state_dict.get(f"{prefix}weight")
+        if not count and isinstance(dense, torch.Tensor):
+            # A warning, not an error: torch passes strict=True here whatever the caller gave,
+            # and with strict=False the load goes on without this layer's weight.
+            warnings.warn(
+                f"TTLinear '{name}' keeps its cores: the checkpoint has a dense "
+                f"'{prefix}weight' of shape {tuple(dense.shape)} for it and no cores. To use "
+                "that weight, load the checkpoint into the dense model, then convert it "
+                "(ttlayers.tensorize_ or TTLinear.from_dense).",
+                stacklevel=2,
+            )
         found = [state_dict.get(f"{core_prefix}{k}") for k in range(count)]
         tensors = [t for t in found if isinstance(t, torch.Tensor)]
         chain = None
