@@ -301,14 +301,18 @@ def test_a_budget_counts_a_tied_weight_once():
     assert report.compression == pytest.approx(report.model_params_before / report.params_after)
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_atomic_on_bad_weight(bad):
+def test_atomic_on_bad_weight(bad, calibrated):
     model = make_net()
     with torch.no_grad():
         model.heads["main"][0].weight[1, 2] = bad  # a late layer: earlier ones convert fine
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"cannot tensorize layer 'heads\.main\.0'.*NaN or Inf"):
-        tensorize_(model, rank=2)
+    calibration = torch.randn(64, 16, dtype=torch.float64) if calibrated else None
+    # The argument is named as the user knows it (with calibration it had been "matrix").
+    match = r"cannot tensorize layer 'heads\.main\.0': (source\.)?weight holds NaN or Inf"
+    with pytest.raises(ValueError, match=match):
+        tensorize_(model, rank=2, calibration=calibration)
     assert_unchanged(model, before)
 
 

@@ -71,7 +71,7 @@ import opt_einsum
 import torch
 
 from ttlayers.contraction import check_bias, tt_to_dense
-from ttlayers.decomposition import check_matrix, tt_svd
+from ttlayers.decomposition import cast_cores, check_matrix, tt_svd
 from ttlayers.shapes import resolve_ranks, validate_modes
 
 __all__ = ["ActivationStatistics", "TTFit", "WeightedProblem", "fit_tt", "weighted_problem"]
@@ -861,46 +861,51 @@ def fit_tt(
         for k, iterate in enumerate(_sweeps(first, problem, sweeps, max_direct, cg_steps)):
             candidates.append((f"als {k + 1}", problem.unwhiten_cores(iterate)))
 
+    # Candidates are scored as they will be returned: for a half-precision layer, the cores
+    # with their norms evened out and rounded (about 1e-3 relative, as large as the smaller
+    # fits' errors), and a candidate that overflows there drops out.
+    half = weight.dtype in (torch.float16, torch.bfloat16)
+
+    def returned(cores: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [core.to(_FLOAT) for core in cast_cores(cores, weight.dtype)] if half else cores
+
+    def returned_bias(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return tensor.to(weight.dtype).to(_FLOAT) if half and tensor is not None else tensor
+
     # The plain TT-SVD competes with its original bias: "never worse than TT-SVD" is then
     # true by construction, not only up to rounding.
+    if half:
+        plain = returned(plain)
+        plain_dense = tt_to_dense(plain)
     best_name, best_cores, best_dense, best_bias = "tt-svd", plain, plain_dense, b
     start_sq = best_sq = math.inf
     for name, cores in candidates:
+        cores = cores if name == "tt-svd" else returned(cores)
         dense = plain_dense if name == "tt-svd" else tt_to_dense(cores)
         if not bool(torch.isfinite(dense).all()):
             continue
-        tt_bias = refit_bias(dense)
+        biases = [returned_bias(refit_bias(dense))]
         if name == "tt-svd":
-            start_sq, error_sq = scorer.error(dense, [b, tt_bias])
-            best_sq = start_sq
-        else:
-            (error_sq,) = scorer.error(dense, [tt_bias])
-        if error_sq < best_sq:
-            best_name, best_cores, best_sq, best_dense, best_bias = (
-                name,
-                cores,
-                error_sq,
-                dense,
-                tt_bias,
-            )
-    if weight.dtype in (torch.float16, torch.bfloat16):
-        # The errors of what is returned: rounding the cores to half precision adds its own
-        # (about 1e-3 relative), as large as the smaller fits' errors.
-        def rounded(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.to(weight.dtype).to(_FLOAT)
-
-        plain_dense = tt_to_dense([rounded(core) for core in plain])
-        (start_sq,) = scorer.error(plain_dense, [b])
-        best_dense = tt_to_dense([rounded(core) for core in best_cores])
-        best_bias = None if best_bias is None else rounded(best_bias)
-        (best_sq,) = scorer.error(best_dense, [best_bias])
+            biases.insert(0, b)
+        errors = scorer.error(dense, biases)
+        if name == "tt-svd":
+            start_sq = best_sq = errors[0]
+        for tt_bias, error_sq in zip(biases, errors, strict=True):
+            if error_sq < best_sq and (tt_bias is None or bool(torch.isfinite(tt_bias).all())):
+                best_name, best_cores, best_sq, best_dense, best_bias = (
+                    name,
+                    cores,
+                    error_sq,
+                    dense,
+                    tt_bias,
+                )
     norm = float(torch.linalg.vector_norm(w))
 
     def weight_error(dense: torch.Tensor) -> float:
         return _ratio(float(torch.linalg.vector_norm(w - dense)) ** 2, norm**2)
 
     return TTFit(
-        cores=[core.to(weight.device, weight.dtype).contiguous() for core in best_cores],
+        cores=[core.to(weight.device) for core in cast_cores(best_cores, weight.dtype)],
         bias=None if best_bias is None else best_bias.to(weight.device, weight.dtype),
         weight_error_start=weight_error(plain_dense),
         weight_error=weight_error(best_dense),

@@ -291,10 +291,10 @@ def tt_svd(
         cores.append(u.reshape(r, m, n, u.shape[1]))
         r = u.shape[1]
     cores.append(rest.reshape(r, in_modes_t[-1], out_modes_t[-1], 1))
-    return _cast(cores, matrix.dtype)
+    return cast_cores(cores, matrix.dtype)
 
 
-def _cast(cores: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+def cast_cores(cores: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
     """The working-precision cores in ``dtype``; into a low-precision one with equal norms.
 
     The decompositions leave the whole norm of ``W`` in one core; float16 overflows past
@@ -382,7 +382,7 @@ def tt_round(
         )
         work[k] = u.reshape(r_left, m, n, u.shape[1])
         work[k + 1] = torch.tensordot(rest, work[k + 1], dims=([1], [0]))
-    return _cast(work, dtype)
+    return cast_cores(work, dtype)
 
 
 # --- achieved errors -----------------------------------------------------------------------

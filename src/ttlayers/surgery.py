@@ -800,6 +800,8 @@ def _convert(
                 bias = None if linear.bias is None else linear.bias.detach()
                 choice = choices[k]
                 if choice is None:
+                    # Named here: tt_svd's own check would call the weight "matrix".
+                    decomposition.check_matrix(weight, "weight", finite=True)
                     in_modes, out_modes = validate_modes(
                         linear.in_features, linear.out_features, None, None, num_cores
                     )
