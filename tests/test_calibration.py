@@ -355,6 +355,24 @@ def test_fit_rejects_bad_options(kwargs, kind, match):
         fit_tt(torch.randn(4, 6, dtype=F64), stats, (2, 3), (2, 2), **arguments)
 
 
+@pytest.mark.parametrize(
+    ("ridge", "scale", "match"),
+    [
+        # ridge times the inputs' mean square (1e20) is already past float64.
+        (1e300, 1e10, r"ridge=1e\+300 is too large"),
+        # The ridge term fits in float64, the whitened target it leads to does not.
+        (1.7e308, 1.0, r"weighted fit overflows float64 \(ridge=1\.7e\+308"),
+    ],
+)
+def test_a_ridge_too_large_for_float64_is_named(ridge, scale, match):
+    # Finite and non-negative, so accepted as an option; the error had blamed the data
+    # ("scale the calibration data down") or the weight ("matrix holds NaN or Inf").
+    torch.manual_seed(0)
+    stats = ActivationStatistics.from_inputs(torch.randn(300, 64, dtype=F64) * scale)
+    with pytest.raises(ValueError, match=match):
+        fit_tt(torch.randn(32, 64, dtype=F64) / 8, stats, (8, 8), (4, 8), rank=3, ridge=ridge)
+
+
 def test_fit_takes_numpy_integers_as_tensorize_does():
     stats = ActivationStatistics.from_inputs(torch.randn(20, 6, dtype=F64))
     w = torch.randn(4, 6, dtype=F64)

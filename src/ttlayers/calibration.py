@@ -451,7 +451,14 @@ def weighted_problem(
     device = c_xx.device
     w = weight.detach().to(device, _FLOAT)
     # Scale-free ridge; the floor keeps an all-zero input layer well-posed.
-    delta = ridge * max(float(torch.diagonal(c_xx).mean()), 0.0)
+    mean_square = max(float(torch.diagonal(c_xx).mean()), 0.0)
+    delta = ridge * mean_square
+    if not math.isfinite(delta) or not math.isfinite(delta * float(w.abs().max())):
+        raise ValueError(
+            f"ridge={ridge:g} is too large: the ridge term (ridge times the inputs' mean square, "
+            f"{mean_square:.3g}, times the weight) overflows float64. Useful values lie between "
+            "0 and about 10."
+        )
     delta = max(delta, torch.finfo(_FLOAT).eps * float(torch.diagonal(c_xx).abs().max()), 1e-300)
     eye = torch.eye(in_features, dtype=_FLOAT, device=device)
     covariance = c_xx + delta * eye
@@ -480,6 +487,12 @@ def weighted_problem(
     whitening = tuple(root for root, _ in roots)
     unwhitening = tuple(inverse for _, inverse in roots)
     target = _mode_multiply(optimum.reshape(out_features, *modes), [f.T for f in whitening], 1)
+    if not bool(torch.isfinite(target).all()):
+        raise ValueError(
+            f"the weighted fit overflows float64 (ridge={ridge:g}, the inputs' mean square "
+            f"{mean_square:.3g}): lower ridge (useful values lie between 0 and about 10) or "
+            "scale the calibration data down."
+        )
     return WeightedProblem(
         in_modes=modes,
         whitening=whitening,
