@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import threading
 
 import opt_einsum
 import pytest
@@ -730,6 +731,42 @@ def test_one_storage_keeps_a_bounded_number_of_entries():
             torch.testing.assert_close(y, x @ reference_weight(cores).T, rtol=1e-12, atol=1e-12)
     slot = _cache_slot(cores[0])
     assert slot is not None and len(slot[0]) == _PLACES_PER_STORAGE
+
+
+def test_threads_change_the_cache_of_one_storage_one_at_a_time():
+    # Serving threads share the cache. Dropping the oldest of a storage's entries reads its
+    # first key, then deletes it: two threads could drop the same key (a KeyError out of
+    # layer(x), forced by a review helper with a tracer) or one could insert meanwhile
+    # ("dictionary changed size during iteration"). Held by another thread, the lock keeps
+    # a call that must drop an entry waiting (the call itself is correct once it runs).
+    shapes = [(1, 4, 4, 8), (8, 8, 8, 8), (8, 8, 8, 8), (8, 4, 4, 1)]  # a two-block plan
+    size = sum(math.prod(shape) for shape in shapes)
+    places = _PLACES_PER_STORAGE + 1
+    bank = torch.randn(places * size, dtype=torch.float64)
+    banks = []
+    for k in range(places):
+        pieces = bank[k * size : (k + 1) * size].split([math.prod(t) for t in shapes])
+        banks.append([p.view(t) for p, t in zip(pieces, shapes, strict=True)])
+    x = torch.randn(1, 1024, dtype=torch.float64)
+    with torch.no_grad():
+        for cores in banks[:-1]:
+            tt_linear(x, cores)
+    results = []
+
+    def call() -> None:
+        with torch.no_grad():
+            results.append(tt_linear(x, banks[-1]))
+
+    with contraction._cache_lock:
+        thread = threading.Thread(target=call)
+        thread.start()
+        thread.join(timeout=0.5)
+        waited = thread.is_alive()
+    thread.join()
+    assert waited
+    torch.testing.assert_close(
+        results[0], x @ reference_weight(banks[-1]).T, rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("d", [7, 8])

@@ -45,6 +45,36 @@ def estimates_with(model, plan, *shape):
         set_cost_model("mps", None)
 
 
+def test_resetting_a_cost_model_never_leaves_the_device_without_one(monkeypatch):
+    # set_cost_model(device, None) used to remove the model, then put the default back: a
+    # thread planning a new shape in between read _cost_models["cpu"] and raised KeyError.
+    # Every change of the dict must leave a model for the device.
+    states = []
+
+    class Recording(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            states.append("cpu" in self)
+
+        def __delitem__(self, key):
+            super().__delitem__(key)
+            states.append("cpu" in self)
+
+        def pop(self, *args):
+            value = super().pop(*args)
+            states.append("cpu" in self)
+            return value
+
+    monkeypatch.setattr(planner, "_cost_models", Recording(planner._cost_models))
+    try:
+        set_cost_model("cpu", dataclasses.replace(DEFAULT_COST_MODELS["cpu"], flops=1e9))
+        set_cost_model("cpu", None)
+    finally:
+        planner.plan_table.cache_clear()
+    assert states and all(states)
+    assert planner._cost_models["cpu"] == DEFAULT_COST_MODELS["cpu"]
+
+
 # --- the planner: memory -------------------------------------------------------------------
 
 # A small asymmetric 4-core layer, M = 2*3*2*2 = 24 inputs, N = 3*1*2*2 = 12 outputs. Its cores

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import operator
 import string
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from functools import partial
@@ -506,6 +507,7 @@ class _InferenceEntry:
 
 
 _block_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> {place: entry}
+_cache_lock = threading.Lock()
 _Place = tuple["int | torch.SymInt", torch.Size, tuple[int, ...]]
 
 
@@ -517,7 +519,10 @@ def _cache_slot(core: torch.Tensor) -> tuple[dict[_Place, _InferenceEntry], _Pla
         return None
     slots: dict[_Place, _InferenceEntry] | None = _block_cache.get(storage)  # type: ignore[no-untyped-call]
     if slots is None:
-        slots = _block_cache[storage] = {}
+        with _cache_lock:  # two threads' first calls must not each make one
+            slots = _block_cache.get(storage)  # type: ignore[no-untyped-call]
+            if slots is None:
+                slots = _block_cache[storage] = {}
     return slots, (core.storage_offset(), core.shape, core.stride())
 
 
@@ -540,11 +545,15 @@ def _cached_entry(cores: Sequence[torch.Tensor]) -> _InferenceEntry | None:
     slots, place = slot
     entry = slots.get(place)
     if entry is None or not entry.matches(cores):
-        if place not in slots and len(slots) >= _PLACES_PER_STORAGE:
-            # Views made afresh from one long-lived buffer (a bank of layers) would otherwise
-            # keep an entry per place for as long as the buffer lives: drop the oldest.
-            del slots[next(iter(slots))]
-        entry = slots[place] = _InferenceEntry(cores)
+        entry = _InferenceEntry(cores)
+        # Threads calling layers at once (a model server) share these dicts: a lookup is
+        # atomic, but dropping the oldest entry is a read and a delete.
+        with _cache_lock:
+            if place not in slots and len(slots) >= _PLACES_PER_STORAGE:
+                # Views made afresh from one long-lived buffer (a bank of layers) would
+                # otherwise keep an entry per place for as long as the buffer lives.
+                del slots[next(iter(slots))]
+            slots[place] = entry
     return entry
 
 

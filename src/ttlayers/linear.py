@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 import warnings
 from collections.abc import Sequence
@@ -32,6 +33,14 @@ __all__ = ["TTLinear"]
 # The keys of the first cores in their nn.ParameterList, made once (see _core_list).
 _CORE_NAMES = tuple(str(k) for k in range(64))
 
+
+# Set by from_cores for the one layer it builds, whose cores and bias it then overwrites:
+# that layer draws no initial values. Per thread (a context variable): the global random
+# number generators are left alone, where putting their state back afterwards
+# (torch.random.fork_rng) would also rewind what other threads drew meanwhile.
+_OVERWRITTEN: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ttlayers_overwritten", default=False
+)
 
 _WEIGHT_IS_COMPUTED = (
     "TTLinear.weight is computed from the cores and cannot be assigned; build a layer from the "
@@ -159,7 +168,10 @@ class TTLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.conversion_error = None
-        self.reset_parameters()
+        if _OVERWRITTEN.get():
+            _OVERWRITTEN.set(False)  # a TTLinear a subclass builds in its __init__ is drawn
+        else:
+            self.reset_parameters()
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -388,12 +400,12 @@ class TTLinear(nn.Module):
                 "bias is on the meta device, which holds no values to copy; the cores are "
                 f"on {cores[0].device}."
             )
-        # The initial values drawn here are overwritten below: the global random number
-        # generators are put back, so a conversion does not change the dropout masks or
-        # initial weights that come after it. (Not built on the meta device: a subclass's
-        # own parameters and buffers need the values its __init__ gives them.)
-        device = cores[0].device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # The cores and bias are overwritten below, so the layer draws no initial values: a
+        # conversion leaves the dropout masks and initial weights that come after it as they
+        # were. (Not built on the meta device: a subclass's own parameters and buffers need
+        # the values its __init__ gives them.)
+        token = _OVERWRITTEN.set(True)
+        try:
             layer = cls(
                 math.prod(in_modes),
                 out_features,
@@ -401,9 +413,11 @@ class TTLinear(nn.Module):
                 in_modes=in_modes,
                 out_modes=out_modes,
                 bias=bias is not None,
-                device=device,
+                device=cores[0].device,
                 dtype=cores[0].dtype,
             )
+        finally:
+            _OVERWRITTEN.reset(token)
         with torch.no_grad():
             for param, core in zip(layer.cores, cores, strict=True):
                 param.copy_(core)

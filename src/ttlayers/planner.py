@@ -209,10 +209,11 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
             raise ValueError("model.cache_bytes must be >= 0 and model.max_chunks >= 1.")
         if not 0 <= model.cache_traffic <= 1:
             raise ValueError(f"model.cache_traffic must be in [0, 1]; got {model.cache_traffic!r}.")
-    if model is None:
+    if model is None and device_type in DEFAULT_COST_MODELS:
+        # Replaced, not removed and put back: a thread planning meanwhile finds one.
+        _cost_models[device_type] = DEFAULT_COST_MODELS[device_type]
+    elif model is None:
         _cost_models.pop(device_type, None)
-        if device_type in DEFAULT_COST_MODELS:
-            _cost_models[device_type] = DEFAULT_COST_MODELS[device_type]
     else:
         _cost_models[device_type] = model
     plan_table.cache_clear()
