@@ -563,6 +563,11 @@ def test_calibration_accepts_tuple_dict_and_dataloader_batches():
             "no batches",
         ),
         ("text", TypeError, "calibration must be"),
+        # Iterable by rows: every row had been run as a batch of its own.
+        (np.zeros((8, 16)), TypeError, "NumPy array. Convert it with torch.from_numpy"),
+        ({"x": torch.randn(8, 16, dtype=F64)}, TypeError, r"One batch of keyword.*\[batch\]"),
+        # The wrong dtype: the hint says which the batches need.
+        (torch.randn(8, 16), ValueError, "on the model's device and dtype"),
     ],
 )
 def test_bad_calibration_leaves_the_model_untouched(calibration, kind, match):
@@ -1299,3 +1304,174 @@ def test_one_conjugate_gradient_step_per_update_already_improves_on_the_starts()
     assert fit.chosen.startswith("als")
     start_error = direct_error(x, w, None, starts.cores, None)
     assert direct_error(x, w, None, fit.cores, None) < 0.5 * start_error
+
+
+# --- what models and calibration data do to the passes -----------------------------------
+
+
+class _ScalesInPlace(nn.Module):
+    """Preprocessing in place on its input, a common first line: ``x /= 255``."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.a, self.b = nn.Linear(48, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        if self.in_place:
+            x /= 255.0
+        else:
+            x = x / 255.0
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_model_that_changes_its_input_in_place_is_calibrated_on_the_data_given():
+    # The batch is passed once per pass (here 1 + 2 x 2 = 5 times): before every pass got a
+    # copy, it was divided by 255 five times over, the caller's tensors with it, and the
+    # paired passes of a layer saw different data. The report then said 0.001 where the
+    # conversion's true error was 0.086 (a review helper's case). Now both models give the
+    # same layers, exactly (the same arithmetic on the same values), and the data are kept.
+    torch.manual_seed(0)
+    batches = [(torch.rand(100, 6) @ torch.rand(6, 48)) * 40 for _ in range(2)]
+    kept = [batch.clone() for batch in batches]
+    converted = {}
+    for in_place in (True, False):
+        torch.manual_seed(1)
+        model = _ScalesInPlace(in_place)
+        tensorize_(model, rank=4, calibration=batches, filter_fn=lambda m, n: True)
+        converted[in_place] = model
+    for batch, original in zip(batches, kept, strict=True):
+        assert torch.equal(batch, original)
+    for name in ("a", "b"):
+        for core, other in zip(
+            converted[True].get_submodule(name).cores,
+            converted[False].get_submodule(name).cores,
+            strict=True,
+        ):
+            assert torch.equal(core, other)
+
+
+class _TwoEncodersOneHead(nn.Module):
+    """Text batches (width 32) and image batches (width 48) through their own encoders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = nn.Linear(32, 32)
+        self.image = nn.Linear(48, 32)
+        self.head = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.text(x) if x.shape[-1] == 32 else self.image(x)))
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_layers_are_fitted_after_every_layer_that_feeds_them_in_some_batch(text_first):
+    # Ordered by first call over all batches, the head came before the second encoder, so it
+    # was fitted to (and its error measured on) that encoder's original outputs, not its
+    # converted ones: 0.617 reported against 0.654 in the converted model (a review
+    # helper's case). After both encoders, the reported error is the model's, to float64
+    # roundoff of two ways of summing the same squares (1e-9 relative is far above it).
+    generator = torch.Generator().manual_seed(0)
+    text = [torch.randn(64, 6, generator=generator) @ torch.randn(6, 32, generator=generator)]
+    image = [torch.randn(64, 6, generator=generator) @ torch.randn(6, 48, generator=generator)]
+    batches = [text[0], image[0]] if text_first else [image[0], text[0]]
+    batches = [batch.double() for batch in batches]
+    torch.manual_seed(0)
+    model = _TwoEncodersOneHead().double()
+    original = copy.deepcopy(model)
+    capture = ActivationCapture(model, batches)
+    with capture.session():
+        order = capture.order([model.head, model.image, model.text], ["head", "image", "text"])
+    assert order == ([2, 1, 0] if text_first else [1, 2, 0])
+    report = tensorize_(model, rank=3, calibration=batches, filter_fn=lambda m, n: True)
+    assert report.layers[2].name == "head"
+
+    def head_outputs(net):
+        outputs = []
+        handle = net.head.register_forward_hook(lambda m, a, out: outputs.append(out))
+        with torch.no_grad():
+            for batch in batches:
+                net(batch)
+        handle.remove()
+        return torch.cat(outputs)
+
+    y, y_tt = head_outputs(original), head_outputs(model)
+    actual = float((y_tt - y).norm() / y.norm())
+    assert report.layers[2].output_error == pytest.approx(actual, rel=1e-9)
+
+
+def test_layers_called_in_opposite_orders_by_two_batches_keep_the_first_calls_order():
+    # No order fits both batches; the first batch's calls decide, as before.
+    class Either(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            if x.shape[0] % 2:
+                return self.b(self.a(x))
+            return self.a(self.b(x))
+
+    model = Either()
+    odd, even = torch.randn(9, 16), torch.randn(8, 16)  # a then b; b then a
+    for batches, expected in (([odd, even], [1, 0]), ([even, odd], [0, 1])):
+        capture = ActivationCapture(model, batches)
+        with capture.session():
+            assert capture.order([model.b, model.a], ["b", "a"]) == expected
+
+
+def test_calibration_that_yields_fewer_batches_in_a_later_pass_is_a_clear_error():
+    # Re-iterable by type, but its __iter__ hands out one generator: the later passes got no
+    # batch, and the error blamed the layer ("the activation statistics hold no samples").
+    class OneShot:
+        def __init__(self, batches):
+            self.batches = iter(batches)
+
+        def __iter__(self):
+            return self.batches
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="yielded 2 batches in its first pass and 0 in a later"):
+        tensorize_(
+            model,
+            rank=2,
+            calibration=OneShot([torch.randn(8, 16), torch.randn(8, 16)]),
+            filter_fn=lambda m, n: True,
+        )
+    assert_unchanged(model, before)
+
+
+def test_rows_routed_by_converted_layers_are_named_as_the_cause():
+    # A router whose conversion sends other rows to an expert: the two passes over a batch
+    # give the expert different numbers of rows. The model is deterministic; the message had
+    # said it was not, and suggested nothing.
+    class Routed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.router = nn.Linear(16, 2)
+            self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+        def forward(self, x):
+            choice = self.router(x).argmax(-1)
+            out = torch.zeros_like(x)
+            for k, expert in enumerate(self.experts):
+                out[choice == k] = expert(x[choice == k])
+            return out
+
+    torch.manual_seed(0)
+    model = Routed()
+    batch = torch.randn(64, 16)
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"'experts\.0'.*received \d+ input rows from the original model and \d+ with the "
+        r"layers before it converted.*routing",
+    ):
+        tensorize_(model, rank=1, calibration=batch, filter_fn=lambda m, n: True)
+    assert_unchanged(model, before)
+    # Converted after the router, in a call of their own, the experts fit.
+    tensorize_(model, rank=1, calibration=batch, filter_fn=lambda m, n: n == "router")
+    report = tensorize_(model, rank=4, calibration=batch, filter_fn=lambda m, n: "experts" in n)
+    assert [row.name for row in report.layers] == ["experts.0", "experts.1"]

@@ -497,6 +497,36 @@ def test_linear_layers_whose_forward_is_replaced_on_the_instance_are_skipped():
     assert type(model[0]) is nn.Linear
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_model_converted_inside_inference_mode_can_be_fine_tuned(calibrated):
+    # The new cores were inference tensors when made inside torch.inference_mode(): the
+    # first optimizer step raised, though the dense model, used there, trains. So do a
+    # checkpoint's cores of other ranks loaded there, and layers load_tensorized_ builds.
+    model, fresh = make_net(torch.float32), make_net(torch.float32)
+    x = torch.randn(32, 16)
+    with torch.inference_mode():
+        tensorize_(model, rank=2, calibration=x if calibrated else None)
+        load_tensorized_(fresh, model.state_dict())
+    for net in (model, fresh):
+        params = list(net.parameters())
+        assert not any(p.is_inference() for p in params)
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        net(x).square().sum().backward()
+        optimizer.step()
+
+
+def test_cores_resized_by_a_load_inside_inference_mode_stay_trainable():
+    source = TTLinear(64, 48, rank=5, in_modes=(4, 4, 4), out_modes=(4, 4, 3))
+    target = TTLinear(64, 48, rank=2, in_modes=(4, 4, 4), out_modes=(4, 4, 3))
+    with torch.inference_mode():
+        target.load_state_dict(source.state_dict())
+    assert target.ranks == source.ranks
+    assert not any(p.is_inference() for p in target.parameters())
+    optimizer = torch.optim.SGD(target.parameters(), lr=0.1)
+    target(torch.randn(3, 64)).sum().backward()
+    optimizer.step()
+
+
 @pytest.mark.parametrize("kwargs", [{"rank": 4}, {"compression": 4}, {"eps": 0.5}])
 def test_conversion_leaves_the_random_number_generator_alone(kwargs):
     # The converted layers used to draw initial values only to overwrite them: the dropout

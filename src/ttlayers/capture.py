@@ -4,7 +4,8 @@ The model is never modified: converted layers are substituted during a pass by a
 hook on the original module that returns the converted layer's output instead, and every
 hook is removed, and every module's training flag restored, when the pass ends (also on
 error). Passes run under ``torch.no_grad()`` in eval mode, so dropout is off and batch-norm
-statistics are not updated.
+statistics are not updated; each gets its own copy of the batch's tensors. (State a model
+keeps in its forward pass itself, a call counter or a cache, sees every pass.)
 
 A pass for a layer that every batch calls once stops right after that call (by an exception
 caught here), so capturing the inputs of an early layer costs only the front of the model. A
@@ -18,6 +19,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,9 +29,10 @@ __all__ = ["ActivationCapture", "check_calibration"]
 
 _HOW = (
     "calibration is one tensor batch or a collection of batches (a list, a tuple, a "
-    "DataLoader). A tensor batch is passed as model(batch), a tuple or list as "
-    "model(*batch), a dict as model(**batch): one batch of several inputs is [(src, tgt)]; "
-    "for a loader of (input, target) pairs pass [x for x, _ in loader]."
+    "DataLoader), on the model's device and dtype. A tensor batch is passed as "
+    "model(batch), a tuple or list as model(*batch), a dict as model(**batch): one batch of "
+    "several inputs is [(src, tgt)], one batch for a model that takes a dict or a list is "
+    "[(batch,)]; for a loader of (input, target) pairs pass [x for x, _ in loader]."
 )
 
 
@@ -63,7 +66,17 @@ def check_calibration(calibration: object) -> Iterable[Any]:
     """
     if isinstance(calibration, torch.Tensor):
         return [calibration]
-    if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
+    if isinstance(calibration, np.ndarray):  # iterable, by rows: each row would be a batch
+        raise TypeError(
+            "calibration must be a tensor (one batch), a list of batches or a DataLoader; got "
+            "a NumPy array. Convert it with torch.from_numpy."
+        )
+    if isinstance(calibration, Mapping):
+        raise TypeError(
+            "calibration must be a tensor (one batch), a list of batches or a DataLoader; got "
+            f"a {type(calibration).__name__}. One batch of keyword arguments is [batch]."
+        )
+    if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
         raise TypeError(
             "calibration must be a tensor (one batch), a list of batches or a DataLoader; got "
             f"{type(calibration).__name__}."
@@ -79,13 +92,20 @@ def check_calibration(calibration: object) -> Iterable[Any]:
     return calibration
 
 
+def _copy(value: object) -> object:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
 def _call(model: nn.Module, batch: object) -> None:
+    # Every pass gets its own copy of the batch's tensors: a model that changes its input in
+    # place (x /= 255) would otherwise change the batch for the passes after, and the
+    # caller's data with it.
     if isinstance(batch, Mapping):
-        model(**batch)
+        model(**{key: _copy(value) for key, value in batch.items()})
     elif isinstance(batch, (tuple, list)):
-        model(*batch)
+        model(*(_copy(value) for value in batch))
     else:
-        model(batch)
+        model(_copy(batch))
 
 
 @contextlib.contextmanager
@@ -99,11 +119,14 @@ def _calibrating(model: nn.Module) -> Iterator[None]:
     """
     flags = [(module, module.training) for module in model.modules()]
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
-    eager = set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
     try:
-        for module, _ in flags:
-            module.training = False
-        with torch.no_grad(), eager:
+        # Called, set_stance takes effect at once: made where the with statement undoes it.
+        with (
+            torch.no_grad(),
+            set_stance("force_eager") if set_stance is not None else contextlib.nullcontext(),
+        ):
+            for module, _ in flags:
+                module.training = False
             yield
     finally:
         for module, flag in flags:
@@ -130,6 +153,7 @@ class ActivationCapture:
         self.batches = check_calibration(calibration)
         self.substitutes: dict[nn.Module, nn.Module] = {}
         self._calls: dict[nn.Module, int] = {}
+        self._batch_count = 0  # counted by order
 
     def calls(self, module: nn.Module) -> int:
         """How often ``module`` is called in one pass, at most (counted by :meth:`order`)."""
@@ -157,16 +181,20 @@ class ActivationCapture:
     def order(self, modules: Sequence[nn.Module], names: Sequence[str]) -> list[int]:
         """The forward order of ``modules``; checks that the calibration data call each one.
 
-        One pass over every batch: the order is that of the first calls, and each module's
-        count of calls per batch is the largest over the batches (a layer may be called a
-        different number of times, or not at all, depending on the batch).
+        One pass over every batch. A module comes after every module called before it in
+        some batch, so that each layer is fitted to the inputs the converted layers before
+        it produce, even where batches take different paths (a text batch and an image
+        batch through their own encoders into one head); among modules so unordered, and
+        where batches disagree on the order, the earlier first call comes first. Each
+        module's count of calls per batch is the largest over the batches (a layer may be
+        called a different number of times, or not at all, depending on the batch).
 
         Args:
             modules: The layers to convert.
             names: Their names, for messages.
 
         Returns:
-            Indices into ``modules``, in the order of their first call.
+            Indices into ``modules``, in forward order.
 
         Raises:
             ValueError: If the batch fails in the model, or a module is never called.
@@ -174,9 +202,14 @@ class ActivationCapture:
         first: dict[nn.Module, int] = {}
         calls: dict[nn.Module, int] = dict.fromkeys(modules, 0)
         most: dict[nn.Module, int] = dict.fromkeys(modules, 0)
+        after: dict[nn.Module, set[nn.Module]] = {module: set() for module in modules}
+        called: list[nn.Module] = []  # this batch's modules, in the order of their first calls
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             first.setdefault(module, len(first))
+            if not calls[module]:
+                after[module].update(called)
+                called.append(module)
             calls[module] += 1
 
         index = -1
@@ -185,6 +218,7 @@ class ActivationCapture:
             for module, count in calls.items():
                 most[module] = max(most[module], count)
                 calls[module] = 0
+            called.clear()
         if index < 0:
             raise ValueError("the calibration data hold no batches (an empty DataLoader?).")
         missing = [name for module, name in zip(modules, names, strict=True) if module not in first]
@@ -195,7 +229,19 @@ class ActivationCapture:
                 + "; exclude them with filter_fn, or pass inputs that use them."
             )
         self._calls = most
-        return sorted(range(len(modules)), key=lambda k: first[modules[k]])
+        self._batch_count = index + 1
+        remaining = sorted(range(len(modules)), key=lambda k: first[modules[k]])
+        placed: set[nn.Module] = set()
+        ordered: list[int] = []
+        while remaining:
+            # The earliest first call whose predecessors are all placed; if none is free
+            # (batches that call two layers in opposite orders), the earliest first call.
+            ready = [k for k in remaining if after[modules[k]] <= placed]
+            k = ready[0] if ready else remaining[0]
+            remaining.remove(k)
+            placed.add(modules[k])
+            ordered.append(k)
+        return ordered
 
     def _inputs(
         self, index: int, batch: object, target: nn.Module, substitute: bool
@@ -262,13 +308,22 @@ class ActivationCapture:
                 passes over one batch disagree in shape.
         """
         stats = ActivationStatistics(in_features, paired=paired, device=device)
+        count = 0
         for index, batch in enumerate(self.batches):
+            count = index + 1
             try:
                 self._accumulate(stats, index, batch, target, paired)
             except ValueError as error:
                 if str(error).startswith("calibration batch"):
                     raise
                 raise ValueError(f"calibration batch {index}: {error}") from error
+        if self._batch_count and count != self._batch_count:
+            raise ValueError(
+                f"calibration yielded {self._batch_count} batches in its first pass and "
+                f"{count} in a later one: it is run once per layer and must yield the same "
+                "batches every time (an iterable whose __iter__ hands out one generator "
+                "cannot). Pass a list of batches."
+            )
         return stats
 
     def _accumulate(
@@ -289,9 +344,17 @@ class ActivationCapture:
         if (x is None) != (reference is None) or (
             x is not None and reference is not None and x.shape != reference.shape
         ):
+
+            def rows(inputs: torch.Tensor | None) -> int:
+                return 0 if inputs is None else int(inputs.shape[0])
+
             raise ValueError(
-                "the model's activations differ in shape between two passes over the same "
-                "calibration batch; calibration needs a deterministic forward pass."
+                f"the layer received {rows(reference)} input rows from the original model and "
+                f"{rows(x)} with the layers before it converted. Which rows reach it depends "
+                "on those layers' outputs (routing, as in a mixture of experts, or a "
+                "data-dependent loop), or the forward pass is not deterministic. Convert it "
+                "in a tensorize_ call of its own, after the layers before it (filter_fn), or "
+                "leave it out."
             )
         if x is not None:
             stats.update(x, reference)

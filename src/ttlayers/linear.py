@@ -400,30 +400,33 @@ class TTLinear(nn.Module):
                 "bias is on the meta device, which holds no values to copy; the cores are "
                 f"on {cores[0].device}."
             )
-        # The cores and bias are overwritten below, so the layer draws no initial values: a
-        # conversion leaves the dropout masks and initial weights that come after it as they
-        # were. (Not built on the meta device: a subclass's own parameters and buffers need
-        # the values its __init__ gives them.)
-        token = _OVERWRITTEN.set(True)
-        try:
-            layer = cls(
-                math.prod(in_modes),
-                out_features,
-                rank=ranks[1:-1],
-                in_modes=in_modes,
-                out_modes=out_modes,
-                bias=bias is not None,
-                device=cores[0].device,
-                dtype=cores[0].dtype,
-            )
-        finally:
-            _OVERWRITTEN.reset(token)
-        with torch.no_grad():
-            for param, core in zip(layer.cores, cores, strict=True):
-                param.copy_(core)
-            if bias is not None:
-                assert layer.bias is not None
-                layer.bias.copy_(bias)
+        # Ordinary tensors even inside torch.inference_mode(): a converted layer is meant to
+        # be fine-tuned, and an optimizer step on inference tensors raises.
+        with torch.inference_mode(False):
+            # The cores and bias are overwritten below, so the layer draws no initial values:
+            # a conversion leaves the dropout masks and initial weights that come after it as
+            # they were. (Not built on the meta device: a subclass's own parameters and
+            # buffers need the values its __init__ gives them.)
+            token = _OVERWRITTEN.set(True)
+            try:
+                layer = cls(
+                    math.prod(in_modes),
+                    out_features,
+                    rank=ranks[1:-1],
+                    in_modes=in_modes,
+                    out_modes=out_modes,
+                    bias=bias is not None,
+                    device=cores[0].device,
+                    dtype=cores[0].dtype,
+                )
+            finally:
+                _OVERWRITTEN.reset(token)
+            with torch.no_grad():
+                for param, core in zip(layer.cores, cores, strict=True):
+                    param.copy_(core)
+                if bias is not None:
+                    assert layer.bias is not None
+                    layer.bias.copy_(bias)
         return layer
 
     @classmethod
@@ -646,9 +649,12 @@ class TTLinear(nn.Module):
                     # A gradient of the old shape goes: the next backward pass would fail
                     # to accumulate into it.
                     if param.shape != tensor.shape:
-                        param.data = torch.empty(
-                            tensor.shape, dtype=param.dtype, device=param.device
-                        )
+                        # Not an inference tensor under torch.inference_mode(): the
+                        # parameter stays trainable, as one loaded in place does.
+                        with torch.inference_mode(False):
+                            param.data = torch.empty(
+                                tensor.shape, dtype=param.dtype, device=param.device
+                            )
                         param.grad = None
                 # A new container around the same Parameters, so torch.compile notices the new
                 # shapes: Dynamo before pytorch/pytorch#177525 (torch 2.11 for one) skips the

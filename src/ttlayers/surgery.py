@@ -1221,7 +1221,11 @@ def load_tensorized_(
         # The initial cores are overwritten by the checkpoint: the global random number
         # generators are put back, as load_state_dict leaves them.
         device = reference.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # Ordinary tensors inside torch.inference_mode() too, as the layers being replaced.
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.inference_mode(False),
+        ):
             layer = TTLinear(
                 sizes[0],
                 sizes[1],
