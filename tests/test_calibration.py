@@ -963,6 +963,65 @@ def _captured(model, layer, batches):
         return capture.statistics(layer, layer.in_features, torch.device("cpu"), paired=False)
 
 
+def test_list_batches_from_a_tensor_dataset_loader_are_positional_arguments():
+    # DataLoader(TensorDataset(x)) yields each batch as a list [x_batch], run as model(*batch)
+    # like a tuple; run as model([x]) it fails in nn.Linear, and no test had a non-empty such
+    # loader (a mutation audit). Both sides float64 sums of the same 64 rows: 1e-12.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x = calibration_data(n=64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=16)
+    assert all(isinstance(batch, list) for batch in loader)
+    stats = _captured(model, model[0], loader)
+    assert stats.count == 64
+    torch.testing.assert_close(stats.input_gram, x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_a_pass_for_a_layer_called_once_stops_after_that_call():
+    # Capturing an early layer's inputs costs only the front of the model (the module's
+    # docstring); a mutation that never stopped gave the same statistics at the whole
+    # model's cost. Counted by a hook on the last layer; 1e-12 as above.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    batches = [calibration_data(n=32), calibration_data(n=16, seed=2)]
+    capture = ActivationCapture(model, batches)
+    later = []
+    with capture.session():
+        capture.order([model[0]], ["first"])
+        handle = model[2].register_forward_hook(lambda *_: later.append(1))
+        try:
+            stats = capture.statistics(model[0], 16, torch.device("cpu"), paired=False)
+        finally:
+            handle.remove()
+    assert later == []
+    rows = torch.cat(batches)
+    assert stats.count == 48
+    torch.testing.assert_close(stats.input_gram, rows.T @ rows, rtol=1e-12, atol=1e-12)
+
+
+def test_a_batch_that_fails_in_a_later_pass_is_named_once():
+    # The pass names the batch ("calibration batch 0 failed ..."); statistics() must not
+    # name it again ("calibration batch 0: calibration batch 0 failed ...").
+    class FailsLater(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("boom")
+            return self.a(x)
+
+    model = FailsLater().double()
+    capture = ActivationCapture(model, [calibration_data(n=8)])
+    with capture.session():
+        capture.order([model.a], ["a"])
+        with pytest.raises(ValueError, match=r"^calibration batch 0 failed .*RuntimeError: boom"):
+            capture.statistics(model.a, 16, torch.device("cpu"), paired=False)
+
+
 def test_inputs_changed_in_place_after_a_call_are_captured_as_the_layer_saw_them():
     # A cell run twice on a residual stream updated in place: the first call's input is
     # changed by `h += ...` before the second call. Before, the statistics kept a view of it

@@ -733,6 +733,65 @@ def test_one_storage_keeps_a_bounded_number_of_entries():
     assert slot is not None and len(slot[0]) == _PLACES_PER_STORAGE
 
 
+def _twoblock_plans(batch, in_modes, out_modes, ranks):
+    plans = all_plans(batch, in_modes, out_modes, ranks)
+    return [plan for plan in plans if plan.kind == "twoblock"]
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes", "rank"), [CASES[1], CASES[3]])
+# 1: the one-row products; 2 and 5: the batched ones, in 3 chunks (one empty, or unequal).
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_two_block_output_under_autograd_matches_the_dense_reference(
+    in_modes, out_modes, rank, batch, bias
+):
+    # Without gradients tt_linear takes the inference path, so TwoBlockProduct's own output
+    # is checked only where an input requires grad; the gradient tests' losses are linear in
+    # y, whose gradients do not depend on its value. A mutation audit dropped the bias of
+    # the one-row product and of the chunked products: only a rare Hypothesis draw saw it.
+    # float64, 1e-12 as test_every_plan_matches_dense_reference_float64.
+    cores = [c.requires_grad_() for c in make_cores(in_modes, out_modes, rank)]
+    _, _, ranks = core_shapes(cores)
+    b = torch.randn(math.prod(out_modes), dtype=torch.float64) if bias else None
+    x = torch.randn(batch, math.prod(in_modes), dtype=torch.float64)
+    expected = x @ reference_weight([c.detach() for c in cores]).T + (0 if b is None else b)
+    for plan in _twoblock_plans(batch, in_modes, out_modes, ranks):
+        y = tt_linear(x, cores, b, plan=plan)
+        assert y.requires_grad, plan
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12, msg=str(plan))
+
+
+@pytest.mark.parametrize("trains", ["first", "second"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_one_block_trained_alone_gets_its_reference_gradient_in_every_plan(trains, batch):
+    # Only the cores of one block require grad (a frozen half). A mutation audit swapped
+    # need_first and need_second (no gradient for the trained block) and left out the
+    # recomputed Z of the chunked dS-from-Z loop when only dS is asked for (a zero
+    # gradient): only the profiler's operator counts, skipped without torch.profiler, saw
+    # either. float64, 1e-11 as the other reference-gradient tests.
+    in_modes, out_modes, rank = (2, 3, 5), (5, 1, 3), 4
+    cores0 = make_cores(in_modes, out_modes, rank)
+    _, _, ranks = core_shapes(cores0)
+    x = torch.randn(batch, math.prod(in_modes), dtype=torch.float64)
+    grad_y = torch.randn(batch, math.prod(out_modes), dtype=torch.float64)
+    reference = [c.clone().requires_grad_() for c in cores0]
+    (x @ reference_weight(reference).T).backward(grad_y)
+    for plan in _twoblock_plans(batch, in_modes, out_modes, ranks):
+        # The block that meets the input first: cores[:split] when the left one does.
+        meets_input = set(range(plan.split) if plan.first == "left" else range(plan.split, 3))
+        wanted = meets_input if trains == "first" else set(range(3)) - meets_input
+        cores = [c.clone().requires_grad_(k in wanted) for k, c in enumerate(cores0)]
+        tt_linear(x, cores, plan=plan).backward(grad_y)
+        for k, (core, ref) in enumerate(zip(cores, reference, strict=True)):
+            if k in wanted:
+                assert core.grad is not None, (k, plan)
+                torch.testing.assert_close(
+                    core.grad, ref.grad, rtol=1e-11, atol=1e-12, msg=f"core {k}, {plan}"
+                )
+            else:
+                assert core.grad is None, (k, plan)
+
+
 def test_threads_change_the_cache_of_one_storage_one_at_a_time():
     # Serving threads share the cache. Dropping the oldest of a storage's entries reads its
     # first key, then deletes it: two threads could drop the same key (a KeyError out of
