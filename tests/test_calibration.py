@@ -359,18 +359,22 @@ def test_fit_rejects_bad_options(kwargs, kind, match):
     ("ridge", "scale", "match"),
     [
         # ridge times the inputs' mean square (1e20) is already past float64.
-        (1e300, 1e10, r"ridge=1e\+300 is too large"),
+        (1e300, 1e10, r"ridge term overflows float64: ridge=1e\+300 .*; lower ridge"),
         # The ridge term fits in float64, the whitened target it leads to does not.
-        (1.7e308, 1.0, r"weighted fit overflows float64 \(ridge=1\.7e\+308"),
+        (1.7e308, 1.0, r"weighted fit overflows float64 \(ridge=1\.7e\+308.*; lower ridge"),
+        # At a useful ridge the inputs and the weight are at fault (1e300 times 1e12).
+        (1e-3, 1e150, r"ridge term overflows float64: ridge=0\.001 .*; scale the calibration"),
     ],
 )
 def test_a_ridge_too_large_for_float64_is_named(ridge, scale, match):
     # Finite and non-negative, so accepted as an option; the error had blamed the data
-    # ("scale the calibration data down") or the weight ("matrix holds NaN or Inf").
+    # ("scale the calibration data down") or the weight ("matrix holds NaN or Inf") whatever
+    # the ridge, and then the ridge whatever the data.
     torch.manual_seed(0)
     stats = ActivationStatistics.from_inputs(torch.randn(300, 64, dtype=F64) * scale)
     with pytest.raises(ValueError, match=match):
-        fit_tt(torch.randn(32, 64, dtype=F64) / 8, stats, (8, 8), (4, 8), rank=3, ridge=ridge)
+        weight = torch.randn(32, 64, dtype=F64) * (1e12 if ridge < 1 else 1 / 8)
+        fit_tt(weight, stats, (8, 8), (4, 8), rank=3, ridge=ridge)
 
 
 def test_fit_takes_numpy_integers_as_tensorize_does():
@@ -1477,6 +1481,61 @@ def test_layers_called_in_opposite_orders_by_two_batches_keep_the_first_calls_or
         capture = ActivationCapture(model, batches)
         with capture.session():
             assert capture.order([model.b, model.a], ["b", "a"]) == expected
+
+
+def test_a_conflict_between_two_layers_does_not_move_a_third():
+    # Batches: z alone; x, y, z; y, x. x and y conflict; z follows both in the second batch.
+    # Picking the earliest first call when nothing was free put z first (a review).
+    class Three(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.x, self.y, self.z = (nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, h):
+            if h.shape[0] == 1:
+                return self.z(h)
+            if h.shape[0] == 2:
+                return self.z(self.y(self.x(h)))
+            return self.x(self.y(h))
+
+    model = Three()
+    capture = ActivationCapture(model, [torch.randn(1, 4), torch.randn(2, 4), torch.randn(3, 4)])
+    with capture.session():
+        assert capture.order([model.z, model.y, model.x], ["z", "y", "x"]) == [2, 1, 0]
+
+
+def test_the_order_of_thousands_of_layers_in_one_chain():
+    # 4,000 layers in a chain: the search for layers that precede one another runs without
+    # recursion (a recursive one would pass Python's limit of 1,000 frames). The order is
+    # the chain's; the layers are listed backwards so that it is not the order given.
+    chain = nn.Sequential(*(nn.Identity() for _ in range(4000)))
+    capture = ActivationCapture(chain, [torch.randn(2, 3), torch.randn(1, 3)])
+    modules = list(chain)[::-1]
+    with capture.session():
+        order = capture.order(modules, [str(k) for k in range(4000)])
+    assert order == list(range(3999, -1, -1))
+
+
+def test_a_tensor_passed_twice_stays_one_and_nested_tensors_are_copied():
+    # The copy of each pass kept top-level tensors only, and copied a tensor given twice
+    # into two: nn.MultiheadAttention, say, takes another path when query is not key.
+    seen = []
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, query, key, extra):
+            seen.append(query is key)
+            extra[0][0].mul_(2.0)  # in place, inside a nested list
+            return self.a(query + key)
+
+    x, y = torch.randn(8, 4), torch.ones(2)
+    model = Pair()
+    tensorize_(model, rank=1, calibration=[(x, x, [[y]])], filter_fn=lambda m, n: True)
+    assert seen and all(seen)
+    assert torch.equal(y, torch.ones(2))
 
 
 def test_calibration_that_yields_fewer_batches_in_a_later_pass_is_a_clear_error():

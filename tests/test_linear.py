@@ -703,6 +703,53 @@ def test_from_cores_draws_nothing_and_puts_back_nothing():
         assert torch.equal(core, want)
 
 
+def test_from_cores_skips_the_initialization_of_its_own_layer_only():
+    # The skip was first taken by whichever TTLinear was built first: a helper a subclass
+    # builds before super().__init__() kept torch.empty's memory (entries up to 5e19 in a
+    # review) while the layer itself drew. And a subclass's own reset_parameters, which may
+    # set up more than the cores, is still called.
+    class HelperFirst(TTLinear):
+        def __init__(self, *args, **kwargs):
+            helper = TTLinear(8, 8, rank=2, num_cores=2)
+            super().__init__(*args, **kwargs)
+            self.helper = helper
+
+    class Gated(TTLinear):
+        def reset_parameters(self):
+            super().reset_parameters()
+            self.gate = 0.5
+
+    layer = HelperFirst(64, 32, 4)
+    torch.manual_seed(0)
+    made = HelperFirst.from_cores(layer.cores, layer.bias)
+    torch.manual_seed(0)
+    expected = TTLinear(8, 8, rank=2, num_cores=2)  # the helper's draws, and only those
+    for core, want in zip(made.helper.cores, expected.cores, strict=True):
+        assert torch.equal(core, want)
+    assert torch.equal(made.helper.bias, expected.bias)
+    gated = Gated(64, 32, 4)
+    for new in (Gated.from_cores(gated.cores, gated.bias), gated.round(rank=2)):
+        assert new.gate == 0.5
+
+
+def test_from_cores_keeps_grad_mode_inside_inference_mode_and_no_grad():
+    # Leaving inference mode (for tensors that can be trained) turns grad mode on: a
+    # subclass's __init__ would then record graphs from its parameters.
+    seen = []
+
+    class Recording(TTLinear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(torch.is_grad_enabled())
+
+    layer = Recording(64, 32, 4)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            made = Recording.from_cores(layer.cores, layer.bias)
+        assert not made.cores[0].is_inference()
+    assert seen == [True, False, False]
+
+
 def test_to_linear_and_round_keep_mode_and_flags_and_draw_nothing():
     # Before, both returned trainable parameters from a frozen layer, and to_linear a layer
     # in training mode from one in eval mode; to_linear drew a random init to overwrite.

@@ -453,11 +453,17 @@ def weighted_problem(
     # Scale-free ridge; the floor keeps an all-zero input layer well-posed.
     mean_square = max(float(torch.diagonal(c_xx).mean()), 0.0)
     delta = ridge * mean_square
-    if not math.isfinite(delta) or not math.isfinite(delta * float(w.abs().max())):
+    largest = float(w.abs().max())
+    # Past about 10 the ridge is what is too large; below, the data or the weight are.
+    remedy = (
+        "lower ridge (useful values lie between 0 and about 10)"
+        if ridge > 10
+        else "scale the calibration data down"
+    )
+    if not math.isfinite(delta) or not math.isfinite(delta * largest):
         raise ValueError(
-            f"ridge={ridge:g} is too large: the ridge term (ridge times the inputs' mean square, "
-            f"{mean_square:.3g}, times the weight) overflows float64. Useful values lie between "
-            "0 and about 10."
+            f"the ridge term overflows float64: ridge={ridge:g} times the inputs' mean square "
+            f"({mean_square:.3g}) times the weight's largest entry ({largest:.3g}); {remedy}."
         )
     delta = max(delta, torch.finfo(_FLOAT).eps * float(torch.diagonal(c_xx).abs().max()), 1e-300)
     eye = torch.eye(in_features, dtype=_FLOAT, device=device)
@@ -490,8 +496,7 @@ def weighted_problem(
     if not bool(torch.isfinite(target).all()):
         raise ValueError(
             f"the weighted fit overflows float64 (ridge={ridge:g}, the inputs' mean square "
-            f"{mean_square:.3g}): lower ridge (useful values lie between 0 and about 10) or "
-            "scale the calibration data down."
+            f"{mean_square:.3g}, the weight's largest entry {largest:.3g}); {remedy}."
         )
     return WeightedProblem(
         in_modes=modes,
@@ -890,6 +895,8 @@ def fit_tt(
     if half:
         plain = returned(plain)
         plain_dense = tt_to_dense(plain)
+    # (TT-SVD cores of a finite weight, given equal norms, stay finite in every dtype: the
+    # start is always scored.)
     best_name, best_cores, best_dense, best_bias = "tt-svd", plain, plain_dense, b
     start_sq = best_sq = math.inf
     for name, cores in candidates:

@@ -4,8 +4,9 @@ The model is never modified: converted layers are substituted during a pass by a
 hook on the original module that returns the converted layer's output instead, and every
 hook is removed, and every module's training flag restored, when the pass ends (also on
 error). Passes run under ``torch.no_grad()`` in eval mode, so dropout is off and batch-norm
-statistics are not updated; each gets its own copy of the batch's tensors. (State a model
-keeps in its forward pass itself, a call counter or a cache, sees every pass.)
+statistics are not updated; each gets its own copy of the batch's tensors (those in its
+tuples, lists and dicts). State a model keeps in its forward pass itself, a call counter or
+a cache, sees every pass.
 
 A pass for a layer that every batch calls once stops right after that call (by an exception
 caught here), so capturing the inputs of an early layer costs only the front of the model. A
@@ -16,6 +17,7 @@ are copied, as the model may change them in place after the call.
 from __future__ import annotations
 
 import contextlib
+import heapq
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -92,20 +94,111 @@ def check_calibration(calibration: object) -> Iterable[Any]:
     return calibration
 
 
-def _copy(value: object) -> object:
-    return value.clone() if isinstance(value, torch.Tensor) else value
+def _forward_order(
+    before: Mapping[nn.Module, set[nn.Module]], first: Mapping[nn.Module, int]
+) -> list[nn.Module]:
+    """The modules, each after its predecessors in ``before``; else by ``first`` (first calls).
+
+    Modules that precede one another, directly or through others (batches that call two of
+    them in opposite orders), form one group, ordered by first call within; the groups are
+    ordered so that each comes after those it depends on, the earliest first call first
+    among those ready (Tarjan's strongly connected components, then Kahn's algorithm).
+    """
+    after: dict[nn.Module, list[nn.Module]] = {module: [] for module in before}
+    for module, predecessors in before.items():
+        for predecessor in predecessors:
+            after[predecessor].append(module)
+    # Tarjan's algorithm, iterative: hundreds of layers would pass Python's recursion limit.
+    number: dict[nn.Module, int] = {}
+    low: dict[nn.Module, int] = {}
+    stack: list[nn.Module] = []
+    on_stack: set[nn.Module] = set()
+    group_of: dict[nn.Module, int] = {}
+    groups: list[list[nn.Module]] = []
+    for root in sorted(before, key=first.__getitem__):
+        if root in number:
+            continue
+        work = [(root, iter(after[root]))]
+        number[root] = low[root] = len(number)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            module, successors = work[-1]
+            successor = next(successors, None)
+            if successor is None:
+                work.pop()
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[module])
+                if low[module] == number[module]:
+                    group: list[nn.Module] = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        group_of[member] = len(groups)
+                        group.append(member)
+                        if member is module:
+                            break
+                    groups.append(sorted(group, key=first.__getitem__))
+            elif successor not in number:
+                number[successor] = low[successor] = len(number)
+                stack.append(successor)
+                on_stack.add(successor)
+                work.append((successor, iter(after[successor])))
+            elif successor in on_stack:
+                low[module] = min(low[module], number[successor])
+    waiting = [0] * len(groups)
+    later: list[set[int]] = [set() for _ in groups]
+    for module, following in after.items():
+        for successor in following:
+            g, h = group_of[module], group_of[successor]
+            if g != h and h not in later[g]:
+                later[g].add(h)
+                waiting[h] += 1
+    ready = [(first[group[0]], g) for g, group in enumerate(groups) if not waiting[g]]
+    heapq.heapify(ready)
+    ordered: list[nn.Module] = []
+    while ready:
+        _, g = heapq.heappop(ready)
+        ordered.extend(groups[g])
+        for h in later[g]:
+            waiting[h] -= 1
+            if not waiting[h]:
+                heapq.heappush(ready, (first[groups[h][0]], h))
+    return ordered
+
+
+def _copy(value: object, copies: dict[int, torch.Tensor]) -> object:
+    """``value`` with every tensor in it cloned (in tuples, lists and dicts, nested).
+
+    ``copies`` maps a tensor's id to its copy: a tensor passed twice (``model(x, x)``) stays
+    one tensor, which a model may check (``query is key``).
+    """
+    if isinstance(value, torch.Tensor):
+        copy = copies.get(id(value))
+        if copy is None:
+            copy = copies[id(value)] = value.clone()
+        return copy
+    if type(value) is tuple:
+        return tuple(_copy(item, copies) for item in value)
+    if type(value) is list:
+        return [_copy(item, copies) for item in value]
+    if type(value) is dict:
+        return {key: _copy(item, copies) for key, item in value.items()}
+    return value  # other containers (a named tuple, say) as they are
 
 
 def _call(model: nn.Module, batch: object) -> None:
     # Every pass gets its own copy of the batch's tensors: a model that changes its input in
     # place (x /= 255) would otherwise change the batch for the passes after, and the
     # caller's data with it.
+    copies: dict[int, torch.Tensor] = {}
     if isinstance(batch, Mapping):
-        model(**{key: _copy(value) for key, value in batch.items()})
+        model(**{key: _copy(value, copies) for key, value in batch.items()})
     elif isinstance(batch, (tuple, list)):
-        model(*(_copy(value) for value in batch))
+        model(*(_copy(value, copies) for value in batch))
     else:
-        model(_copy(batch))
+        model(_copy(batch, copies))
 
 
 @contextlib.contextmanager
@@ -202,14 +295,17 @@ class ActivationCapture:
         first: dict[nn.Module, int] = {}
         calls: dict[nn.Module, int] = dict.fromkeys(modules, 0)
         most: dict[nn.Module, int] = dict.fromkeys(modules, 0)
-        after: dict[nn.Module, set[nn.Module]] = {module: set() for module in modules}
-        called: list[nn.Module] = []  # this batch's modules, in the order of their first calls
+        # A module's predecessors: the module first called just before it in some batch (the
+        # chains of these give every "called before it" without storing them all).
+        before: dict[nn.Module, set[nn.Module]] = {module: set() for module in modules}
+        previous: list[nn.Module] = []  # this batch's latest module first called
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             first.setdefault(module, len(first))
             if not calls[module]:
-                after[module].update(called)
-                called.append(module)
+                if previous:
+                    before[module].add(previous[0])
+                previous[:] = [module]
             calls[module] += 1
 
         index = -1
@@ -218,7 +314,7 @@ class ActivationCapture:
             for module, count in calls.items():
                 most[module] = max(most[module], count)
                 calls[module] = 0
-            called.clear()
+            previous.clear()
         if index < 0:
             raise ValueError("the calibration data hold no batches (an empty DataLoader?).")
         missing = [name for module, name in zip(modules, names, strict=True) if module not in first]
@@ -230,18 +326,9 @@ class ActivationCapture:
             )
         self._calls = most
         self._batch_count = index + 1
-        remaining = sorted(range(len(modules)), key=lambda k: first[modules[k]])
-        placed: set[nn.Module] = set()
-        ordered: list[int] = []
-        while remaining:
-            # The earliest first call whose predecessors are all placed; if none is free
-            # (batches that call two layers in opposite orders), the earliest first call.
-            ready = [k for k in remaining if after[modules[k]] <= placed]
-            k = ready[0] if ready else remaining[0]
-            remaining.remove(k)
-            placed.add(modules[k])
-            ordered.append(k)
-        return ordered
+        ordered = _forward_order(before, first)
+        position = {module: k for k, module in enumerate(ordered)}
+        return sorted(range(len(modules)), key=lambda k: position[modules[k]])
 
     def _inputs(
         self, index: int, batch: object, target: nn.Module, substitute: bool

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -34,13 +35,29 @@ __all__ = ["TTLinear"]
 _CORE_NAMES = tuple(str(k) for k in range(64))
 
 
-# Set by from_cores for the one layer it builds, whose cores and bias it then overwrites:
-# that layer draws no initial values. Per thread (a context variable): the global random
-# number generators are left alone, where putting their state back afterwards
+# The layer from_cores is building, whose cores and bias it then overwrites: that layer
+# draws no initial values. Per thread (a context variable): the global random number
+# generators are left alone, where putting their state back afterwards
 # (torch.random.fork_rng) would also rewind what other threads drew meanwhile.
-_OVERWRITTEN: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "ttlayers_overwritten", default=False
+_OVERWRITTEN: contextvars.ContextVar[object] = contextvars.ContextVar(
+    "ttlayers_overwritten", default=None
 )
+
+
+@contextlib.contextmanager
+def ordinary_tensors() -> Iterator[None]:
+    """Tensors made inside are ordinary ones, also under ``torch.inference_mode()``.
+
+    Layers a conversion or a load makes are meant to be trained, and an optimizer step on
+    inference tensors raises. Grad mode stays off, as inference mode had it (leaving
+    inference mode alone would turn it on); outside inference mode nothing changes.
+    """
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
 
 _WEIGHT_IS_COMPUTED = (
     "TTLinear.weight is computed from the cores and cannot be assigned; build a layer from the "
@@ -168,9 +185,12 @@ class TTLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.conversion_error = None
-        if _OVERWRITTEN.get():
-            _OVERWRITTEN.set(False)  # a TTLinear a subclass builds in its __init__ is drawn
-        else:
+        # Skipped only for the layer from_cores builds, and only if reset_parameters is this
+        # class's: a subclass's own may initialize more than the cores and the bias.
+        if (
+            _OVERWRITTEN.get() is not self
+            or type(self).reset_parameters is not TTLinear.reset_parameters
+        ):
             self.reset_parameters()
 
     @property
@@ -400,16 +420,15 @@ class TTLinear(nn.Module):
                 "bias is on the meta device, which holds no values to copy; the cores are "
                 f"on {cores[0].device}."
             )
-        # Ordinary tensors even inside torch.inference_mode(): a converted layer is meant to
-        # be fine-tuned, and an optimizer step on inference tensors raises.
-        with torch.inference_mode(False):
+        with ordinary_tensors():
             # The cores and bias are overwritten below, so the layer draws no initial values:
             # a conversion leaves the dropout masks and initial weights that come after it as
             # they were. (Not built on the meta device: a subclass's own parameters and
             # buffers need the values its __init__ gives them.)
-            token = _OVERWRITTEN.set(True)
+            layer = cls.__new__(cls)
+            token = _OVERWRITTEN.set(layer)
             try:
-                layer = cls(
+                layer.__init__(  # type: ignore[misc]
                     math.prod(in_modes),
                     out_features,
                     rank=ranks[1:-1],
@@ -649,9 +668,9 @@ class TTLinear(nn.Module):
                     # A gradient of the old shape goes: the next backward pass would fail
                     # to accumulate into it.
                     if param.shape != tensor.shape:
-                        # Not an inference tensor under torch.inference_mode(): the
-                        # parameter stays trainable, as one loaded in place does.
-                        with torch.inference_mode(False):
+                        # Trainable after a load inside inference mode, as a parameter
+                        # loaded in place is.
+                        with ordinary_tensors():
                             param.data = torch.empty(
                                 tensor.shape, dtype=param.dtype, device=param.device
                             )

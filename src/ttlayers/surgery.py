@@ -46,7 +46,7 @@ from ttlayers.calibration import DEFAULT_RIDGE, check_ridge, fit_tt
 from ttlayers.capture import ActivationCapture
 from ttlayers.contraction import core_shapes
 from ttlayers.decomposition import check_eps
-from ttlayers.linear import TTLinear
+from ttlayers.linear import TTLinear, ordinary_tensors
 from ttlayers.shapes import num_parameters, suggest_modes, validate_modes
 
 __all__ = ["LayerReport", "SkippedLayer", "TensorizeReport", "load_tensorized_", "tensorize_"]
@@ -1221,10 +1221,9 @@ def load_tensorized_(
         # The initial cores are overwritten by the checkpoint: the global random number
         # generators are put back, as load_state_dict leaves them.
         device = reference.device
-        # Ordinary tensors inside torch.inference_mode() too, as the layers being replaced.
         with (
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-            torch.inference_mode(False),
+            ordinary_tensors(),
         ):
             layer = TTLinear(
                 sizes[0],
