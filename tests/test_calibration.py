@@ -9,6 +9,7 @@ sums of a few hundred rows); "exact" recoveries are checked at 1e-6.
 import copy
 import itertools
 import math
+import random
 import warnings
 
 import numpy as np
@@ -24,7 +25,7 @@ from ttlayers.calibration import (
     fit_tt,
     weighted_problem,
 )
-from ttlayers.capture import ActivationCapture
+from ttlayers.capture import ActivationCapture, _forward_order
 from ttlayers.decomposition import cast_cores
 
 F64 = torch.float64
@@ -1502,6 +1503,38 @@ def test_a_conflict_between_two_layers_does_not_move_a_third():
     capture = ActivationCapture(model, [torch.randn(1, 4), torch.randn(2, 4), torch.randn(3, 4)])
     with capture.session():
         assert capture.order([model.z, model.y, model.x], ["z", "y", "x"]) == [2, 1, 0]
+
+
+def test_forward_order_against_the_transitive_closure_of_random_call_sequences():
+    # Random batches, each calling a random sequence of up to 7 modules; `before` holds the
+    # module first called just before each, as order() records it. Checked against the
+    # closure by brute force: every module exactly once; a module that precedes another
+    # without the converse (not in a cycle with it) comes first; modules in one cycle
+    # follow their first calls.
+    rng = random.Random(0)
+    for _ in range(500):
+        pool = [nn.Identity() for _ in range(rng.randint(1, 7))]
+        first, before = {}, {}
+        for _ in range(rng.randint(1, 4)):
+            calls = rng.sample(pool, rng.randint(1, len(pool)))
+            for module in calls:
+                first.setdefault(module, len(first))
+                before.setdefault(module, set())
+            for earlier, later in itertools.pairwise(calls):
+                before[later].add(earlier)
+        reach = {module: set(predecessors) for module, predecessors in before.items()}
+        for _ in before:  # closure: at most len(before) rounds
+            for module in reach:
+                reach[module] |= set().union(*(reach[p] for p in reach[module]))
+        ordered = _forward_order(before, first)
+        assert sorted(map(id, ordered)) == sorted(map(id, before))
+        position = {module: k for k, module in enumerate(ordered)}
+        for module, predecessors in reach.items():
+            for p in predecessors - {module}:
+                if module not in reach[p]:
+                    assert position[p] < position[module]
+                else:
+                    assert (position[p] < position[module]) == (first[p] < first[module])
 
 
 def test_the_order_of_thousands_of_layers_in_one_chain():
