@@ -863,6 +863,29 @@ def test_load_tensorized_loads_plain_checkpoints_and_lazy_layers():
     torch.testing.assert_close(lazy(x), model(x), rtol=0, atol=0)
 
 
+def test_load_tensorized_initializes_nothing_it_loads(monkeypatch):
+    # Its layers had drawn initial values inside torch.random.fork_rng, whose restore also
+    # rewinds other threads' draws; every core comes from the checkpoint and every bias from
+    # the layer replaced, so none is drawn. A lazy layer's bias, which has no values yet,
+    # is 0 where a non-strict checkpoint lacks it.
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 48))
+    tensorize_(model, rank=4)
+    state = model.state_dict()
+    calls = []
+    monkeypatch.setattr(TTLinear, "reset_parameters", lambda self: calls.append(self))
+    plain = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 48))
+    rng = torch.get_rng_state()
+    load_tensorized_(plain, state)
+    assert torch.equal(torch.get_rng_state(), rng)
+    lazy = nn.Sequential(nn.LazyLinear(64), nn.ReLU(), nn.LazyLinear(48))
+    del state["2.bias"]
+    load_tensorized_(lazy, state, strict=False)
+    assert calls == []
+    assert torch.equal(lazy[2].bias, torch.zeros(48))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+
+
 def test_load_tensorized_non_strict_keeps_the_biases_a_checkpoint_lacks():
     # load_state_dict(strict=False) keeps every value the checkpoint lacks; a layer rebuilt as
     # a TTLinear keeps its bias too, instead of a freshly initialized one.

@@ -7,7 +7,7 @@ import contextvars
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -35,10 +35,10 @@ __all__ = ["TTLinear"]
 _CORE_NAMES = tuple(str(k) for k in range(64))
 
 
-# The layer from_cores is building, whose cores and bias it then overwrites: that layer
-# draws no initial values. Per thread (a context variable): the global random number
-# generators are left alone, where putting their state back afterwards
-# (torch.random.fork_rng) would also rewind what other threads drew meanwhile.
+_Layer = TypeVar("_Layer", bound="TTLinear")
+
+# The layer `uninitialized` is building. Per thread (a context variable), as threads may
+# build layers at once.
 _OVERWRITTEN: contextvars.ContextVar[object] = contextvars.ContextVar(
     "ttlayers_overwritten", default=None
 )
@@ -57,6 +57,25 @@ def ordinary_tensors() -> Iterator[None]:
         return
     with torch.inference_mode(False), torch.no_grad():
         yield
+
+
+def uninitialized(cls: type[_Layer], *args: Any, **kwargs: Any) -> _Layer:
+    """``cls(*args, **kwargs)``, its cores and bias left as ``torch.empty`` leaves them.
+
+    For a layer whose cores and bias are overwritten next: it draws no initial values, so
+    the global random number generators are left alone (putting their state back
+    afterwards, as ``torch.random.fork_rng`` does, would also rewind what other threads
+    drew meanwhile). Only this layer's initialization is skipped, and only
+    ``TTLinear.reset_parameters``: a subclass's own still runs, as does that of any other
+    layer its ``__init__`` builds.
+    """
+    layer = cls.__new__(cls)
+    token = _OVERWRITTEN.set(layer)
+    try:
+        layer.__init__(*args, **kwargs)  # type: ignore[misc]
+    finally:
+        _OVERWRITTEN.reset(token)
+    return layer
 
 
 _WEIGHT_IS_COMPUTED = (
@@ -425,21 +444,17 @@ class TTLinear(nn.Module):
             # a conversion leaves the dropout masks and initial weights that come after it as
             # they were. (Not built on the meta device: a subclass's own parameters and
             # buffers need the values its __init__ gives them.)
-            layer = cls.__new__(cls)
-            token = _OVERWRITTEN.set(layer)
-            try:
-                layer.__init__(  # type: ignore[misc]
-                    math.prod(in_modes),
-                    out_features,
-                    rank=ranks[1:-1],
-                    in_modes=in_modes,
-                    out_modes=out_modes,
-                    bias=bias is not None,
-                    device=cores[0].device,
-                    dtype=cores[0].dtype,
-                )
-            finally:
-                _OVERWRITTEN.reset(token)
+            layer = uninitialized(
+                cls,
+                math.prod(in_modes),
+                out_features,
+                rank=ranks[1:-1],
+                in_modes=in_modes,
+                out_modes=out_modes,
+                bias=bias is not None,
+                device=cores[0].device,
+                dtype=cores[0].dtype,
+            )
             with torch.no_grad():
                 for param, core in zip(layer.cores, cores, strict=True):
                     param.copy_(core)

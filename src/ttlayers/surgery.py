@@ -46,7 +46,7 @@ from ttlayers.calibration import DEFAULT_RIDGE, check_ridge, fit_tt
 from ttlayers.capture import ActivationCapture
 from ttlayers.contraction import core_shapes
 from ttlayers.decomposition import check_eps
-from ttlayers.linear import TTLinear, ordinary_tensors
+from ttlayers.linear import TTLinear, ordinary_tensors, uninitialized
 from ttlayers.shapes import num_parameters, suggest_modes, validate_modes
 
 __all__ = ["LayerReport", "SkippedLayer", "TensorizeReport", "load_tensorized_", "tensorize_"]
@@ -1218,29 +1218,31 @@ def load_tensorized_(
             built[name] = by_module[id(module)]
             continue
         reference = module.cores[0] if isinstance(module, TTLinear) else module.weight
-        # The initial cores are overwritten by the checkpoint: the global random number
-        # generators are put back, as load_state_dict leaves them.
-        device = reference.device
-        with (
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-            ordinary_tensors(),
-        ):
-            layer = TTLinear(
+        # The checkpoint holds every core (their shapes are read off it), and the bias comes
+        # from the layer replaced: nothing to draw, and the random number generators are
+        # left as load_state_dict leaves them.
+        with ordinary_tensors():
+            layer = uninitialized(
+                TTLinear,
                 sizes[0],
                 sizes[1],
                 rank=ranks[1:-1],
                 in_modes=in_modes,
                 out_modes=out_modes,
                 bias=module.bias is not None,
-                device=device,
+                device=reference.device,
                 dtype=reference.dtype,
             )
         _match_flags(layer, module, module.training)
-        if layer.bias is not None and module.bias is not None and not lazy:
+        if layer.bias is not None and module.bias is not None:
             # A checkpoint without the bias (strict=False) keeps the layer's own, as
-            # load_state_dict keeps every value the checkpoint lacks.
+            # load_state_dict keeps every value the checkpoint lacks; a lazy layer's own is
+            # not made yet, and becomes 0.
             with torch.no_grad():
-                layer.bias.copy_(module.bias)
+                if lazy:
+                    layer.bias.zero_()
+                else:
+                    layer.bias.copy_(module.bias)
         built[name] = by_module[id(module)] = layer
 
     if "" in built:  # the model itself is the layer
