@@ -6,6 +6,7 @@ Tolerances: errors computed from moments agree with direct ones to ~1e-9 relativ
 sums of a few hundred rows); "exact" recoveries are checked at 1e-6.
 """
 
+import collections
 import copy
 import itertools
 import math
@@ -1561,14 +1562,24 @@ def test_a_tensor_passed_twice_stays_one_and_nested_tensors_are_copied():
 
         def forward(self, query, key, extra):
             seen.append(query is key)
-            extra[0][0].mul_(2.0)  # in place, inside a nested list
+            nested = extra[0]
+            (nested["y"] if isinstance(nested, dict) else nested[0]).mul_(2.0)  # in place
             return self.a(query + key)
 
-    x, y = torch.randn(8, 4), torch.ones(2)
-    model = Pair()
-    tensorize_(model, rank=1, calibration=[(x, x, [[y]])], filter_fn=lambda m, n: True)
-    assert seen and all(seen)
-    assert torch.equal(y, torch.ones(2))
+    x = torch.randn(8, 4)
+    Point = collections.namedtuple("Point", "y")
+    containers = [
+        lambda y: [[y]],
+        lambda y: [collections.OrderedDict(y=y)],
+        lambda y: [Point(y)],
+        lambda y: [collections.defaultdict(list, y=y)],
+    ]
+    for wrap in containers:
+        y = torch.ones(2)
+        model = Pair()
+        tensorize_(model, rank=1, calibration=[(x, x, wrap(y))], filter_fn=lambda m, n: True)
+        assert seen and all(seen)
+        assert torch.equal(y, torch.ones(2))
 
 
 def test_calibration_that_yields_fewer_batches_in_a_later_pass_is_a_clear_error():

@@ -1194,6 +1194,20 @@ def test_a_core_missing_from_the_checkpoint_is_a_missing_key():
     assert torch.equal(target.cores[0], source.cores[0])
 
 
+def test_a_meta_checkpoint_of_other_ranks_leaves_the_layer_as_it_was():
+    # The cores were resized before the copy, which fails for meta tensors: the layer kept
+    # the checkpoint's ranks with torch.empty's memory in them. Unresized, the load reports
+    # the shapes that differ.
+    layer = TTLinear(64, 64, rank=2, in_modes=(8, 8), out_modes=(8, 8))
+    before = [core.detach().clone() for core in layer.cores]
+    source = TTLinear(64, 64, rank=5, in_modes=(8, 8), out_modes=(8, 8))
+    state = {key: value.to("meta") for key, value in source.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"size mismatch for cores\.0"):
+        layer.load_state_dict(state)
+    assert layer.ranks == (1, 2, 1)
+    assert all(torch.equal(c, b) for c, b in zip(layer.cores, before, strict=True))
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_a_dense_checkpoint_says_to_convert_after_loading(strict):
     dense = _nested(nn.Linear(12, 8))

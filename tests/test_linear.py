@@ -732,6 +732,26 @@ def test_from_cores_skips_the_initialization_of_its_own_layer_only():
         assert new.gate == 0.5
 
 
+def test_from_cores_fills_with_zeros_what_it_does_not_draw():
+    # The layer's own initial values are zeros until the copy, not torch.empty's memory: a
+    # subclass reading its cores in __init__ (an anchor for a regularizer) found values up
+    # to 1e32 in a review. A subclass whose __new__ takes the constructor's arguments, as
+    # type.__call__ passes them, is built as by cls(...).
+    class Anchored(TTLinear):
+        def __new__(cls, *args, **kwargs):
+            return super().__new__(cls)
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.anchor = [core.detach().clone() for core in self.cores]
+
+    layer = Anchored(64, 32, 4)
+    made = Anchored.from_cores(layer.cores, layer.bias)
+    assert all(torch.count_nonzero(anchor) == 0 for anchor in made.anchor)
+    for core, want in zip(made.cores, layer.cores, strict=True):
+        assert torch.equal(core, want)
+
+
 def test_from_cores_keeps_grad_mode_inside_inference_mode_and_no_grad():
     # Leaving inference mode (for tensors that can be trained) turns grad mode on: a
     # subclass's __init__ would then record graphs from its parameters.

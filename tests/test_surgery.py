@@ -886,6 +886,25 @@ def test_load_tensorized_initializes_nothing_it_loads(monkeypatch):
     torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
 
 
+def test_load_tensorized_finds_layers_as_load_state_dict_does():
+    # Names went through get_submodule, which follows properties and __getattr__ (as a
+    # compiled model's does, to its original): the layer was swapped in, but load_state_dict
+    # looked for its keys elsewhere, and it ran on cores never loaded. And "cores.00" was
+    # read as core 0, which load_state_dict then could not find.
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 48))
+    tensorize_(model, rank=4)
+    state = model.state_dict()
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 48))
+    compiled = torch.compile(fresh)  # keys under "_orig_mod."; nothing compiles here
+    result = load_tensorized_(compiled, state, strict=False)
+    assert isinstance(fresh[0], nn.Linear) and isinstance(fresh[2], nn.Linear)
+    assert "0.cores.0" in result.unexpected_keys
+    odd = dict(state)
+    odd["0.cores.00"] = odd.pop("0.cores.0")
+    with pytest.raises(ValueError, match=r"'0' .*not tensors 0\.\.d-1 \(0\.cores\.0 is missing"):
+        load_tensorized_(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 48)), odd)
+
+
 def test_load_tensorized_non_strict_keeps_the_biases_a_checkpoint_lacks():
     # load_state_dict(strict=False) keeps every value the checkpoint lacks; a layer rebuilt as
     # a TTLinear keeps its bias too, instead of a freshly initialized one.

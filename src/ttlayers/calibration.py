@@ -458,7 +458,7 @@ def weighted_problem(
     remedy = (
         "lower ridge (useful values lie between 0 and about 10)"
         if ridge > 10
-        else "scale the calibration data down"
+        else "scale the calibration data or the weight down"
     )
     if not math.isfinite(delta) or not math.isfinite(delta * largest):
         raise ValueError(

@@ -17,8 +17,9 @@ are copied, as the model may change them in place after the call.
 from __future__ import annotations
 
 import contextlib
+import copy
 import heapq
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -169,23 +170,28 @@ def _forward_order(
 
 
 def _copy(value: object, copies: dict[int, torch.Tensor]) -> object:
-    """``value`` with every tensor in it cloned (in tuples, lists and dicts, nested).
+    """``value`` with every tensor in it cloned, in containers nested to any depth.
 
-    ``copies`` maps a tensor's id to its copy: a tensor passed twice (``model(x, x)``) stays
-    one tensor, which a model may check (``query is key``).
+    Tuples, named tuples, lists and mutable mappings are copied; other containers are kept
+    as they are. ``copies`` maps a tensor's id to its copy: a tensor passed twice
+    (``model(x, x)``) stays one tensor, which a model may check (``query is key``).
     """
     if isinstance(value, torch.Tensor):
-        copy = copies.get(id(value))
-        if copy is None:
-            copy = copies[id(value)] = value.clone()
-        return copy
-    if type(value) is tuple:
-        return tuple(_copy(item, copies) for item in value)
-    if type(value) is list:
-        return [_copy(item, copies) for item in value]
-    if type(value) is dict:
-        return {key: _copy(item, copies) for key, item in value.items()}
-    return value  # other containers (a named tuple, say) as they are
+        clone = copies.get(id(value))
+        if clone is None:
+            clone = copies[id(value)] = value.clone()
+        return clone
+    kind: Any = type(value)
+    if kind in (tuple, list):
+        return kind(_copy(item, copies) for item in value)  # type: ignore[attr-defined]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return kind(*(_copy(item, copies) for item in value))
+    if isinstance(value, MutableMapping):  # dict, OrderedDict, defaultdict, UserDict, ...
+        mapping = copy.copy(value)  # of the same type, whatever its constructor takes
+        for key in list(mapping):
+            mapping[key] = _copy(value[key], copies)
+        return mapping
+    return value
 
 
 def _call(model: nn.Module, batch: object) -> None:
@@ -277,8 +283,9 @@ class ActivationCapture:
         One pass over every batch. A module comes after every module called before it in
         some batch, so that each layer is fitted to the inputs the converted layers before
         it produce, even where batches take different paths (a text batch and an image
-        batch through their own encoders into one head); among modules so unordered, and
-        where batches disagree on the order, the earlier first call comes first. Each
+        batch through their own encoders into one head). Among modules so unordered, and
+        among modules that precede one another, directly or through others (batches that
+        disagree on their order), the earlier first call comes first. Each
         module's count of calls per batch is the largest over the batches (a layer may be
         called a different number of times, or not at all, depending on the batch).
 

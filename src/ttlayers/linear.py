@@ -37,7 +37,7 @@ _CORE_NAMES = tuple(str(k) for k in range(64))
 
 _Layer = TypeVar("_Layer", bound="TTLinear")
 
-# The layer `uninitialized` is building. Per thread (a context variable), as threads may
+# The layer `zero_initialized` is building. Per thread (a context variable), as threads may
 # build layers at once.
 _OVERWRITTEN: contextvars.ContextVar[object] = contextvars.ContextVar(
     "ttlayers_overwritten", default=None
@@ -59,17 +59,20 @@ def ordinary_tensors() -> Iterator[None]:
         yield
 
 
-def uninitialized(cls: type[_Layer], *args: Any, **kwargs: Any) -> _Layer:
-    """``cls(*args, **kwargs)``, its cores and bias left as ``torch.empty`` leaves them.
+def zero_initialized(cls: type[_Layer], *args: Any, **kwargs: Any) -> _Layer:
+    """``cls(*args, **kwargs)`` with its cores and bias set to 0 instead of drawn.
 
     For a layer whose cores and bias are overwritten next: it draws no initial values, so
     the global random number generators are left alone (putting their state back
     afterwards, as ``torch.random.fork_rng`` does, would also rewind what other threads
-    drew meanwhile). Only this layer's initialization is skipped, and only
+    drew meanwhile), and whatever is not overwritten, by a path not foreseen, is 0 rather
+    than uninitialized memory. Only this layer's initialization is replaced, and only
     ``TTLinear.reset_parameters``: a subclass's own still runs, as does that of any other
     layer its ``__init__`` builds.
     """
-    layer = cls.__new__(cls)
+    layer = cls.__new__(cls, *args, **kwargs)
+    if not isinstance(layer, cls):  # as type.__call__: another class's object, as made
+        return layer
     token = _OVERWRITTEN.set(layer)
     try:
         layer.__init__(*args, **kwargs)  # type: ignore[misc]
@@ -204,12 +207,15 @@ class TTLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.conversion_error = None
-        # Skipped only for the layer from_cores builds, and only if reset_parameters is this
-        # class's: a subclass's own may initialize more than the cores and the bias.
-        if (
-            _OVERWRITTEN.get() is not self
-            or type(self).reset_parameters is not TTLinear.reset_parameters
-        ):
+        # Zeros only for the layer zero_initialized builds, and only if reset_parameters is
+        # this class's: a subclass's own may initialize more than the cores and the bias.
+        if _OVERWRITTEN.get() is self and type(self).reset_parameters is TTLinear.reset_parameters:
+            with torch.no_grad():
+                for core in self.cores:
+                    core.zero_()
+                if self.bias is not None:
+                    self.bias.zero_()
+        else:
             self.reset_parameters()
 
     @property
@@ -444,7 +450,7 @@ class TTLinear(nn.Module):
             # a conversion leaves the dropout masks and initial weights that come after it as
             # they were. (Not built on the meta device: a subclass's own parameters and
             # buffers need the values its __init__ gives them.)
-            layer = uninitialized(
+            layer = zero_initialized(
                 cls,
                 math.prod(in_modes),
                 out_features,
@@ -675,6 +681,13 @@ class TTLinear(nn.Module):
                     "parametrizations first (torch.nn.utils.parametrize."
                     "remove_parametrizations), or build the layer with the checkpoint's ranks."
                 )
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            meta = any(t.is_meta for t in tensors) and not self.cores[0].is_meta
+            if other_ranks and meta and not assign:
+                # Meta tensors hold no values to copy: the copy would fail after the resize
+                # and leave the new shapes filled with zeros. Unresized, the load reports
+                # the shapes that differ and leaves the layer as it was.
+                other_ranks = False
             if other_ranks:
                 for param, tensor in zip(self.cores, tensors, strict=True):
                     # In place: the Parameter objects stay, so an optimizer built before the
@@ -686,7 +699,7 @@ class TTLinear(nn.Module):
                         # Trainable after a load inside inference mode, as a parameter
                         # loaded in place is.
                         with ordinary_tensors():
-                            param.data = torch.empty(
+                            param.data = torch.zeros(
                                 tensor.shape, dtype=param.dtype, device=param.device
                             )
                         param.grad = None

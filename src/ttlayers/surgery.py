@@ -46,7 +46,7 @@ from ttlayers.calibration import DEFAULT_RIDGE, check_ridge, fit_tt
 from ttlayers.capture import ActivationCapture
 from ttlayers.contraction import core_shapes
 from ttlayers.decomposition import check_eps
-from ttlayers.linear import TTLinear, ordinary_tensors, uninitialized
+from ttlayers.linear import TTLinear, ordinary_tensors, zero_initialized
 from ttlayers.shapes import num_parameters, suggest_modes, validate_modes
 
 __all__ = ["LayerReport", "SkippedLayer", "TensorizeReport", "load_tensorized_", "tensorize_"]
@@ -1169,7 +1169,13 @@ def load_tensorized_(
             raise TypeError(f"state_dict's keys must be strings; got {key!r}.")
         prefix, _, index = key.rpartition(".")
         layer_name, _, attribute = prefix.rpartition(".")
-        if attribute == "cores" and index.isdigit():
+        # As a ParameterList names its entries: "0", "1", ... ("00" or "²" name none).
+        if (
+            attribute == "cores"
+            and index.isascii()
+            and index.isdigit()
+            and index == str(int(index))
+        ):
             cores.setdefault(layer_name, {})[int(index)] = value
 
     # Build every layer first: an error leaves the model as it was. A module reachable under
@@ -1179,11 +1185,12 @@ def load_tensorized_(
     built: dict[str, TTLinear] = {}
     by_module: dict[int, TTLinear] = {}
     kept: list[str] = []
+    # Names as load_state_dict reads them, through the modules' own dicts (get_submodule
+    # would also follow properties and __getattr__, as a compiled model's to its original:
+    # a layer found so would be installed, and its keys never loaded).
+    modules = dict(model.named_modules(remove_duplicate=False))
     for name, found in cores.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
+        module = modules.get(name)
         if not isinstance(module, (nn.Linear, TTLinear)):
             continue
         shown = name or "<root>"
@@ -1222,7 +1229,7 @@ def load_tensorized_(
         # from the layer replaced: nothing to draw, and the random number generators are
         # left as load_state_dict leaves them.
         with ordinary_tensors():
-            layer = uninitialized(
+            layer = zero_initialized(
                 TTLinear,
                 sizes[0],
                 sizes[1],
