@@ -7,6 +7,7 @@ sums of a few hundred rows); "exact" recoveries are checked at 1e-6.
 """
 
 import collections
+import collections.abc
 import copy
 import itertools
 import math
@@ -1580,6 +1581,50 @@ def test_a_tensor_passed_twice_stays_one_and_nested_tensors_are_copied():
         tensorize_(model, rank=1, calibration=[(x, x, wrap(y))], filter_fn=lambda m, n: True)
         assert seen and all(seen)
         assert torch.equal(y, torch.ones(2))
+
+
+def test_mappings_that_cannot_be_copied_safely_are_passed_as_they_are():
+    # A read-only dict subclass refused the copy's writes (calibration failed, where passing
+    # it on had worked); a mapping whose copy shares its storage got each pass's clones
+    # written into the caller's object. Both are passed on unchanged now.
+    class Frozen(dict):
+        def __setitem__(self, key, value):
+            raise TypeError("read-only")
+
+    class Shared(collections.abc.MutableMapping):
+        def __init__(self, **items):
+            self.store = dict(items)
+
+        def __getitem__(self, key):
+            return self.store[key]
+
+        def __setitem__(self, key, value):
+            self.store[key] = value
+
+        def __delitem__(self, key):
+            del self.store[key]
+
+        def __iter__(self):
+            return iter(self.store)
+
+        def __len__(self):
+            return len(self.store)
+
+    class Reads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x, extra):
+            return self.a(x) + extra["y"].sum()
+
+    x, y = torch.randn(8, 4), torch.ones(4)
+    frozen = Frozen()
+    dict.__setitem__(frozen, "y", y)
+    shared = Shared(y=y)
+    for extra in (frozen, shared):
+        tensorize_(Reads(), rank=1, calibration=[(x, extra)], filter_fn=lambda m, n: True)
+        assert extra["y"] is y
 
 
 def test_calibration_that_yields_fewer_batches_in_a_later_pass_is_a_clear_error():

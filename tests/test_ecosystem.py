@@ -1182,6 +1182,19 @@ def test_load_cores_that_do_not_chain_names_the_layer():
         model.load_state_dict(state)
 
 
+def test_only_canonical_core_names_are_cores():
+    # "²" passes str.isdigit and then failed int() with a bare ValueError; "00" was read as
+    # core 0. Neither names a core of a ParameterList: both are unexpected keys.
+    source = TTLinear(64, 64, rank=4, num_cores=2)
+    for odd in ("00", "\u00b2"):
+        state = source.state_dict()
+        state[f"cores.{odd}"] = state["cores.0"].clone()
+        target = TTLinear(64, 64, rank=4, num_cores=2)
+        result = target.load_state_dict(state, strict=False)
+        assert result.unexpected_keys == [f"cores.{odd}"]
+        assert torch.equal(target.cores[0], source.cores[0])
+
+
 def test_a_core_missing_from_the_checkpoint_is_a_missing_key():
     source = TTLinear(64, 64, rank=4, num_cores=3)
     state = source.state_dict()

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import heapq
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections import UserDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -172,9 +173,10 @@ def _forward_order(
 def _copy(value: object, copies: dict[int, torch.Tensor]) -> object:
     """``value`` with every tensor in it cloned, in containers nested to any depth.
 
-    Tuples, named tuples, lists and mutable mappings are copied; other containers are kept
-    as they are. ``copies`` maps a tensor's id to its copy: a tensor passed twice
-    (``model(x, x)``) stays one tensor, which a model may check (``query is key``).
+    Tuples, named tuples, lists, dicts and ``UserDict`` objects are copied; other
+    containers are kept as they are. ``copies`` maps a tensor's id to its copy: a tensor
+    passed twice (``model(x, x)``) stays one tensor, which a model may check
+    (``query is key``).
     """
     if isinstance(value, torch.Tensor):
         clone = copies.get(id(value))
@@ -186,10 +188,16 @@ def _copy(value: object, copies: dict[int, torch.Tensor]) -> object:
         return kind(_copy(item, copies) for item in value)  # type: ignore[attr-defined]
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
         return kind(*(_copy(item, copies) for item in value))
-    if isinstance(value, MutableMapping):  # dict, OrderedDict, defaultdict, UserDict, ...
-        mapping = copy.copy(value)  # of the same type, whatever its constructor takes
-        for key in list(mapping):
-            mapping[key] = _copy(value[key], copies)
+    if isinstance(value, (dict, UserDict)):  # OrderedDict, defaultdict, BatchEncoding, ...
+        # copy.copy makes one of the same type whatever its constructor takes (a dict's and
+        # a UserDict's own storage, not shared; other mappings may share theirs, and are
+        # kept as they are). One that refuses to be copied or written is kept too.
+        try:
+            mapping = copy.copy(value)
+            for key in list(mapping):
+                mapping[key] = _copy(value[key], copies)
+        except Exception:
+            return value
         return mapping
     return value
 

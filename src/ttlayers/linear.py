@@ -81,6 +81,16 @@ def zero_initialized(cls: type[_Layer], *args: Any, **kwargs: Any) -> _Layer:
     return layer
 
 
+def core_index(name: str) -> int | None:
+    """The index a core's name in its ``nn.ParameterList`` gives: ``"0"``, ``"1"``, ...
+
+    ``None`` for any other name ("00" and "²" name no core, though ``str.isdigit`` holds).
+    """
+    if name.isascii() and name.isdigit() and name == str(int(name)):
+        return int(name)
+    return None
+
+
 _WEIGHT_IS_COMPUTED = (
     "TTLinear.weight is computed from the cores and cannot be assigned; build a layer from the "
     "new matrix with TTLinear.from_dense, or change the cores."
@@ -632,9 +642,10 @@ class TTLinear(nn.Module):
         name = prefix.rstrip(".") or "<root>"
         core_prefix = f"{prefix}cores."
         indices = {
-            int(key[len(core_prefix) :])
+            index
             for key in state_dict
-            if key.startswith(core_prefix) and key[len(core_prefix) :].isdigit()
+            if key.startswith(core_prefix)
+            and (index := core_index(key[len(core_prefix) :])) is not None
         }
         count = max(indices, default=-1) + 1
         dense = state_dict.get(f"{prefix}weight")

@@ -46,7 +46,7 @@ from ttlayers.calibration import DEFAULT_RIDGE, check_ridge, fit_tt
 from ttlayers.capture import ActivationCapture
 from ttlayers.contraction import core_shapes
 from ttlayers.decomposition import check_eps
-from ttlayers.linear import TTLinear, ordinary_tensors, zero_initialized
+from ttlayers.linear import TTLinear, core_index, ordinary_tensors, zero_initialized
 from ttlayers.shapes import num_parameters, suggest_modes, validate_modes
 
 __all__ = ["LayerReport", "SkippedLayer", "TensorizeReport", "load_tensorized_", "tensorize_"]
@@ -1169,17 +1169,13 @@ def load_tensorized_(
             raise TypeError(f"state_dict's keys must be strings; got {key!r}.")
         prefix, _, index = key.rpartition(".")
         layer_name, _, attribute = prefix.rpartition(".")
-        # As a ParameterList names its entries: "0", "1", ... ("00" or "²" name none).
-        if (
-            attribute == "cores"
-            and index.isascii()
-            and index.isdigit()
-            and index == str(int(index))
-        ):
-            cores.setdefault(layer_name, {})[int(index)] = value
+        core = core_index(index)
+        if attribute == "cores" and core is not None:
+            cores.setdefault(layer_name, {})[core] = value
 
     # Build every layer first: an error leaves the model as it was. A module reachable under
-    # several names gets one layer, installed under all of them. Keys of anything but a
+    # several names gets one layer, installed under all of those the checkpoint has cores
+    # for (a name it has no keys for keeps the old module). Keys of anything but a
     # linear layer (a module of the model's own with a list called "cores", a layer the
     # model lacks) are left to load_state_dict.
     built: dict[str, TTLinear] = {}
