@@ -293,9 +293,9 @@ class ActivationCapture:
         it produce, even where batches take different paths (a text batch and an image
         batch through their own encoders into one head). Among modules so unordered, and
         among modules that precede one another, directly or through others (batches that
-        disagree on their order), the earlier first call comes first. Each
-        module's count of calls per batch is the largest over the batches (a layer may be
-        called a different number of times, or not at all, depending on the batch).
+        disagree on their order), the earlier first call comes first. Each module's count
+        of calls per batch is the largest over the batches (a layer may be called a
+        different number of times, or not at all, depending on the batch).
 
         Args:
             modules: The layers to convert.
