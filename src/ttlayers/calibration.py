@@ -900,8 +900,11 @@ def fit_tt(
     best_name, best_cores, best_dense, best_bias = "tt-svd", plain, plain_dense, b
     start_sq = best_sq = math.inf
     for name, cores in candidates:
-        cores = cores if name == "tt-svd" else returned(cores)
-        dense = plain_dense if name == "tt-svd" else tt_to_dense(cores)
+        if name == "tt-svd":  # scored as installed: rounded above for a half layer
+            cores, dense = plain, plain_dense
+        else:
+            cores = returned(cores)
+            dense = tt_to_dense(cores)
         if not bool(torch.isfinite(dense).all()):
             continue
         biases = [returned_bias(refit_bias(dense))]
@@ -925,7 +928,8 @@ def fit_tt(
         return _ratio(float(torch.linalg.vector_norm(w - dense)) ** 2, norm**2)
 
     return TTFit(
-        cores=[core.to(weight.device) for core in cast_cores(best_cores, weight.dtype)],
+        # Already what is returned (rounded, for a half layer): this cast is exact there.
+        cores=[core.to(weight.device, weight.dtype).contiguous() for core in best_cores],
         bias=None if best_bias is None else best_bias.to(weight.device, weight.dtype),
         weight_error_start=weight_error(plain_dense),
         weight_error=weight_error(best_dense),
