@@ -14,6 +14,7 @@ Usage::
     python benchmarks/plan_regret.py --threads 1 --json regret.json
     python benchmarks/plan_regret.py --large --keep 3 --repeats 5   # 2,048-8,192 rows
     python benchmarks/plan_regret.py --moderate --steps 3 --keep 3 --repeats 9
+    python benchmarks/plan_regret.py --device cuda --dtype bfloat16     # a GPU
 
 With ``--steps N`` each round runs a plan N times in a row and keeps the fastest of all but
 the first, which pays for the previous plan's allocations (the C allocator's state): the
@@ -36,7 +37,7 @@ import sys
 import time
 
 import torch
-from _cli import HelpFormatter, float_at_least, positive_int
+from _cli import HelpFormatter, add_device_options, check_device, float_at_least, positive_int
 
 from ttlayers.contraction import select_plan, tt_linear
 from ttlayers.planner import Plan, candidate_plans, estimate_time
@@ -128,27 +129,38 @@ def run_case(
     if in_modes is None or out_modes is None:
         in_modes, out_modes = suggest_modes(in_features, out_features)
     ranks = resolve_ranks(rank, in_modes, out_modes)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
+
+    def make(*shape: int, grad: bool = False) -> torch.Tensor:
+        # Drawn on the CPU, so that every device times the same numbers.
+        t = torch.randn(*shape, generator=generator).to(device, dtype)
+        return t.requires_grad_(grad)
+
     cores = [
-        torch.nn.Parameter(0.3 * torch.randn(ranks[k], m, n, ranks[k + 1], generator=generator))
+        torch.nn.Parameter(0.3 * make(ranks[k], m, n, ranks[k + 1]))
         for k, (m, n) in enumerate(zip(in_modes, out_modes, strict=True))
     ]
-    bias = torch.nn.Parameter(torch.zeros(out_features))
-    x = torch.randn(batch, in_features, generator=generator, requires_grad=True)
-    grad = torch.randn(batch, out_features, generator=generator)
-    threads = torch.get_num_threads()
+    bias = torch.nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+    x = make(batch, in_features, grad=True)
+    grad = make(batch, out_features)
+    # Plans depend on the thread count on CPUs only (contraction._threads).
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    where = {"dtype": dtype, "device_type": device.type, "threads": threads}
 
     def estimate(plan: Plan) -> float:
-        return estimate_time(
-            plan, batch, in_modes, out_modes, ranks, training=training, threads=threads
-        )
+        return estimate_time(plan, batch, in_modes, out_modes, ranks, training=training, **where)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     # Chunk counts sized for the threads the plans run with, as the planner sizes them.
-    plans = candidate_plans(batch, in_modes, out_modes, ranks, threads=threads)
+    plans = candidate_plans(batch, in_modes, out_modes, ranks, **where)
     best_estimate = min(estimate(p) for p in plans)
     plans = [p for p in plans if estimate(p) <= args.keep * best_estimate]
     # What TTLinear runs: the plan table's entry for this batch size.
-    chosen = select_plan(batch, in_modes, out_modes, ranks, torch.float32, "cpu", training)
+    chosen = select_plan(batch, in_modes, out_modes, ranks, dtype, device.type, training)
     if not training:
         # Without a backward pass, plans that differ only in how it would run do the same
         # work: each is timed once, or the fastest of the copies' noise would count as a plan.
@@ -165,12 +177,14 @@ def run_case(
             for _ in range(args.steps):
                 for tensor in (x, *cores, bias):  # each backward writes fresh gradients
                     tensor.grad = None
+                sync()
                 started = time.perf_counter()
                 if training:
                     tt_linear(x, cores, bias, plan=plan).backward(grad)
                 else:
                     with torch.no_grad():
                         tt_linear(x, cores, bias, plan=plan)
+                sync()
                 steps.append(time.perf_counter() - started)
             if round_ >= 2:
                 times[i].append(min(steps[1:] or steps))
@@ -196,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
-    parser.add_argument(
-        "--threads", type=positive_int, default=2, help="CPU threads (set_num_threads)"
-    )
+    add_device_options(parser)
     parser.add_argument("--repeats", type=positive_int, default=10, help="timed rounds")
     parser.add_argument(
         "--keep",
@@ -221,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         "--moderate", action="store_true", help="the cases of 1-1024 rows of other shapes"
     )
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     torch.set_num_threads(args.threads)
+    setup = {"threads": args.threads, "steps": args.steps, "keep": args.keep}
+    setup |= {"device": args.device, "dtype": args.dtype, "torch": torch.__version__}
+    setup["cases"] = "large" if args.large else "moderate" if args.moderate else "default"
     records = []
     print("| case | pass | planner's choice | ms | fastest candidate | ms | regret |")
     print("|---|---|---|---|---|---|---|")
@@ -234,14 +250,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {r['fastest']} | {r['fastest_ms']:.3f} | {r['regret']:.2f} |",
                 flush=True,
             )
+            if args.json:  # after every case, so that a run cut short leaves its results
+                with open(args.json, "w") as f:
+                    json.dump({**setup, "records": records}, f)
     regrets = [float(r["regret"]) for r in records]  # type: ignore[arg-type]
     geomean = math.exp(sum(math.log(v) for v in regrets) / len(regrets))
     print(f"\nregret: geometric mean {geomean:.3f}, worst {max(regrets):.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            setup = {"threads": args.threads, "steps": args.steps, "keep": args.keep}
-            setup["cases"] = "large" if args.large else "moderate" if args.moderate else "default"
-            json.dump({**setup, "torch": torch.__version__, "records": records}, f)
     return 0
 
 
