@@ -29,7 +29,7 @@ fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 
 # torch first, pinned: this release's CPU wheel lies on our machines' disk (pip is configured
-# to find it there), while an unpinned torch (or the project's own "torch>=2.4") would pull a
+# to find it there), while an unpinned torch (or the project's own "torch>=2.5") would pull a
 # multi-GB CUDA build from PyPI. Elsewhere, TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # takes the CPU build from PyTorch's own index.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then

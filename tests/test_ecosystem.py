@@ -239,10 +239,12 @@ def test_compile_fullgraph_no_graph_break_no_recompile(fresh_dynamo, build):
     assert counter.frame_count <= 2
 
 
-@pytest.mark.skipif(
+needs_set_stance = pytest.mark.skipif(
     not hasattr(torch.compiler, "set_stance"), reason="needs torch.compiler.set_stance (2.6)"
 )
-def test_a_compiled_model_is_calibrated_eagerly(fresh_dynamo):
+
+
+def _calibrate_compiled() -> tuple[nn.Module, nn.Module, torch.Tensor]:
     # A capture pass ends early by raising from a hook, which a graph compiled with
     # fullgraph=True refused ("calibration batch 0 failed ... Unsupported"). The passes now
     # run eagerly, and the conversion is the one of the model itself.
@@ -257,6 +259,19 @@ def test_a_compiled_model_is_calibrated_eagerly(fresh_dynamo):
     tensorize_(reference, **options)
     for name, value in reference.state_dict().items():
         assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+    return compiled, reference, x
+
+
+@needs_set_stance
+def test_a_compiled_model_is_calibrated_eagerly(fresh_dynamo):
+    compiled, _, _ = _calibrate_compiled()  # which asserts the state dicts equal
+    assert all(isinstance(compiled._orig_mod[k], TTLinear) for k in (0, 2))
+
+
+@needs_set_stance
+@needs_whole_graph  # its TT layers in the fullgraph=True compilation
+def test_a_compiled_model_calibrated_runs_compiled(fresh_dynamo):
+    compiled, reference, x = _calibrate_compiled()
     assert_close(compiled(x), reference(x), **EAGER_TOL)
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
+from torch_versions import needs_whole_graph
 
 import ttlayers.surgery
 from ttlayers import TensorizeReport, TTLinear, load_tensorized_, tensorize_
@@ -627,6 +628,7 @@ def test_a_transformer_converted_by_loading_or_unpickled_keeps_off_the_fused_ker
             torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # the same modules
 
 
+@needs_whole_graph
 def test_converted_transformer_compiles_whole():
     torch.manual_seed(0)
     encoder = _encoder()
