@@ -241,11 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         elif step.json.startswith("regret"):
             summary += [f"## `{shlex.join(step.command[1:])}`", "", *regret_table(out, step), ""]
         elif step.name == "calibrate":
-            log = (out / step.log).read_text().split(f"=== {step.name}\n")[-1].splitlines()
+            path = out / step.log
+            text = path.read_text() if path.exists() else ""
+            log = text.split(f"=== {step.name}\n")[-1].splitlines()
             found = [line for line in log if line.startswith(("default:", "calibrate("))]
             summary += ["## cost models", "", "```", *found, "```", ""]
         # Written after every step, so that a lease cut short still returns what ran.
         (out / "summary.md").write_text("\n".join([*summary, "## steps", "", *codes]) + "\n")
+    (out / "summary.md").write_text("\n".join([*summary, "## steps", "", *codes]) + "\n")
     print("\n".join(codes))
     return 0 if all(" exit 0 " in line for line in codes) else 1
 

@@ -76,6 +76,8 @@ BAD = [
     ("plan_regret", ["--keep", "0.5"], "--keep"),
     ("plan_regret", ["--keep", "nan"], "--keep"),
     ("plan_regret", ["--repeats", "0"], "--repeats"),
+    ("plan_regret", ["--dtype", "float64"], "--dtype"),
+    ("gpu_check", ["--deadline", "0"], "--deadline"),
     ("bench_second_from_z", ["--layers", "-1"], "--layers"),
     ("bench_second_from_z", ["--layers", "0"], "--layers"),
     ("bench_pretrained", ["--model", "fashion-mnist", "--calibration-images", "-2000"], "--cal"),
@@ -100,12 +102,44 @@ def test_a_bad_value_is_a_usage_error_naming_the_option(name, argv, named, capsy
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without")
-@pytest.mark.parametrize("name", ["bench_linear", "bench_decode", "bench_convert"])
+@pytest.mark.parametrize("name", ["bench_linear", "bench_decode", "bench_convert", "plan_regret"])
 def test_device_cuda_without_a_gpu_is_a_usage_error(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         script(name).main(["--device", "cuda"])
     assert exit_.value.code == 2
     assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("deadline", [1000, 1])
+def test_gpu_check_runs_its_steps_in_order_and_none_past_its_deadline(
+    deadline, tmp_path, monkeypatch
+):
+    # A device lease is short: the CUDA tests come first, the whole suite last, each step is
+    # given no more than the time left, and one that would start with under
+    # MIN_STEP_SECONDS left is reported as not run (the check then fails).
+    gpu_check = script("gpu_check")
+    started = []
+
+    def run(step, out, limit):
+        started.append((step.name, limit))
+        return 0, 0.0
+
+    monkeypatch.setattr(gpu_check, "run", run)
+    code = gpu_check.main(["--allow-cpu", "--out", str(tmp_path), "--deadline", str(deadline)])
+    names = [step.name for step in gpu_check.steps("cpu", "python")]
+    summary = (tmp_path / "summary.md").read_text()
+    if deadline == 1:
+        assert started == [] and code == 1
+        assert all(f"- {name}: not run" in summary for name in names)
+    else:
+        assert [name for name, _ in started] == names and code == 0
+        assert names[0] == "CUDA tests" and names[-1] == "all tests"
+        limits = {step.name: step.limit for step in gpu_check.steps("cpu", "python")}
+        assert all(0 < limit <= min(limits[name], deadline) for name, limit in started)
+        assert all(f"- {name}: exit 0" in summary for name in names)
+    files = {step.log for step in gpu_check.steps("cpu", "python")}
+    files |= {step.json for step in gpu_check.steps("cpu", "python") if step.json}
+    assert len(files | {"summary.md"}) <= 8  # what a device lease returns
 
 
 def test_bench_convert_runs_on_a_matrix_smaller_than_its_warm_up(capsys):

@@ -2,10 +2,11 @@
 
 Eager use is tested down to torch 2.5. Two integrations need more (the suite was run with
 torch 2.5.1, 2.9.1, 2.12.1, 2.13.0 and 2.14.1 on 2026-11-28, earlier with 2.4.1, 2.6.0 and
-2.11.0). Torch 2.4 was dropped: hooks do not stop its ``nn.TransformerEncoderLayer`` from
-running its fused kernel in eval mode (pytorch/pytorch#128413, fixed in 2.5). The
-marks test for the functions the package uses, not for version numbers, so that versions
-between those tested and development builds run what they can:
+2.11.0; ``bash scripts/torch_versions.sh 2.5.1 2.14.1`` repeats such runs). Torch 2.4 was
+dropped: hooks do not stop its ``nn.TransformerEncoderLayer`` from running its fused kernel
+in eval mode (pytorch/pytorch#128413, fixed in 2.5). The marks test for the functions the
+package uses, not for version numbers, so that versions between those tested and
+development builds run what they can:
 
 - A TTLinear that chooses its plan in one Dynamo graph (``torch.compile(fullgraph=True)``,
   strict ``torch.export``) needs ``symbolic_shapes.optimization_hint`` (torch 2.12), which
