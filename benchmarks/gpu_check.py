@@ -22,6 +22,8 @@ skipped), so that one device lease of a few minutes suffices:
    planner's choice;
 6. the whole test suite (the CUDA tests again, the rest as on a CPU), in the time left.
 
+The deadline counts from the end of the imports (torch's among them), and a step stopped at
+its limit takes a moment to end: give the lease's command a minute more than ``--deadline``.
 It writes at most eight files under ``--out`` (default ``$OUT``, else ``./gpu_check_out``),
 the most a device lease returns: ``summary.md`` (GPU, driver, versions, the tables in
 Markdown ready for ``docs/benchmarks.md``, each step's exit code and time), ``pytest.txt``,
@@ -36,6 +38,7 @@ import importlib.util
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -124,20 +127,23 @@ def run(step: Step, out: Path, limit: float) -> tuple[int, float]:
     command = list(step.command)
     if step.json:
         command += ["--json", str(out / step.json)]
-    env = dict(
-        os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    )
-    env["PYTHONUNBUFFERED"] = "1"
+    paths = [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1")
     start = time.time()
     print(f"=== {step.name}: {shlex.join(command)}", flush=True)
     with (out / step.log).open("a") as f:
         f.write(f"\n=== {step.name}\n$ {shlex.join(command)}\n")
         f.flush()
+        # A session of its own, so that a step stopped at its limit takes its children
+        # (pytest's workers and subprocesses) with it, off the GPU before the next step.
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
-            code = subprocess.run(
-                command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit
-            ).returncode
+            code = process.wait(timeout=limit)
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             f.write(f"\n[gpu_check] stopped after its {limit:.0f} s limit\n")
             code = 124
     seconds = time.time() - start
@@ -194,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    for step in steps("cpu", sys.executable):  # an earlier run's files would pass for this one's
+        for name in filter(None, [step.log, step.json, "summary.md"]):
+            (out / name).unlink(missing_ok=True)
     try:
         import torch
     except ImportError:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,36 +112,61 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(name, capsys):
     assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("deadline", [1000, 1])
+@pytest.mark.parametrize("deadline", [1000, 200, 1])
 def test_gpu_check_runs_its_steps_in_order_and_none_past_its_deadline(
     deadline, tmp_path, monkeypatch
 ):
     # A device lease is short: the CUDA tests come first, the whole suite last, each step is
     # given no more than the time left, and one that would start with under
-    # MIN_STEP_SECONDS left is reported as not run (the check then fails).
+    # MIN_STEP_SECONDS left is reported as not run (the check then fails). Each step here
+    # takes 60 s of a fake clock.
     gpu_check = script("gpu_check")
+    clock = [1e6]
     started = []
 
     def run(step, out, limit):
-        started.append((step.name, limit))
-        return 0, 0.0
+        started.append((step.name, limit, clock[0] - 1e6))
+        clock[0] += 60
+        return 0, 60.0
 
     monkeypatch.setattr(gpu_check, "run", run)
+    monkeypatch.setattr(gpu_check.time, "time", lambda: clock[0])
+    (tmp_path / "bench_float32.json").write_text("{}")  # an earlier run's
     code = gpu_check.main(["--allow-cpu", "--out", str(tmp_path), "--deadline", str(deadline)])
-    names = [step.name for step in gpu_check.steps("cpu", "python")]
+    steps = gpu_check.steps("cpu", "python")
+    names = [step.name for step in steps]
+    assert names[0] == "CUDA tests" and names[-1] == "all tests"
+    ran = [(s, 60 * k) for k, s in enumerate(steps) if deadline - 60 * k >= 20]
+    expected = [(s.name, min(s.limit, deadline - t), t) for s, t in ran]
+    assert started == expected
+    assert code == (0 if len(ran) == len(steps) else 1)
     summary = (tmp_path / "summary.md").read_text()
-    if deadline == 1:
-        assert started == [] and code == 1
-        assert all(f"- {name}: not run" in summary for name in names)
-    else:
-        assert [name for name, _ in started] == names and code == 0
-        assert names[0] == "CUDA tests" and names[-1] == "all tests"
-        limits = {step.name: step.limit for step in gpu_check.steps("cpu", "python")}
-        assert all(0 < limit <= min(limits[name], deadline) for name, limit in started)
-        assert all(f"- {name}: exit 0" in summary for name in names)
-    files = {step.log for step in gpu_check.steps("cpu", "python")}
-    files |= {step.json for step in gpu_check.steps("cpu", "python") if step.json}
+    assert all(f"- {s.name}: exit 0" in summary for s, _ in ran)
+    assert all(f"- {name}: not run" in summary for name in names[len(ran) :])
+    assert not (tmp_path / "bench_float32.json").exists()
+    files = {step.log for step in steps} | {step.json for step in steps if step.json}
     assert len(files | {"summary.md"}) <= 8  # what a device lease returns
+
+
+def test_gpu_check_stops_a_step_with_its_children(tmp_path):
+    # A step stopped at its limit must not leave processes behind (pytest's workers and
+    # subprocesses) to share the GPU with the next step and write into its log.
+    gpu_check = script("gpu_check")
+    spawn = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "print('PID', child.pid, flush=True); time.sleep(60)"
+    )
+    step = gpu_check.Step("sleeper", [sys.executable, "-c", spawn], 60, "log.txt")
+    code, seconds = gpu_check.run(step, tmp_path, limit=3)
+    assert code == 124 and seconds < 30
+    pid = int((tmp_path / "log.txt").read_text().rsplit("PID ", 1)[1].split()[0])
+    time.sleep(0.5)
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z", "X")  # killed (a zombie until its new parent reaps it)
 
 
 def test_bench_convert_runs_on_a_matrix_smaller_than_its_warm_up(capsys):

@@ -464,7 +464,6 @@ class _InferenceEntry:
     __slots__ = (
         "bias_shape",
         "blocks",
-        "copied",
         "dtype",
         "in_features",
         "out_features",
@@ -475,7 +474,6 @@ class _InferenceEntry:
 
     def __init__(self, cores: Sequence[torch.Tensor]) -> None:
         self.saved = [c.detach().clone() for c in cores]
-        self.copied = sum(c.numel() * c.element_size() for c in self.saved)  # bytes
         self.shapes = core_shapes(cores)
         self.in_features = math.prod(self.shapes[0])
         self.out_features = math.prod(self.shapes[1])
@@ -548,35 +546,43 @@ def _cached_entry(cores: Sequence[torch.Tensor]) -> _InferenceEntry | None:
     entry = slots.get(place)
     if entry is None or not entry.matches(cores):
         entry = _InferenceEntry(cores)
-        storage_bytes = cores[0].untyped_storage().nbytes()
         # Threads calling layers at once (a model server) share these dicts: a lookup is
         # atomic, but dropping the oldest entries is a read and a delete.
         with _cache_lock:
             if place not in slots:
-                _make_room(slots, storage_bytes, entry.copied)
+                _make_room(slots, place)
             slots[place] = entry
     return entry
 
 
-# A storage keeps entries for up to _PLACES_PER_STORAGE places, and for more while the copies
-# of the cores they hold add up to at most _COPIES_PER_STORAGE times its size. Layers whose
-# cores do not overlap in one buffer (a model after vector_to_parameters, a bank of layers)
-# always fit: their copies add up to at most the buffer. Views made afresh at ever new,
-# overlapping places of one long-lived buffer do not: they would otherwise keep an entry per
-# place for as long as the buffer lives. (A bound on the count alone made the 33rd layer of
-# a flat buffer evict the first, so that every call merged its blocks again: 2.3x the time.)
+# A storage keeps entries for up to _PLACES_PER_STORAGE places, and for more while the first
+# cores at those places do not overlap: each is then a layer of its own (the parameters of a
+# model made views of one flat buffer by vector_to_parameters, a bank of layers), and there
+# can be no more of them than the buffer holds. Views made afresh at ever new, overlapping
+# places of one long-lived buffer would otherwise keep an entry per place for as long as the
+# buffer lives. (A bound on the count alone made the 33rd layer of a flat buffer evict the
+# first, so that every call merged its blocks again: 2.3x the time at batch 1.)
 _PLACES_PER_STORAGE = 32
-_COPIES_PER_STORAGE = 2
 
 
-def _make_room(slots: dict[_Place, _InferenceEntry], storage_bytes: int, incoming: int) -> None:
-    """Drop a storage's oldest entries until copies of ``incoming`` bytes fit (under the lock)."""
+def _span(place: _Place) -> tuple[int, int]:
+    """The elements ``[start, end)`` of its storage that a tensor at ``place`` can touch."""
+    offset, shape, stride = place
+    start = int(offset)
+    if 0 in shape:
+        return start, start
+    return start, start + 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+
+
+def _make_room(slots: dict[_Place, _InferenceEntry], place: _Place) -> None:
+    """Under the lock: drop a storage's oldest entries if ``place`` overlaps a held one."""
     if len(slots) < _PLACES_PER_STORAGE:
         return
-    held = sum(entry.copied for entry in slots.values())
-    budget = _COPIES_PER_STORAGE * storage_bytes
-    while len(slots) >= _PLACES_PER_STORAGE and held + incoming > budget:
-        held -= slots.pop(next(iter(slots))).copied
+    start, end = _span(place)
+    if all(end <= lo or hi <= start for lo, hi in map(_span, slots)):
+        return  # a layer of its own
+    while len(slots) >= _PLACES_PER_STORAGE:
+        del slots[next(iter(slots))]
 
 
 def _operands(
