@@ -180,6 +180,22 @@ def regret_table(out: Path, step: Step) -> list[str]:
     return lines
 
 
+def step_summary(out: Path, step: Step) -> list[str]:
+    """What ``summary.md`` shows of a step that ran: its tables, or the cost models."""
+    heading = [f"## `{shlex.join(step.command[1:])}`", ""]
+    if step.json.startswith("bench"):
+        return [*heading, *bench_tables(out, step), ""]
+    if step.json.startswith("regret"):
+        return [*heading, *regret_table(out, step), ""]
+    if step.name == "calibrate":
+        path = out / step.log
+        text = path.read_text() if path.exists() else ""
+        log = text.split(f"=== {step.name}\n")[-1].splitlines()
+        found = [line for line in log if line.startswith(("default:", "calibrate("))]
+        return ["## cost models", "", "```", *found, "```", ""]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
@@ -242,22 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         left = args.deadline - (time.time() - started)
         if left < MIN_STEP_SECONDS:
             codes.append(f"- {step.name}: not run ({left:.0f} s left of --deadline)")
-            continue
-        code, seconds = run(step, out, min(step.limit, left))
-        codes.append(f"- {step.name}: exit {code} after {seconds:.0f} s")
-        if step.json.startswith("bench"):
-            summary += [f"## `{shlex.join(step.command[1:])}`", "", *bench_tables(out, step), ""]
-        elif step.json.startswith("regret"):
-            summary += [f"## `{shlex.join(step.command[1:])}`", "", *regret_table(out, step), ""]
-        elif step.name == "calibrate":
-            path = out / step.log
-            text = path.read_text() if path.exists() else ""
-            log = text.split(f"=== {step.name}\n")[-1].splitlines()
-            found = [line for line in log if line.startswith(("default:", "calibrate("))]
-            summary += ["## cost models", "", "```", *found, "```", ""]
+        else:
+            code, seconds = run(step, out, min(step.limit, left))
+            codes.append(f"- {step.name}: exit {code} after {seconds:.0f} s")
+            summary += step_summary(out, step)
         # Written after every step, so that a lease cut short still returns what ran.
         (out / "summary.md").write_text("\n".join([*summary, "## steps", "", *codes]) + "\n")
-    (out / "summary.md").write_text("\n".join([*summary, "## steps", "", *codes]) + "\n")
     print("\n".join(codes))
     return 0 if all(" exit 0 " in line for line in codes) else 1
 

@@ -1237,15 +1237,12 @@ def load_tensorized_(
                 dtype=reference.dtype,
             )
         _match_flags(layer, module, module.training)
-        if layer.bias is not None and module.bias is not None:
+        if layer.bias is not None and module.bias is not None and not lazy:
             # A checkpoint without the bias (strict=False) keeps the layer's own, as
             # load_state_dict keeps every value the checkpoint lacks; a lazy layer's own is
-            # not made yet, and becomes 0.
+            # not made yet, and the bias stays 0, as zero_initialized made it.
             with torch.no_grad():
-                if lazy:
-                    layer.bias.zero_()
-                else:
-                    layer.bias.copy_(module.bias)
+                layer.bias.copy_(module.bias)
         built[name] = by_module[id(module)] = layer
 
     if "" in built:  # the model itself is the layer
