@@ -17,6 +17,10 @@ Usage::
     python benchmarks/bench_decode.py                          # CPU, float32, 2 threads
     python benchmarks/bench_decode.py --layers 16 --batches 1,8 --markdown
     python benchmarks/bench_decode.py --device cuda --dtype bfloat16
+    python benchmarks/bench_decode.py --layers 40 --flat-buffer    # parameters in one buffer
+
+With ``--flat-buffer`` every stack's parameters are made views of one flat buffer
+(``torch.nn.utils.vector_to_parameters``), as some training and search code leaves a model.
 """
 
 from __future__ import annotations
@@ -106,6 +110,10 @@ def run(shape: Shape, batch: int, args: argparse.Namespace) -> list[dict[str, ob
             stacks[method] = make_stack(method, shape, args.layers, device, dtype)
         except ImportError:
             pass  # tltorch not installed
+    if args.flat_buffer:
+        for stack in stacks.values():
+            flat = nn.utils.parameters_to_vector(stack.parameters()).detach().clone()
+            nn.utils.vector_to_parameters(flat, stack.parameters())
     generator = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(batch, shape.features, device=device, dtype=dtype, generator=generator)
     times: dict[str, list[float]] = {name: [] for name in stacks}
@@ -155,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=non_negative_int, default=20, help="untimed rounds first")
     parser.add_argument("--json", default="", help="write the records and the setup here")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument(
+        "--flat-buffer", action="store_true", help="each stack's parameters in one buffer"
+    )
     args = parser.parse_args(argv)
     args.methods = ["dense", *(m for m in args.methods.split(",") if m and m != "dense")]
     unknown = set(args.methods) - set(METHODS)
@@ -190,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype,
             "threads": torch.get_num_threads(),
             "layers": args.layers,
+            "flat_buffer": args.flat_buffer,
             "repeats": args.repeats,
             "warmup": args.warmup,
             "torch": torch.__version__,
