@@ -1242,13 +1242,16 @@ def test_a_dense_checkpoint_says_to_convert_after_loading(strict):
     model = _nested(TTLinear(12, 8, rank=3, in_modes=(3, 4), out_modes=(2, 4)))
     before = clone_parameters(model)
     hint = r"TTLinear 'encoder\.proj' keeps its cores.*'encoder\.proj\.weight' of shape \(8, 12\)"
-    with pytest.warns(UserWarning, match=hint):
+    with pytest.warns(UserWarning, match=hint) as caught:
         if strict:
             with pytest.raises(RuntimeError, match=r'Unexpected key\(s\).*"encoder\.proj\.weight"'):
                 model.load_state_dict(dense.state_dict())
         else:
             result = model.load_state_dict(dense.state_dict(), strict=False)
             assert result.unexpected_keys == ["encoder.proj.weight"]
+    # It points at the load_state_dict call, not into torch's recursion (it did, at a fixed
+    # stacklevel): the layer sits two modules deep.
+    assert [w.filename for w in caught if "keeps its cores" in str(w.message)] == [__file__]
     assert all(torch.equal(before[k], p) for k, p in model.named_parameters() if "cores" in k)
     # A checkpoint with cores (of this layer or another) never warns.
     with warnings.catch_warnings():

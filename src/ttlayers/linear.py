@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar, cast
@@ -33,6 +35,22 @@ __all__ = ["TTLinear"]
 
 # The keys of the first cores in their nn.ParameterList, made once (see _core_list).
 _CORE_NAMES = tuple(str(k) for k in range(64))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning of ``_load_from_state_dict`` at its caller.
+
+    ``load_state_dict`` reaches a layer through one recursive call of ``nn.Module``'s code
+    per level of nesting: a fixed ``stacklevel`` pointed into ``torch/nn/modules/module.py``.
+    This skips those frames (and ttlayers' own) to the first frame of the caller's code.
+    """
+    skipped = (os.path.dirname(nn.Module.__init__.__code__.co_filename), os.path.dirname(__file__))
+    frame = sys._getframe(2)  # the frame that called _load_from_state_dict: stacklevel 2
+    level = 2
+    while frame.f_back is not None and os.path.dirname(frame.f_code.co_filename) in skipped:
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 _Layer = TypeVar("_Layer", bound="TTLinear")
@@ -657,7 +675,7 @@ class TTLinear(nn.Module):
                 f"'{prefix}weight' of shape {tuple(dense.shape)} for it and no cores. To use "
                 "that weight, load the checkpoint into the dense model, then convert it "
                 "(ttlayers.tensorize_ or TTLinear.from_dense).",
-                stacklevel=2,
+                stacklevel=_caller_stacklevel(),
             )
         found = [state_dict.get(f"{core_prefix}{k}") for k in range(count)]
         tensors = [t for t in found if isinstance(t, torch.Tensor)]
