@@ -6,7 +6,9 @@ hook is removed, and every module's training flag restored, when the pass ends (
 error). Passes run under ``torch.no_grad()`` in eval mode, so dropout is off and batch-norm
 statistics are not updated; each gets its own copy of the batch's tensors (those in its
 tuples, lists and dicts). State a model keeps in its forward pass itself, a call counter or
-a cache, sees every pass.
+a cache, sees every pass. One that draws random numbers (a VAE's sampling) draws the same
+ones in every pass over a batch: torch's generators are seeded per batch during a pass and
+restored after it.
 
 A pass for a layer that every batch calls once stops right after that call (by an exception
 caught here), so capturing the inputs of an early layer costs only the front of the model. A
@@ -48,8 +50,18 @@ def _layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return x
 
 
-class _StopForward(Exception):
-    """Raised by a capture hook once the layer of interest has seen its input."""
+class _StopForward(BaseException):
+    """Raised by a capture hook once the layer of interest has seen its input.
+
+    A ``BaseException``, as ``GeneratorExit`` is: a forward pass with a fallback under
+    ``except Exception`` would otherwise catch it and call the layer again, whose rows were
+    then counted twice.
+    """
+
+
+# Every pass over batch k draws its random numbers from a generator seeded with this plus k
+# (see ActivationCapture._pass).
+_SEED = 0x7E5
 
 
 def check_calibration(calibration: object) -> Iterable[Any]:
@@ -261,6 +273,10 @@ class ActivationCapture:
         self.substitutes: dict[nn.Module, nn.Module] = {}
         self._calls: dict[nn.Module, int] = {}
         self._batch_count = 0  # counted by order
+        tensors = [*model.parameters(), *model.buffers()]
+        self._cuda_devices = sorted(
+            {t.device.index or 0 for t in tensors if t.device.type == "cuda"}
+        )  # the devices whose generators _pass seeds and restores
 
     def calls(self, module: nn.Module) -> int:
         """How often ``module`` is called in one pass, at most (counted by :meth:`order`)."""
@@ -271,9 +287,24 @@ class ActivationCapture:
         return _calibrating(self.model)
 
     def _pass(self, index: int, batch: object, handles: list[Any]) -> None:
-        """Run one batch with the given hooks installed; always remove them."""
+        """Run one batch with the given hooks installed; always remove them.
+
+        Every pass over one batch draws the same random numbers: a model that samples in
+        eval mode (a VAE's ``mu + eps * std``) would otherwise pair the converted model's
+        inputs with the original model's inputs for other noise, and the fit would regress
+        towards their mean. The caller's random state is restored afterwards. (Only
+        torch's generators, of the CPU and of the CUDA devices the model is on; Python's
+        and NumPy's are not reset.)
+        """
         try:
-            _call(self.model, batch)
+            with torch.random.fork_rng(devices=self._cuda_devices):
+                # Not torch.manual_seed: it seeds every CUDA device, and fork_rng restores
+                # only those listed.
+                torch.default_generator.manual_seed(_SEED + index)
+                for device in self._cuda_devices:
+                    with torch.cuda.device(device):
+                        torch.cuda.manual_seed(_SEED + index)
+                _call(self.model, batch)
         except _StopForward:
             pass
         except Exception as error:
@@ -337,7 +368,9 @@ class ActivationCapture:
             raise ValueError(
                 "calibration data never reached layer(s) "
                 + ", ".join(repr(name) for name in missing)
-                + "; exclude them with filter_fn, or pass inputs that use them."
+                + "; exclude them with filter_fn, or pass inputs that use them. (The passes "
+                "run in eval mode: a layer used only in training, such as an auxiliary head, "
+                "is never reached.)"
             )
         self._calls = most
         self._batch_count = index + 1
