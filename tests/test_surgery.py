@@ -755,6 +755,35 @@ def test_load_tensorized_keeps_a_shared_module_shared():
     assert isinstance(fresh[0], TTLinear) and fresh[0] is fresh[2]
 
 
+def test_load_tensorized_keeps_a_shared_module_shared_under_a_deduplicated_checkpoint():
+    # safetensors' save_model and save_pretrained keep a shared tensor under one name. The
+    # other name kept its dense module, with its random weight: the module was split in two
+    # and the outputs differed from the saved model's (found by a review, helper 69).
+    def shared_twice():
+        cell = nn.Linear(16, 16, dtype=torch.float64)
+        return nn.Sequential(cell, nn.Tanh(), cell)
+
+    model = shared_twice()
+    tensorize_(model, rank=2)
+    state = {key: value for key, value in model.state_dict().items() if key.startswith("0.")}
+    fresh = shared_twice()
+    with pytest.raises(RuntimeError, match=r'Missing key.*"2\.bias", "2\.cores\.0"'):
+        load_tensorized_(fresh, state)  # strict: missing keys, as load_state_dict reports
+    assert type(fresh[0]) is nn.Linear and fresh[0] is fresh[2]  # and nothing changed
+    loaded = load_tensorized_(fresh, state, strict=False)
+    assert loaded.missing_keys == ["2.bias", "2.cores.0", "2.cores.1"]
+    assert isinstance(fresh[0], TTLinear) and fresh[0] is fresh[2]
+    x = torch.randn(4, 16, dtype=torch.float64)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    # A name with a dense weight of its own in the checkpoint keeps a dense module.
+    dense = shared_twice()[2].state_dict()
+    state.update({f"2.{key}": value for key, value in dense.items()})
+    fresh = shared_twice()
+    load_tensorized_(fresh, state)
+    assert isinstance(fresh[0], TTLinear) and type(fresh[2]) is nn.Linear
+    assert torch.equal(fresh[2].weight, dense["weight"])
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [

@@ -1121,7 +1121,10 @@ def load_tensorized_(
     ``<name>.cores.<k>``) becomes one with the stored modes and ranks, whatever conversion
     made it (a budget, a filter, ``eps``), with the bias, ``requires_grad`` flags and training
     mode of the layer it replaces; a ``TTLinear`` of other modes is rebuilt the same way, one
-    of the same modes is kept (it takes the stored ranks itself). Then ``state_dict`` is
+    of the same modes is kept (it takes the stored ranks itself). A module reachable under
+    several names becomes one layer, under every name the checkpoint stores its cores for
+    and every name it has no keys for (a checkpoint that keeps shared tensors once, as
+    safetensors does; load it with ``strict=False``). Then ``state_dict`` is
     loaded as by ``model.load_state_dict``, which reports any key that matches nothing. As
     with :func:`tensorize_`, each of these layers that is ``linear1`` or ``linear2`` of an
     ``nn.TransformerEncoderLayer`` gets a forward pre-hook that does nothing.
@@ -1174,10 +1177,9 @@ def load_tensorized_(
             cores.setdefault(layer_name, {})[core] = value
 
     # Build every layer first: an error leaves the model as it was. A module reachable under
-    # several names gets one layer, installed under all of those the checkpoint has cores
-    # for (a name it has no keys for keeps the old module). Keys of anything but a
-    # linear layer (a module of the model's own with a list called "cores", a layer the
-    # model lacks) are left to load_state_dict.
+    # several names gets one layer (see below for the names the checkpoint has no cores
+    # for). Keys of anything but a linear layer (a module of the model's own with a list
+    # called "cores", a layer the model lacks) are left to load_state_dict.
     built: dict[str, TTLinear] = {}
     by_module: dict[int, TTLinear] = {}
     kept: list[str] = []
@@ -1245,6 +1247,17 @@ def load_tensorized_(
                 layer.bias.copy_(module.bias)
         built[name] = by_module[id(module)] = layer
 
+    # A shared module's names without a key in the checkpoint get its layer too: a checkpoint
+    # that stores shared tensors once (safetensors' save_model, save_pretrained) has the
+    # cores under one name only, and keeping the old module under the others split the
+    # module in two, with the dense one's random weight in the model. A name with keys of its
+    # own (a dense weight) keeps the old module.
+    for name, module in modules.items():
+        shared = by_module.get(id(module))
+        if shared is not None and name not in built:
+            prefix = f"{name}."
+            if not any(key.startswith(prefix) for key in state_dict):
+                built[name] = shared
     if "" in built:  # the model itself is the layer
         raise ValueError("the model itself is a stored TTLinear; use TTLinear.load_state_dict.")
     undo = _swap(model, list(built.items()))
