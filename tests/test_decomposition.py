@@ -591,6 +591,38 @@ def test_eps_near_the_rounding_of_a_half_precision_result_warns(gen):
         tt_svd(w, (4, 6), (6, 4), eps=0.2)
 
 
+def test_eps_bound_holds_for_a_bfloat16_result_with_tails_on_the_budget():
+    # Found by a review (helper 69): eps set so that a bond's dropped tail sits right at its
+    # tolerance; rounding the cores to bfloat16 then added ~3e-5 to the error, over eps
+    # (0.118572 for eps = 0.118551), with no warning (eps is above 10 bfloat16 units). The
+    # error is measured in float64 on the bfloat16 matrix given.
+    torch.manual_seed(0)
+    w = torch.randn(512, 512).to(torch.bfloat16)
+    modes = (16, 32)
+    w64 = w.double()
+    grid = w64.reshape(*modes, *modes).permute(2, 0, 3, 1).reshape(256, -1)
+    tails = torch.linalg.svdvals(grid).flip(0).square().cumsum(0).flip(0).sqrt()
+    margin = 16 * torch.finfo(torch.float32).eps  # the float32 working margin, for d = 2
+    for rank in (244, 246, 249):
+        eps = float(tails[rank]) / float(w64.norm()) + margin + 1e-12
+        cores = tt_svd(w, modes, modes, eps=eps)
+        error = (w64 - tt_to_dense([c.double() for c in cores])).norm() / w64.norm()
+        assert error <= eps, (rank, eps, float(error))
+        assert relative_error(w, cores) <= eps
+
+
+def test_a_bfloat16_weight_of_subnormal_entries_keeps_the_eps_bound():
+    # The cores' norms for balancing them were float32 norms: squares of entries near 1e-40
+    # underflowed to a norm of 0, the balancing was skipped, and the cores went into
+    # bfloat16's subnormals (error 0.246 for eps = 0.1).
+    torch.manual_seed(0)
+    w = (torch.randn(64, 64, dtype=torch.float64) * 1e-40).to(torch.bfloat16)
+    cores = tt_svd(w, (8, 8), (8, 8), eps=0.1)
+    w64 = w.double()
+    error = (w64 - tt_to_dense([c.double() for c in cores])).norm() / w64.norm()
+    assert error <= 0.1
+
+
 @pytest.mark.parametrize(
     ("matrix", "error", "match"),
     [

@@ -172,16 +172,26 @@ def _norm(tensor: torch.Tensor) -> float:
 # --- truncation ----------------------------------------------------------------------------
 
 
-def _bond_tolerance(eps: float | None, d: int, norm: float, dtype: torch.dtype) -> float | None:
-    """Per-bond tail tolerance ``eps / sqrt(d - 1) * ||W||_F``, less a rounding margin.
+def _bond_tolerance(
+    eps: float | None, d: int, norm: float, dtype: torch.dtype, result: torch.dtype
+) -> float | None:
+    """Per-bond tail tolerance ``eps / sqrt(d - 1) * ||W||_F``, less rounding margins.
 
-    The margin (a few units of working precision per core) keeps the guarantee true for the
-    error as measured in that precision, not only in exact arithmetic.
+    The first margin (a few units of working precision per core) keeps the guarantee true
+    for the error as measured in that precision, not only in exact arithmetic. Cores
+    returned in half precision (``result``) are rounded once more, by about
+    ``sqrt(d / 3)`` units of roundoff of ``W`` in all: an error that, unrelated to the
+    truncation's, adds to it in quadrature. The truncation gets what is left of ``eps`` after
+    ``sqrt(d)`` units of ``result``'s precision (3.5 times that rounding); without this, a
+    bfloat16 weight truncated right at ``eps`` came out up to 3e-5 over it.
     """
     if eps is None or d < 2:
         return None
-    margin = 8 * d * torch.finfo(dtype).eps
-    return max(float(eps) - margin, 0.0) / math.sqrt(d - 1) * norm
+    allowed = max(float(eps) - 8 * d * torch.finfo(dtype).eps, 0.0)
+    if result in (torch.float16, torch.bfloat16):
+        rounding = math.sqrt(d) * torch.finfo(result).eps
+        allowed = math.sqrt(max(allowed**2 - rounding**2, 0.0))
+    return allowed / math.sqrt(d - 1) * norm
 
 
 def _truncation_rank(
@@ -279,7 +289,7 @@ def tt_svd(
     # (n_1..n_d, m_1..m_d) -> (m_1, n_1, m_2, n_2, ..., m_d, n_d): core k's middle dims.
     pairs = [axis for k in range(d) for axis in (d + k, k)]
     rest = work.reshape(*out_modes_t, *in_modes_t).permute(pairs).reshape(1, -1)
-    tolerance = _bond_tolerance(eps, d, _norm(work), work.dtype)
+    tolerance = _bond_tolerance(eps, d, _norm(work), work.dtype, matrix.dtype)
     exact = rank is None and eps is None
 
     cores: list[torch.Tensor] = []
@@ -303,7 +313,10 @@ def cast_cores(cores: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tens
     ``W`` to the power ``1/d``.
     """
     if dtype in (torch.float16, torch.bfloat16):
-        norms = [float(torch.linalg.vector_norm(core)) for core in cores]
+        # _norm: in float32 the squares of entries below 1e-19 underflow, to a norm of 0
+        # that skipped the scaling (a weight of such entries then lost most of its bits
+        # in bfloat16's subnormals).
+        norms = [_norm(core) for core in cores]
         if all(0.0 < norm < math.inf for norm in norms):
             mean = math.exp(sum(math.log(norm) for norm in norms) / len(norms))
             cores = [core * (mean / norm) for core, norm in zip(cores, norms, strict=True)]
@@ -371,7 +384,7 @@ def tt_round(
     _warn_below_precision(eps, _working_dtype(dtype), dtype)
     work = _orthogonalize_right([core.detach().to(_working_dtype(dtype)) for core in cores])
     norm = _norm(work[0])
-    tolerance = _bond_tolerance(eps, d, norm, work[0].dtype)
+    tolerance = _bond_tolerance(eps, d, norm, work[0].dtype, dtype)
     exact = rank is None and eps is None
     for k in range(d - 1):
         # Cores < k are left-orthonormal, cores > k right-orthonormal: the SVD of core k is
