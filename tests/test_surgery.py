@@ -317,6 +317,29 @@ def test_atomic_on_bad_weight(bad, calibrated):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError("out of memory"), UnicodeDecodeError("utf-8", b"x", 0, 1, "bad")],
+    ids=["keeps-its-class", "takes-no-message"],
+)
+def test_an_error_in_a_layer_keeps_its_class_where_it_can(error, monkeypatch):
+    # Wrapped to name the layer, an OutOfMemoryError came out as a plain RuntimeError, which
+    # a caller's `except torch.OutOfMemoryError` (to retry on a smaller device) missed. A
+    # class whose constructor takes more than a message gives its builtin base class.
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(TTLinear, "from_dense", fails)
+    model = make_net()
+    before = snapshot(model)
+    kind = type(error) if isinstance(error, torch.OutOfMemoryError) else ValueError
+    with pytest.raises(kind, match=r"cannot tensorize layer 'blocks\.0\.up'") as caught:
+        tensorize_(model, rank=2)
+    assert type(caught.value) is kind
+    assert caught.value.__cause__ is error
+    assert_unchanged(model, before)
+
+
 def test_atomic_on_bad_rank_sequence():
     # A rank sequence for 2 cores; blocks.*.up (16 -> 32) gets 2 cores, but with num_cores=3
     # every layer has 3, so the first layer fails and nothing changes.

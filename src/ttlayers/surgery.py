@@ -687,9 +687,20 @@ class _Converted:
 
 
 def _wrap(names: list[str], error: Exception) -> Exception:
-    """The same kind of error, naming the layer (callers catch what from_dense raises)."""
+    """The same error, naming the layer (callers catch what from_dense raises).
+
+    Of the same class where it takes a message (``torch.OutOfMemoryError``, which a caller
+    may catch to retry, or ``LinAlgError``), else of the builtin class it derives from.
+    """
+    message = f"cannot tensorize layer '{names[0]}': {error}"
+    try:
+        wrapped = type(error)(message)
+        if str(wrapped) == message:
+            return wrapped
+    except Exception:  # a constructor that takes other arguments
+        pass
     kind = next(k for k in (ValueError, TypeError, RuntimeError) if isinstance(error, k))
-    return kind(f"cannot tensorize layer '{names[0]}': {error}")
+    return kind(message)
 
 
 def _cannot_shrink(linear: nn.Linear, num_cores: int | None) -> str | None:
