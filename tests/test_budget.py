@@ -333,6 +333,22 @@ def test_allocate_evenly_keeps_every_layer_within_its_share():
         allocate_evenly(options, [1, 1000, 1000])
     with pytest.raises(ValueError, match="one entry per layer"):
         allocate_evenly(options, [1000])
+    # Found by a review: a str budget failed inside a comparison, a float one was taken, and
+    # a layer without options was "below its smallest TT form (0)".
+    for bad in ("1000", 1000.5, True):
+        with pytest.raises(TypeError, match=r"budgets\[1\] must be an int"):
+            allocate_evenly(options, [1000, bad, 1500])
+    with pytest.raises(ValueError, match="layer 1 has no options"):
+        allocate_evenly([options[0], []], [1000, 1000])
+    assert allocate_evenly(options, [np.int64(s) for s in shares]) == choices
+
+
+def test_bond_spectra_name_modes_that_do_not_fit_the_matrix():
+    # A raw reshape error before.
+    with pytest.raises(ValueError, match=r"in_modes must multiply to in_features=4"):
+        bond_spectra(torch.randn(4, 4), (2, 3), (2, 2))
+    with pytest.raises(ValueError, match="2-D"):
+        bond_spectra(torch.randn(16), (4, 4), (1, 1))
 
 
 @pytest.mark.parametrize("calibrated", [False, True])

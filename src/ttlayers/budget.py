@@ -120,7 +120,14 @@ def bond_spectra(
 
     Returns:
         ``d - 1`` tensors of singular values, descending, in float64 on the matrix's device.
+
+    Raises:
+        TypeError: If ``matrix`` is not a floating-point tensor, or a mode is not an int.
+        ValueError: If ``matrix`` is not 2-D, or the modes do not multiply to its sizes.
     """
+    check_matrix(matrix)
+    out_features, in_features = matrix.shape
+    in_modes, out_modes = validate_modes(in_features, out_features, in_modes, out_modes)
     d = len(in_modes)
     work = matrix.detach().to(torch.float64)
     pairs = [axis for k in range(d) for axis in (d + k, k)]
@@ -399,7 +406,8 @@ def allocate_evenly(
         One :class:`RankChoice` per layer, in order.
 
     Raises:
-        ValueError: If the lengths differ, or a layer has no option within its budget.
+        TypeError: If a budget is not an int.
+        ValueError: If the lengths differ, a layer has no options, or none within its budget.
     """
     if len(options) != len(budgets):
         raise ValueError(
@@ -408,9 +416,14 @@ def allocate_evenly(
         )
     choices = []
     for k, (layer, budget) in enumerate(zip(options, budgets, strict=True)):
+        given: object = budget  # checked as what a caller may pass, as in allocate
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+            raise TypeError(f"budgets[{k}] must be an int; got {type(given).__name__}.")
+        if not layer:
+            raise ValueError(f"layer {k} has no options to choose from.")
         fitting = [option for option in layer if option.parameters <= budget]
         if not fitting:
-            smallest = min((option.parameters for option in layer), default=0)
+            smallest = min(option.parameters for option in layer)
             raise ValueError(
                 f"layer {k}'s budget of {budget:,} core parameters is below its smallest TT "
                 f"form ({smallest:,}); allow more parameters (a lower compression)."
