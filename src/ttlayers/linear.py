@@ -44,7 +44,7 @@ def _caller_stacklevel() -> int:
     per level of nesting: a fixed ``stacklevel`` pointed into ``torch/nn/modules/module.py``.
     This skips those frames (and ttlayers' own) to the first frame of the caller's code.
     """
-    skipped = (os.path.dirname(nn.Module.__init__.__code__.co_filename), os.path.dirname(__file__))
+    skipped = (os.path.dirname(nn.modules.module.__file__), os.path.dirname(__file__))
     frame = sys._getframe(2)  # the frame that called _load_from_state_dict: stacklevel 2
     level = 2
     while frame.f_back is not None and os.path.dirname(frame.f_code.co_filename) in skipped:
@@ -405,14 +405,16 @@ class TTLinear(nn.Module):
         its bias if this layer's is.
         """
         core = self.cores[0]
-        linear = nn.Linear(  # on meta, then empty storage: no initial values to draw
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device="meta",
-            dtype=core.dtype,
-        ).to_empty(device=core.device)
-        with torch.no_grad():
+        # Ordinary tensors under inference_mode too, as from_dense and round make: the layer
+        # is meant to be trained, and an optimizer step on an inference tensor raises.
+        with ordinary_tensors(), torch.no_grad():
+            linear = nn.Linear(  # on meta, then empty storage: no initial values to draw
+                self.in_features,
+                self.out_features,
+                bias=self.bias is not None,
+                device="meta",
+                dtype=core.dtype,
+            ).to_empty(device=core.device)
             linear.weight.copy_(self.to_dense())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
