@@ -816,6 +816,26 @@ def test_jit_trace_never_builds_the_dense_weight(monkeypatch):
     _check_at_other_batch_sizes(traced, model, (3,))
 
 
+def test_a_make_fx_graph_reads_the_current_cores():
+    # Found by a review (helper 71): make_fx traces through a dispatch mode, which the cache
+    # did not notice. After one inference call, the graph held the cached blocks as
+    # constants and ignored a later change of the cores (relative error 0.5).
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = _wide_model().eval()
+    x = torch.randn(8, 512)
+
+    def infer(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    infer(x)  # an inference call first: its cached blocks must not enter the graph
+    graph = make_fx(infer)(x)
+    with torch.no_grad():
+        model[0].cores[1].mul_(-2.0)  # the graph holds the parameters themselves
+    assert_close(graph(x).double(), _dense_float64(model)(x.double()), **EXPORT_TOL)
+
+
 def test_jit_trace_reads_the_current_cores_and_backpropagates():
     model = _wide_model().eval()
     x = torch.randn(8, 512)

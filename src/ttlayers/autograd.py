@@ -243,10 +243,16 @@ def plain_tensors(*tensors: torch.Tensor | None) -> bool:
     ``torch.autograd.functional.jacobian(..., vectorize=True)`` use. Only then may products
     write into buffers (``out=``, which those have no rules for) or results be cached by
     value (a cache drops tangents, and a trace would keep the cached values as constants).
+    Also false under any ``TorchDispatchMode``: ``make_fx``'s tracer is one, and its graph
+    kept a cached block as a constant, blind to later changes of the cores; others (a FLOP
+    counter) then see the products that merge the blocks.
     """
     # The current forward-mode AD level (-1 outside any); unknown on another torch: say no.
     level = getattr(torch.autograd.forward_ad, "_current_level", None)
     if torch.compiler.is_compiling() or jit_tracing() or level is None or level >= 0:
+        return False
+    modes = getattr(torch._C, "_len_torch_dispatch_stack", None)  # user and infra modes
+    if modes is None or modes():
         return False
     functorch = torch._C._functorch
     wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
