@@ -1195,6 +1195,37 @@ def test_bias_on_another_device_than_the_cores_is_refused(kind):
         tt_linear(x, cores, bias, plan=plan)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("other", ["meta", "float64"])
+def test_a_core_of_another_device_or_dtype_is_refused(other, grad):
+    # Found by a review (helper 68): only the first core's dtype and device were checked. A
+    # meta core among CPU ones (a checkpoint lacking it, loaded with assign=True) gave
+    # uninitialized memory, different on every call; a float64 one a RuntimeError from
+    # inside a product. to_dense() already refused both.
+    layer = TTLinear(24, 30, rank=3, in_modes=(4, 6), out_modes=(5, 6))
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        layer(x)  # an inference cache entry for the old cores, on the CPU path
+    core = layer.cores[1]
+    layer.cores[1] = torch.nn.Parameter(
+        torch.empty_like(core, device="meta") if other == "meta" else core.double()
+    )
+    second = "float32 on meta" if other == "meta" else "float64 on cpu"
+    match = rf"share one dtype and device; got cores\[0\] torch.float32 on cpu and .*{second}"
+    with torch.set_grad_enabled(grad), pytest.raises(TypeError, match=match):
+        layer(x)
+
+
+def test_tt_linear_names_an_input_that_is_not_a_tensor_and_takes_any_iterable_of_cores():
+    cores = make_cores((4, 6), (5, 6), 3)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    with pytest.raises(TypeError, match="tt_linear expected input to be a tensor; got ndarray"):
+        tt_linear(x.numpy(), cores)  # an AttributeError (is_nested) before
+    with pytest.raises(TypeError, match="got one tensor of shape"):
+        tt_linear(x, cores[0])
+    assert torch.equal(tt_linear(x, iter(cores)), tt_linear(x, cores))
+
+
 @pytest.mark.parametrize("shape", [(1, 30), (30, 1)])
 @pytest.mark.parametrize("kind", ["dense", "twoblock", "chain"])
 def test_bias_of_the_right_size_but_wrong_shape_is_refused(shape, kind):

@@ -789,6 +789,19 @@ def test_to_linear_and_round_keep_mode_and_flags_and_draw_nothing():
     assert [c.requires_grad for c in layer.round(rank=2).cores] == [False, True]
 
 
+def test_to_linear_inside_inference_mode_makes_a_trainable_layer():
+    # Found by a review (helper 68): its parameters were inference tensors, so the first
+    # optimizer step raised; round, from_dense and from_cores made ordinary ones already.
+    layer = TTLinear(24, 12, 4, num_cores=2)
+    with torch.inference_mode():
+        linear = layer.to_linear()
+    assert not any(p.is_inference() for p in linear.parameters())
+    torch.testing.assert_close(linear.weight, layer.to_dense(), rtol=0, atol=0)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.1)
+    linear(torch.randn(3, 24)).sum().backward()
+    optimizer.step()
+
+
 @requires_cuda
 def test_cuda_forward_backward_matches_cpu():
     torch.manual_seed(0)

@@ -1020,11 +1020,15 @@ def tt_linear(
 
     Raises:
         TypeError: If the input, the cores or the bias are not real floating-point tensors of
-            one dtype.
+            one dtype, or the cores are not all on one device.
         ValueError: If the cores do not chain, the input's last dimension is not
             ``prod m_k``, the bias's shape is not ``(prod n_k,)``, or the input or the bias
             is on another device than the cores.
     """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"tt_linear expected input to be a tensor; got {type(input).__name__}.")
+    if not isinstance(cores, (list, tuple)):  # a ParameterList, a generator; or one tensor
+        cores = core_list(cores)
     if input.is_nested:
         # F.linear takes nested tensors, and nn.TransformerEncoder packs a padded batch into
         # one in eval mode. Jagged: the rows are one tensor, and the result keeps the
@@ -1108,6 +1112,9 @@ def tt_linear(
                 return y.reshape(*input.shape[:-1], entry.out_features)
     in_modes, out_modes, ranks = core_shapes(cores)
     check_real_floating(cores[0].dtype, "the cores' dtype")
+    # All of them: a core of another dtype failed inside a product, and a meta core among
+    # CPU ones gave uninitialized memory (a checkpoint loaded with assign=True that lacks it).
+    check_same_kind(cores)
     check_real_floating(input.dtype, "input's dtype")
     m, n = math.prod(in_modes), math.prod(out_modes)
     if input.dim() == 0 or input.shape[-1] != m:
