@@ -1224,6 +1224,8 @@ def test_tt_linear_names_an_input_that_is_not_a_tensor_and_takes_any_iterable_of
     with pytest.raises(TypeError, match="got one tensor of shape"):
         tt_linear(x, cores[0])
     assert torch.equal(tt_linear(x, iter(cores)), tt_linear(x, cores))
+    with pytest.raises(TypeError, match=r"dense or nested input; got layout torch\.sparse_coo"):
+        tt_linear(x.to_sparse(), cores)  # a reshape error from inside before
 
 
 @pytest.mark.parametrize("shape", [(1, 30), (30, 1)])

@@ -1027,6 +1027,11 @@ def tt_linear(
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"tt_linear expected input to be a tensor; got {type(input).__name__}.")
+    if input.layout not in (torch.strided, torch.jagged):  # nested tensors are one of these
+        raise TypeError(
+            f"tt_linear expected a dense or nested input; got layout {input.layout} (a sparse "
+            "input can be made dense with input.to_dense())."
+        )
     if not isinstance(cores, (list, tuple)):  # a ParameterList, a generator; or one tensor
         cores = core_list(cores)
     if input.is_nested:
