@@ -1402,3 +1402,72 @@ def test_chains_of_more_cores_than_einsum_has_letters_for_run():
     expected = x @ tt_to_dense(cores).T
     # float64 sums of 2^17 products of order 1: 1e-9 is far above rounding.
     torch.testing.assert_close(tt_linear(x, cores, plan=chain[0]), expected, rtol=1e-9, atol=1e-9)
+
+
+def _every_plan(in_modes, out_modes, ranks, batches):
+    """Every distinct candidate plan at these batch sizes (chunked ones from the large)."""
+    plans = {}
+    for batch in batches:
+        for plan in candidate_plans(batch, in_modes, out_modes, ranks, largest=4 * batch):
+            plans.setdefault(plan, None)
+    return list(plans)
+
+
+@pytest.mark.parametrize("batch", [1, 6, 96])
+def test_every_plan_output_can_be_changed_in_place_before_backward(batch):
+    # Found by a review (helper 73): the two-block Function returned a view of a product
+    # it made, which autograd forbids changing in place: nn.ReLU(inplace=True) after a
+    # TTLinear, or y += residual, raised in training at the default plans. Each plan's
+    # output, changed in place, must give the values and gradients of the dense float64 layer.
+    in_modes, out_modes = (4, 8, 8, 4), (4, 8, 8, 4)
+    cores = make_cores(in_modes, out_modes, 8)
+    ranks = (1, *(c.shape[3] for c in cores))
+    torch.manual_seed(1)
+    x0 = torch.randn(batch, 1024, dtype=torch.float64)
+    bias0 = torch.randn(1024, dtype=torch.float64)
+    target = torch.randn(batch, 1024, dtype=torch.float64)
+
+    def step(run):
+        x = x0.clone().requires_grad_(True)
+        leaves = [c.clone().requires_grad_(True) for c in cores]
+        bias = bias0.clone().requires_grad_(True)
+        y = run(x, leaves, bias)
+        y += target  # a residual
+        y.relu_()  # nn.ReLU(inplace=True)
+        y.square().sum().backward()
+        return y.detach(), [x.grad, *(c.grad for c in leaves), bias.grad]
+
+    def dense(x, leaves, bias):
+        return torch.nn.functional.linear(x, tt_to_dense(leaves), bias)
+
+    want_y, want_grads = step(dense)
+    plans = _every_plan(in_modes, out_modes, ranks, [batch])
+    assert {plan.kind for plan in plans} >= {"twoblock", "dense"}
+    for plan in plans:
+        y, grads = step(lambda x, leaves, bias, plan=plan: tt_linear(x, leaves, bias, plan=plan))
+        # float64 throughout: products in another order differ by ~1e-15 relative.
+        torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10, msg=str(plan))
+        for got, want in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=str(plan))
+
+
+def test_a_frozen_layer_neither_keeps_its_input_nor_refuses_an_in_place_change_of_it():
+    # Found by a review (helper 73): the two-block Function saved the input for every
+    # backward pass, though the input's gradient needs only the blocks. With frozen cores an
+    # in-place change of the input after the forward pass raised, where nn.Linear's did not.
+    in_modes, out_modes = (4, 8, 8, 4), (4, 8, 8, 4)
+    cores = make_cores(in_modes, out_modes, 8)
+    ranks = (1, *(c.shape[3] for c in cores))
+    torch.manual_seed(2)
+    x0 = torch.randn(32, 1024, dtype=torch.float64)
+    weight = tt_to_dense(cores)
+    plans = _every_plan(in_modes, out_modes, ranks, [1, 32])
+    assert any(plan.kind == "twoblock" for plan in plans)
+    for plan in plans:
+        x = x0.clone().requires_grad_(True)
+        h = x * 1.0
+        y = tt_linear(h, cores, plan=plan)
+        h.mul_(2.0)  # the layer's input, changed after the forward pass
+        y.sum().backward()
+        want = torch.ones(32, 1024, dtype=torch.float64) @ weight
+        torch.testing.assert_close(x.grad, want, rtol=1e-10, atol=1e-10, msg=str(plan))

@@ -362,7 +362,12 @@ class TwoBlockProduct(torch.autograd.Function):
         layout: TwoBlockLayout,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute ``y``, and ``Z`` if it is to be kept."""
-        return two_block_forward(x, first, second, bias, layout)
+        y, z = two_block_forward(x, first, second, bias, layout)
+        # y is often a view of a product made here ((B, N_s, N_f) as rows), and autograd
+        # forbids changing a custom Function's view output in place (nn.ReLU(inplace=True)
+        # after the layer, y += residual). Its base is internal, never an input: detached,
+        # y is a tensor of its own to autograd.
+        return y.detach(), z
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -375,6 +380,11 @@ class TwoBlockProduct(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.layout = layout
         kept = z if layout.keep and layout.chunks == 1 else None
+        # The input only for the blocks' gradients (the input's needs the blocks alone): a
+        # frozen layer neither keeps it nor refuses a later in-place change of it, as
+        # nn.Linear does not. A placeholder of its shape, zero strides, holds no memory.
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            x = x.new_empty(()).expand(x.shape)
         ctx.save_for_backward(x, first, second, kept)
 
     @staticmethod
