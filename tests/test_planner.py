@@ -1153,6 +1153,11 @@ def test_set_cost_model_checks_cache_and_chunks_and_accepts_zero_costs():
         for field, value in (*bad, ("cache_traffic", 1.5), ("cache_traffic", math.nan)):
             with pytest.raises(ValueError, match=field):
                 set_cost_model("cpu", dataclasses.replace(default, **{field: value}))
+        # Found by a review (helper 73): a float passed, then a chunked plan's products
+        # failed (tensor_split() got a float).
+        for field, value in (("cache_bytes", 1e6), ("max_chunks", 4.0), ("max_chunks", True)):
+            with pytest.raises(TypeError, match=f"model.{field} must be an int"):
+                set_cost_model("cpu", dataclasses.replace(default, **{field: value}))
         set_cost_model("cpu", dataclasses.replace(default, overhead=0.0, matrix_overhead=0.0))
         set_cost_model("cpu", dataclasses.replace(default, cache_traffic=1.0))
         set_cost_model("cuda", DEFAULT_COST_MODELS["cuda"])
@@ -1161,3 +1166,27 @@ def test_set_cost_model_checks_cache_and_chunks_and_accepts_zero_costs():
         set_cost_model("cuda", None)
     with pytest.raises(ValueError, match="repeats must be a positive int"):
         calibrate("cpu", repeats=True)
+
+
+def test_max_chunks_of_one_never_chunks_for_the_cache():
+    """Finds: chunks capped at max_chunks, then raised to 2 for an intermediate past the cache.
+
+    CostModel.max_chunks is "at most this many chunks"; with 1, tables chunked from 128 rows
+    in inference and 48 in training (helper 73). Only the memory bound may chunk then, as
+    it does for a model without a cache (cache_bytes=0).
+    """
+    shape = ((4, 8, 8, 4), (4, 8, 8, 4), (1, 16, 64, 16, 1))
+    default = DEFAULT_COST_MODELS["cpu"]
+    found = {}
+    try:
+        for name, model in (
+            ("one", dataclasses.replace(default, max_chunks=1)),
+            ("no cache", dataclasses.replace(default, cache_bytes=0)),
+        ):
+            set_cost_model("cpu", model)
+            found[name] = [
+                candidate_plans(batch, *shape, threads=1) for batch in (64, 256, 1024, 8192)
+            ]
+    finally:
+        set_cost_model("cpu", None)
+    assert found["one"] == found["no cache"]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import string
 import time
 from collections.abc import Callable, Sequence
@@ -205,6 +206,11 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
                 raise ValueError(
                     f"model.{name} must be >= 0 and finite; got {getattr(model, name)!r}."
                 )
+        for name in ("cache_bytes", "max_chunks"):
+            value: object = getattr(model, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                # A float (cache_bytes=1e6) failed later, in the products of a chunked plan.
+                raise TypeError(f"model.{name} must be an int; got {type(value).__name__}.")
         if model.cache_bytes < 0 or model.max_chunks < 1:
             raise ValueError("model.cache_bytes must be >= 0 and model.max_chunks >= 1.")
         if not 0 <= model.cache_traffic <= 1:
@@ -851,9 +857,9 @@ def candidate_plans(
             chunks = 1
             if costing.cache_bytes:  # each chunk's intermediate in the cache
                 chunks = -(-batch * row_elements * costing.itemsize // costing.cache_bytes)
-                chunks = min(chunks, costing.model.max_chunks)
                 if batch * row_elements * costing.itemsize > costing.model.cache_bytes:
                     chunks = max(chunks, 2)  # an unchunked plan's Z in training (_twoblock_time)
+                chunks = min(chunks, costing.model.max_chunks)  # 1: never for the cache
             # The rows a chunk may hold within memory_budget at every batch from batch to
             # top, as plan_memory counts (the layer's output and input gradient are on both
             # sides): in training a chunk's dZ, Q and transposed rows (or Z, dZ and the
@@ -954,8 +960,10 @@ def choose_plan(
         threads=threads,
         largest=largest,
     )
-    if max_chunks is not None and max_chunks <= 1:
-        candidates = [plan for plan in candidates if plan.chunks <= max_chunks]
+    if max_chunks is not None and max_chunks < 1:
+        raise ValueError(f"max_chunks must be at least 1; got {max_chunks}.")
+    if max_chunks == 1:
+        candidates = [plan for plan in candidates if plan.chunks == 1]
     elif max_chunks is not None:
         # Dropped instead, a graph that served batch sizes from a small bound up (48 rows
         # for some layers) lost the two-block plans at large batches to the dense one,
