@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,7 +41,7 @@ import torch
 
 from ttlayers.calibration import DEFAULT_RIDGE, ActivationStatistics, weighted_problem
 from ttlayers.decomposition import check_matrix
-from ttlayers.shapes import max_ranks, num_parameters, suggest_modes, validate_modes
+from ttlayers.shapes import is_int, max_ranks, num_parameters, suggest_modes, validate_modes
 
 __all__ = [
     "RankChoice",
@@ -335,7 +334,7 @@ def allocate(options: Sequence[Sequence[RankChoice]], budget: int) -> list[RankC
         True
     """
     given: object = budget  # checked as what a caller may pass (a NumPy int, say)
-    if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+    if not is_int(given):
         raise TypeError(f"budget must be an int; got {type(budget).__name__}.")
     budget = int(given)
     frontiers = []
@@ -417,7 +416,7 @@ def allocate_evenly(
     choices = []
     for k, (layer, budget) in enumerate(zip(options, budgets, strict=True)):
         given: object = budget  # checked as what a caller may pass, as in allocate
-        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+        if not is_int(given):
             raise TypeError(f"budgets[{k}] must be an int; got {type(given).__name__}.")
         if not layer:
             raise ValueError(f"layer {k} has no options to choose from.")

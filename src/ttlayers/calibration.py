@@ -72,7 +72,7 @@ import torch
 
 from ttlayers.contraction import check_bias, tt_to_dense
 from ttlayers.decomposition import cast_cores, check_matrix, tt_svd
-from ttlayers.shapes import resolve_ranks, validate_modes
+from ttlayers.shapes import is_int, resolve_ranks, validate_modes
 
 __all__ = ["ActivationStatistics", "TTFit", "WeightedProblem", "fit_tt", "weighted_problem"]
 
@@ -132,7 +132,7 @@ class ActivationStatistics:
         device: torch.device | str | None = None,
     ) -> None:
         given: object = in_features  # checked as what a caller may pass, not as annotated
-        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+        if not is_int(given):
             raise TypeError(f"in_features must be an int; got {type(given).__name__}.")
         if in_features < 1:
             raise ValueError(f"in_features must be a positive int; got {in_features!r}.")
@@ -844,7 +844,7 @@ def fit_tt(
         ("cg_steps", cg_steps),
     )
     for name, value in options:  # checked as what a caller may pass, not as annotated
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not is_int(value):
             raise TypeError(f"{name} must be an int >= 0; got {type(value).__name__} {value!r}.")
         if value < 0:
             raise ValueError(f"{name} must be an int >= 0; got {value!r}.")

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import string
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +45,8 @@ from functools import lru_cache
 
 import opt_einsum
 import torch
+
+from ttlayers.shapes import is_int
 
 __all__ = [
     "DEFAULT_COST_MODELS",
@@ -208,7 +209,7 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
                 )
         for name in ("cache_bytes", "max_chunks"):
             value: object = getattr(model, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if not is_int(value):
                 # A float (cache_bytes=1e6) failed later, in the products of a chunked plan.
                 raise TypeError(f"model.{name} must be an int; got {type(value).__name__}.")
         if model.cache_bytes < 0 or model.max_chunks < 1:

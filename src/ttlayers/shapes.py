@@ -15,6 +15,7 @@ import operator
 import warnings
 from collections.abc import Sequence
 from functools import reduce
+from typing import TypeGuard
 
 import numpy as np
 
@@ -33,15 +34,15 @@ def _prod(values: Sequence[int]) -> int:
     return reduce(operator.mul, values, 1)
 
 
-def _is_int(value: object) -> bool:
-    # NumPy's integers too, as nn.Linear accepts them; bools are not sizes.
+def is_int(value: object) -> TypeGuard[numbers.Integral]:
+    """Whether ``value`` is an integer as an argument may be one: NumPy's too, not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_positive_int(name: str, value: object) -> int:
-    if not _is_int(value):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}.")
-    number: int = operator.index(value)  # type: ignore[arg-type]
+    number: int = operator.index(value)
     if number < 1:
         raise ValueError(f"{name} must be a positive int; got {number}.")
     return number
@@ -266,7 +267,7 @@ def _as_int_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:
     if len(values) == 0:
         raise ValueError(f"{name} must hold at least one mode; got an empty sequence.")
     for value in values:
-        if not _is_int(value):
+        if not is_int(value):
             raise TypeError(f"{name} must hold ints; got {tuple(values)!r}.")
         if value < 1:
             raise ValueError(f"{name} must hold positive ints; got {tuple(values)}.")
@@ -333,8 +334,8 @@ def resolve_ranks(
     d = len(caps) - 1
     if isinstance(rank, bool):
         raise TypeError(f"rank must be an int or a sequence of ints; got {rank!r}.")
-    if _is_int(rank):
-        cap_all = operator.index(rank)  # type: ignore[arg-type]
+    if is_int(rank):
+        cap_all = operator.index(rank)
         if cap_all < 1:
             raise ValueError(f"rank must be a positive int; got {cap_all}.")
         return tuple(min(cap_all, cap) for cap in caps)

@@ -47,7 +47,7 @@ from ttlayers.capture import ActivationCapture
 from ttlayers.contraction import core_shapes
 from ttlayers.decomposition import check_eps
 from ttlayers.linear import TTLinear, core_index, ordinary_tensors, zero_initialized
-from ttlayers.shapes import num_parameters, suggest_modes, validate_modes
+from ttlayers.shapes import is_int, num_parameters, suggest_modes, validate_modes
 
 __all__ = ["LayerReport", "SkippedLayer", "TensorizeReport", "load_tensorized_", "tensorize_"]
 
@@ -280,7 +280,7 @@ def _check_arguments(
             f"{type(filter_fn).__name__}."
         )
     if num_cores is not None:
-        if isinstance(num_cores, bool) or not isinstance(num_cores, numbers.Integral):
+        if not is_int(num_cores):
             raise TypeError(f"num_cores must be an int or None; got {num_cores!r}.")
         if num_cores < 1:
             raise ValueError(f"num_cores must be a positive int; got {num_cores}.")
@@ -297,9 +297,7 @@ def _check_budget(compression: object, params: object, rank: object, eps: object
                 f"compression must be a finite ratio > 1 (dense parameters / TT parameters); "
                 f"got {compression}."
             )
-    if params is not None and (
-        isinstance(params, bool) or not isinstance(params, numbers.Integral)
-    ):
+    if params is not None and not is_int(params):
         raise TypeError(f"params must be an int or None; got {type(params).__name__}.")
     if params is not None and params < 1:
         raise ValueError(f"params must be a positive number of parameters; got {params}.")
@@ -323,7 +321,7 @@ def _check_fit_options(
     if allocation is not None and allocation not in ("errors", "even"):
         raise ValueError(f'allocation must be "errors" or "even"; got {allocation!r}.')
     if sweeps is not None:
-        if isinstance(sweeps, bool) or not isinstance(sweeps, numbers.Integral):
+        if not is_int(sweeps):
             raise TypeError(f"sweeps must be an int >= 0; got {type(sweeps).__name__} {sweeps!r}.")
         if sweeps < 0:
             raise ValueError(f"sweeps must be an int >= 0; got {sweeps!r}.")
