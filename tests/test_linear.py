@@ -639,6 +639,14 @@ def test_numpy_integers_are_accepted_as_sizes_and_ranks():
     assert all(type(v) is int for v in (layer.in_features, *layer.in_modes, *layer.out_modes))
     with pytest.raises(TypeError, match="in_features"):
         TTLinear(24.0, 6)
+    # A vector of ranks is read as modes are: a 1-D NumPy array is a sequence of ints.
+    vector = TTLinear(64, 64, rank=np.array([3, 5]), num_cores=3)
+    assert vector.ranks == (1, 3, 5, 1)
+    assert all(type(r) is int for r in vector.ranks)
+    with pytest.raises(TypeError, match="rank must hold ints"):
+        TTLinear(64, 64, rank=np.array([3.0, 5.0]), num_cores=3)
+    with pytest.raises(TypeError, match="rank must be an int or a sequence"):
+        TTLinear(64, 64, rank=np.array([[3, 5]]), num_cores=3)
 
 
 def test_to_linear_roundtrip():

@@ -577,6 +577,9 @@ def test_numpy_scalars_are_accepted_as_numbers():
     for layer, expected in zip(model, reference, strict=True):
         if isinstance(expected, TTLinear):
             assert layer.ranks == expected.ranks
+    vector = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    rows = tensorize_(vector, rank=np.array([3, 5]), num_cores=3).layers
+    assert [row.ranks for row in rows] == [(1, 3, 5, 1), (1, 3, 5, 1)]
     budgeted = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     assert tensorize_(budgeted, params=np.int64(3000)).budget == 3000
     ratio = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))

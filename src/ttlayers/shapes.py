@@ -39,6 +39,13 @@ def is_int(value: object) -> TypeGuard[numbers.Integral]:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def as_rank_argument(rank: object) -> object:
+    """A 1-D NumPy array of ranks as a tuple of Python ints, as modes are read; else ``rank``."""
+    if isinstance(rank, np.ndarray) and rank.ndim == 1:
+        return tuple(rank.tolist())
+    return rank
+
+
 def _check_positive_int(name: str, value: object) -> int:
     if not is_int(value):
         raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}.")
@@ -332,6 +339,7 @@ def resolve_ranks(
     """
     caps = max_ranks(in_modes, out_modes)
     d = len(caps) - 1
+    rank = as_rank_argument(rank)  # type: ignore[assignment]
     if isinstance(rank, bool):
         raise TypeError(f"rank must be an int or a sequence of ints; got {rank!r}.")
     if is_int(rank):

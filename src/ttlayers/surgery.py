@@ -47,7 +47,13 @@ from ttlayers.capture import ActivationCapture
 from ttlayers.contraction import core_shapes
 from ttlayers.decomposition import check_eps
 from ttlayers.linear import TTLinear, core_index, ordinary_tensors, zero_initialized
-from ttlayers.shapes import is_int, num_parameters, suggest_modes, validate_modes
+from ttlayers.shapes import (
+    as_rank_argument,
+    is_int,
+    num_parameters,
+    suggest_modes,
+    validate_modes,
+)
 
 __all__ = ["LayerReport", "SkippedLayer", "TensorizeReport", "load_tensorized_", "tensorize_"]
 
@@ -539,6 +545,7 @@ def tensorize_(
         >>> all(r.output_error <= r.tt_svd_output_error for r in report.layers)
         True
     """
+    rank = as_rank_argument(rank)  # type: ignore[assignment]
     _check_arguments(model, rank, eps, filter_fn, num_cores)
     _check_budget(compression, params, rank, eps)
     if num_cores == 1 and (compression is not None or params is not None):
