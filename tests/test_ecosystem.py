@@ -1173,6 +1173,21 @@ def test_load_state_dict_adopts_the_checkpoint_ranks():
     assert not torch.equal(target.cores[0], source.cores[0])
 
 
+def test_loading_other_ranks_keeps_eval_mode():
+    # The resize rebuilds the cores' container, which started in training mode: a model in
+    # eval mode then had a submodule that said otherwise.
+    def checkpoint(rank: int) -> dict[str, torch.Tensor]:
+        layer = TTLinear(64, 48, rank=rank, in_modes=(4, 4, 4), out_modes=(4, 4, 3))
+        return {f"0.{k}": v for k, v in layer.state_dict().items()}
+
+    model = nn.Sequential(TTLinear(64, 48, rank=2, in_modes=(4, 4, 4), out_modes=(4, 4, 3)))
+    model.eval().load_state_dict(checkpoint(5))
+    assert model[0].ranks == (1, 5, 5, 1)
+    assert [name for name, m in model.named_modules() if m.training] == []
+    model.train().load_state_dict(checkpoint(3))
+    assert all(m.training for m in model.modules())
+
+
 def test_load_state_dict_assign_into_meta_model():
     source = make_model(seed=0)
     source[0] = TTLinear(12, 8, rank=1, in_modes=(3, 4), out_modes=(2, 4))

@@ -358,9 +358,12 @@ class TTLinear(nn.Module):
         device. The same as :meth:`to_dense`: differentiable with respect to the cores, the
         size of the dense weight, not a parameter: writing into it in place
         (``nn.init.zeros_``, ``mul_``) changes a copy and is lost; change the cores to change
-        the layer. It warns (once per place that reads it, under Python's default filter):
-        code that reads it in every forward pass spends the dense layer's time and memory on
-        it. (That kernel is skipped where a module of the layer has a hook:
+        the layer. So tools that rewrite a weight parameter (``torch.nn.utils.prune``,
+        ``weight_norm``) do not apply to it; parametrize a core instead
+        (``parametrize.register_parametrization(layer.cores, "0", module)``,
+        ``weight_norm(layer.cores, "0")``). It warns (once per place that reads it, under
+        Python's default filter): code that reads it in every forward pass spends the dense
+        layer's time and memory on it. (That kernel is skipped where a module of the layer has a hook:
         :func:`ttlayers.tensorize_` gives the layers it converts there a forward pre-hook that
         does nothing.) ``dir()`` does not list it, so that tools which read every listed
         attribute (``torch.jit.trace``) do not build ``W``.
@@ -738,7 +741,8 @@ class TTLinear(nn.Module):
                 # shapes: Dynamo before pytorch/pytorch#177525 (torch 2.11 for one) skips the
                 # shape guards of tensors whose module dicts are unchanged, and would replay a
                 # graph planned for the old ranks.
-                self.cores = nn.ParameterList(list(self.cores))
+                # It keeps the old one's train/eval mode (hooks on the old container stay there).
+                self.cores = nn.ParameterList(list(self.cores)).train(self.cores.training)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
