@@ -802,6 +802,23 @@ def test_jit_trace_of_a_chunked_plan_at_other_batch_sizes():
     _check_at_other_batch_sizes(traced, model, (1, 3, 1024, 1500))
 
 
+@pytest.mark.parametrize(
+    ("build", "rows"),
+    [(make_model, 8), (_wide_model, 1), (_wide_model, 8), (_chunked_model, 1024)],
+    ids=["small", "wide-1", "wide-8", "chunked"],
+)
+def test_jit_trace_gives_no_tracer_warnings(build, rows):
+    # The size checks and the plan choice read sizes as Python values; the trace warned at
+    # each of them (nine places) that it might not generalize, though it does (the tests
+    # above). nn.Linear's trace warns nothing.
+    model = build().eval()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.jit.trace(model, torch.randn(rows, model[0].in_features))
+    tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    assert [f"{w.filename}:{w.lineno}" for w in tracer] == []
+
+
 def test_jit_trace_never_builds_the_dense_weight(monkeypatch):
     # torch.jit.trace reads every attribute that dir() lists; TTLinear.weight would build W,
     # which for the large layers TT is made for need not fit in memory.

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ttlayers import decomposition
+from ttlayers.autograd import jit_tracing
 from ttlayers.calibration import DEFAULT_RIDGE, ActivationStatistics, fit_tt
 from ttlayers.contraction import (
     autocast_enabled,
@@ -280,6 +281,16 @@ class TTLinear(nn.Module):
                 ``torch.autocast`` (inside, autocast chooses the dtype, as for ``nn.Linear``),
                 or a core is pruned with ``torch.nn.utils.prune`` (use a parametrization).
         """
+        if jit_tracing():
+            # The checks and the plan choice read sizes as Python values, which
+            # torch.jit.trace warns may not generalize. They do: a trace runs one plan for
+            # every batch size with the example's number of dimensions (docs/quickstart.md).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
+                return self._forward(input)
+        return self._forward(input)
+
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         given: object = input  # checked as what a caller may pass, not as annotated
         if not isinstance(given, torch.Tensor):
             if isinstance(given, torch.fx.Proxy):
@@ -363,10 +374,10 @@ class TTLinear(nn.Module):
         (``parametrize.register_parametrization(layer.cores, "0", module)``,
         ``weight_norm(layer.cores, "0")``). It warns (once per place that reads it, under
         Python's default filter): code that reads it in every forward pass spends the dense
-        layer's time and memory on it. (That kernel is skipped where a module of the layer has a hook:
-        :func:`ttlayers.tensorize_` gives the layers it converts there a forward pre-hook that
-        does nothing.) ``dir()`` does not list it, so that tools which read every listed
-        attribute (``torch.jit.trace``) do not build ``W``.
+        layer's time and memory on it. (That kernel is skipped where a module of the layer
+        has a hook: :func:`ttlayers.tensorize_` gives the layers it converts there a forward
+        pre-hook that does nothing.) ``dir()`` does not list it, so that tools which read
+        every listed attribute (``torch.jit.trace``) do not build ``W``.
         """
         if not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn
             warnings.warn(
