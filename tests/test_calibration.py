@@ -823,17 +823,20 @@ def test_meta_and_uninitialized_lazy_weights_are_clear_errors():
     assert type(model[0]) is nn.Linear
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_fit_reports_the_errors_of_the_rounded_layer(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "rank"), [(torch.float16, 16), (torch.bfloat16, 16), (torch.float32, 64)]
+)
+def test_fit_reports_the_errors_of_the_rounded_layer(dtype, rank):
     # The fit runs in float64; the layer installed holds cores rounded to the model's dtype,
     # whose rounding (about 1e-3 relative in bfloat16) is as large as a good fit's error.
     # The report describes the installed layer: its errors, computed here in float64 from
     # the layer's own (rounded) cores and bias, agree to float64 roundoff; before, they
-    # were those of the unrounded fit (1.4e-3 reported for 3.2e-3 in a bfloat16 case).
+    # were those of the unrounded fit (1.4e-3 reported for 3.2e-3 in a bfloat16 case; in
+    # float32 at full rank, where the fit is exact, 9e-16 reported for 3.6e-8).
     torch.manual_seed(0)
     linear = nn.Linear(64, 64).to(dtype)
     x = calibration_data(width=64).to(dtype)
-    layer = TTLinear.from_dense(linear, 16, num_cores=2, inputs=x)
+    layer = TTLinear.from_dense(linear, rank, num_cores=2, inputs=x)
     w, b, x64 = linear.weight.double(), linear.bias.double(), x.double()
     with torch.no_grad():
         w_tt = tt_to_dense([core.double() for core in layer.cores])
@@ -845,7 +848,7 @@ def test_half_precision_fit_reports_the_errors_of_the_rounded_layer(dtype):
         ActivationStatistics.from_inputs(x),
         layer.in_modes,
         layer.out_modes,
-        rank=16,
+        rank=rank,
         bias=linear.bias.detach(),
     )
     assert fit.output_error == pytest.approx(output_error, rel=1e-6)

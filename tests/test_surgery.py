@@ -678,6 +678,21 @@ def test_progress_without_calibration_prints_a_line_per_layer(capsys):
     assert lines[0].startswith("tensorize_: [1/6] blocks.0.up: ranks (1, 2,")
 
 
+@pytest.mark.parametrize("calibrated", [False, True], ids=["tt-svd", "calibrated"])
+def test_progress_says_which_layers_stay_dense(capsys, calibrated):
+    # The 256 -> 3 head's TT form at rank 8 is larger than it: skipped. Without calibration
+    # its line read like a conversion; with calibration it had no line.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 3))
+    calibration = torch.randn(300, 256) if calibrated else None
+    report = tensorize_(model, rank=8, progress=True, calibration=calibration)
+    assert [row.name for row in report.layers] == ["0"]
+    assert [layer.name for layer in report.skipped] == ["2"]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("tensorize_: [1/2] 0: ranks (1, 8, 8, 1)")
+    assert lines[1] == f"tensorize_: [2/2] 2: kept dense, {report.skipped[0].reason}"
+
+
 def test_gradients_flow_into_new_cores_and_train():
     model = make_net()
     tensorize_(model, rank=3)

@@ -749,7 +749,8 @@ class TTFit:
         cores: The fitted cores, in the weight's dtype and on its device.
         bias: The refitted bias (``None`` for a layer without one).
         weight_error_start: ``||W - W_tt||_F / ||W||_F`` of plain TT-SVD at the same ranks.
-        weight_error: The same for the fitted cores.
+        weight_error: The same for the fitted cores as returned, rounded to the weight's dtype
+            (so are all four errors).
         output_error_start: Relative output error of plain TT-SVD (original bias) on the
             calibration data, ``||Y_tt - Y||_F / ||Y||_F``, ``Y`` the original layer's outputs.
         output_error: The same for the fit; never above ``output_error_start``.
@@ -879,20 +880,21 @@ def fit_tt(
         for k, iterate in enumerate(_sweeps(first, problem, sweeps, max_direct, cg_steps)):
             candidates.append((f"als {k + 1}", problem.unwhiten_cores(iterate)))
 
-    # Candidates are scored as they will be returned: for a half-precision layer, the cores
-    # with their norms evened out and rounded (about 1e-3 relative, as large as the smaller
-    # fits' errors), and a candidate that overflows there drops out.
-    half = weight.dtype in (torch.float16, torch.bfloat16)
+    # Candidates are scored as they will be returned, rounded to the layer's dtype, so the
+    # report gives the installed layer's errors: for a half-precision layer, the cores with
+    # their norms evened out and rounded (about 1e-3 relative, as large as the smaller fits'
+    # errors), and a candidate that overflows there drops out.
+    rounded = weight.dtype != _FLOAT
 
     def returned(cores: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [core.to(_FLOAT) for core in cast_cores(cores, weight.dtype)] if half else cores
+        return [core.to(_FLOAT) for core in cast_cores(cores, weight.dtype)] if rounded else cores
 
     def returned_bias(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return tensor.to(weight.dtype).to(_FLOAT) if half and tensor is not None else tensor
+        return tensor.to(weight.dtype).to(_FLOAT) if rounded and tensor is not None else tensor
 
     # The plain TT-SVD competes with its original bias: "never worse than TT-SVD" is then
     # true by construction, not only up to rounding.
-    if half:
+    if rounded:
         plain = returned(plain)
         plain_dense = tt_to_dense(plain)
     # (TT-SVD cores of a finite weight, given equal norms, stay finite in every dtype: the
@@ -900,7 +902,7 @@ def fit_tt(
     best_name, best_cores, best_dense, best_bias = "tt-svd", plain, plain_dense, b
     start_sq = best_sq = math.inf
     for name, cores in candidates:
-        if name == "tt-svd":  # scored as installed: rounded above for a half layer
+        if name == "tt-svd":  # scored as installed: rounded above
             cores, dense = plain, plain_dense
         else:
             cores = returned(cores)
@@ -928,7 +930,7 @@ def fit_tt(
         return _ratio(float(torch.linalg.vector_norm(w - dense)) ** 2, norm**2)
 
     return TTFit(
-        # Already what is returned (rounded, for a half layer): this cast is exact there.
+        # Already what is returned (rounded to the layer's dtype): this cast is exact.
         cores=[core.to(weight.device, weight.dtype).contiguous() for core in best_cores],
         bias=None if best_bias is None else best_bias.to(weight.device, weight.dtype),
         weight_error_start=weight_error(plain_dense),

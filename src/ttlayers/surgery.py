@@ -843,6 +843,11 @@ def _convert(
                             f"parameters, not fewer than the dense {dense:,}",
                         )
                     )
+                    if progress:
+                        _say(
+                            f"[{k + 1}/{len(selected)}] {layer_names[0]}: kept dense, "
+                            f"{skipped[-1].reason}"
+                        )
                     continue
 
                 fit_to = functools.partial(
@@ -1110,14 +1115,18 @@ def _convert_without_data(
             raise _wrap(layer_names, error) from error
         dense = linear.in_features * linear.out_features
         assert layer.conversion_error is not None
+        if skip_larger and layer.num_parameters - _bias_count(layer) >= dense:
+            skipped.append(_larger(layer_names[0], layer, dense))
+            if progress:
+                _say(
+                    f"[{k + 1}/{len(selected)}] {layer_names[0]}: kept dense, {skipped[-1].reason}"
+                )
+            continue
         if progress:
             _say(
                 f"[{k + 1}/{len(selected)}] {layer_names[0]}: ranks {layer.ranks}, weight error "
                 f"{layer.conversion_error:.3g}, {time.perf_counter() - started:.1f} s"
             )
-        if skip_larger and layer.num_parameters - _bias_count(layer) >= dense:
-            skipped.append(_larger(layer_names[0], layer, dense))
-            continue
         _match_flags(layer, linear, linear.training)
         row = _row(layer_names, linear, layer, layer.conversion_error)
         converted.append((layer_names, layer, row))
