@@ -1001,7 +1001,7 @@ def test_a_dense_plan_must_be_clearly_faster_to_train(monkeypatch):
                 return advantage
             return 1.0 if plan.kind == "twoblock" else 2.0
 
-        monkeypatch.setattr(planner, "estimate_time", fake)
+        monkeypatch.setattr(planner, "_estimate_time", fake)
         assert choose_plan(256, *shape, training=True).kind == trained
         assert choose_plan(256, *shape, training=False).kind == "dense"
 

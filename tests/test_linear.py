@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import io
 import itertools
 import math
@@ -594,6 +595,11 @@ def test_tt_linear_checks_its_bias_plan_and_dtypes():
     assert chain.kind == "chain"
     with pytest.raises(ValueError, match="does not fit a chain of 3 cores"):
         tt_linear(x, cores, plan=chain)
+    # A field of the wrong type failed inside a product, or only in training (helper 76).
+    for field, value in (("split", 1.0), ("chunks", 2.0), ("save_max_batch", None)):
+        plan = dataclasses.replace(Plan("twoblock", split=1), **{field: value})
+        with pytest.raises(TypeError, match=f"plan.{field} must be an int"):
+            tt_linear(x, cores, plan=plan)
 
 
 def test_cores_of_mixed_dtypes_are_a_clear_error():
@@ -611,6 +617,23 @@ def test_from_cores_copies_a_layers_own_parameter_list():
     x = torch.randn(4, 16)
     torch.testing.assert_close(copy_(x), layer(x), rtol=0, atol=0)
     assert copy_.cores[0] is not layer.cores[0]
+
+
+@pytest.mark.parametrize("zero", ["rank", "in mode", "out mode"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_tt_linear_refuses_a_list_of_cores_with_a_size_of_0(zero, grad):
+    # A list or tuple skipped core_list's check: a rank or input mode of 0 was a
+    # ZeroDivisionError inside the planner, an output mode of 0 a silent (3, 0) result.
+    shapes = {
+        "rank": [(1, 4, 3, 0), (0, 5, 2, 1)],
+        "in mode": [(1, 0, 3, 2), (2, 5, 2, 1)],
+        "out mode": [(1, 4, 0, 2), (2, 5, 2, 1)],
+    }[zero]
+    cores = [torch.ones(shape, requires_grad=grad) for shape in shapes]
+    x = torch.ones(3, shapes[0][1] * shapes[1][1])
+    for chain in (cores, tuple(cores)):
+        with pytest.raises(ValueError, match=r"cores\[0\] has a size of 0"):
+            tt_linear(x, chain)
 
 
 def test_from_cores_checks_cores_and_bias_before_building():

@@ -739,16 +739,16 @@ def test_choose_plan_counts_a_plan_at_exactly_the_memory_bound_as_within(monkeyp
     real_budget = planner.memory_budget
     monkeypatch.setattr(
         planner,
-        "plan_memory",
+        "_plan_memory",
         lambda plan, batch, i, o, r, training=True: (
             real_budget(batch, i, o) if plan.kind == "chain" else 0
         ),
     )
     monkeypatch.setattr(
-        planner, "estimate_time", lambda plan, *a, **k: 1.0 if plan.kind == "chain" else 2.0
+        planner, "_estimate_time", lambda plan, *a, **k: 1.0 if plan.kind == "chain" else 2.0
     )
     assert planner.choose_plan(64, *ISSUE, training=False).kind == "chain"
-    monkeypatch.setattr(planner, "estimate_time", lambda plan, *a, **k: 1.0)
+    monkeypatch.setattr(planner, "_estimate_time", lambda plan, *a, **k: 1.0)
     first = planner.candidate_plans(64, *ISSUE)[0]
     assert planner.choose_plan(64, *ISSUE, training=False) == first
 
@@ -1158,6 +1158,17 @@ def test_set_cost_model_checks_cache_and_chunks_and_accepts_zero_costs():
         for field, value in (("cache_bytes", 1e6), ("max_chunks", 4.0), ("max_chunks", True)):
             with pytest.raises(TypeError, match=f"model.{field} must be an int"):
                 set_cost_model("cpu", dataclasses.replace(default, **{field: value}))
+        # Found by a review (helper 76): a factor of 0 failed at the next plan choice
+        # (ZeroDivisionError), a negative or NaN one ranked plans at random.
+        for speedup in (0.0, -1.0, math.nan, math.inf):
+            with pytest.raises(ValueError, match="dtype_speedup"):
+                set_cost_model(
+                    "cpu", dataclasses.replace(default, dtype_speedup=(("float16", speedup),))
+                )
+        for speedups in ((("float16", "2"),), (("float16",),), ((torch.float16, 2.0),), "x"):
+            with pytest.raises(TypeError, match="dtype_speedup"):
+                set_cost_model("cpu", dataclasses.replace(default, dtype_speedup=speedups))
+        assert planner._cost_model("cpu") is default  # refused: left as it was
         set_cost_model("cpu", dataclasses.replace(default, overhead=0.0, matrix_overhead=0.0))
         set_cost_model("cpu", dataclasses.replace(default, cache_traffic=1.0))
         set_cost_model("cuda", DEFAULT_COST_MODELS["cuda"])
@@ -1166,6 +1177,36 @@ def test_set_cost_model_checks_cache_and_chunks_and_accepts_zero_costs():
         set_cost_model("cuda", None)
     with pytest.raises(ValueError, match="repeats must be a positive int"):
         calibrate("cpu", repeats=True)
+
+
+@pytest.mark.parametrize(
+    ("batch", "in_modes", "out_modes", "ranks", "error", "match"),
+    [
+        (8, (4, 6), (3, 5), (1, 0, 1), ValueError, "ranks must be the 3 positive bond ranks"),
+        (8, (4, 6), (3, 5), (1, 2), ValueError, "ranks must be the 3 positive bond ranks"),
+        (8, (4, 6), (3, 5), (2, 2, 1), ValueError, "ranks must be the 3 positive bond ranks"),
+        (8, (4, 6), (3, 5), (1, 2.0, 1), TypeError, "ranks must hold ints"),
+        (8, (4, 0), (3, 5), (1, 2, 1), ValueError, "in_modes must hold positive ints"),
+        (8, (4, -6), (3, 5), (1, 2, 1), ValueError, "in_modes must hold positive ints"),
+        (8, (4, 6), (3,), (1, 2, 1), ValueError, "in_modes and out_modes must have the same"),
+        (-1, (4, 6), (3, 5), (1, 2, 1), ValueError, "batch must be an int >= 0"),
+        (8.0, (4, 6), (3, 5), (1, 2, 1), TypeError, "batch must be an int >= 0"),
+    ],
+)
+def test_public_planning_functions_check_their_shape_arguments(
+    batch, in_modes, out_modes, ranks, error, match
+):
+    """Finds: no checks (helper 76): a rank of 0 was a ZeroDivisionError inside the cost
+    model, too few ranks an IndexError, and a mode of 0 or a negative one gave a plan."""
+    calls = (
+        lambda: candidate_plans(batch, in_modes, out_modes, ranks),
+        lambda: choose_plan(batch, in_modes, out_modes, ranks),
+        lambda: estimate_time(Plan("dense", split=1), batch, in_modes, out_modes, ranks),
+        lambda: plan_memory(Plan("dense", split=1), batch, in_modes, out_modes, ranks),
+    )
+    for call in calls:
+        with pytest.raises(error, match=match):
+            call()
 
 
 def test_max_chunks_of_one_never_chunks_for_the_cache():

@@ -37,6 +37,7 @@ from ttlayers.autograd import (
     two_block_forward,
 )
 from ttlayers.planner import Plan, choose_plan, plan_table
+from ttlayers.shapes import is_int
 
 __all__ = [
     "autocast_enabled",
@@ -188,7 +189,8 @@ def core_shapes(
 
     Raises:
         TypeError: If a core is not a tensor.
-        ValueError: If the chain is empty, a core is not 4-D, or neighbouring ranks differ.
+        ValueError: If the chain is empty, a core is not 4-D or has a size of 0, or neighbouring
+            ranks differ.
     """
     if len(cores) == 0:
         raise ValueError(f"{name} must hold at least one core; got none.")
@@ -198,6 +200,11 @@ def core_shapes(
         if core.dim() != 4:
             raise ValueError(
                 f"{name}[{k}] must be 4-D (r_k, m_k, n_k, r_k+1); got shape {tuple(core.shape)}."
+            )
+        if core.numel() == 0:  # a list skips core_list's checks (tt_linear, the layer's own)
+            raise ValueError(
+                f"{name}[{k}] has a size of 0 (shape {tuple(core.shape)}); the modes and ranks "
+                "of a TT chain are positive."
             )
     ranks = [cores[0].shape[0]] + [core.shape[3] for core in cores]
     for k in range(len(cores) - 1):
@@ -968,11 +975,18 @@ def _known_at_least(size: int | torch.SymInt, bound: int | torch.SymInt) -> bool
 
 
 def _check_plan(plan: object, num_cores: int) -> None:
-    """Raise ``ValueError`` unless ``plan`` is a plan for a chain of ``num_cores`` cores."""
+    """Raise unless ``plan`` is a plan for a chain of ``num_cores`` cores.
+
+    ``TypeError`` for a field of the wrong type, ``ValueError`` for one that does not fit.
+    """
     if not isinstance(plan, Plan) or plan.kind not in _RUNNERS:
         raise ValueError(
             f"plan must be a Plan of kind {', '.join(map(repr, _RUNNERS))}; got {plan!r}."
         )
+    for field in ("split", "save_max_batch", "chunks"):
+        value = getattr(plan, field)
+        if not is_int(value):  # a float failed in a product, or only in training
+            raise TypeError(f"plan.{field} must be an int; got {value!r} in {plan}.")
     fits = {
         "dense": 0 <= plan.split < num_cores,  # 0: all cores merged left to right
         "twoblock": 0 < plan.split < num_cores

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import string
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ from functools import lru_cache
 import opt_einsum
 import torch
 
-from ttlayers.shapes import is_int
+from ttlayers.shapes import is_int, max_ranks
 
 __all__ = [
     "DEFAULT_COST_MODELS",
@@ -189,9 +190,11 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
     recompiles (``torch._dynamo.reset()``).
 
     Raises:
-        TypeError: If ``model`` is neither a :class:`CostModel` nor ``None``.
-        ValueError: If a speed, bandwidth or cost of ``model`` is not positive and finite
-            (or, for the costs, not ``>= 0``), or ``cache_traffic`` is not in ``[0, 1]``.
+        TypeError: If ``model`` is neither a :class:`CostModel` nor ``None``, or
+            ``cache_bytes``, ``max_chunks`` or ``dtype_speedup`` has the wrong type.
+        ValueError: If a speed, bandwidth, cost or ``dtype_speedup`` factor of ``model`` is
+            not positive and finite (or, for the costs, not ``>= 0``), or ``cache_traffic``
+            is not in ``[0, 1]``.
     """
     given: object = model  # checked as what a caller may pass, not as annotated
     if given is not None and not isinstance(given, CostModel):
@@ -216,6 +219,7 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
             raise ValueError("model.cache_bytes must be >= 0 and model.max_chunks >= 1.")
         if not 0 <= model.cache_traffic <= 1:
             raise ValueError(f"model.cache_traffic must be in [0, 1]; got {model.cache_traffic!r}.")
+        _check_speedups(model.dtype_speedup)
     if model is None and device_type in DEFAULT_COST_MODELS:
         # Replaced, not removed and put back: a thread planning meanwhile finds one.
         _cost_models[device_type] = DEFAULT_COST_MODELS[device_type]
@@ -224,6 +228,44 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
     else:
         _cost_models[device_type] = model
     plan_table.cache_clear()
+
+
+def _check_chain(batch: object, in_modes: object, out_modes: object, ranks: object) -> None:
+    """Check the shape arguments of the public planning functions (private callers skip it).
+
+    Without it, a rank of 0 was a ZeroDivisionError deep in the cost model, and a mode of 0
+    or a negative one gave a plan.
+    """
+    if not is_int(batch) or batch < 0:
+        raise (ValueError if is_int(batch) else TypeError)(
+            f"batch must be an int >= 0; got {batch!r}."
+        )
+    caps = max_ranks(in_modes, out_modes)  # type: ignore[arg-type]  # checks the modes
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
+        raise TypeError(f"ranks must be a sequence of ints; got {type(ranks).__name__}.")
+    if not all(is_int(r) for r in ranks):
+        raise TypeError(f"ranks must hold ints; got {tuple(ranks)!r}.")
+    if len(ranks) != len(caps) or ranks[0] != 1 or ranks[-1] != 1 or min(ranks) < 1:
+        raise ValueError(
+            f"ranks must be the {len(caps)} positive bond ranks (1, r_1, ..., 1) of a "
+            f"{len(caps) - 1}-core chain; got {tuple(ranks)}."
+        )
+
+
+def _check_speedups(pairs: object) -> None:
+    # A bad factor failed only at the next plan choice (a ZeroDivisionError for 0), or never
+    # (a negative or NaN factor ranked plans at random).
+    message = "model.dtype_speedup must be (dtype name, positive finite factor) pairs"
+    if not isinstance(pairs, (tuple, list)):
+        raise TypeError(f"{message}; got {type(pairs).__name__}.")
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise TypeError(f"{message}; got {pair!r}.")
+        factor: object = pair[1]
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
+            raise TypeError(f"{message}; got {pair!r}.")
+        if not 0 < float(factor) < math.inf:
+            raise ValueError(f"{message}; got {pair!r}.")
 
 
 def _cost_model(device_type: str) -> CostModel:
@@ -558,7 +600,37 @@ def estimate_time(
 
     Returns:
         Estimated seconds.
+
+    Raises:
+        TypeError: If the batch, a mode or a rank is not an int.
+        ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a chain.
     """
+    _check_chain(batch, in_modes, out_modes, ranks)
+    return _estimate_time(
+        plan,
+        batch,
+        in_modes,
+        out_modes,
+        ranks,
+        dtype=dtype,
+        device_type=device_type,
+        threads=threads,
+        training=training,
+    )
+
+
+def _estimate_time(
+    plan: Plan,
+    batch: int,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
+    *,
+    dtype: torch.dtype,
+    device_type: str,
+    threads: int,
+    training: bool,
+) -> float:
     costing = _costing(dtype, device_type, threads)
     return _TIMERS[plan.kind](costing, plan, batch, in_modes, out_modes, ranks, training)
 
@@ -605,7 +677,24 @@ def plan_memory(
       pass, and the largest step's operands and result once more, but for the layer's input
       and output (the gradients and copies of its backward pass); in inference the largest
       step with its operand (the input included).
+
+    Raises:
+        TypeError: If the batch, a mode or a rank is not an int.
+        ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a chain.
     """
+    _check_chain(batch, in_modes, out_modes, ranks)
+    return _plan_memory(plan, batch, in_modes, out_modes, ranks, training=training)
+
+
+def _plan_memory(
+    plan: Plan,
+    batch: int,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
+    *,
+    training: bool = True,
+) -> int:
     m, n = math.prod(in_modes), math.prod(out_modes)
     # The layer's output and, in training, its input gradient, as memory_budget counts them.
     own = batch * (m + n) if training else batch * n
@@ -832,7 +921,12 @@ def candidate_plans(
     Returns:
         The plans, each valid for :func:`ttlayers.contraction.tt_linear` with these shapes
         (the chunk count is a choice of speed, not of correctness, at any batch size).
+
+    Raises:
+        TypeError: If the batch, a mode or a rank is not an int.
+        ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a chain.
     """
+    _check_chain(batch, in_modes, out_modes, ranks)
     in_modes, out_modes, ranks = tuple(in_modes), tuple(out_modes), tuple(ranks)
     d = len(in_modes)
     if d == 1:
@@ -977,7 +1071,7 @@ def choose_plan(
     sizes = {max(batch, 1), max(batch, largest, 1)}
     footprints = [
         max(
-            plan_memory(plan, size, in_modes, out_modes, ranks, training=training)
+            _plan_memory(plan, size, in_modes, out_modes, ranks, training=training)
             - memory_budget(size, in_modes, out_modes)
             for size in sizes
         )
@@ -985,8 +1079,9 @@ def choose_plan(
     ]
     within = [plan for plan, over in zip(candidates, footprints, strict=True) if over <= 0]
     candidates = within or [candidates[footprints.index(min(footprints))]]
+    # The private versions: the arguments were checked by candidate_plans.
     times = [
-        estimate_time(
+        _estimate_time(
             plan,
             max(batch, 1),
             in_modes,
