@@ -510,6 +510,29 @@ def test_linear_subclasses_that_override_forward_are_skipped():
     assert isinstance(model[0], Scaled) and isinstance(model[1], TTLinear)
 
 
+def test_linear_layers_holding_more_than_weight_and_bias_are_skipped():
+    # A subclass that adds a parameter or buffer without overriding forward (read by the
+    # model around it) was converted, and the tensors left the model and its state_dict.
+    class Quantized(nn.Linear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scale = nn.Parameter(torch.ones(()))
+            self.register_buffer("amax", torch.zeros(()))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Quantized(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    model[2].add_module("probe", nn.Identity())  # registered on an instance
+    before = snapshot(model)
+    report = tensorize_(model, filter_fn=lambda module, name: True)
+    assert [row.name for row in report.layers] == ["1"]
+    reasons = {skip.name: skip.reason for skip in report.skipped}
+    assert "'scale', 'amax' besides its weight and bias" in reasons["0"]
+    assert "'probe' besides its weight and bias" in reasons["2"]
+    assert type(model[0]) is Quantized and type(model[2]) is nn.Linear
+    for key in ("0.scale", "0.amax", "2.weight"):
+        assert torch.equal(model.state_dict()[key], before[1][key])
+
+
 def test_linear_layers_whose_forward_is_replaced_on_the_instance_are_skipped():
     # As accelerate's hooks do. A TTLinear would drop the replacement silently.
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
@@ -598,6 +621,53 @@ def _unfused(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return encoder(x)
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
+
+
+def test_hooks_of_a_replaced_layer_move_to_its_tt_layer():
+    # They were dropped silently: a pre-hook that clamps the input, or a post-hook that
+    # shifts the output, no longer applied, and the converted model computed something else.
+    def clamp(module, args):
+        return (args[0].clamp(min=0),)
+
+    def shift(module, args, output):
+        return output + 1
+
+    backward_calls = []
+    model = make_net()
+    reference = copy.deepcopy(model)
+    handles = []
+    for net in (model, reference):
+        net.blocks[0].up.register_forward_pre_hook(clamp)
+        handles.append(net.blocks[1].down.register_forward_hook(shift))
+        net.blocks[1].down.register_full_backward_hook(lambda *_: backward_calls.append(1))
+    tensorize_(model, rank=64, filter_fn=lambda m, name: True)  # exact: larger than dense
+    assert isinstance(model.blocks[0].up, TTLinear) and isinstance(model.blocks[1].down, TTLinear)
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    # Exact ranks in float64: the same function up to roundoff.
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-10, atol=1e-12)
+    model(x).sum().backward()
+    assert backward_calls == [1]
+    # The caller's handle still removes its hook from the layer that took it over.
+    for handle in handles:
+        handle.remove()
+    assert not model.blocks[1].down._forward_hooks
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-10, atol=1e-12)
+    # load_tensorized_ moves the hooks of the dense model's layers the same way.
+    fresh = make_net()
+    fresh.blocks[0].up.register_forward_pre_hook(clamp)
+    load_tensorized_(fresh, model.state_dict())
+    assert list(fresh.blocks[0].up._forward_pre_hooks.values()) == [clamp]
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    # A lazy layer's own hook (it infers the shapes) stays behind; the caller's move.
+    single = nn.Sequential(nn.Linear(64, 64))
+    tensorize_(single, rank=4)
+    lazy = nn.Sequential(nn.LazyLinear(64))
+    lazy[0].register_forward_hook(shift)
+    load_tensorized_(lazy, single.state_dict())
+    assert not lazy[0]._forward_pre_hooks
+    assert list(lazy[0]._forward_hooks.values()) == [shift]
+    z = torch.randn(3, 64)
+    torch.testing.assert_close(lazy(z), single(z) + 1, rtol=0, atol=0)
 
 
 def test_a_converted_transformer_layer_runs_its_tt_layers_not_the_fused_kernel():

@@ -408,7 +408,9 @@ class ActivationCapture:
                 ) -> Any:
                     return layer(_layer_input(args, kwargs))
 
-                handles.append(original.register_forward_hook(swap, with_kwargs=True))
+                # First among the forward hooks: the module's own hooks then see the
+                # substitute's output, as they will once it is installed in its place.
+                handles.append(original.register_forward_hook(swap, with_kwargs=True, prepend=True))
         # A pre-hook: it sees the input even if this very module is substituted.
         handles.append(target.register_forward_pre_hook(grab, with_kwargs=True))
         self._pass(index, batch, handles)

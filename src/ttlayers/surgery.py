@@ -378,6 +378,20 @@ def _structural_reason(model: nn.Module, linear: nn.Linear, names: list[str]) ->
         return f"{type(linear).__name__} overrides forward, which a TTLinear would drop"
     if "forward" in vars(linear):  # e.g. accelerate's hooks wrap an instance's forward
         return "its forward is replaced on the instance, which a TTLinear would drop"
+    own = [
+        name
+        for name, _ in (
+            *linear.named_parameters(recurse=False),
+            *linear.named_buffers(recurse=False),
+            *linear.named_children(),
+        )
+        if name not in ("weight", "bias")
+    ]
+    if own:  # a subclass's scale, or a module registered on the instance
+        return (
+            f"it holds {', '.join(map(repr, own))} besides its weight and bias, which a "
+            "TTLinear would drop"
+        )
     for name in names:
         parent = model.get_submodule(name.rpartition(".")[0])
         if isinstance(parent, nn.MultiheadAttention):
@@ -453,8 +467,9 @@ def tensorize_(
           parametrized (``torch.nn.utils.parametrize``) or computed by a hook
           (``torch.nn.utils.prune``, the legacy ``weight_norm`` and ``spectral_norm``);
           layers whose weight is not real floating point (complex, integer); subclasses of
-          ``nn.Linear`` that override ``forward``, and layers whose ``forward`` is replaced
-          on the instance (as accelerate's hooks do).
+          ``nn.Linear`` that override ``forward``, layers whose ``forward`` is replaced
+          on the instance (as accelerate's hooks do), and layers that hold parameters,
+          buffers or modules besides their weight and bias.
           Every ``nn.Linear`` not converted is listed in ``report.skipped`` with the reason.
 
     Guarantees:
@@ -463,7 +478,9 @@ def tensorize_(
           exactly as it was, hooks removed, and the message names the layer or the batch.
         - Weight tying: an ``nn.Linear`` reachable under several names is converted once and
           the same ``TTLinear`` installed under every name.
-        - Forward hooks registered on a replaced ``nn.Linear`` do not carry over.
+        - The forward and backward hooks of a replaced ``nn.Linear`` move to its
+          ``TTLinear`` (the handles still remove them), as ``torch.ao.quantization``'s module
+          swap keeps them; a calibrated layer is fitted to its inputs after its pre-hooks.
         - A converted ``linear1`` or ``linear2`` of an ``nn.TransformerEncoderLayer`` gets a
           forward pre-hook that does nothing. A hook is what makes that layer, in eval mode
           without gradients, run its modules instead of PyTorch's fused kernel, which reads
@@ -979,13 +996,56 @@ def _swap(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Callable
         for name, layer in layers:
             parent_name, _, attribute = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            swapped.append((parent, attribute, getattr(parent, attribute)))
+            old = getattr(parent, attribute)
+            swapped.append((parent, attribute, old))
+            _carry_hooks(old, layer)
             setattr(parent, attribute, layer)
             _skip_fused_kernel(parent, attribute, layer)
     except BaseException:
         undo()
         raise
     return undo
+
+
+# The forward and backward hooks an nn.Module keeps, each dict of hooks with the dicts of
+# flags keyed like it (the state-dict hooks are left: the keys they see differ).
+_HOOK_DICTS = {
+    "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+    "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+    "_backward_pre_hooks": (),
+    "_backward_hooks": (),
+}
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the forward and backward hooks of ``old``, the module it replaces.
+
+    As ``torch.ao.quantization``'s module swap keeps a swapped module's forward hooks: a
+    hook that logs or changes a layer's input or output applies to the layer that takes its
+    place (and a calibrated fit, whose inputs passed the pre-hooks, is measured with them).
+    The dicts themselves move, so that the handles the caller holds still remove them;
+    where ``old`` holds hooks of its own (a lazy layer's), the others are copied instead.
+    """
+    state = vars(old)
+    if old is new or not any(state.get(name) for name in _HOOK_DICTS):
+        return
+    if any(vars(new).get(name) for name in _HOOK_DICTS):
+        return  # installed under another name already, or a layer with hooks of its own
+    own = {
+        key
+        for name in _HOOK_DICTS
+        for key, hook in state.get(name, {}).items()
+        if getattr(hook, "__self__", None) is old
+    }
+    for name, flags in _HOOK_DICTS.items():
+        for attribute in (name, *flags):
+            if attribute in state:
+                kept = state[attribute]
+                if own:
+                    kept = type(kept)((k, v) for k, v in kept.items() if k not in own)
+                setattr(new, attribute, kept)
+    if "_is_full_backward_hook" in state:
+        new._is_full_backward_hook = state["_is_full_backward_hook"]
 
 
 def _skip_fused_kernel(parent: nn.Module, attribute: str, layer: nn.Module) -> None:
