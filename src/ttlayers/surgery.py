@@ -1211,7 +1211,8 @@ def load_tensorized_(
     and every name it has no keys for (a checkpoint that keeps shared tensors once, as
     safetensors does; load it with ``strict=False``). Then ``state_dict`` is
     loaded as by ``model.load_state_dict``, which reports any key that matches nothing. As
-    with :func:`tensorize_`, each of these layers that is ``linear1`` or ``linear2`` of an
+    with :func:`tensorize_`, a replaced layer's forward and backward hooks move to the
+    ``TTLinear``, and each of these layers that is ``linear1`` or ``linear2`` of an
     ``nn.TransformerEncoderLayer`` gets a forward pre-hook that does nothing.
 
     Args:
