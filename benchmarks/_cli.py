@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -55,6 +57,19 @@ def positive_ints(text: str) -> list[int]:
     if not text.strip() or any(not entry for entry in entries):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
     return [positive_int(entry) for entry in entries]
+
+
+def output_file(text: str) -> str:
+    """A path a file can be written to: its folder exists (``""``: no file)."""
+    if not text:
+        return text
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; expected a file name")
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: no writable folder {folder}")
+    return text
 
 
 def float_at_least(lowest: float) -> Callable[[str], float]:

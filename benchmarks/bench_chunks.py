@@ -29,7 +29,7 @@ import sys
 import time
 
 import torch
-from _cli import HelpFormatter, positive_int, positive_ints
+from _cli import HelpFormatter, output_file, positive_int, positive_ints
 
 from ttlayers import TTLinear
 from ttlayers.contraction import select_plan, tt_linear
@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--inference", action="store_true", help="time forward passes under no_grad"
     )
-    parser.add_argument("--json", default=None, help="write the records and the setup here")
+    parser.add_argument(
+        "--json", type=output_file, default=None, help="write the records and the setup here"
+    )
     args = parser.parse_args(argv)
     if len(args.modes) < 2:
         parser.error(f"--modes: the two-block plans need two modes or more; got {args.modes}")

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _cli import HelpFormatter, check_device, positive_int
+from _cli import HelpFormatter, check_device, float_at_least, positive_int
 
 import ttlayers
 from ttlayers.decomposition import relative_error
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--num-cores", type=positive_int, default=None, help="d; default: the library's"
     )
-    parser.add_argument("--power", type=float, default=1.0, help="s_k = k^-power")
+    parser.add_argument("--power", type=float_at_least(0.0), default=1.0, help="s_k = k^-power")
     parser.add_argument(
         "--ranks", type=positive_int, nargs="*", default=[16, 64, 256], help="rank settings"
     )

@@ -39,6 +39,7 @@ from _cli import (
     add_device_options,
     check_device,
     non_negative_int,
+    output_file,
     positive_int,
     positive_ints,
     select,
@@ -161,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--repeats", type=positive_int, default=200, help="timed rounds")
     parser.add_argument("--warmup", type=non_negative_int, default=20, help="untimed rounds first")
-    parser.add_argument("--json", default="", help="write the records and the setup here")
+    parser.add_argument(
+        "--json", type=output_file, default="", help="write the records and the setup here"
+    )
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument(
         "--flat-buffer", action="store_true", help="each stack's parameters in one buffer"

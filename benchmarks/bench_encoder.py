@@ -39,7 +39,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from _cli import HelpFormatter, non_negative_int, positive_int, select
+from _cli import HelpFormatter, non_negative_int, output_file, positive_int, select
 from torch import nn
 
 import ttlayers
@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=positive_int, default=20, help="timed rounds")
     parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed rounds first")
-    parser.add_argument("--json", default="", help="write the records and the setup here")
+    parser.add_argument(
+        "--json", type=output_file, default="", help="write the records and the setup here"
+    )
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
     if not 0 <= args.padding < 1:

@@ -65,6 +65,7 @@ from _cli import (
     add_device_options,
     check_device,
     non_negative_int,
+    output_file,
     positive_int,
     select,
 )
@@ -553,7 +554,9 @@ def main(argv: list[str] | None = None) -> None:
         help=f"comma-separated, from {', '.join(METHOD_NAMES)}; dense and ttlayers always run "
         "(default: all)",
     )
-    parser.add_argument("--json", default="", help="write the records and the setup here")
+    parser.add_argument(
+        "--json", type=output_file, default="", help="write the records and the setup here"
+    )
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument(
         "--compile",

@@ -373,14 +373,28 @@ TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
 def read_idx(path: Path) -> torch.Tensor:
-    """An IDX file (LeCun et al.'s format, gzipped) as a uint8 tensor."""
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    _, _, kind, dims = struct.unpack(">BBBB", data[:4])
-    if kind != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes.")
-    shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
-    return torch.frombuffer(bytearray(data[4 + 4 * dims :]), dtype=torch.uint8).reshape(shape)
+    """An IDX file (LeCun et al.'s format, gzipped or not) as a uint8 tensor.
+
+    Raises ``ValueError`` naming the file for one that is damaged or not IDX.
+    """
+    if not path.is_file() and path.with_suffix("").is_file():
+        path = path.with_suffix("")  # unpacked, as examples/mnist.py also takes them
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                data = handle.read()
+        else:
+            data = path.read_bytes()
+        magic, kind, dims = data[:2], data[2], data[3]
+        shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
+        body = data[4 + 4 * dims :]
+    except (EOFError, OSError, IndexError, struct.error) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a readable IDX file ({error}).") from error
+    if magic != b"\0\0" or kind != 0x08 or len(body) != math.prod(shape):
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes of its stated shape.")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
 
 
 def fashion_mnist(folder: Path) -> tuple[torch.Tensor, ...]:
@@ -419,10 +433,10 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
     folder = Path(args.data_dir) if args.data_dir else FASHION
     try:
         x_train, y_train, x_test, y_test = fashion_mnist(folder)
-    except FileNotFoundError as error:
+    except (OSError, ValueError) as error:
         print(
             f"bench_pretrained: {error}\nInstall the data: apt-get install "
-            "dataset-fashion-mnist, or pass --data-dir with the four IDX .gz files.",
+            "dataset-fashion-mnist, or pass --data-dir with the four IDX files.",
             file=sys.stderr,
         )
         return 2
@@ -553,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) != default:
             flag = "--" + name.replace("_", "-")
             parser.error(f"{flag} does not apply to --model {args.model}")
+    if args.one_layer and (args.refit_steps or args.refit_lr != 1e-3 or args.progress):
+        parser.error("--one-layer converts without a refit or progress lines")
+    if args.refit_lr != 1e-3 and not args.refit_steps:
+        parser.error("--refit-lr applies with --refit-steps")
+    if args.refit_steps and not any(m.startswith("calibrated") for m in args.methods or known):
+        parser.error("--refit-steps refits the calibrated methods only")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.model == "minilm":

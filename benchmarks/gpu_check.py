@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     started = time.time()
-    out: Path = args.out
+    out: Path = args.out.resolve()  # the steps run from the repository root
     out.mkdir(parents=True, exist_ok=True)
     for step in steps("cpu", sys.executable):  # an earlier run's files would pass for this one's
         for name in filter(None, [step.log, step.json, "summary.md"]):

@@ -37,7 +37,14 @@ import sys
 import time
 
 import torch
-from _cli import HelpFormatter, add_device_options, check_device, float_at_least, positive_int
+from _cli import (
+    HelpFormatter,
+    add_device_options,
+    check_device,
+    float_at_least,
+    output_file,
+    positive_int,
+)
 
 from ttlayers.contraction import select_plan, tt_linear
 from ttlayers.planner import Plan, candidate_plans, estimate_time
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         default=6.0,
         help="time the candidate plans whose estimate is within this factor of the best one",
     )
-    parser.add_argument("--json", default=None, help="write the records here")
+    parser.add_argument("--json", type=output_file, default=None, help="write the records here")
     parser.add_argument(
         "--steps",
         type=positive_int,

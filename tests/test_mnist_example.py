@@ -385,6 +385,7 @@ def test_end_to_end(mnist, tiny_data, tmp_path, mode):
         (["--model", "ttmlp", "--eps", "0.5"], "--eps applies to --convert only"),
         (["--model", "ttmlp", "--finetune-epochs", "3"], "--finetune-epochs applies"),
         (["--model", "dense", "--rank", "3"], "--rank applies to the TT models"),
+        (["--model", "ttmlp", "--init", "seed"], "--init seed applies to --model ttnet only"),
         (["--gamma", "-1"], "--gamma is a learning rate factor in (0, 1]"),
         (["--gamma", "0"], "--gamma is a learning rate factor in (0, 1]"),
         (["--lr", "inf"], "--lr must be positive and finite"),
@@ -405,6 +406,10 @@ def test_bad_flags_fail_before_any_training(mnist, capsys, argv, message):
 def test_convert_flags_get_their_defaults(mnist):
     args = mnist.parse_args(["--convert"])
     assert args.finetune_epochs == 1 and args.finetune_lr == args.lr / 10
+    # The default, given explicitly, is accepted for every model (it was an error but for
+    # ttnet).
+    for argv in (["--convert"], ["--model", "ttmlp"], ["--model", "dense"]):
+        assert mnist.parse_args([*argv, "--init", "library"]).init == "library"
 
 
 def test_few_calibration_images_get_a_note_and_the_data_dir_its_home(mnist, capsys):
