@@ -1133,6 +1133,54 @@ def test_per_sample_gradients_through_twoblock_with_vmap(batched):
             torch.testing.assert_close(got[i], e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_backward_after_vmap_and_jacfwd_through_every_two_block_plan(frozen):
+    """Finds: save_for_forward keeping other tensors than save_for_backward (helper 74).
+
+    torch.func's generated vmap rule records the batch dimensions of the last save only, so
+    every backward pass after ``vmap(layer)(x)`` raised "flat_bdims must not be None" at a
+    two-block plan (nn.Linear's works). Every two-block plan of a 3-core layer, the rows of a
+    3-D input mapped over; also ``jacfwd`` through the Function (vmap over its jvp).
+    """
+    cores = make_cores((4, 4, 4), (4, 4, 3), 3)
+    plans = [
+        plan
+        for plan in candidate_plans(8, (4, 4, 4), (4, 4, 3), (1, 3, 3, 1), largest=64)
+        if plan.kind == "twoblock"
+    ]
+    assert (
+        len({(p.split, p.first, p.batched_first, p.second_from_z, p.chunks > 1) for p in plans}) > 8
+    )
+    torch.manual_seed(1)
+    bias = torch.randn(48, dtype=torch.float64)
+    x = torch.randn(3, 8, 64, dtype=torch.float64)
+    w = torch.randn(3, 8, 48, dtype=torch.float64)
+    for plan in plans:
+        _check_under_vmap(plan, cores, bias, x, w, frozen)
+
+
+def _check_under_vmap(plan, cores, bias, x, w, frozen):
+    params = [t.clone().requires_grad_(not frozen) for t in (*cores, bias)]
+    inputs = [x.clone().requires_grad_(), *([] if frozen else params)]
+    y = torch.func.vmap(lambda row: tt_linear(row, params[:3], params[3], plan=plan))(inputs[0])
+    got = torch.autograd.grad((w * y.sin()).sum(), inputs)
+    expected_y = inputs[0] @ reference_weight(params[:3]).T + params[3]
+    expected = torch.autograd.grad((w * expected_y.sin()).sum(), inputs)
+    # float64 products of a few dozen terms, through sin: 1e-12.
+    torch.testing.assert_close(y, expected_y, rtol=1e-12, atol=1e-12)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    if frozen:
+        return
+    jacobian = torch.func.jacfwd(
+        lambda core: tt_linear(x[0], [params[0], core, params[2]], plan=plan)
+    )(params[1])
+    dense = torch.func.jacfwd(lambda core: x[0] @ reference_weight([params[0], core, params[2]]).T)(
+        params[1]
+    )
+    torch.testing.assert_close(jacobian, dense, rtol=1e-12, atol=1e-12)
+
+
 def test_autocast_bfloat16_twoblock_output_and_gradient_dtypes():
     cores = [c.float().requires_grad_() for c in make_cores((4, 8, 8, 4), (4, 8, 8, 4), 8)]
     x = torch.randn(32, 1024)

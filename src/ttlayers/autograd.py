@@ -338,6 +338,25 @@ def two_block_forward(
     return y, z
 
 
+def _saved(
+    ctx: Any,
+    x: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    z: torch.Tensor,
+    layout: TwoBlockLayout,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What :class:`TwoBlockProduct` keeps for its backward pass: ``x``, the blocks, ``Z``."""
+    kept = z if layout.keep and layout.chunks == 1 else None
+    # The input only for the blocks' gradients (the input's needs the blocks alone): a frozen
+    # layer neither keeps it nor refuses a later in-place change of it, as nn.Linear does
+    # not. A placeholder of its shape, zero strides, holds no memory (under vmap it is
+    # batched as x is, made from it).
+    if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        x = x.new_empty(()).expand(x.shape)
+    return x, first, second, kept
+
+
 class TwoBlockProduct(torch.autograd.Function):
     """``y = x W^T (+ bias)`` for ``W`` given as two blocks; see the module docstring.
 
@@ -379,13 +398,7 @@ class TwoBlockProduct(torch.autograd.Function):
         # for it before every backward pass.
         ctx.set_materialize_grads(False)
         ctx.layout = layout
-        kept = z if layout.keep and layout.chunks == 1 else None
-        # The input only for the blocks' gradients (the input's needs the blocks alone): a
-        # frozen layer neither keeps it nor refuses a later in-place change of it, as
-        # nn.Linear does not. A placeholder of its shape, zero strides, holds no memory.
-        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-            x = x.new_empty(()).expand(x.shape)
-        ctx.save_for_backward(x, first, second, kept)
+        ctx.save_for_backward(*_saved(ctx, x, first, second, z, layout))
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor | None, grad_z: Any) -> tuple[Any, ...]:
@@ -447,8 +460,12 @@ class EagerTwoBlockProduct(TwoBlockProduct):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         """As :meth:`TwoBlockProduct.setup_context`; also keep the inputs for :meth:`jvp`."""
         TwoBlockProduct.setup_context(ctx, inputs, output)
-        x, first, second, _, _ = inputs
-        ctx.save_for_forward(x, first, second)
+        x, first, second, _, layout = inputs
+        # The same number of tensors as for the backward pass, each batched as its twin there:
+        # torch.func's generated vmap rule records one set of batch dimensions, the last
+        # save's, for both (three tensors here failed every backward pass under vmap).
+        _, *rest = _saved(ctx, x, first, second, output[1], layout)
+        ctx.save_for_forward(x, *rest)
 
     @staticmethod
     def jvp(
@@ -460,7 +477,7 @@ class EagerTwoBlockProduct(TwoBlockProduct):
         _: Any,
     ) -> tuple[torch.Tensor | None, None]:
         """Forward-mode derivative: the product is linear in each of ``x``, ``F`` and ``S``."""
-        x, first, second = ctx.saved_tensors
+        x, first, second, _ = ctx.saved_tensors
         layout: TwoBlockLayout = ctx.layout._replace(keep=False)
         terms = []
         if x_t is not None:
