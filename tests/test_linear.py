@@ -586,6 +586,8 @@ def test_tt_linear_checks_its_bias_plan_and_dtypes():
                 tt_linear(x, cores, torch.zeros(32, dtype=torch.float64))
     with pytest.raises(ValueError, match="plan must be a Plan of kind"):
         tt_linear(x, cores, plan=Plan("bogus"))
+    with pytest.raises(TypeError, match="plan must be a Plan; got str"):
+        tt_linear(x, cores, plan="dense")
     # Plan("dense") (split 0) merges all the cores left to right: valid for any chain.
     expected = x @ tt_to_dense(cores).T
     torch.testing.assert_close(tt_linear(x, cores, plan=Plan("dense")), expected)

@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,12 +259,12 @@ def test_every_candidate_runs_and_batched_ones_take_no_gradient_from_z(shape, de
     the plan check of tt_linear (run on one row: the check comes before any product).
     """
 
-    from ttlayers.contraction import _check_plan
+    from ttlayers.planner import check_plan
 
     for batch in (1, 64, 4096):
         plans = candidate_plans(batch, *shape, device_type=device_type, threads=2)
         for plan in plans:
-            _check_plan(plan, len(shape[0]))
+            check_plan(plan, len(shape[0]))
         assert not any(p.batched_first and p.second_from_z for p in plans)
     splits = {p.split for p in candidate_plans(64, *shape, threads=2) if p.batched_first}
     lefts = [math.prod(shape[0][:s]) for s in range(1, len(shape[0]))]
@@ -339,7 +340,9 @@ def test_a_cpu_training_step_pays_the_glue_of_its_plan_kind(monkeypatch):
     chain = next(p for p in candidate_plans(6, *shape) if p.kind == "chain")
     plans = {
         Plan("twoblock", split=2, first="left", chunks=3): planner._TWOBLOCK_TRAINING_CALLS,
-        Plan("twoblock", split=1, batched_first=True): planner._TWOBLOCK_TRAINING_CALLS,
+        Plan(
+            "twoblock", split=1, first="left", batched_first=True
+        ): planner._TWOBLOCK_TRAINING_CALLS,
         chain: planner._CHAIN_TRAINING_CALLS,
         Plan("dense", split=1): 0,
     }
@@ -760,8 +763,8 @@ def test_when_no_plan_fits_the_memory_bound_the_leanest_is_chosen(monkeypatch):
     plan fits: the one over by the least at either end must be chosen, whatever its time.
     """
 
-    real_budget = planner.memory_budget
-    monkeypatch.setattr(planner, "memory_budget", lambda *a: real_budget(*a) // 10)
+    real_budget = planner._memory_budget
+    monkeypatch.setattr(planner, "_memory_budget", lambda *a: real_budget(*a) // 10)
     over = {
         plan: max(
             plan_memory(plan, b, *SMALL, training=True) - planner.memory_budget(b, *SMALL[:2])
@@ -1168,6 +1171,9 @@ def test_set_cost_model_checks_cache_and_chunks_and_accepts_zero_costs():
         for speedups in ((("float16", "2"),), (("float16",),), ((torch.float16, 2.0),), "x"):
             with pytest.raises(TypeError, match="dtype_speedup"):
                 set_cost_model("cpu", dataclasses.replace(default, dtype_speedup=speedups))
+        for field, value in (("flops", "1e11"), ("half_dim", None), ("cache_traffic", "x")):
+            with pytest.raises(TypeError, match=f"model.{field} must be a number"):
+                set_cost_model("cpu", dataclasses.replace(default, **{field: value}))
         assert planner._cost_model("cpu") is default  # refused: left as it was
         set_cost_model("cpu", dataclasses.replace(default, overhead=0.0, matrix_overhead=0.0))
         set_cost_model("cpu", dataclasses.replace(default, cache_traffic=1.0))
@@ -1175,8 +1181,12 @@ def test_set_cost_model_checks_cache_and_chunks_and_accepts_zero_costs():
     finally:
         set_cost_model("cpu", None)
         set_cost_model("cuda", None)
-    with pytest.raises(ValueError, match="repeats must be a positive int"):
+    with pytest.raises(TypeError, match="repeats must be a positive int"):
         calibrate("cpu", repeats=True)
+    with pytest.raises(TypeError, match="repeats must be a positive int"):
+        calibrate("cpu", repeats="a")
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point torch\.dtype"):
+        calibrate("cpu", dtype=torch.int64)
 
 
 @pytest.mark.parametrize(
@@ -1207,6 +1217,40 @@ def test_public_planning_functions_check_their_shape_arguments(
     for call in calls:
         with pytest.raises(error, match=match):
             call()
+
+
+def test_public_planning_functions_check_the_plan_and_take_numpy_arguments():
+    """Finds (helpers 80 and 81): a plan that is not one, or does not fit, was an
+    AttributeError, KeyError or IndexError from estimate_time and plan_memory;
+    memory_budget checked nothing; NumPy ranks (taken before the checks) were refused, and a
+    NumPy batch failed in candidate_plans; a dict of speedups (read with dict()) refused."""
+    shape = ((4, 6), (3, 5), (1, 2, 1))
+    for function in (estimate_time, plan_memory):
+        for plan, error, match in (
+            ("dense", TypeError, "plan must be a Plan; got str"),
+            (Plan("foo"), ValueError, "plan must be a Plan of kind"),
+            (Plan("twoblock", split=5), ValueError, "does not fit a chain of 2 cores"),
+            (Plan("twoblock", split=1, chunks=0), ValueError, "does not fit a chain"),
+            (Plan("twoblock", split=1, chunks=2.0), TypeError, "plan.chunks must be an int"),
+        ):
+            with pytest.raises(error, match=match):
+                function(plan, 8, *shape)
+    with pytest.raises(ValueError, match="batch must be an int >= 0"):
+        memory_budget(-1, *shape[:2])
+    with pytest.raises(TypeError, match="in_modes must be a sequence"):
+        memory_budget(8, 24, 15)
+    numpy = (np.array(shape[0]), np.array(shape[1]), np.array(shape[2]))
+    assert candidate_plans(np.int64(8), *numpy) == candidate_plans(8, *shape)
+    assert choose_plan(np.int64(8), *numpy) == choose_plan(8, *shape)
+    plan = Plan("dense", split=1)
+    assert estimate_time(plan, 8, *numpy) == estimate_time(plan, 8, *shape)
+    assert plan_memory(plan, 8, *numpy) == plan_memory(plan, 8, *shape)
+    try:
+        default = DEFAULT_COST_MODELS["cpu"]
+        set_cost_model("cpu", dataclasses.replace(default, dtype_speedup={"float16": 2.0}))
+        assert planner._cost_model("cpu").speedup(torch.float16) == 2.0
+    finally:
+        set_cost_model("cpu", None)
 
 
 def test_max_chunks_of_one_never_chunks_for_the_cache():

@@ -658,16 +658,75 @@ def test_hooks_of_a_replaced_layer_move_to_its_tt_layer():
     load_tensorized_(fresh, model.state_dict())
     assert list(fresh.blocks[0].up._forward_pre_hooks.values()) == [clamp]
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
-    # A lazy layer's own hook (it infers the shapes) stays behind; the caller's move.
+    # A lazy layer's own hook (it infers the shapes) stays behind; the caller's move, and
+    # its handle still removes it.
     single = nn.Sequential(nn.Linear(64, 64))
     tensorize_(single, rank=4)
     lazy = nn.Sequential(nn.LazyLinear(64))
-    lazy[0].register_forward_hook(shift)
+    handle = lazy[0].register_forward_hook(shift)
     load_tensorized_(lazy, single.state_dict())
     assert not lazy[0]._forward_pre_hooks
     assert list(lazy[0]._forward_hooks.values()) == [shift]
     z = torch.randn(3, 64)
     torch.testing.assert_close(lazy(z), single(z) + 1, rtol=0, atol=0)
+    handle.remove()
+    torch.testing.assert_close(lazy(z), single(z), rtol=0, atol=0)
+
+
+def test_hooks_are_copied_from_a_module_the_model_still_uses_and_restored_on_failure():
+    # Found by a review (helper 80): the hook dicts were shared between the old and the new
+    # module, so a replaced module still in use fired the new one's hooks, and a failed
+    # load_tensorized_ left the fused-kernel hook on the restored nn.Linear.
+    def shared_twice():
+        cell = nn.Linear(16, 16, dtype=torch.float64)
+        return nn.Sequential(cell, nn.Tanh(), cell)
+
+    calls = []
+    model = shared_twice()
+    tensorize_(model, rank=2)
+    state = dict(model.state_dict())
+    dense = shared_twice()[2].state_dict()
+    state.update({f"2.{key}": value for key, value in dense.items()})
+    state = {k: v for k, v in state.items() if not k.startswith("2.cores")}
+    fresh = shared_twice()
+    fresh[0].register_forward_hook(lambda module, args, output: calls.append(type(module)))
+    load_tensorized_(fresh, state)  # "0" becomes a TTLinear, "2" keeps the nn.Linear
+    assert isinstance(fresh[0], TTLinear) and type(fresh[2]) is nn.Linear
+    fresh(torch.randn(2, 16, dtype=torch.float64))
+    assert calls == [TTLinear, nn.Linear]  # each its own copy, each once
+    fresh[0].register_forward_hook(lambda module, args, output: calls.append("new"))
+    calls.clear()
+    fresh[2](torch.randn(2, 16, dtype=torch.float64))
+    assert calls == [nn.Linear]
+
+    # A load that fails after the swap puts the old layers back with their hooks as they were.
+    encoder = _encoder()
+    tensorize_(encoder, rank=4)
+    target = _encoder()
+    linear = target.layers[0].linear1
+    linear.register_forward_hook(lambda module, args, output: None)
+    before = {
+        name: dict(getattr(linear, name)) for name in ("_forward_hooks", "_forward_pre_hooks")
+    }
+    broken = dict(encoder.state_dict())
+    broken["layers.0.norm1.weight"] = torch.ones(5)  # fails in load_state_dict, after the swap
+    with pytest.raises(RuntimeError, match=r"norm1\.weight"):
+        load_tensorized_(target, broken)
+    assert target.layers[0].linear1 is linear
+    after = {name: dict(getattr(linear, name)) for name in before}
+    assert after == before  # no fused-kernel hook left behind
+
+
+def test_layers_under_a_composable_distributed_api_are_skipped():
+    # Its hooks read state kept on the module: carried to a TTLinear, they failed in the
+    # forward pass (found by a review, helper 80).
+    checkpoint = pytest.importorskip("torch.distributed._composable").checkpoint
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    checkpoint(model[0])
+    report = tensorize_(model, rank=4)
+    assert [row.name for row in report.layers] == ["2"]
+    assert "composable API" in report.skipped[0].reason and type(model[0]) is nn.Linear
+    model(torch.randn(3, 64, requires_grad=True)).sum().backward()
 
 
 def test_a_converted_transformer_layer_runs_its_tt_layers_not_the_fused_kernel():

@@ -252,9 +252,9 @@ def layer_options(
         which have as many or more: the choices of a layer that cannot be made smaller.
 
     Raises:
-        TypeError: If ``weight`` is not a 2-D floating-point tensor.
-        ValueError: If ``weight`` holds NaN or Inf, or a shape's modes do not multiply to
-            its sizes.
+        TypeError: If ``weight`` is not a floating-point tensor.
+        ValueError: If ``weight`` is not 2-D or holds NaN or Inf, or a shape's modes do not
+            multiply to its sizes.
     """
     check_matrix(weight, "weight", finite=True)
     out_features, in_features = (int(s) for s in weight.shape)

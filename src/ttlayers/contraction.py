@@ -36,8 +36,7 @@ from ttlayers.autograd import (
     symbolic_size,
     two_block_forward,
 )
-from ttlayers.planner import Plan, choose_plan, plan_table
-from ttlayers.shapes import is_int
+from ttlayers.planner import Plan, check_plan, choose_plan, plan_table
 
 __all__ = [
     "autocast_enabled",
@@ -974,34 +973,6 @@ def _known_at_least(size: int | torch.SymInt, bound: int | torch.SymInt) -> bool
     return guard_or_false(size >= bound)
 
 
-def _check_plan(plan: object, num_cores: int) -> None:
-    """Raise unless ``plan`` is a plan for a chain of ``num_cores`` cores.
-
-    ``TypeError`` for a field of the wrong type, ``ValueError`` for one that does not fit.
-    """
-    if not isinstance(plan, Plan) or plan.kind not in _RUNNERS:
-        raise ValueError(
-            f"plan must be a Plan of kind {', '.join(map(repr, _RUNNERS))}; got {plan!r}."
-        )
-    for field in ("split", "save_max_batch", "chunks"):
-        value = getattr(plan, field)
-        if not is_int(value):  # a float failed in a product, or only in training
-            raise TypeError(f"plan.{field} must be an int; got {value!r} in {plan}.")
-    fits = {
-        "dense": 0 <= plan.split < num_cores,  # 0: all cores merged left to right
-        "twoblock": 0 < plan.split < num_cores
-        and plan.first in ("left", "right")
-        # The batched form applies the left block first, and forms dS from Z always.
-        and (not plan.batched_first or (plan.first == "left" and not plan.second_from_z)),
-        "chain": len(plan.steps) == num_cores,  # one step per core: the input meets them all
-    }[plan.kind]
-    if not fits or plan.chunks < 1:
-        raise ValueError(
-            f"plan {plan} does not fit a chain of {num_cores} cores (see "
-            "ttlayers.planner.candidate_plans for the plans of a layer)."
-        )
-
-
 def _autocast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # As autocast casts the arguments of F.linear: float64 tensors keep their dtype.
     return tensor if tensor.dtype == torch.float64 else tensor.to(dtype)
@@ -1034,10 +1005,11 @@ def tt_linear(
 
     Raises:
         TypeError: If the input, the cores or the bias are not real floating-point tensors of
-            one dtype, or the cores are not all on one device.
+            one dtype, the cores are not all on one device, or ``plan`` is not a
+            :class:`~ttlayers.planner.Plan` (or a field of it has the wrong type).
         ValueError: If the cores do not chain, the input's last dimension is not
-            ``prod m_k``, the bias's shape is not ``(prod n_k,)``, or the input or the bias
-            is on another device than the cores.
+            ``prod m_k``, the bias's shape is not ``(prod n_k,)``, the input or the bias
+            is on another device than the cores, or ``plan`` does not fit the chain.
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"tt_linear expected input to be a tensor; got {type(input).__name__}.")
@@ -1151,7 +1123,7 @@ def tt_linear(
             f"input on {input.device}" + ("" if bias is None else f", bias on {bias.device}") + "."
         )
     if plan is not None:
-        _check_plan(plan, len(cores))
+        check_plan(plan, len(cores))
     batch_shape = input.shape[:-1]
     batch = math.prod(batch_shape)
     x = input.reshape(batch, m)  # (B, M)

@@ -423,8 +423,8 @@ def relative_error(matrix: torch.Tensor, cores: Sequence[torch.Tensor]) -> float
     Raises:
         TypeError: If ``matrix`` is not a floating-point tensor, or the cores are not
             floating-point tensors.
-        ValueError: If ``matrix`` is not 2-D, the shapes disagree, or a tensor is on the meta
-            device.
+        ValueError: If ``matrix`` is not 2-D, the shapes disagree, the cores do not chain or
+            hold NaN or Inf, or a tensor is on the meta device.
     """
     check_matrix(matrix)
     if matrix.device.type == "meta":
@@ -476,7 +476,8 @@ def tt_relative_error(reference: Sequence[torch.Tensor], cores: Sequence[torch.T
         The relative error as a float; ``0.0`` when both are zero, ``inf`` when only ``A`` is.
 
     Raises:
-        ValueError: If the modes disagree.
+        TypeError: If either chain is not a sequence of floating-point tensors.
+        ValueError: If a chain does not chain or holds NaN or Inf, or the modes disagree.
     """
     reference, ref_shapes = _check_cores("reference", reference)
     cores, shapes = _check_cores("cores", cores)

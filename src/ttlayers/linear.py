@@ -557,7 +557,9 @@ class TTLinear(nn.Module):
             its ``conversion_error`` attribute.
 
         Raises:
-            TypeError: If ``source`` is neither an ``nn.Linear`` nor a 2-D tensor.
+            TypeError: If ``source`` is neither an ``nn.Linear`` nor a 2-D tensor, its weight
+                is not floating point, ``rank``, ``eps`` or ``ridge`` is not a number of the
+                right kind, or ``inputs`` is not a floating-point tensor.
             ValueError: If ``source`` is a lazy layer not initialized yet, the weight is on
                 the meta device or holds NaN or Inf (or the bias does), ``eps`` is outside
                 ``(0, 1)``, a rank is not positive, the modes do not multiply to the sizes,
@@ -644,7 +646,10 @@ class TTLinear(nn.Module):
             this layer's weight.
 
         Raises:
-            ValueError: If ``eps`` is outside ``(0, 1)`` or a rank is not positive.
+            TypeError: If ``rank`` is not an int or a sequence of ints, or ``eps`` not a
+                number.
+            ValueError: If ``eps`` is outside ``(0, 1)``, a rank is not positive, or a rank
+                sequence does not have ``d - 1`` entries.
         """
         with torch.no_grad():
             cores = [core.detach() for core in self._core_list()]

@@ -40,14 +40,14 @@ import math
 import numbers
 import string
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import opt_einsum
 import torch
 
-from ttlayers.shapes import is_int, max_ranks
+from ttlayers.shapes import as_rank_argument, is_int, max_ranks
 
 __all__ = [
     "DEFAULT_COST_MODELS",
@@ -75,7 +75,8 @@ class Plan:
     Attributes:
         kind: ``"dense"``, ``"twoblock"`` or ``"chain"`` (see the module docstring).
         split: For ``"dense"`` and ``"twoblock"``: cores ``0..split-1`` form the left block,
-            ``split..d-1`` the right block (``0 < split < d``; ``0`` when ``d == 1``).
+            ``split..d-1`` the right block (``0 < split < d``). For ``"dense"``, ``0`` merges
+            all the cores left to right (the only split when ``d == 1``).
         first: For ``"twoblock"``: which block meets the input first, ``"left"`` or
             ``"right"``.
         save_max_batch: For ``"twoblock"`` unchunked: the largest batch size for which the
@@ -190,8 +191,8 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
     recompiles (``torch._dynamo.reset()``).
 
     Raises:
-        TypeError: If ``model`` is neither a :class:`CostModel` nor ``None``, or
-            ``cache_bytes``, ``max_chunks`` or ``dtype_speedup`` has the wrong type.
+        TypeError: If ``model`` is neither a :class:`CostModel` nor ``None``, or a field of
+            it has the wrong type.
         ValueError: If a speed, bandwidth, cost or ``dtype_speedup`` factor of ``model`` is
             not positive and finite (or, for the costs, not ``>= 0``), or ``cache_traffic``
             is not in ``[0, 1]``.
@@ -200,6 +201,13 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
     if given is not None and not isinstance(given, CostModel):
         raise TypeError(f"model must be a CostModel or None; got {type(given).__name__}.")
     if model is not None:
+        for name in ("flops", "half_dim", "bandwidth", "overhead", "matrix_overhead"):
+            number: object = getattr(model, name)
+            if isinstance(number, bool) or not isinstance(number, numbers.Real):
+                raise TypeError(f"model.{name} must be a number; got {number!r}.")
+        traffic: object = model.cache_traffic
+        if isinstance(traffic, bool) or not isinstance(traffic, numbers.Real):
+            raise TypeError(f"model.cache_traffic must be a number; got {traffic!r}.")
         for name in ("flops", "half_dim", "bandwidth"):
             if not 0 < getattr(model, name) < math.inf:
                 raise ValueError(
@@ -236,11 +244,8 @@ def _check_chain(batch: object, in_modes: object, out_modes: object, ranks: obje
     Without it, a rank of 0 was a ZeroDivisionError deep in the cost model, and a mode of 0
     or a negative one gave a plan.
     """
-    if not is_int(batch) or batch < 0:
-        raise (ValueError if is_int(batch) else TypeError)(
-            f"batch must be an int >= 0; got {batch!r}."
-        )
-    caps = max_ranks(in_modes, out_modes)  # type: ignore[arg-type]  # checks the modes
+    caps = _check_modes(batch, in_modes, out_modes)
+    ranks = as_rank_argument(ranks)  # a NumPy vector, as for the modes
     if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
         raise TypeError(f"ranks must be a sequence of ints; got {type(ranks).__name__}.")
     if not all(is_int(r) for r in ranks):
@@ -252,10 +257,52 @@ def _check_chain(batch: object, in_modes: object, out_modes: object, ranks: obje
         )
 
 
+def _check_modes(batch: object, in_modes: object, out_modes: object) -> tuple[int, ...]:
+    """Check a batch size and the modes of a chain; its largest useful ranks."""
+    if not is_int(batch) or batch < 0:
+        raise (ValueError if is_int(batch) else TypeError)(
+            f"batch must be an int >= 0; got {batch!r}."
+        )
+    return max_ranks(in_modes, out_modes)  # type: ignore[arg-type]  # checks the modes
+
+
+def check_plan(plan: object, num_cores: int) -> None:
+    """Raise unless ``plan`` is a :class:`Plan` for a chain of ``num_cores`` cores.
+
+    ``TypeError`` for what is not a plan or a field of the wrong type, ``ValueError`` for a
+    plan that does not fit.
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a Plan; got {type(plan).__name__} {plan!r}.")
+    if plan.kind not in _KINDS:
+        raise ValueError(
+            f"plan must be a Plan of kind {', '.join(map(repr, _KINDS))}; got {plan!r}."
+        )
+    for field in ("split", "save_max_batch", "chunks"):
+        value = getattr(plan, field)
+        if not is_int(value):  # a float failed in a product, or only in training
+            raise TypeError(f"plan.{field} must be an int; got {value!r} in {plan}.")
+    fits = {
+        "dense": 0 <= plan.split < num_cores,  # 0: all cores merged left to right
+        "twoblock": 0 < plan.split < num_cores
+        and plan.first in ("left", "right")
+        # The batched form applies the left block first, and forms dS from Z always.
+        and (not plan.batched_first or (plan.first == "left" and not plan.second_from_z)),
+        "chain": len(plan.steps) == num_cores,  # one step per core: the input meets them all
+    }[plan.kind]
+    if not fits or plan.chunks < 1:
+        raise ValueError(
+            f"plan {plan} does not fit a chain of {num_cores} cores (see "
+            "ttlayers.planner.candidate_plans for the plans of a layer)."
+        )
+
+
 def _check_speedups(pairs: object) -> None:
     # A bad factor failed only at the next plan choice (a ZeroDivisionError for 0), or never
     # (a negative or NaN factor ranked plans at random).
     message = "model.dtype_speedup must be (dtype name, positive finite factor) pairs"
+    if isinstance(pairs, Mapping):  # read with dict(), so a dict serves as well
+        pairs = tuple(pairs.items())
     if not isinstance(pairs, (tuple, list)):
         raise TypeError(f"{message}; got {type(pairs).__name__}.")
     for pair in pairs:
@@ -602,10 +649,13 @@ def estimate_time(
         Estimated seconds.
 
     Raises:
-        TypeError: If the batch, a mode or a rank is not an int.
-        ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a chain.
+        TypeError: If the batch, a mode or a rank is not an int, or ``plan`` is not a
+            :class:`Plan` (or a field of it has the wrong type).
+        ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a
+            chain, or ``plan`` does not fit that chain.
     """
     _check_chain(batch, in_modes, out_modes, ranks)
+    check_plan(plan, len(in_modes))
     return _estimate_time(
         plan,
         batch,
@@ -643,7 +693,24 @@ def memory_budget(batch: int, in_modes: Sequence[int], out_modes: Sequence[int])
     ``3 M N + B (M + N)``. A plan that needs more than this is never chosen while another
     fits: it bounds the intermediates that grow with the batch, such as an unchunked
     two-block product's (``B M_s r N_f``, often several times the input).
+
+    Args:
+        batch: Number of input rows (``>= 0``).
+        in_modes: The ``d`` input modes.
+        out_modes: The ``d`` output modes.
+
+    Returns:
+        The bound, in elements.
+
+    Raises:
+        TypeError: If the batch or a mode is not an int.
+        ValueError: If the batch is negative, or the modes are not those of a chain.
     """
+    _check_modes(batch, in_modes, out_modes)
+    return _memory_budget(batch, in_modes, out_modes)
+
+
+def _memory_budget(batch: int, in_modes: Sequence[int], out_modes: Sequence[int]) -> int:
     m, n = math.prod(in_modes), math.prod(out_modes)
     return 3 * m * n + batch * (m + n)
 
@@ -679,10 +746,13 @@ def plan_memory(
       step with its operand (the input included).
 
     Raises:
-        TypeError: If the batch, a mode or a rank is not an int.
-        ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a chain.
+        TypeError: If the batch, a mode or a rank is not an int, or ``plan`` is not a
+            :class:`Plan` (or a field of it has the wrong type).
+        ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a
+            chain, or ``plan`` does not fit that chain.
     """
     _check_chain(batch, in_modes, out_modes, ranks)
+    check_plan(plan, len(in_modes))
     return _plan_memory(plan, batch, in_modes, out_modes, ranks, training=training)
 
 
@@ -927,6 +997,7 @@ def candidate_plans(
         ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a chain.
     """
     _check_chain(batch, in_modes, out_modes, ranks)
+    batch = int(batch)  # a NumPy integer too
     in_modes, out_modes, ranks = tuple(in_modes), tuple(out_modes), tuple(ranks)
     d = len(in_modes)
     if d == 1:
@@ -1055,6 +1126,7 @@ def choose_plan(
         threads=threads,
         largest=largest,
     )
+    batch = int(batch)  # checked by candidate_plans; a NumPy integer too
     if max_chunks is not None and max_chunks < 1:
         raise ValueError(f"max_chunks must be at least 1; got {max_chunks}.")
     if max_chunks == 1:
@@ -1072,7 +1144,7 @@ def choose_plan(
     footprints = [
         max(
             _plan_memory(plan, size, in_modes, out_modes, ranks, training=training)
-            - memory_budget(size, in_modes, out_modes)
+            - _memory_budget(size, in_modes, out_modes)
             for size in sizes
         )
         for plan in candidates
@@ -1212,9 +1284,17 @@ def calibrate(
     Returns:
         The measured model, expressed for float32 (``flops`` divided by the default speedup
         of ``dtype``) and, on CPUs, per thread.
+
+    Raises:
+        TypeError: If ``repeats`` is not an int or ``dtype`` not a floating-point dtype.
+        ValueError: If ``repeats`` is not positive.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if not is_int(repeats):
+        raise TypeError(f"repeats must be a positive int; got {repeats!r}.")
+    if repeats < 1:
         raise ValueError(f"repeats must be a positive int; got {repeats!r}.")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}.")
     device = torch.device(device)
 
     def make(*shape: int) -> torch.Tensor:

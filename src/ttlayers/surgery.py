@@ -378,6 +378,12 @@ def _structural_reason(model: nn.Module, linear: nn.Linear, names: list[str]) ->
         return f"{type(linear).__name__} overrides forward, which a TTLinear would drop"
     if "forward" in vars(linear):  # e.g. accelerate's hooks wrap an instance's forward
         return "its forward is replaced on the instance, which a TTLinear would drop"
+    if any(key.startswith("__composable_api_state_key") for key in vars(linear)):
+        # Its hooks read state kept on the module itself (torch.distributed._composable).
+        return (
+            "a torch.distributed composable API (checkpoint, fully_shard, replicate) is "
+            "applied to it, whose state a TTLinear would not have; apply it after converting"
+        )
     own = [
         name
         for name, _ in (
@@ -468,8 +474,9 @@ def tensorize_(
           (``torch.nn.utils.prune``, the legacy ``weight_norm`` and ``spectral_norm``);
           layers whose weight is not real floating point (complex, integer); subclasses of
           ``nn.Linear`` that override ``forward``, layers whose ``forward`` is replaced
-          on the instance (as accelerate's hooks do), and layers that hold parameters,
-          buffers or modules besides their weight and bias.
+          on the instance (as accelerate's hooks do), layers that hold parameters,
+          buffers or modules besides their weight and bias, and layers under a composable
+          ``torch.distributed`` API (``checkpoint``, ``fully_shard``, ``replicate``).
           Every ``nn.Linear`` not converted is listed in ``report.skipped`` with the reason.
 
     Guarantees:
@@ -479,8 +486,9 @@ def tensorize_(
         - Weight tying: an ``nn.Linear`` reachable under several names is converted once and
           the same ``TTLinear`` installed under every name.
         - The forward and backward hooks of a replaced ``nn.Linear`` move to its
-          ``TTLinear`` (the handles still remove them), as ``torch.ao.quantization``'s module
-          swap keeps them; a calibrated layer is fitted to its inputs after its pre-hooks.
+          ``TTLinear`` (the handles remove them from it), as ``torch.ao.quantization``'s
+          module swap keeps them; a calibrated layer is fitted to its inputs after its
+          pre-hooks.
         - A converted ``linear1`` or ``linear2`` of an ``nn.TransformerEncoderLayer`` gets a
           forward pre-hook that does nothing. A hook is what makes that layer, in eval mode
           without gradients, run its modules instead of PyTorch's fused kernel, which reads
@@ -981,25 +989,34 @@ def _match_flags(layer: TTLinear, linear: nn.Linear | TTLinear, training: bool) 
 def _swap(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Callable[[], None]:
     """Install each module under its qualified name; return what puts the old ones back.
 
-    Each goes through :func:`_skip_fused_kernel`.
+    Each takes the hooks of the module it replaces (:func:`_carry_hooks`), then goes through
+    :func:`_skip_fused_kernel`. The undo restores the old modules and their hooks as they
+    were.
 
     ``setattr`` on a registered child cannot fail in plain modules; if it ever does, what was
     swapped is put back before the error propagates.
     """
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    restores: list[Callable[[], None]] = []
 
     def undo() -> None:
+        for restore in reversed(restores):
+            restore()
         for parent, attribute, old in reversed(swapped):
             setattr(parent, attribute, old)
 
     try:
-        for name, layer in layers:
+        for name, _ in layers:
             parent_name, _, attribute = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            old = getattr(parent, attribute)
-            swapped.append((parent, attribute, old))
-            _carry_hooks(old, layer)
+            swapped.append((parent, attribute, getattr(parent, attribute)))
+        for (parent, attribute, _), (_, layer) in zip(swapped, layers, strict=True):
             setattr(parent, attribute, layer)
+        # A replaced module still in the model (under a name the swap left alone) keeps its
+        # hooks, and the new layer gets copies; one no longer in it gives its hooks away.
+        remaining = {id(module) for module in model.modules()}
+        for (parent, attribute, old), (_, layer) in zip(swapped, layers, strict=True):
+            restores.append(_carry_hooks(old, layer, move=id(old) not in remaining))
             _skip_fused_kernel(parent, attribute, layer)
     except BaseException:
         undo()
@@ -1017,35 +1034,53 @@ _HOOK_DICTS = {
 }
 
 
-def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+def _carry_hooks(old: nn.Module, new: nn.Module, *, move: bool) -> Callable[[], None]:
     """Give ``new`` the forward and backward hooks of ``old``, the module it replaces.
 
     As ``torch.ao.quantization``'s module swap keeps a swapped module's forward hooks: a
     hook that logs or changes a layer's input or output applies to the layer that takes its
     place (and a calibrated fit, whose inputs passed the pre-hooks, is measured with them).
-    The dicts themselves move, so that the handles the caller holds still remove them;
-    where ``old`` holds hooks of its own (a lazy layer's), the others are copied instead.
+    With ``move``, the hooks leave ``old`` in the dicts that hold them, so that the handles
+    the caller holds remove them from ``new``; ``old`` keeps only hooks that are its own
+    methods (a lazy layer's). Otherwise ``new`` gets copies. Returns what puts ``old``'s
+    hooks back as they were, and leaves ``new`` without them.
     """
     state = vars(old)
-    if old is new or not any(state.get(name) for name in _HOOK_DICTS):
-        return
-    if any(vars(new).get(name) for name in _HOOK_DICTS):
-        return  # installed under another name already, or a layer with hooks of its own
+    attributes = [a for name, flags in _HOOK_DICTS.items() for a in (name, *flags) if a in state]
+    if (
+        old is new
+        or not any(state.get(name) for name in _HOOK_DICTS)
+        or any(vars(new).get(name) for name in _HOOK_DICTS)  # moved under another name
+    ):
+        return lambda: None
     own = {
         key
         for name in _HOOK_DICTS
         for key, hook in state.get(name, {}).items()
         if getattr(hook, "__self__", None) is old
     }
-    for name, flags in _HOOK_DICTS.items():
-        for attribute in (name, *flags):
-            if attribute in state:
-                kept = state[attribute]
-                if own:
-                    kept = type(kept)((k, v) for k, v in kept.items() if k not in own)
-                setattr(new, attribute, kept)
+    originals = {a: state[a] for a in attributes}
+    contents = {a: list(hooks.items()) for a, hooks in originals.items()}
+    for a, hooks in originals.items():
+        theirs = [(key, value) for key, value in contents[a] if key not in own]
+        if move:
+            hooks.clear()
+            hooks.update(theirs)
+            setattr(new, a, hooks)
+            setattr(old, a, type(hooks)((k, v) for k, v in contents[a] if k in own))
+        else:
+            setattr(new, a, type(hooks)(theirs))
     if "_is_full_backward_hook" in state:
         new._is_full_backward_hook = state["_is_full_backward_hook"]
+
+    def restore() -> None:
+        for a, hooks in originals.items():
+            hooks.clear()
+            hooks.update(contents[a])
+            setattr(old, a, hooks)
+            setattr(new, a, type(hooks)())
+
+    return restore
 
 
 def _skip_fused_kernel(parent: nn.Module, attribute: str, layer: nn.Module) -> None:
