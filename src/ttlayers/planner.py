@@ -1293,6 +1293,7 @@ def calibrate(
         raise TypeError(f"repeats must be a positive int; got {repeats!r}.")
     if repeats < 1:
         raise ValueError(f"repeats must be a positive int; got {repeats!r}.")
+    repeats = int(repeats)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}.")
     device = torch.device(device)
