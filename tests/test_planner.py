@@ -1247,8 +1247,11 @@ def test_public_planning_functions_check_the_plan_and_take_numpy_arguments():
     assert plan_memory(plan, 8, *numpy) == plan_memory(plan, 8, *shape)
     try:
         default = DEFAULT_COST_MODELS["cpu"]
-        set_cost_model("cpu", dataclasses.replace(default, dtype_speedup={"float16": 2.0}))
+        speedups = {"float16": 2.0}
+        set_cost_model("cpu", dataclasses.replace(default, dtype_speedup=speedups))
+        speedups["float16"] = 0.0  # the installed model keeps its own copy, as pairs
         assert planner._cost_model("cpu").speedup(torch.float16) == 2.0
+        hash(planner._cost_model("cpu"))  # a dict field made it unhashable
     finally:
         set_cost_model("cpu", None)
 

@@ -658,19 +658,22 @@ def test_hooks_of_a_replaced_layer_move_to_its_tt_layer():
     load_tensorized_(fresh, model.state_dict())
     assert list(fresh.blocks[0].up._forward_pre_hooks.values()) == [clamp]
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
-    # A lazy layer's own hook (it infers the shapes) stays behind; the caller's move, and
-    # its handle still removes it.
+    # A lazy layer's own hook (it infers the shapes, then removes itself through its
+    # handle) stays with it, and the layer still works; the caller's hooks are copied.
     single = nn.Sequential(nn.Linear(64, 64))
     tensorize_(single, rank=4)
-    lazy = nn.Sequential(nn.LazyLinear(64))
-    handle = lazy[0].register_forward_hook(shift)
-    load_tensorized_(lazy, single.state_dict())
-    assert not lazy[0]._forward_pre_hooks
-    assert list(lazy[0]._forward_hooks.values()) == [shift]
-    z = torch.randn(3, 64)
-    torch.testing.assert_close(lazy(z), single(z) + 1, rtol=0, atol=0)
-    handle.remove()
-    torch.testing.assert_close(lazy(z), single(z), rtol=0, atol=0)
+    for hooked in (False, True):
+        lazy = nn.Sequential(nn.LazyLinear(64))
+        old = lazy[0]
+        if hooked:
+            old.register_forward_hook(shift)
+        load_tensorized_(lazy, single.state_dict())
+        assert not lazy[0]._forward_pre_hooks
+        assert list(lazy[0]._forward_hooks.values()) == ([shift] if hooked else [])
+        z = torch.randn(3, 64)
+        torch.testing.assert_close(lazy(z), single(z) + hooked, rtol=0, atol=0)
+        old(z), old(z)  # initialized on the first call, a plain nn.Linear on the second
+        assert type(old) is nn.Linear and not old._forward_pre_hooks
 
 
 def test_hooks_are_copied_from_a_module_the_model_still_uses_and_restored_on_failure():

@@ -56,6 +56,7 @@ __all__ = [
     "calibrate",
     "candidate_plans",
     "chain_equation",
+    "check_plan",
     "choose_plan",
     "estimate_time",
     "memory_budget",
@@ -228,6 +229,8 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
         if not 0 <= model.cache_traffic <= 1:
             raise ValueError(f"model.cache_traffic must be in [0, 1]; got {model.cache_traffic!r}.")
         _check_speedups(model.dtype_speedup)
+        if isinstance(model.dtype_speedup, Mapping):  # kept as pairs: hashable, not shared
+            model = replace(model, dtype_speedup=tuple(model.dtype_speedup.items()))
     if model is None and device_type in DEFAULT_COST_MODELS:
         # Replaced, not removed and put back: a thread planning meanwhile finds one.
         _cost_models[device_type] = DEFAULT_COST_MODELS[device_type]
@@ -267,10 +270,16 @@ def _check_modes(batch: object, in_modes: object, out_modes: object) -> tuple[in
 
 
 def check_plan(plan: object, num_cores: int) -> None:
-    """Raise unless ``plan`` is a :class:`Plan` for a chain of ``num_cores`` cores.
+    """Check that ``plan`` is a :class:`Plan` for a chain of ``num_cores`` cores.
 
-    ``TypeError`` for what is not a plan or a field of the wrong type, ``ValueError`` for a
-    plan that does not fit.
+    Args:
+        plan: What to check.
+        num_cores: ``d``, the number of cores of the chain.
+
+    Raises:
+        TypeError: If ``plan`` is not a :class:`Plan`, or a field of it is not an int.
+        ValueError: If its kind is unknown or it does not fit the chain (a split outside
+            the chain, fewer than one chunk, a chain plan of another length).
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan; got {type(plan).__name__} {plan!r}.")

@@ -1041,9 +1041,9 @@ def _carry_hooks(old: nn.Module, new: nn.Module, *, move: bool) -> Callable[[], 
     hook that logs or changes a layer's input or output applies to the layer that takes its
     place (and a calibrated fit, whose inputs passed the pre-hooks, is measured with them).
     With ``move``, the hooks leave ``old`` in the dicts that hold them, so that the handles
-    the caller holds remove them from ``new``; ``old`` keeps only hooks that are its own
-    methods (a lazy layer's). Otherwise ``new`` gets copies. Returns what puts ``old``'s
-    hooks back as they were, and leaves ``new`` without them.
+    the caller holds remove them from ``new``. Otherwise, or where ``old`` holds hooks that
+    are its own methods (a lazy layer's, which stay), ``new`` gets copies of the others.
+    Returns what puts ``old``'s hooks back as they were, and leaves ``new`` without them.
     """
     state = vars(old)
     attributes = [a for name, flags in _HOOK_DICTS.items() for a in (name, *flags) if a in state]
@@ -1059,17 +1059,19 @@ def _carry_hooks(old: nn.Module, new: nn.Module, *, move: bool) -> Callable[[], 
         for key, hook in state.get(name, {}).items()
         if getattr(hook, "__self__", None) is old
     }
+    if all(key in own for name in _HOOK_DICTS for key in state.get(name, {})):
+        return lambda: None  # only its own (a lazy layer's), which stay
+    # A module's own hooks hold handles to the dicts they are in (a lazy layer's removes
+    # itself once it has run): those dicts stay, and the others' hooks are copied.
+    move = move and not own
     originals = {a: state[a] for a in attributes}
     contents = {a: list(hooks.items()) for a, hooks in originals.items()}
     for a, hooks in originals.items():
-        theirs = [(key, value) for key, value in contents[a] if key not in own]
         if move:
-            hooks.clear()
-            hooks.update(theirs)
             setattr(new, a, hooks)
-            setattr(old, a, type(hooks)((k, v) for k, v in contents[a] if k in own))
+            setattr(old, a, type(hooks)())
         else:
-            setattr(new, a, type(hooks)(theirs))
+            setattr(new, a, type(hooks)((k, v) for k, v in contents[a] if k not in own))
     if "_is_full_backward_hook" in state:
         new._is_full_backward_hook = state["_is_full_backward_hook"]
 
