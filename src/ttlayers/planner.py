@@ -241,8 +241,10 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
     plan_table.cache_clear()
 
 
-def _check_chain(batch: object, in_modes: object, out_modes: object, ranks: object) -> None:
-    """Check the shape arguments of the public planning functions (private callers skip it).
+def _check_chain(
+    batch: object, in_modes: object, out_modes: object, ranks: object, plan: object = ...
+) -> None:
+    """Check the arguments of the public planning functions (private callers skip it).
 
     Without it, a rank of 0 was a ZeroDivisionError deep in the cost model, and a mode of 0
     or a negative one gave a plan.
@@ -258,6 +260,8 @@ def _check_chain(batch: object, in_modes: object, out_modes: object, ranks: obje
             f"ranks must be the {len(caps)} positive bond ranks (1, r_1, ..., 1) of a "
             f"{len(caps) - 1}-core chain; got {tuple(ranks)}."
         )
+    if plan is not ...:  # a plan to check: estimate_time's and plan_memory's
+        check_plan(plan, len(caps) - 1)
 
 
 def _check_modes(batch: object, in_modes: object, out_modes: object) -> tuple[int, ...]:
@@ -663,8 +667,7 @@ def estimate_time(
         ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a
             chain, or ``plan`` does not fit that chain.
     """
-    _check_chain(batch, in_modes, out_modes, ranks)
-    check_plan(plan, len(in_modes))
+    _check_chain(batch, in_modes, out_modes, ranks, plan)
     return _estimate_time(
         plan,
         batch,
@@ -760,8 +763,7 @@ def plan_memory(
         ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a
             chain, or ``plan`` does not fit that chain.
     """
-    _check_chain(batch, in_modes, out_modes, ranks)
-    check_plan(plan, len(in_modes))
+    _check_chain(batch, in_modes, out_modes, ranks, plan)
     return _plan_memory(plan, batch, in_modes, out_modes, ranks, training=training)
 
 
