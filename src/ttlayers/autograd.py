@@ -338,15 +338,20 @@ def two_block_forward(
     return y, z
 
 
-def _saved(
-    ctx: Any,
-    x: torch.Tensor,
-    first: torch.Tensor,
-    second: torch.Tensor,
-    z: torch.Tensor,
-    layout: TwoBlockLayout,
+def _setup(
+    ctx: Any, inputs: tuple[Any, ...], output: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """What :class:`TwoBlockProduct` keeps for its backward pass: ``x``, the blocks, ``Z``."""
+    """Set ``ctx`` up for :class:`TwoBlockProduct`; what it keeps for the backward pass.
+
+    That is ``x``, the blocks, and ``Z`` if the layout says so.
+    """
+    x, first, second, _, layout = inputs
+    _, z = output
+    ctx.mark_non_differentiable(z)
+    # Z has no gradient: without this, autograd would fill a tensor of Z's size with zeros
+    # for it before every backward pass.
+    ctx.set_materialize_grads(False)
+    ctx.layout = layout
     kept = z if layout.keep and layout.chunks == 1 else None
     # The input only for the blocks' gradients (the input's needs the blocks alone): a frozen
     # layer neither keeps it nor refuses a later in-place change of it, as nn.Linear does
@@ -391,14 +396,7 @@ class TwoBlockProduct(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         """Keep the input, the blocks, and ``Z`` if the layout says so."""
-        x, first, second, _, layout = inputs
-        _, z = output
-        ctx.mark_non_differentiable(z)
-        # Z has no gradient: without this, autograd would fill a tensor of Z's size with zeros
-        # for it before every backward pass.
-        ctx.set_materialize_grads(False)
-        ctx.layout = layout
-        ctx.save_for_backward(*_saved(ctx, x, first, second, z, layout))
+        ctx.save_for_backward(*_setup(ctx, inputs, output))
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor | None, grad_z: Any) -> tuple[Any, ...]:
@@ -459,13 +457,13 @@ class EagerTwoBlockProduct(TwoBlockProduct):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         """As :meth:`TwoBlockProduct.setup_context`; also keep the inputs for :meth:`jvp`."""
-        TwoBlockProduct.setup_context(ctx, inputs, output)
-        x, first, second, _, layout = inputs
-        # The same number of tensors as for the backward pass, each batched as its twin there:
-        # torch.func's generated vmap rule records one set of batch dimensions, the last
-        # save's, for both (three tensors here failed every backward pass under vmap).
-        _, *rest = _saved(ctx, x, first, second, output[1], layout)
-        ctx.save_for_forward(x, *rest)
+        saved = _setup(ctx, inputs, output)
+        ctx.save_for_backward(*saved)
+        # The same number of tensors as for the backward pass, each batched as its twin there
+        # (x itself, where that keeps a placeholder): torch.func's generated vmap rule records
+        # one set of batch dimensions, the last save's, for both (three tensors here failed
+        # every backward pass under vmap).
+        ctx.save_for_forward(inputs[0], *saved[1:])
 
     @staticmethod
     def jvp(

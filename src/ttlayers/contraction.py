@@ -140,16 +140,15 @@ def refuse_pruned(cores: object) -> None:
 
 
 def core_list(cores: object, name: str = "cores") -> list[torch.Tensor]:
-    """``cores`` as a list, each core a real floating-point tensor with no size of 0.
+    """``cores`` as a list, each core a real floating-point tensor.
 
     Any iterable of tensors is taken but a tensor: a layer's ``nn.ParameterList`` too.
-    ``name`` is the argument named in the messages. The chain itself is checked by
-    :func:`core_shapes`.
+    ``name`` is the argument named in the messages. The chain itself (shapes, sizes of 0) is
+    checked by :func:`core_shapes`.
 
     Raises:
         TypeError: If ``cores`` is a tensor, a set or not iterable, a core is not a real
             floating-point tensor, or a layer's core is pruned (see :func:`refuse_pruned`).
-        ValueError: If a core has a size of 0.
     """
     if isinstance(cores, torch.Tensor):
         raise TypeError(
@@ -170,11 +169,6 @@ def core_list(cores: object, name: str = "cores") -> list[torch.Tensor]:
             raise TypeError(
                 f"{name}[{k}] must be a real floating-point tensor (float16, bfloat16, float32, "
                 f"float64); got {core.dtype}."
-            )
-        if core.numel() == 0:
-            raise ValueError(
-                f"{name}[{k}] has a size of 0 (shape {tuple(core.shape)}); the modes and ranks "
-                "of a TT chain are positive."
             )
     return listed
 
@@ -200,7 +194,7 @@ def core_shapes(
             raise ValueError(
                 f"{name}[{k}] must be 4-D (r_k, m_k, n_k, r_k+1); got shape {tuple(core.shape)}."
             )
-        if core.numel() == 0:  # a list skips core_list's checks (tt_linear, the layer's own)
+        if core.numel() == 0:
             raise ValueError(
                 f"{name}[{k}] has a size of 0 (shape {tuple(core.shape)}); the modes and ranks "
                 "of a TT chain are positive."

@@ -203,12 +203,10 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
         raise TypeError(f"model must be a CostModel or None; got {type(given).__name__}.")
     if model is not None:
         for name in ("flops", "half_dim", "bandwidth", "overhead", "matrix_overhead"):
-            number: object = getattr(model, name)
-            if isinstance(number, bool) or not isinstance(number, numbers.Real):
-                raise TypeError(f"model.{name} must be a number; got {number!r}.")
-        traffic: object = model.cache_traffic
-        if isinstance(traffic, bool) or not isinstance(traffic, numbers.Real):
-            raise TypeError(f"model.cache_traffic must be a number; got {traffic!r}.")
+            if not _is_number(getattr(model, name)):
+                raise TypeError(f"model.{name} must be a number; got {getattr(model, name)!r}.")
+        if not _is_number(model.cache_traffic):
+            raise TypeError(f"model.cache_traffic must be a number; got {model.cache_traffic!r}.")
         for name in ("flops", "half_dim", "bandwidth"):
             if not 0 < getattr(model, name) < math.inf:
                 raise ValueError(
@@ -310,6 +308,11 @@ def check_plan(plan: object, num_cores: int) -> None:
         )
 
 
+def _is_number(value: object) -> bool:
+    """Whether ``value`` is a real number as a field may be one: NumPy's too, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_speedups(pairs: object) -> None:
     # A bad factor failed only at the next plan choice (a ZeroDivisionError for 0), or never
     # (a negative or NaN factor ranked plans at random).
@@ -321,10 +324,9 @@ def _check_speedups(pairs: object) -> None:
     for pair in pairs:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
             raise TypeError(f"{message}; got {pair!r}.")
-        factor: object = pair[1]
-        if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
+        if not _is_number(pair[1]):
             raise TypeError(f"{message}; got {pair!r}.")
-        if not 0 < float(factor) < math.inf:
+        if not 0 < float(pair[1]) < math.inf:
             raise ValueError(f"{message}; got {pair!r}.")
 
 
