@@ -37,7 +37,7 @@ Rows are processed in chunks (a static count, chosen by the planner) so that eac
 ``Z`` stays in the CPU cache, and ``Z`` is not kept: the backward pass does without it (for
 blocks of like sizes ``Q`` costs what recomputing ``Z`` would, and needs no sum over the
 rows), and the layer keeps no more than its input for the backward pass. For ordinary
-eager tensors (:func:`plain_tensors`) the chunks write into buffers allocated once per call.
+eager tensors (``plain_tensors``) the chunks write into buffers allocated once per call.
 On GPUs the planner chunks only to stay within the memory ``nn.Linear`` would use.
 Unchunked, ``Z`` is kept when the layout says so (the planner does when it fits in the
 memory ``nn.Linear`` would spend on its weight gradient). No tensor of the size of ``W``
@@ -61,7 +61,7 @@ When the backward pass is itself differentiated (``create_graph=True`` or ``torc
 kept ``Z`` is not used and ``dS`` goes through ``Q`` (or, with ``second_from_z``, a
 recomputed ``Z``), which autograd sees as a function of the inputs, so that second
 derivatives are exact too. Forward-mode AD (``torch.func.jvp``,
-``torch.func.hessian``) goes through :meth:`EagerTwoBlockProduct.jvp`: the product is linear
+``torch.func.hessian``) goes through ``EagerTwoBlockProduct.jvp``: the product is linear
 in each of ``x``, ``F`` and ``S``, so its tangent is three products of the same kind.
 """
 
@@ -72,18 +72,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = [
-    "EagerTwoBlockProduct",
-    "TwoBlockLayout",
-    "TwoBlockProduct",
-    "guard_or_false",
-    "is_one",
-    "jit_tracing",
-    "plain_tensors",
-    "row_chunks",
-    "symbolic_size",
-    "two_block_forward",
-]
+# The autograd.Function and its helpers serve tt_linear, which checks the arguments; they
+# are not API (this module is documented for the method).
+__all__: list[str] = []
 
 
 class TwoBlockLayout(NamedTuple):
@@ -495,7 +486,7 @@ def _buffered_backward(layout: TwoBlockLayout, x: torch.Tensor, *tensors: torch.
     """Whether a chunked backward may write into buffers (``_backward_into`` and its twin).
 
     Only where it is not itself differentiated, its dtype accumulates in itself, and the
-    tensors are plain (:func:`plain_tensors`).
+    tensors are plain (``plain_tensors``).
     """
     return (
         layout.chunks > 1

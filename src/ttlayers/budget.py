@@ -34,12 +34,18 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ttlayers.calibration import DEFAULT_RIDGE, ActivationStatistics, weighted_problem
+from ttlayers.calibration import (
+    DEFAULT_RIDGE,
+    ActivationStatistics,
+    check_statistics,
+    weighted_problem,
+)
 from ttlayers.decomposition import check_matrix
 from ttlayers.shapes import is_int, max_ranks, num_parameters, suggest_modes, validate_modes
 
@@ -77,27 +83,47 @@ class RankChoice:
         return len(self.in_modes)
 
 
+def _core_counts(num_cores: int | Sequence[int]) -> tuple[int, ...]:
+    """``num_cores`` as a tuple: one int is a tuple of one; any iterable of ints is taken."""
+    given: object = num_cores  # checked as what a caller may pass, not as annotated
+    if is_int(given):
+        return (int(given),)
+    if isinstance(given, (str, bytes, torch.Tensor)) or not isinstance(given, Iterable):
+        raise TypeError(
+            f"num_cores must be an int or a sequence of ints; got {type(given).__name__}."
+        )
+    counts = tuple(given.tolist() if isinstance(given, np.ndarray) else given)
+    if not counts:
+        raise ValueError("num_cores must hold at least one number of cores; got none.")
+    return counts
+
+
 def candidate_shapes(
-    in_features: int, out_features: int, num_cores: Sequence[int] = (2, 3)
+    in_features: int, out_features: int, num_cores: int | Sequence[int] = (2, 3)
 ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """The ``(in_modes, out_modes)`` a layer may take: plain low rank, then balanced TT shapes.
 
     Args:
         in_features: Input size.
         out_features: Output size.
-        num_cores: The ``d`` of the balanced candidates (:func:`ttlayers.suggest_modes`).
+        num_cores: The ``d`` of the balanced candidates (:func:`ttlayers.suggest_modes`);
+            one int or several.
 
     Returns:
         ``[((1, in_features), (out_features, 1)), ...]`` without duplicates: plain low rank
         ``W = A B`` is the 2-core TT whose first core holds all the outputs and the second all
         the inputs.
 
+    Raises:
+        TypeError: If a size or a number of cores is not an int.
+        ValueError: If one is not positive, or ``num_cores`` is empty.
+
     Example:
         >>> candidate_shapes(784, 256, num_cores=(2, 3))
         [((1, 784), (256, 1)), ((28, 28), (16, 16)), ((7, 14, 8), (4, 8, 8))]
     """
     shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((1, in_features), (out_features, 1))]
-    for d in num_cores:
+    for d in _core_counts(num_cores):
         shape = suggest_modes(in_features, out_features, d)
         if shape not in shapes:
             shapes.append(shape)
@@ -122,9 +148,10 @@ def bond_spectra(
 
     Raises:
         TypeError: If ``matrix`` is not a floating-point tensor, or a mode is not an int.
-        ValueError: If ``matrix`` is not 2-D, or the modes do not multiply to its sizes.
+        ValueError: If ``matrix`` is not 2-D or holds NaN or Inf, or the modes do not multiply
+            to its sizes.
     """
-    check_matrix(matrix)
+    check_matrix(matrix, finite=True)
     out_features, in_features = matrix.shape
     in_modes, out_modes = validate_modes(in_features, out_features, in_modes, out_modes)
     d = len(in_modes)
@@ -231,7 +258,7 @@ def layer_options(
     statistics: ActivationStatistics | None = None,
     center: bool = True,
     ridge: float = DEFAULT_RIDGE,
-    num_cores: Sequence[int] = (2, 3),
+    num_cores: int | Sequence[int] = (2, 3),
     shapes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
 ) -> list[RankChoice]:
     """Every (shape, ranks) point one layer may take, with its estimated error.
@@ -243,7 +270,7 @@ def layer_options(
         center: Centered moments (a layer whose bias is refitted), as in
             :func:`ttlayers.calibration.fit_tt`.
         ridge: The relative ridge of :func:`ttlayers.calibration.weighted_problem`.
-        num_cores: The ``d`` of the balanced candidate shapes.
+        num_cores: The ``d`` of the balanced candidate shapes; one int or several.
         shapes: The candidate ``(in_modes, out_modes)``; default :func:`candidate_shapes`.
 
     Returns:
@@ -252,15 +279,19 @@ def layer_options(
         which have as many or more: the choices of a layer that cannot be made smaller.
 
     Raises:
-        TypeError: If ``weight`` is not a floating-point tensor.
-        ValueError: If ``weight`` is not 2-D or holds NaN or Inf, or a shape's modes do not
-            multiply to its sizes.
+        TypeError: If ``weight`` is not a floating-point tensor, ``statistics`` is not an
+            :class:`~ttlayers.ActivationStatistics`, ``shapes`` is not a sequence of
+            ``(in_modes, out_modes)`` pairs, or a number of cores or a mode is not an int.
+        ValueError: If ``weight`` is not 2-D or holds NaN or Inf, ``shapes`` is empty, or a
+            shape's modes do not multiply to its sizes.
     """
     check_matrix(weight, "weight", finite=True)
+    if statistics is not None:
+        check_statistics(statistics)
     out_features, in_features = (int(s) for s in weight.shape)
     if shapes is None:
         shapes = candidate_shapes(in_features, out_features, num_cores)
-    shapes = [validate_modes(in_features, out_features, i, o) for i, o in shapes]
+    shapes = [validate_modes(in_features, out_features, i, o) for i, o in _pairs(shapes)]
     limit = in_features * out_features
     options: list[RankChoice] = []
     for in_modes, out_modes in shapes:
@@ -277,6 +308,21 @@ def layer_options(
     # given room would choose it and make the layer larger.
     smaller = [option for option in options if option.parameters < limit]
     return smaller or options
+
+
+def _pairs(shapes: object) -> list[tuple[Sequence[int], Sequence[int]]]:
+    """``shapes`` checked to be a non-empty sequence of ``(in_modes, out_modes)`` pairs."""
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence):
+        raise TypeError(
+            "shapes must be a sequence of (in_modes, out_modes) pairs; got "
+            f"{type(shapes).__name__}."
+        )
+    if not shapes:
+        raise ValueError("shapes must hold at least one (in_modes, out_modes) pair; got none.")
+    for k, pair in enumerate(shapes):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise TypeError(f"shapes[{k}] must be an (in_modes, out_modes) pair; got {pair!r}.")
+    return [(pair[0], pair[1]) for pair in shapes]
 
 
 def _frontier(options: Sequence[RankChoice]) -> list[RankChoice]:
@@ -306,6 +352,32 @@ def _hull(frontier: Sequence[RankChoice]) -> list[RankChoice]:
     return hull
 
 
+def _check_options(options: object) -> list[list[RankChoice]]:
+    """``options`` as lists, checked to be a non-empty list of :class:`RankChoice` per layer."""
+    if isinstance(options, (str, bytes)) or not isinstance(options, Iterable):
+        raise TypeError(
+            "options must be a sequence of one sequence of RankChoice per layer; got "
+            f"{type(options).__name__}."
+        )
+    checked = []
+    for k, layer in enumerate(options):
+        if isinstance(layer, (str, bytes, RankChoice)) or not isinstance(layer, Iterable):
+            raise TypeError(
+                f"options[{k}] must be a sequence of RankChoice (one layer's layer_options); "
+                f"got {type(layer).__name__}."
+            )
+        entries = list(layer)
+        if not entries:
+            raise ValueError(f"layer {k} has no options to choose from.")
+        for option in entries:
+            if not isinstance(option, RankChoice):
+                raise TypeError(
+                    f"options[{k}] must hold RankChoice entries; got {type(option).__name__}."
+                )
+        checked.append(entries)
+    return checked
+
+
 def allocate(options: Sequence[Sequence[RankChoice]], budget: int) -> list[RankChoice]:
     """Choose one option per layer to minimize the summed squared errors within a budget.
 
@@ -324,7 +396,8 @@ def allocate(options: Sequence[Sequence[RankChoice]], budget: int) -> list[RankC
         ``budget``.
 
     Raises:
-        TypeError: If ``budget`` is not an int.
+        TypeError: If ``options`` is not a sequence of sequences of :class:`RankChoice`, or
+            ``budget`` is not an int.
         ValueError: If a layer has no option, or even the smallest options exceed the budget.
 
     Example:
@@ -337,11 +410,7 @@ def allocate(options: Sequence[Sequence[RankChoice]], budget: int) -> list[RankC
     if not is_int(given):
         raise TypeError(f"budget must be an int; got {type(budget).__name__}.")
     budget = int(given)
-    frontiers = []
-    for k, layer in enumerate(options):
-        if not layer:
-            raise ValueError(f"layer {k} has no options to choose from.")
-        frontiers.append(_frontier(layer))
+    frontiers = [_frontier(layer) for layer in _check_options(options)]
     hulls = [_hull(frontier) for frontier in frontiers]
     position = [0] * len(hulls)
     spent = sum(h[0].parameters for h in hulls)
@@ -405,21 +474,26 @@ def allocate_evenly(
         One :class:`RankChoice` per layer, in order.
 
     Raises:
-        TypeError: If a budget is not an int.
+        TypeError: If ``options`` is not a sequence of sequences of :class:`RankChoice`, or a
+            budget is not an int.
         ValueError: If the lengths differ, a layer has no options, or none within its budget.
     """
-    if len(options) != len(budgets):
+    layers = _check_options(options)
+    given: object = budgets  # checked as what a caller may pass, not as annotated
+    if isinstance(given, np.ndarray) and given.ndim == 1:
+        budgets = given.tolist()
+    elif isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
+        raise TypeError(f"budgets must be a sequence of ints; got {type(given).__name__}.")
+    if len(layers) != len(budgets):
         raise ValueError(
-            f"options and budgets must have one entry per layer; got {len(options)} and "
+            f"options and budgets must have one entry per layer; got {len(layers)} and "
             f"{len(budgets)}."
         )
     choices = []
-    for k, (layer, budget) in enumerate(zip(options, budgets, strict=True)):
-        given: object = budget  # checked as what a caller may pass, as in allocate
-        if not is_int(given):
-            raise TypeError(f"budgets[{k}] must be an int; got {type(given).__name__}.")
-        if not layer:
-            raise ValueError(f"layer {k} has no options to choose from.")
+    for k, (layer, given_budget) in enumerate(zip(layers, budgets, strict=True)):
+        if not is_int(given_budget):  # checked as what a caller may pass, as in allocate
+            raise TypeError(f"budgets[{k}] must be an int; got {type(given_budget).__name__}.")
+        budget = int(given_budget)
         fitting = [option for option in layer if option.parameters <= budget]
         if not fitting:
             smallest = min(option.parameters for option in layer)

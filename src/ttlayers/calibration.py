@@ -70,7 +70,7 @@ import numpy as np
 import opt_einsum
 import torch
 
-from ttlayers.contraction import check_bias, tt_to_dense
+from ttlayers.contraction import check_bias, check_strided, core_list, core_shapes, tt_to_dense
 from ttlayers.decomposition import cast_cores, check_matrix, tt_svd
 from ttlayers.shapes import is_int, resolve_ranks, validate_modes
 
@@ -96,6 +96,8 @@ class ActivationStatistics:
             there). Default: the device of the first batch.
 
     Attributes:
+        in_features (int): Width of the inputs.
+        paired (bool): Whether the reference moments are kept too.
         count (int): Number of samples ``N`` so far (rows of all batches).
         input_sum (Tensor | None): ``sum x``, shape ``(in_features,)``.
         input_gram (Tensor | None): ``sum x x^T``, shape ``(in_features, in_features)``.
@@ -189,6 +191,7 @@ class ActivationStatistics:
             )
         if not batch.is_floating_point():
             raise TypeError(f"{name} must be floating point; got {batch.dtype}.")
+        check_strided(batch, name)
         if batch.device.type == "meta":
             raise ValueError(
                 f"{name} is on the meta device, which holds no values; calibration needs real "
@@ -331,18 +334,69 @@ class WeightedProblem:
         return _mode_multiply(t, self.unwhitening, 1).reshape(out_features, -1)
 
     def whiten_cores(self, cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``G~_k[a, c, n, b] = sum_j G_k[a, j, n, b] L_k[j, c]``, in float64."""
+        """``G~_k[a, c, n, b] = sum_j G_k[a, j, n, b] L_k[j, c]``, in float64.
+
+        Args:
+            cores: ``d`` cores ``(r_k, m_k, n_k, r_{k+1})`` whose input modes are
+                ``in_modes``.
+
+        Returns:
+            The whitened cores, same shapes, float64, on the problem's device.
+
+        Raises:
+            TypeError: If a core is not a real floating-point tensor.
+            ValueError: If the cores do not chain, their input modes are not ``in_modes``, or
+                a core is on the meta device.
+        """
         return [
-            torch.einsum("ajnb,jc->acnb", core.to(_FLOAT), factor)
-            for core, factor in zip(cores, self.whitening, strict=True)
+            torch.einsum("ajnb,jc->acnb", core, factor)
+            for core, factor in zip(self._check_cores(cores), self.whitening, strict=True)
         ]
 
     def unwhiten_cores(self, cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``G_k[a, j, n, b] = sum_c G~_k[a, c, n, b] L_k^{-1}[c, j]``, in float64."""
+        """``G_k[a, j, n, b] = sum_c G~_k[a, c, n, b] L_k^{-1}[c, j]``, in float64.
+
+        The inverse of :meth:`whiten_cores`.
+
+        Args:
+            cores: ``d`` whitened cores ``(r_k, m_k, n_k, r_{k+1})`` whose input modes are
+                ``in_modes``.
+
+        Returns:
+            The cores in the original coordinates, same shapes, float64, on the problem's device.
+
+        Raises:
+            TypeError: If a core is not a real floating-point tensor.
+            ValueError: If the cores do not chain, their input modes are not ``in_modes``, or
+                a core is on the meta device.
+        """
         return [
             torch.einsum("acnb,cj->ajnb", core, factor)
-            for core, factor in zip(cores, self.unwhitening, strict=True)
+            for core, factor in zip(self._check_cores(cores), self.unwhitening, strict=True)
         ]
+
+    def _check_cores(self, cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The cores in float64 on the problem's device, checked."""
+        listed = core_list(cores)
+        in_modes, _, _ = core_shapes(listed)
+        if in_modes != self.in_modes:
+            raise ValueError(
+                f"cores must have the input modes {self.in_modes} of the problem; got {in_modes}."
+            )
+        # torch.einsum of a meta core and a CPU factor returns uninitialized CPU memory.
+        if any(core.device.type == "meta" for core in listed):
+            raise ValueError("cores are on the meta device, which holds no values to transform.")
+        device = self.whitening[0].device
+        return [core.to(device, _FLOAT) for core in listed]
+
+
+def check_statistics(statistics: object) -> None:
+    """Raise ``TypeError`` unless ``statistics`` is an :class:`ActivationStatistics`."""
+    if not isinstance(statistics, ActivationStatistics):
+        raise TypeError(
+            "statistics must be an ActivationStatistics (ActivationStatistics.from_inputs(x)); "
+            f"got {type(statistics).__name__}."
+        )
 
 
 def check_ridge(ridge: object) -> float:
@@ -436,17 +490,22 @@ def weighted_problem(
         The :class:`WeightedProblem`, in float64 on the statistics' device.
 
     Raises:
-        ValueError: If the statistics are empty or their width is not ``in_features``, the
-            modes do not multiply to it, or ``ridge`` is negative.
+        TypeError: If ``weight`` is not a floating-point tensor, ``statistics`` is not an
+            :class:`ActivationStatistics`, or ``in_modes`` is not a sequence of ints.
+        ValueError: If ``weight`` is not 2-D or holds NaN/Inf, the statistics are empty or
+            their width is not ``in_features``, the modes do not multiply to it, or ``ridge``
+            is negative.
     """
     ridge = check_ridge(ridge)
+    check_matrix(weight, "weight", finite=True)
+    check_statistics(statistics)
     out_features, in_features = (int(s) for s in weight.shape)
     if statistics.in_features != in_features:
         raise ValueError(
             f"the statistics are of inputs of width {statistics.in_features}, but the weight "
             f"has in_features={in_features}."
         )
-    modes, _ = validate_modes(in_features, out_features, in_modes, None, len(in_modes))
+    modes, _ = validate_modes(in_features, out_features, in_modes, None)
     _, _, c_xx, c_xr, _ = _moments(statistics, center)
     device = c_xx.device
     w = weight.detach().to(device, _FLOAT)
@@ -827,11 +886,7 @@ def fit_tt(
         True
     """
     check_matrix(weight, "weight", finite=True)
-    if not isinstance(statistics, ActivationStatistics):
-        raise TypeError(
-            "statistics must be an ActivationStatistics (ActivationStatistics.from_inputs(x)); "
-            f"got {type(statistics).__name__}."
-        )
+    check_statistics(statistics)
     out_features, in_features = (int(s) for s in weight.shape)
     check_bias(bias, out_features)
     if bias is not None:

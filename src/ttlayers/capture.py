@@ -252,6 +252,11 @@ def _calibrating(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
+def _check_module(name: str, module: object) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module; got {type(module).__name__}.")
+
+
 class ActivationCapture:
     """Feeds calibration batches to a model and collects one layer's input statistics.
 
@@ -263,11 +268,19 @@ class ActivationCapture:
         calibration: See :func:`check_calibration`.
 
     Attributes:
+        model: The model the batches are fed to.
+        batches: The calibration batches, as checked by :func:`check_calibration`.
         substitutes: Original module -> converted layer; during a "converted" pass each
             original module's output is replaced by its substitute's output on the same input.
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module`` or ``calibration`` is not a batch or
+            a collection of batches.
+        ValueError: If ``calibration`` holds no batches.
     """
 
     def __init__(self, model: nn.Module, calibration: object) -> None:
+        _check_module("model", model)
         self.model = model
         self.batches = check_calibration(calibration)
         self.substitutes: dict[nn.Module, nn.Module] = {}
@@ -279,11 +292,27 @@ class ActivationCapture:
         )  # the devices whose generators _pass seeds and restores
 
     def calls(self, module: nn.Module) -> int:
-        """How often ``module`` is called in one pass, at most (counted by :meth:`order`)."""
+        """How often ``module`` is called in one pass, at most (counted by :meth:`order`).
+
+        Args:
+            module: One of the modules given to :meth:`order`.
+
+        Returns:
+            The largest number of calls in the pass over one batch; 0 for a module
+            :meth:`order` did not count.
+
+        Raises:
+            TypeError: If ``module`` is not an ``nn.Module``.
+        """
+        _check_module("module", module)
         return self._calls.get(module, 0)
 
     def session(self) -> contextlib.AbstractContextManager[None]:
-        """The context in which passes run (no grad, eval mode, flags restored)."""
+        """The context in which passes run (no grad, eval mode, flags restored).
+
+        Returns:
+            A context manager; the model's training flags are restored when it exits.
+        """
         return _calibrating(self.model)
 
     def _pass(self, index: int, batch: object, handles: list[Any]) -> None:
@@ -336,8 +365,22 @@ class ActivationCapture:
             Indices into ``modules``, in forward order.
 
         Raises:
-            ValueError: If the batch fails in the model, or a module is never called.
+            TypeError: If ``modules`` or ``names`` is not a sequence, or an entry of
+                ``modules`` is not an ``nn.Module``.
+            ValueError: If ``modules`` and ``names`` differ in length, a batch fails in the
+                model, or a module is never called.
         """
+        for argument, given in (("modules", modules), ("names", names)):
+            if isinstance(given, (str, nn.Module)) or not isinstance(given, Sequence):
+                raise TypeError(f"{argument} must be a sequence; got {type(given).__name__}.")
+        modules, names = list(modules), list(names)
+        if len(modules) != len(names):
+            raise ValueError(
+                f"modules and names must have the same length; got {len(modules)} modules "
+                f"and {len(names)} names."
+            )
+        for k, module in enumerate(modules):
+            _check_module(f"modules[{k}]", module)
         first: dict[nn.Module, int] = {}
         calls: dict[nn.Module, int] = dict.fromkeys(modules, 0)
         most: dict[nn.Module, int] = dict.fromkeys(modules, 0)
@@ -441,9 +484,11 @@ class ActivationCapture:
             The :class:`ActivationStatistics`.
 
         Raises:
+            TypeError: If ``target`` is not an ``nn.Module``.
             ValueError: If a batch fails in the model, its activations hold NaN/Inf, or two
                 passes over one batch disagree in shape.
         """
+        _check_module("target", target)
         stats = ActivationStatistics(in_features, paired=paired, device=device)
         count = 0
         for index, batch in enumerate(self.batches):

@@ -38,21 +38,9 @@ from ttlayers.autograd import (
 )
 from ttlayers.planner import Plan, check_plan, choose_plan, plan_table
 
-__all__ = [
-    "autocast_enabled",
-    "check_bias",
-    "check_real_floating",
-    "check_same_kind",
-    "core_list",
-    "core_shapes",
-    "merge_cores",
-    "rank_middle_block",
-    "refuse_pruned",
-    "run_chain",
-    "select_plan",
-    "tt_linear",
-    "tt_to_dense",
-]
+# The argument checks, the merge layouts, the chain runner and the plan cache defined here
+# are shared with the other modules but are not API: tt_linear and the layer are.
+__all__ = ["core_shapes", "merge_cores", "tt_linear", "tt_to_dense"]
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -88,7 +76,7 @@ def check_bias(bias: object, out_features: int) -> None:
     """Raise unless ``bias`` is ``None`` or a floating-point tensor of shape ``(out_features,)``.
 
     Raises:
-        TypeError: If it is not a floating-point tensor.
+        TypeError: If it is not a dense floating-point tensor.
         ValueError: If its shape is not ``(out_features,)``.
     """
     if bias is None:
@@ -101,6 +89,16 @@ def check_bias(bias: object, out_features: int) -> None:
     if tuple(bias.shape) != (out_features,):
         raise ValueError(
             f"bias must be a tensor of shape ({out_features},) or None; got {tuple(bias.shape)}."
+        )
+    check_strided(bias, "bias")
+
+
+def check_strided(tensor: torch.Tensor, name: str) -> None:
+    """Raise a ``TypeError`` for a sparse (or other non-strided) ``tensor``."""
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"{name} must be a dense tensor; got layout {tensor.layout} (make it dense with "
+            ".to_dense())."
         )
 
 
@@ -147,7 +145,7 @@ def core_list(cores: object, name: str = "cores") -> list[torch.Tensor]:
     checked by :func:`core_shapes`.
 
     Raises:
-        TypeError: If ``cores`` is a tensor, a set or not iterable, a core is not a real
+        TypeError: If ``cores`` is a tensor, a set or not iterable, a core is not a dense real
             floating-point tensor, or a layer's core is pruned (see :func:`refuse_pruned`).
     """
     if isinstance(cores, torch.Tensor):
@@ -170,6 +168,7 @@ def core_list(cores: object, name: str = "cores") -> list[torch.Tensor]:
                 f"{name}[{k}] must be a real floating-point tensor (float16, bfloat16, float32, "
                 f"float64); got {core.dtype}."
             )
+        check_strided(core, f"{name}[{k}]")
     return listed
 
 
@@ -178,13 +177,35 @@ def core_shapes(
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Read ``(in_modes, out_modes, ranks)`` off a chain of cores, checking that it chains.
 
-    ``name`` is the argument named in the messages.
+    Args:
+        cores: ``d >= 1`` tensors of shapes ``(r_k, m_k, n_k, r_{k+1})``, in chain order.
+        name: The argument named in the messages.
+
+    Returns:
+        ``(in_modes, out_modes, ranks)``: ``d``, ``d`` and ``d + 1`` ints.
 
     Raises:
-        TypeError: If a core is not a tensor.
+        TypeError: If ``cores`` is not a sequence, or a core is not a tensor.
         ValueError: If the chain is empty, a core is not 4-D or has a size of 0, or neighbouring
             ranks differ.
     """
+    _check_links(cores, name)
+    ranks = [cores[0].shape[0]] + [core.shape[3] for core in cores]
+    if ranks[0] != 1 or ranks[-1] != 1:
+        raise ValueError(f"the boundary ranks of {name} must be 1; got {ranks[0]} and {ranks[-1]}.")
+    in_modes = tuple(int(core.shape[1]) for core in cores)
+    out_modes = tuple(int(core.shape[2]) for core in cores)
+    return in_modes, out_modes, tuple(int(r) for r in ranks)
+
+
+def _check_links(cores: Sequence[torch.Tensor], name: str) -> None:
+    """Check a run of neighbouring cores: 4-D tensors of positive sizes whose ranks chain."""
+    given: object = cores  # checked as what a caller may pass, not as annotated
+    if not isinstance(given, (list, tuple, Sequence)):  # the common cases first: fast
+        raise TypeError(
+            f"{name} must be a sequence of 4-D tensors (r_k, m_k, n_k, r_k+1); got "
+            f"{type(given).__name__}."
+        )
     if len(cores) == 0:
         raise ValueError(f"{name} must hold at least one core; got none.")
     for k, core in enumerate(cores):
@@ -199,18 +220,12 @@ def core_shapes(
                 f"{name}[{k}] has a size of 0 (shape {tuple(core.shape)}); the modes and ranks "
                 "of a TT chain are positive."
             )
-    ranks = [cores[0].shape[0]] + [core.shape[3] for core in cores]
     for k in range(len(cores) - 1):
         if cores[k].shape[3] != cores[k + 1].shape[0]:
             raise ValueError(
                 f"{name}[{k}] and {name}[{k + 1}] do not chain: shapes "
                 f"{tuple(cores[k].shape)} and {tuple(cores[k + 1].shape)}."
             )
-    if ranks[0] != 1 or ranks[-1] != 1:
-        raise ValueError(f"the boundary ranks of {name} must be 1; got {ranks[0]} and {ranks[-1]}.")
-    in_modes = tuple(int(core.shape[1]) for core in cores)
-    out_modes = tuple(int(core.shape[2]) for core in cores)
-    return in_modes, out_modes, tuple(int(r) for r in ranks)
 
 
 def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -218,13 +233,27 @@ def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
 
     Args:
         cores: ``k >= 1`` cores of shapes ``(r_a, m_1, n_1, r_1)``, ...,
-            ``(r_{k-1}, m_k, n_k, r_b)``.
+            ``(r_{k-1}, m_k, n_k, r_b)``, of one dtype and device.
 
     Returns:
         The block of shape ``(r_a, m_1 ... m_k, n_1 ... n_k, r_b)``, its modes merged in
         row-major order, so it is itself a core of the chain with the merged cores replaced.
         One core is returned as it is.
+
+    Raises:
+        TypeError: If ``cores`` is not a sequence of real floating-point tensors of one dtype
+            and device.
+        ValueError: If ``cores`` is empty, a core is not 4-D or has a size of 0, or
+            neighbouring ranks differ.
     """
+    listed = core_list(cores)
+    _check_links(listed, "cores")
+    check_same_kind(listed)
+    return _merge_run(listed)
+
+
+def _merge_run(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`merge_cores` without the checks: for the layer's own cores, on every step."""
     block = cores[0]
     for core in cores[1:]:
         block = _merge_pair(block, core, (0, 1, 3, 2, 4, 5), "core")
@@ -264,15 +293,15 @@ def rank_middle_block(cores: Sequence[torch.Tensor]) -> torch.Tensor:
         return cores[0].permute(1, 0, 3, 2).reshape(m, ra * rb, n)
     # Axes of the product (ra, m, n, p, q, rb) ordered (m, p, ra, rb, n, q): one of ra and
     # rb is 1, so this is (M, r, N) for a block at either end.
-    block = merge_cores(cores[:-1])
+    block = _merge_run(cores[:-1])
     return _merge_pair(block, cores[-1], (1, 3, 0, 5, 2, 4), "rank-middle")
 
 
 def _dense_block(cores: Sequence[torch.Tensor], split: int) -> torch.Tensor:
     """All cores merged, the left ``split`` and the rest first: ``(1, M, N, 1)``."""
     if 0 < split < len(cores):
-        return merge_cores([merge_cores(cores[:split]), merge_cores(cores[split:])])
-    return merge_cores(cores)
+        return _merge_run([_merge_run(cores[:split]), _merge_run(cores[split:])])
+    return _merge_run(cores)
 
 
 def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -301,7 +330,7 @@ def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
         w = cores[0].reshape(in_modes[0], out_modes[0]).t()
         return w.clone(memory_format=torch.contiguous_format)
     split = len(cores) // 2
-    left, right = merge_cores(cores[:split]), merge_cores(cores[split:])
+    left, right = _merge_run(cores[:split]), _merge_run(cores[split:])
     _, m_left, n_left, rank = left.shape
     _, m_right, n_right, _ = right.shape
     # One product and one copy of W's size. The blocks are laid out (n, m) first, so that
@@ -423,8 +452,8 @@ def _rank_middle_blocks(
 
 def _core_blocks(cores: Sequence[torch.Tensor], split: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks in the cores' own layout: ``(M_1, N_1 r)`` and ``(r M_2, N_2)``."""
-    _, m1, n1, r = (left := merge_cores(cores[:split])).shape
-    _, m2, n2, _ = (right := merge_cores(cores[split:])).shape
+    _, m1, n1, r = (left := _merge_run(cores[:split])).shape
+    _, m2, n2, _ = (right := _merge_run(cores[split:])).shape
     return left.reshape(m1, n1 * r), right.reshape(r * m2, n2)
 
 

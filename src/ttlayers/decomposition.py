@@ -30,7 +30,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ttlayers.contraction import check_same_kind, core_list, core_shapes, tt_to_dense
+from ttlayers.contraction import (
+    check_same_kind,
+    check_strided,
+    core_list,
+    core_shapes,
+    tt_to_dense,
+)
 from ttlayers.shapes import max_ranks, resolve_ranks, validate_modes
 
 __all__ = ["relative_error", "tt_relative_error", "tt_round", "tt_svd"]
@@ -138,8 +144,9 @@ def check_matrix(matrix: object, name: str = "matrix", *, finite: bool = False) 
     """Check a weight matrix: a 2-D floating-point tensor, with finite values if ``finite``.
 
     Raises:
-        TypeError: If it is not a floating-point tensor.
-        ValueError: If it is not 2-D, or (``finite``) is on the meta device or holds NaN/Inf.
+        TypeError: If it is not a dense floating-point tensor.
+        ValueError: If it is not 2-D or has a size of 0, or (``finite``) is on the meta device
+            or holds NaN/Inf.
     """
     if not isinstance(matrix, torch.Tensor):
         raise TypeError(f"{name} must be a tensor; got {type(matrix).__name__}.")
@@ -149,6 +156,12 @@ def check_matrix(matrix: object, name: str = "matrix", *, finite: bool = False) 
         )
     if not matrix.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor; got {matrix.dtype}.")
+    check_strided(matrix, name)
+    if matrix.numel() == 0:  # else named as the out_features or in_features it is not
+        raise ValueError(
+            f"{name} has a size of 0 (shape {tuple(matrix.shape)}); a TT matrix has at least "
+            "one row and one column."
+        )
     if finite:
         _check_finite(name, matrix)
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ttlayers.contraction import core_list, core_shapes
+from ttlayers.shapes import is_int
 
 __all__ = ["core_std", "tt_normal_"]
 
@@ -35,9 +38,9 @@ def core_std(ranks: Sequence[int], std: float) -> float:
         ``(std^2 / prod_{k=1}^{d-1} r_k) ** (1 / (2 d))``, computed in log space.
 
     Raises:
-        TypeError: If ``std`` is not a real number.
+        TypeError: If ``std`` is not a real number, or ``ranks`` is not a sequence.
         ValueError: If ``std`` is not a positive finite number, or ``ranks`` is not at least
-            two positive ints.
+            two positive ints, 1 at both ends.
     """
     given: object = std  # checked as what a caller may pass, not as annotated
     if isinstance(given, bool) or not isinstance(given, numbers.Real):
@@ -50,12 +53,23 @@ def core_std(ranks: Sequence[int], std: float) -> float:
         ) from None
     if not 0 < value < math.inf:
         raise ValueError(f"std must be a positive finite number; got {std!r}.")
-    given_ranks: Sequence[object] = ranks
-    if len(ranks) < 2 or not all(
-        isinstance(r, numbers.Integral) and int(r) >= 1 for r in given_ranks
+    given_ranks: object = ranks
+    if isinstance(given_ranks, np.ndarray) and given_ranks.ndim == 1:
+        ranks = given_ranks.tolist()
+    elif isinstance(given_ranks, (str, bytes)) or not isinstance(given_ranks, Sequence):
+        raise TypeError(
+            f"ranks must be a sequence of the d + 1 bond ranks; got {type(given_ranks).__name__}."
+        )
+    entries: Sequence[object] = ranks
+    if (
+        len(ranks) < 2
+        or not all(is_int(r) and operator.index(r) >= 1 for r in entries)
+        or ranks[0] != 1
+        or ranks[-1] != 1
     ):
         raise ValueError(
-            f"ranks must be the d + 1 >= 2 bond ranks, positive ints; got {tuple(ranks)!r}."
+            "ranks must be the d + 1 >= 2 bond ranks, positive ints, 1 at both ends; got "
+            f"{tuple(ranks)!r}."
         )
     d = len(ranks) - 1
     log_var = 2.0 * math.log(std) - sum(math.log(r) for r in ranks[1:-1])

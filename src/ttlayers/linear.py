@@ -158,6 +158,8 @@ class TTLinear(nn.Module):
         - Output: ``(*, out_features)``.
 
     Attributes:
+        in_features (int): Size of each input row, ``prod(in_modes)``.
+        out_features (int): Size of each output row, ``prod(out_modes)``.
         in_modes (tuple[int, ...]): The ``d`` input modes.
         out_modes (tuple[int, ...]): The ``d`` output modes.
         ranks (tuple[int, ...]): The ``d + 1`` bond ranks, 1 at both ends; read off the cores.
@@ -354,9 +356,11 @@ class TTLinear(nn.Module):
             return list(cores)
 
     def to_dense(self) -> torch.Tensor:
-        """The weight ``W`` the cores represent, shape ``(out_features, in_features)``.
+        """The weight ``W`` the cores represent.
 
-        Differentiable with respect to the cores.
+        Returns:
+            ``W``, shape ``(out_features, in_features)``, in the cores' dtype and on their
+            device; differentiable with respect to the cores.
         """
         return tt_to_dense(self._core_list())
 
@@ -401,7 +405,15 @@ class TTLinear(nn.Module):
         super().__setattr__(name, value)
 
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
-        """As ``nn.Module.register_parameter``; ``weight`` is computed, not registrable."""
+        """As ``nn.Module.register_parameter``; ``weight`` is computed, not registrable.
+
+        Args:
+            name: The parameter's name.
+            param: The parameter, or ``None``.
+
+        Raises:
+            AttributeError: If ``name`` is ``"weight"``.
+        """
         if name == "weight":
             raise AttributeError(_WEIGHT_IS_COMPUTED)
         super().register_parameter(name, param)
@@ -415,8 +427,10 @@ class TTLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """The ``nn.Linear`` this layer computes.
 
-        Same dtype, device, bias and training mode; its weight is trainable if any core is,
-        its bias if this layer's is.
+        Returns:
+            A new ``nn.Linear(in_features, out_features)`` whose weight is :meth:`to_dense`:
+            same dtype, device, bias and training mode; its weight is trainable if any core
+            is, its bias if this layer's is.
         """
         core = self.cores[0]
         # Ordinary tensors under inference_mode too, as from_dense and round make: the layer
@@ -451,7 +465,11 @@ class TTLinear(nn.Module):
         return dense / self.num_parameters
 
     def extra_repr(self) -> str:
-        """Features, modes, ranks, parameter count and compression against ``nn.Linear``."""
+        """Features, modes, ranks, parameter count and compression against ``nn.Linear``.
+
+        Returns:
+            The text ``repr`` shows between the parentheses.
+        """
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}, "

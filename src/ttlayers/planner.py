@@ -38,6 +38,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import operator
 import string
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +48,7 @@ from functools import lru_cache
 import opt_einsum
 import torch
 
-from ttlayers.shapes import as_rank_argument, is_int, max_ranks
+from ttlayers.shapes import as_rank_argument, check_positive_int, is_int, max_ranks
 
 __all__ = [
     "DEFAULT_COST_MODELS",
@@ -152,7 +153,18 @@ class CostModel:
     cache_traffic: float = 0.0
 
     def speedup(self, dtype: torch.dtype) -> float:
-        """The peak of ``dtype`` relative to float32 (1.0 when not listed)."""
+        """The peak of ``dtype`` relative to float32.
+
+        Args:
+            dtype: A floating-point dtype.
+
+        Returns:
+            Its factor from ``dtype_speedup``; 1.0 when not listed.
+
+        Raises:
+            TypeError: If ``dtype`` is not a floating-point ``torch.dtype``.
+        """
+        _check_dtype(dtype)
         name = str(dtype).removeprefix("torch.")
         return dict(self.dtype_speedup).get(name, 1.0)
 
@@ -191,13 +203,19 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
     Plans already compiled into a ``torch.compile`` graph keep their choice until Dynamo
     recompiles (``torch._dynamo.reset()``).
 
+    Args:
+        device_type: ``"cpu"``, ``"cuda"``, ...: the device type the model is for.
+        model: The cost model (from :func:`calibrate`, or edited from
+            ``DEFAULT_COST_MODELS``), or ``None`` to go back to the default.
+
     Raises:
-        TypeError: If ``model`` is neither a :class:`CostModel` nor ``None``, or a field of
-            it has the wrong type.
+        TypeError: If ``device_type`` is not a string, ``model`` is neither a
+            :class:`CostModel` nor ``None``, or a field of it has the wrong type.
         ValueError: If a speed, bandwidth, cost or ``dtype_speedup`` factor of ``model`` is
             not positive and finite (or, for the costs, not ``>= 0``), or ``cache_traffic``
             is not in ``[0, 1]``.
     """
+    _check_device_type(device_type)
     given: object = model  # checked as what a caller may pass, not as annotated
     if given is not None and not isinstance(given, CostModel):
         raise TypeError(f"model must be a CostModel or None; got {type(given).__name__}.")
@@ -239,8 +257,22 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
     plan_table.cache_clear()
 
 
+def _check_dtype(dtype: object) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}.")
+
+
 def _check_chain(
-    batch: object, in_modes: object, out_modes: object, ranks: object, plan: object = ...
+    batch: object,
+    in_modes: object,
+    out_modes: object,
+    ranks: object,
+    plan: object = ...,
+    dtype: object = torch.float32,
+    *,
+    device_type: object = "cpu",
+    threads: object = 1,
+    largest: object = 0,
 ) -> None:
     """Check the arguments of the public planning functions (private callers skip it).
 
@@ -260,6 +292,18 @@ def _check_chain(
         )
     if plan is not ...:  # a plan to check: estimate_time's and plan_memory's
         check_plan(plan, len(caps) - 1)
+    _check_dtype(dtype)
+    _check_device_type(device_type)
+    check_positive_int("threads", threads)
+    if not is_int(largest) or largest < 0:
+        raise (ValueError if is_int(largest) else TypeError)(
+            f"largest must be an int >= 0; got {largest!r}."
+        )
+
+
+def _check_device_type(device_type: object) -> None:
+    if not isinstance(device_type, str) or not device_type:
+        raise TypeError(f'device_type must be a device type such as "cpu"; got {device_type!r}.')
 
 
 def _check_modes(batch: object, in_modes: object, out_modes: object) -> tuple[int, ...]:
@@ -279,10 +323,13 @@ def check_plan(plan: object, num_cores: int) -> None:
         num_cores: ``d``, the number of cores of the chain.
 
     Raises:
-        TypeError: If ``plan`` is not a :class:`Plan`, or a field of it is not an int.
-        ValueError: If its kind is unknown or it does not fit the chain (a split outside
-            the chain, fewer than one chunk, a chain plan of another length).
+        TypeError: If ``num_cores`` is not an int, ``plan`` is not a :class:`Plan`, or a
+            field of it is not of its type (an int, or a bool for the flags).
+        ValueError: If ``num_cores`` is not positive, or the plan's kind is unknown or it
+            does not fit the chain (a split outside the chain, fewer than one chunk, steps
+            that do not contract this chain).
     """
+    num_cores = check_positive_int("num_cores", num_cores)
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan; got {type(plan).__name__} {plan!r}.")
     if plan.kind not in _KINDS:
@@ -293,19 +340,56 @@ def check_plan(plan: object, num_cores: int) -> None:
         value = getattr(plan, field)
         if not is_int(value):  # a float failed in a product, or only in training
             raise TypeError(f"plan.{field} must be an int; got {value!r} in {plan}.")
-    fits = {
-        "dense": 0 <= plan.split < num_cores,  # 0: all cores merged left to right
-        "twoblock": 0 < plan.split < num_cores
-        and plan.first in ("left", "right")
-        # The batched form applies the left block first, and forms dS from Z always.
-        and (not plan.batched_first or (plan.first == "left" and not plan.second_from_z)),
-        "chain": len(plan.steps) == num_cores,  # one step per core: the input meets them all
-    }[plan.kind]
+    for field in ("second_from_z", "batched_first"):
+        if not isinstance(getattr(plan, field), bool):
+            raise TypeError(f"plan.{field} must be a bool; got {getattr(plan, field)!r}.")
+    if plan.kind == "dense":
+        fits = 0 <= plan.split < num_cores  # 0: all cores merged left to right
+    elif plan.kind == "twoblock":
+        fits = (
+            0 < plan.split < num_cores
+            and plan.first in ("left", "right")
+            # The batched form applies the left block first, and forms dS from Z always.
+            and (not plan.batched_first or (plan.first == "left" and not plan.second_from_z))
+        )
+    else:
+        fits = _chain_steps_fit(plan.steps, num_cores)
     if not fits or plan.chunks < 1:
         raise ValueError(
             f"plan {plan} does not fit a chain of {num_cores} cores (see "
             "ttlayers.planner.candidate_plans for the plans of a layer)."
         )
+
+
+def _chain_steps_fit(steps: object, num_cores: int) -> bool:
+    """Whether ``steps`` contract the input and ``num_cores`` cores into the layer's output.
+
+    Replays the steps on the terms of :func:`chain_equation`: each must take two current
+    operands ``i < j`` as they are, keep only their letters, sum out only letters no other
+    operand (nor the output) still has, and the last must leave the output term. (Not
+    cached: only a plan a caller passes is checked, and Dynamo warns at an ``lru_cache``.)
+    """
+    current, output = chain_equation(num_cores)
+    if not isinstance(steps, (list, tuple)) or len(steps) != num_cores:
+        return False  # one step per core: the input meets them all
+    for step in steps:
+        if not isinstance(step, (list, tuple)) or len(step) != 3:
+            return False
+        first, second, equation = step
+        if not (is_int(first) and is_int(second) and isinstance(equation, str)):
+            return False
+        i, j = operator.index(first), operator.index(second)
+        if not 0 <= i < j < len(current) or equation.count("->") != 1:
+            return False
+        inputs, result = equation.split("->")
+        if inputs != f"{current[i]},{current[j]}" or len(set(result)) != len(result):
+            return False
+        right, left = current.pop(j), current.pop(i)
+        letters, needed = set(left + right), set(output).union(*current)
+        if not (set(result) <= letters and (needed & letters) <= set(result)):
+            return False
+        current.append(result)
+    return current == [output]
 
 
 def _is_number(value: object) -> bool:
@@ -664,12 +748,15 @@ def estimate_time(
         Estimated seconds.
 
     Raises:
-        TypeError: If the batch, a mode or a rank is not an int, or ``plan`` is not a
-            :class:`Plan` (or a field of it has the wrong type).
+        TypeError: If the batch, a mode, a rank or ``threads`` is not an int, ``plan`` is
+            not a :class:`Plan` (or a field of it has the wrong type), ``dtype`` is not a
+            floating-point dtype, or ``device_type`` not a string.
         ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a
-            chain, or ``plan`` does not fit that chain.
+            chain, ``plan`` does not fit that chain, or ``threads`` is below 1.
     """
-    _check_chain(batch, in_modes, out_modes, ranks, plan)
+    _check_chain(
+        batch, in_modes, out_modes, ranks, plan, dtype, device_type=device_type, threads=threads
+    )
     return _estimate_time(
         plan,
         batch,
@@ -758,6 +845,17 @@ def plan_memory(
       pass, and the largest step's operands and result once more, but for the layer's input
       and output (the gradients and copies of its backward pass); in inference the largest
       step with its operand (the input included).
+
+    Args:
+        plan: A plan for these modes and ranks.
+        batch: Number of input rows.
+        in_modes: The ``d`` input modes.
+        out_modes: The ``d`` output modes.
+        ranks: The ``d + 1`` bond ranks.
+        training: Count the backward pass's memory too.
+
+    Returns:
+        The number of elements (multiply by the element size for bytes).
 
     Raises:
         TypeError: If the batch, a mode or a rank is not an int, or ``plan`` is not a
@@ -890,7 +988,18 @@ def chain_equation(d: int) -> tuple[list[str], str]:
 
     The input is ``b m_1..m_d``, core ``k`` is ``r_k m_k n_k r_{k+1}``, the output
     ``b n_1..n_d``; letters come from ``opt_einsum.get_symbol``.
+
+    Args:
+        d: The number of cores, ``>= 1``.
+
+    Returns:
+        ``([input term, core terms...], output term)``.
+
+    Raises:
+        TypeError: If ``d`` is not an int.
+        ValueError: If ``d`` is not positive.
     """
+    d = check_positive_int("d", d)
     letters = [opt_einsum.get_symbol(k) for k in range(3 * d + 2)]
     b, inp, out = letters[0], letters[1 : d + 1], letters[d + 1 : 2 * d + 1]
     rank = letters[2 * d + 1 :]
@@ -924,14 +1033,53 @@ def pairwise_steps(
     as the boundary ranks of size 1, that way) runs no einsum of its own: its letters are
     summed out by the next step that uses the operand. A step of three or more operands
     becomes successive pairwise steps.
+
+    Args:
+        path: opt_einsum's contraction path: per step, the positions of the operands it
+            takes in the current list.
+        terms: The einsum terms of the operands (:func:`chain_equation`).
+        output: The output term.
+
+    Returns:
+        The steps, as ``Plan.steps`` holds them.
+
+    Raises:
+        TypeError: If ``path`` is not a sequence of sequences of ints, or a term or the
+            output is not a string.
+        ValueError: If a step names a position outside the current operands or one twice,
+            the output has a letter no term has, or the path does not end with one operand.
     """
+    if isinstance(terms, str) or not isinstance(terms, Sequence):
+        raise TypeError(f"terms must be a sequence of strings; got {type(terms).__name__}.")
+    if not all(isinstance(t, str) for t in terms) or not isinstance(output, str):
+        raise TypeError(f"terms and output must be strings; got {terms!r} and {output!r}.")
+    if not set(output) <= set("".join(terms)):
+        raise ValueError(f"output {output!r} has letters that no term of {list(terms)} has.")
+    given: object = path  # checked as what a caller may pass, not as annotated
+    if isinstance(given, str) or not isinstance(given, Sequence):
+        raise TypeError(f"path must be a sequence of steps; got {type(given).__name__}.")
+    steps_given: Sequence[object] = given
     # opt_einsum's list of operands, as ids, and the list that the steps act on: they differ
     # after a one-operand step, which moves its operand to the end of opt_einsum's list only.
     planned = list(range(len(terms)))
     current = list(range(len(terms)))
     term = dict(enumerate(terms))
     steps: list[tuple[int, int, str]] = []
-    for position in path:
+    for number, entry in enumerate(steps_given):
+        if isinstance(entry, str) or not isinstance(entry, Sequence):
+            raise TypeError(
+                f"path[{number}] must be a sequence of operand positions; got {entry!r}."
+            )
+        position: Sequence[int] = entry
+        if (
+            not position
+            or len(set(position)) != len(position)
+            or not all(is_int(k) and 0 <= operator.index(k) < len(planned) for k in position)
+        ):
+            raise ValueError(
+                f"path[{number}] must name distinct positions among the {len(planned)} "
+                f"current operands; got {tuple(position)!r}."
+            )
         ids = [planned[k] for k in position]
         for k in sorted(position, reverse=True):
             planned.pop(k)
@@ -949,6 +1097,10 @@ def pairwise_steps(
             steps.append((i, j, f"{left},{right}->{result}"))
             current.append(merged)
         planned.append(merged)
+    if len(current) != 1:
+        raise ValueError(
+            f"path must contract the {len(terms)} operands into one; {len(current)} remain."
+        )
     return tuple(steps)
 
 
@@ -1006,10 +1158,21 @@ def candidate_plans(
         (the chunk count is a choice of speed, not of correctness, at any batch size).
 
     Raises:
-        TypeError: If the batch, a mode or a rank is not an int.
-        ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a chain.
+        TypeError: If the batch, a mode, a rank, ``threads`` or ``largest`` is not an int,
+            ``dtype`` is not a floating-point dtype, or ``device_type`` not a string.
+        ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a
+            chain, ``threads`` is below 1 or ``largest`` below 0.
     """
-    _check_chain(batch, in_modes, out_modes, ranks)
+    _check_chain(
+        batch,
+        in_modes,
+        out_modes,
+        ranks,
+        dtype=dtype,
+        device_type=device_type,
+        threads=threads,
+        largest=largest,
+    )
     batch = int(batch)  # a NumPy integer too
     in_modes, out_modes, ranks = tuple(in_modes), tuple(out_modes), tuple(ranks)
     d = len(in_modes)
@@ -1123,11 +1286,27 @@ def choose_plan(
     ``BATCHED_MARGIN`` (see there): it must be that much faster than every other plan but
     a dense one in training, against which the two raised estimates compare.
 
-    Arguments as for :func:`estimate_time`, and ``max_chunks``: choose only among the plans
-    of at most that many row chunks (``1`` for a graph that serves every batch size, such as
-    ``torch.export`` with a dynamic batch dimension); above 1, a plan of more chunks
-    competes with ``max_chunks`` of them instead (larger chunks, where the cache would want
-    more).
+    Args:
+        batch: Number of input rows (``>= 0``).
+        in_modes: The ``d`` input modes.
+        out_modes: The ``d`` output modes.
+        ranks: The ``d + 1`` bond ranks.
+        dtype: The dtype the products run in.
+        device_type: ``"cpu"``, ``"cuda"``, ...: selects the :class:`CostModel`.
+        threads: CPU threads (``torch.get_num_threads()``); ignored on other devices.
+        training: Include the backward pass.
+        largest: The largest batch size the plan will serve (``batch`` when smaller).
+        max_chunks: Choose only among the plans of at most that many row chunks (``1`` for
+            a graph that serves every batch size, such as ``torch.export`` with a dynamic
+            batch dimension); above 1, a plan of more chunks competes with ``max_chunks``
+            of them instead (larger chunks, where the cache would want more).
+
+    Returns:
+        The chosen plan, one of :func:`candidate_plans` (chunks capped by ``max_chunks``).
+
+    Raises:
+        TypeError: As :func:`candidate_plans`, or if ``max_chunks`` is not an int.
+        ValueError: As :func:`candidate_plans`, or if ``max_chunks`` is below 1.
     """
     candidates = candidate_plans(
         batch,
@@ -1140,8 +1319,8 @@ def choose_plan(
         largest=largest,
     )
     batch = int(batch)  # checked by candidate_plans; a NumPy integer too
-    if max_chunks is not None and max_chunks < 1:
-        raise ValueError(f"max_chunks must be at least 1; got {max_chunks}.")
+    if max_chunks is not None:
+        max_chunks = check_positive_int("max_chunks", max_chunks)
     if max_chunks == 1:
         candidates = [plan for plan in candidates if plan.chunks == 1]
     elif max_chunks is not None:
@@ -1227,7 +1406,24 @@ def plan_table(
     Entry ``(b, plan)`` applies to batch sizes from ``b`` up to the next entry's ``b``. Plans
     are chosen at batch sizes ``1, 2, 4, ..., 2**24`` (in training also at three times each
     power of two: ``1, 2, 3, 4, 6, 8, 12, ...``) and apply up to the next of them (batch 0
-    takes the plan of batch 1). Cached per argument tuple.
+    takes the plan of batch 1). Cached per argument tuple, so the modes and ranks must be
+    tuples (a list is unhashable: ``TypeError``).
+
+    Args:
+        in_modes: The ``d`` input modes.
+        out_modes: The ``d`` output modes.
+        ranks: The ``d + 1`` bond ranks.
+        dtype: The dtype the products run in.
+        device_type: Selects the :class:`CostModel`.
+        threads: CPU threads; ignored on other devices.
+        training: Plans for forward and backward passes, or for inference.
+
+    Returns:
+        The table, its first entry at batch size 1.
+
+    Raises:
+        TypeError: As :func:`candidate_plans`, or for an unhashable argument.
+        ValueError: As :func:`candidate_plans`.
     """
     table: list[tuple[int, Plan]] = []
     sizes = _tabulated_batches(training)
@@ -1300,16 +1496,17 @@ def calibrate(
 
     Raises:
         TypeError: If ``repeats`` is not an int or ``dtype`` not a floating-point dtype.
-        ValueError: If ``repeats`` is not positive.
+        ValueError: If ``repeats`` is not positive, or ``device`` is the meta device.
     """
     if not is_int(repeats):
         raise TypeError(f"repeats must be a positive int; got {repeats!r}.")
     if repeats < 1:
         raise ValueError(f"repeats must be a positive int; got {repeats!r}.")
     repeats = int(repeats)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}.")
+    _check_dtype(dtype)
     device = torch.device(device)
+    if device.type == "meta":  # its products take no time: the model would be meaningless
+        raise ValueError("device must hold values to time; the meta device holds none.")
 
     def make(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=device, dtype=dtype)

@@ -46,7 +46,8 @@ def as_rank_argument(rank: object) -> object:
     return rank
 
 
-def _check_positive_int(name: str, value: object) -> int:
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` as an int, checked to be a positive one (a NumPy integer too, not a bool)."""
     if not is_int(value):
         raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}.")
     number: int = operator.index(value)
@@ -135,8 +136,8 @@ def factorize(n: int, num_cores: int) -> tuple[int, ...]:
         >>> factorize(10, 3)
         (1, 5, 2)
     """
-    n = _check_positive_int("n", n)  # a NumPy integer becomes an int
-    num_cores = _check_positive_int("num_cores", num_cores)
+    n = check_positive_int("n", n)  # a NumPy integer becomes an int
+    num_cores = check_positive_int("num_cores", num_cores)
     ordered = _most_equal_factors(n, num_cores)
     # Deal the sorted factors alternately to the two ends, so the largest land in the middle.
     left: list[int] = []
@@ -161,8 +162,8 @@ def default_num_cores(in_features: int, out_features: int) -> int:
         ValueError: If a size is not positive.
     """
     largest = max(
-        _check_positive_int("in_features", in_features),
-        _check_positive_int("out_features", out_features),
+        check_positive_int("in_features", in_features),
+        check_positive_int("out_features", out_features),
     )
     return min(6, max(2, round(math.log2(largest) / 3)))
 
@@ -189,11 +190,11 @@ def suggest_modes(
         >>> suggest_modes(784, 1024, num_cores=3)
         ((7, 14, 8), (8, 16, 8))
     """
-    _check_positive_int("in_features", in_features)
-    _check_positive_int("out_features", out_features)
+    check_positive_int("in_features", in_features)
+    check_positive_int("out_features", out_features)
     if num_cores is None:
         num_cores = default_num_cores(in_features, out_features)
-    _check_positive_int("num_cores", num_cores)
+    check_positive_int("num_cores", num_cores)
     return factorize(in_features, num_cores), factorize(out_features, num_cores)
 
 
@@ -222,10 +223,10 @@ def validate_modes(
         ValueError: If a product is wrong, a mode is not positive, the lengths differ, or
             ``num_cores`` disagrees with the given modes.
     """
-    in_features = _check_positive_int("in_features", in_features)
-    out_features = _check_positive_int("out_features", out_features)
+    in_features = check_positive_int("in_features", in_features)
+    out_features = check_positive_int("out_features", out_features)
     if num_cores is not None:
-        num_cores = _check_positive_int("num_cores", num_cores)
+        num_cores = check_positive_int("num_cores", num_cores)
     given = {
         name: _as_int_tuple(name, modes)
         for name, modes in (("in_modes", in_modes), ("out_modes", out_modes))
@@ -272,7 +273,8 @@ def _as_int_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:
     elif isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
         raise TypeError(f"{name} must be a sequence of ints; got {type(values).__name__}.")
     if len(values) == 0:
-        raise ValueError(f"{name} must hold at least one mode; got an empty sequence.")
+        what = "rank" if name.startswith("rank") else "mode"
+        raise ValueError(f"{name} must hold at least one {what}; got an empty sequence.")
     for value in values:
         if not is_int(value):
             raise TypeError(f"{name} must hold ints; got {tuple(values)!r}.")
@@ -369,7 +371,31 @@ def resolve_ranks(
 
 
 def num_parameters(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> int:
-    """Number of entries of the cores: ``sum_k r_k m_k n_k r_{k+1}``."""
+    """Number of entries of the cores: ``sum_k r_k m_k n_k r_{k+1}``.
+
+    Args:
+        in_modes: The ``d`` input modes.
+        out_modes: The ``d`` output modes.
+        ranks: The ``d + 1`` bond ranks, ``(1, r_1, ..., r_{d-1}, 1)``.
+
+    Returns:
+        The number of weight parameters of the TT form (the bias not included).
+
+    Raises:
+        TypeError: If a mode or a rank is not an int.
+        ValueError: If one is not positive, the lengths are not ``d``, ``d`` and ``d + 1``, or
+            the ranks are not 1 at both ends.
+    """
+    in_modes = _as_int_tuple("in_modes", in_modes)
+    out_modes = _as_int_tuple("out_modes", out_modes)
+    ranks = _as_int_tuple("ranks", ranks)
+    if len(out_modes) != len(in_modes) or len(ranks) != len(in_modes) + 1:
+        raise ValueError(
+            "in_modes, out_modes and ranks must have lengths d, d and d + 1; got "
+            f"{in_modes}, {out_modes} and {ranks}."
+        )
+    if ranks[0] != 1 or ranks[-1] != 1:
+        raise ValueError(f"ranks must be 1 at both ends; got {ranks}.")
     return sum(
         ranks[k] * m * n * ranks[k + 1]
         for k, (m, n) in enumerate(zip(in_modes, out_modes, strict=True))

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict returns
 from torch.nn.utils import parametrize
 
 from ttlayers import decomposition
@@ -107,7 +108,12 @@ class LayerReport:
 
 @dataclass(frozen=True)
 class SkippedLayer:
-    """An ``nn.Linear`` that :func:`tensorize_` left as it was, and why."""
+    """An ``nn.Linear`` that :func:`tensorize_` left as it was, and why.
+
+    Attributes:
+        name: The layer's qualified name in the model.
+        reason: Why it was not converted, in words.
+    """
 
     name: str
     reason: str
@@ -1236,7 +1242,7 @@ def load_tensorized_(
     *,
     strict: bool = True,
     assign: bool = False,
-) -> Any:
+) -> _IncompatibleKeys:
     """Load a checkpoint of a converted model into the unconverted ``model``, in place.
 
     Every ``nn.Linear`` of ``model`` that ``state_dict`` stores as a ``TTLinear`` (keys
@@ -1261,7 +1267,8 @@ def load_tensorized_(
             them (for a model built on the meta device).
 
     Returns:
-        What ``model.load_state_dict`` returns (the missing and unexpected keys).
+        What ``model.load_state_dict`` returns: a named tuple of ``missing_keys`` and
+        ``unexpected_keys``.
 
     Raises:
         TypeError: If ``model`` is not a module or ``state_dict`` not a mapping.
@@ -1385,7 +1392,7 @@ def load_tensorized_(
         raise ValueError("the model itself is a stored TTLinear; use TTLinear.load_state_dict.")
     undo = _swap(model, list(built.items()))
     try:
-        loaded = model.load_state_dict(state_dict, strict=strict, assign=assign)
+        loaded: _IncompatibleKeys = model.load_state_dict(state_dict, strict=strict, assign=assign)
     except BaseException:
         undo()
         raise
