@@ -852,10 +852,14 @@ def test_a_budget_of_just_the_biases_is_refused_for_the_biases():
     that the caller never gave.
     """
     model = nn.Sequential(nn.Linear(7, 3)).double()
-    with pytest.raises(ValueError, match="does not even cover the 3 bias parameters"):
+    with pytest.raises(ValueError, match=r"\(params=3\) does not even cover the 3 bias"):
         tensorize_(model, params=3)
     model = nn.Sequential(nn.Linear(7, 3, bias=False)).double()
-    with pytest.raises(ValueError, match="budget 0 leaves no parameters for the cores"):
+    # The budget is what the caller's compression made of the 21 parameters: named with it.
+    with pytest.raises(
+        ValueError,
+        match=r"budget 0 \(compression=100 of their 21 parameters\) leaves no parameters",
+    ):
         tensorize_(model, compression=100.0)
 
 

@@ -1137,9 +1137,14 @@ def _budget(
             if sum(biases)
             else "leaves no parameters for the cores of"
         )
+        given = (
+            f"compression={compression:g} of their {dense:,} parameters"
+            if compression is not None
+            else f"params={params}"
+        )
         raise ValueError(
-            f"the parameter budget {budget:,} {short} the {len(selected)} selected layers; "
-            "allow more parameters."
+            f"the parameter budget {budget:,} ({given}) {short} the {len(selected)} selected "
+            "layers; allow more parameters (a lower compression)."
         )
     if allocation == "even":
         shares = [int(budget * size / sum(sizes)) for size in sizes]
