@@ -42,6 +42,7 @@ from ttlayers.planner import (
     choose_plan,
     estimate_time,
     pairwise_steps,
+    plan_table,
     set_cost_model,
 )
 from ttlayers.shapes import num_parameters
@@ -565,6 +566,12 @@ BAD_CALLS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ),
     ("calibrate meta", lambda: calibrate("meta", repeats=1), ValueError, "meta device"),
     (
+        "plan_table float mode",
+        lambda: plan_table((4.0, 4), (4, 4), (1, 2, 1), torch.float32, "cpu", 1, True),
+        TypeError,
+        "in_modes must hold ints",
+    ),
+    (
         "CostModel.speedup str",
         lambda: DEFAULT_COST_MODELS["cpu"].speedup("float32"),
         TypeError,
@@ -626,6 +633,8 @@ def test_the_helpers_take_numpy_arrays_and_iterables_as_before() -> None:
     assert evenly == allocate_evenly([options, options], [60, 60])
     assert allocate(iter([options, options]), 120) == allocate([options, options], 120)
     assert core_std(np.array([1, 4, 1]), 1.0) == core_std((1, 4, 1), 1.0)
+    table = plan_table([4, 4], np.array([4, 4]), (1, 2, 1), torch.float32, "cpu", 1, True)
+    assert table == plan_table((4, 4), (4, 4), (1, 2, 1), torch.float32, "cpu", 1, True)
     cores = [torch.randn(1, 2, 3, 2, dtype=torch.float64), torch.randn(2, 3, 2, 1)]
     cores[1] = cores[1].double()
     block = merge_cores(nn.ParameterList(cores))

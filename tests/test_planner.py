@@ -71,7 +71,7 @@ def test_resetting_a_cost_model_never_leaves_the_device_without_one(monkeypatch)
         set_cost_model("cpu", dataclasses.replace(DEFAULT_COST_MODELS["cpu"], flops=1e9))
         set_cost_model("cpu", None)
     finally:
-        planner.plan_table.cache_clear()
+        planner.cached_plan_table.cache_clear()
     assert states and all(states)
     assert planner._cost_models["cpu"] == DEFAULT_COST_MODELS["cpu"]
 
@@ -812,7 +812,7 @@ def test_a_plan_table_sizes_its_chunks_for_the_top_of_each_range(monkeypatch):
 
     monkeypatch.setattr(planner, "BATCHED_MIN_INPUTS", 2**62)
     shape = ((16, 16, 16), (16, 43, 16), (1, 4, 4, 1))
-    table = plan_table.__wrapped__(*shape, torch.float32, "cuda", 1, True)
+    table = planner.cached_plan_table.__wrapped__(*shape, torch.float32, "cuda", 1, True)
     tops = [lowest - 1 for lowest, _ in table[1:]] + [2**25 - 1]
     for (lowest, plan), top in zip(table, tops, strict=True):
         for batch in (max(lowest, 1), top):
@@ -934,7 +934,7 @@ def test_plan_table_up_to_its_largest_batch(shape, training, monkeypatch):
         return choose_plan(batch, *args, largest=largest, **kwargs)
 
     monkeypatch.setattr(planner, "choose_plan", spy)
-    table = plan_table.__wrapped__(*shape, torch.float32, "cpu", 1, training)
+    table = planner.cached_plan_table.__wrapped__(*shape, torch.float32, "cpu", 1, training)
     monkeypatch.undo()
     assert asked == [(s, t - 1) for s, t in zip(sizes, [*sizes[1:], 2**25], strict=True)]
     assert {lowest for lowest, _ in table} <= {0, *sizes}

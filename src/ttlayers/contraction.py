@@ -36,7 +36,7 @@ from ttlayers.autograd import (
     symbolic_size,
     two_block_forward,
 )
-from ttlayers.planner import Plan, check_plan, choose_plan, plan_table
+from ttlayers.planner import Plan, cached_plan_table, check_plan, choose_plan
 
 # The argument checks, the merge layouts, the chain runner and the plan cache defined here
 # are shared with the other modules but are not API: tt_linear and the layer are.
@@ -807,7 +807,7 @@ def _plan_table_constant(
     # guards on, and on the CPU thread count, read here because Dynamo cannot trace
     # torch.get_num_threads. (The mark sits on a plain function: Dynamo looks through
     # lru_cache.)
-    return plan_table(
+    return cached_plan_table(
         in_modes, out_modes, ranks, dtype, device_type, _threads(device_type), training
     )
 

@@ -254,7 +254,7 @@ def set_cost_model(device_type: str, model: CostModel | None) -> None:
         _cost_models.pop(device_type, None)
     else:
         _cost_models[device_type] = model
-    plan_table.cache_clear()
+    cached_plan_table.cache_clear()
 
 
 def _check_dtype(dtype: object) -> None:
@@ -1391,11 +1391,10 @@ BATCHED_MARGIN = 0.05
 _LARGEST_TABULATED_BATCH_LOG2 = 24
 
 
-@lru_cache(maxsize=512)
 def plan_table(
-    in_modes: tuple[int, ...],
-    out_modes: tuple[int, ...],
-    ranks: tuple[int, ...],
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
     dtype: torch.dtype,
     device_type: str,
     threads: int,
@@ -1406,8 +1405,7 @@ def plan_table(
     Entry ``(b, plan)`` applies to batch sizes from ``b`` up to the next entry's ``b``. Plans
     are chosen at batch sizes ``1, 2, 4, ..., 2**24`` (in training also at three times each
     power of two: ``1, 2, 3, 4, 6, 8, 12, ...``) and apply up to the next of them (batch 0
-    takes the plan of batch 1). Cached per argument tuple, so the modes and ranks must be
-    tuples (a list is unhashable: ``TypeError``).
+    takes the plan of batch 1). Cached per argument tuple.
 
     Args:
         in_modes: The ``d`` input modes.
@@ -1422,9 +1420,33 @@ def plan_table(
         The table, its first entry at batch size 1.
 
     Raises:
-        TypeError: As :func:`candidate_plans`, or for an unhashable argument.
+        TypeError: As :func:`candidate_plans`.
         ValueError: As :func:`candidate_plans`.
     """
+    _check_chain(
+        1, in_modes, out_modes, ranks, dtype=dtype, device_type=device_type, threads=threads
+    )
+    ints = [tuple(operator.index(v) for v in values) for values in (in_modes, out_modes, ranks)]
+    return cached_plan_table(
+        *ints,
+        dtype,
+        device_type,
+        int(threads),
+        bool(training),
+    )
+
+
+@lru_cache(maxsize=512)
+def cached_plan_table(
+    in_modes: tuple[int, ...],
+    out_modes: tuple[int, ...],
+    ranks: tuple[int, ...],
+    dtype: torch.dtype,
+    device_type: str,
+    threads: int,
+    training: bool,
+) -> tuple[tuple[int, Plan], ...]:
+    """:func:`plan_table` for checked arguments, as tuples: the layer's per-call path."""
     table: list[tuple[int, Plan]] = []
     sizes = _tabulated_batches(training)
     for lowest, following in zip(sizes, [*sizes[1:], 2 * sizes[-1]], strict=True):
