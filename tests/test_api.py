@@ -422,7 +422,7 @@ BAD_CALLS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ),
     ("core_std ranks int", lambda: core_std(5, 1.0), TypeError, "ranks must be a sequence"),
     ("core_std boundary", lambda: core_std((1, 2), 1.0), ValueError, "1 at both ends"),
-    ("core_std bool rank", lambda: core_std((1, True, 1), 1.0), ValueError, "positive ints"),
+    ("core_std bool rank", lambda: core_std((1, True, 1), 1.0), TypeError, "ranks must hold ints"),
     # planner
     ("chain_equation 0", lambda: chain_equation(0), ValueError, "d must be a positive int"),
     ("chain_equation float", lambda: chain_equation(2.0), TypeError, "d must be an int"),
@@ -475,7 +475,7 @@ BAD_CALLS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         "does not fit a chain of 2 cores",
     ),
     (
-        "check_plan chain of lists",
+        "check_plan chain step of two entries",
         lambda: check_plan(Plan("chain", steps=[[0, 1]]), 1),
         ValueError,
         "does not fit a chain of 1 cores",
@@ -559,6 +559,18 @@ BAD_CALLS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         "device_type must be a device type",
     ),
     (
+        "candidate_plans device index",
+        lambda: candidate_plans(4, *_TWO, device_type="cuda:0"),
+        ValueError,
+        "no index",
+    ),
+    (
+        "estimate_time device_type empty",
+        lambda: estimate_time(Plan("dense"), 4, *_TWO, device_type=""),
+        ValueError,
+        "device_type must be a device type",
+    ),
+    (
         "set_cost_model device_type",
         lambda: set_cost_model(5, None),
         TypeError,
@@ -566,10 +578,10 @@ BAD_CALLS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ),
     ("calibrate meta", lambda: calibrate("meta", repeats=1), ValueError, "meta device"),
     (
-        "plan_table float mode",
-        lambda: plan_table((4.0, 4), (4, 4), (1, 2, 1), torch.float32, "cpu", 1, True),
+        "plan_table float threads",
+        lambda: plan_table((4, 4), (4, 4), (1, 2, 1), torch.float32, "cpu", 1.5, True),
         TypeError,
-        "in_modes must hold ints",
+        "threads must be an int",
     ),
     (
         "CostModel.speedup str",
@@ -633,6 +645,15 @@ def test_the_helpers_take_numpy_arrays_and_iterables_as_before() -> None:
     assert evenly == allocate_evenly([options, options], [60, 60])
     assert allocate(iter([options, options]), 120) == allocate([options, options], 120)
     assert core_std(np.array([1, 4, 1]), 1.0) == core_std((1, 4, 1), 1.0)
+    assert candidate_shapes(16, 16, np.array(2)) == candidate_shapes(16, 16, 2)
+    shapes = [((4, 4), (2, 4)), ((2, 8), (8, 1))]
+    assert layer_options(_W, shapes=iter(shapes)) == layer_options(_W, shapes=shapes)
+    layer = TTLinear(16, 8, rank=2)
+    assert core_shapes(layer.cores) == (layer.in_modes, layer.out_modes, layer.ranks)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    capture = ActivationCapture(model, torch.randn(3, 4))
+    with capture.session():
+        assert capture.order(nn.ModuleList(model), ("a", "b")) == [0, 1]
     table = plan_table([4, 4], np.array([4, 4]), (1, 2, 1), torch.float32, "cpu", 1, True)
     assert table == plan_table((4, 4), (4, 4), (1, 2, 1), torch.float32, "cpu", 1, True)
     cores = [torch.randn(1, 2, 3, 2, dtype=torch.float64), torch.randn(2, 3, 2, 1)]
@@ -660,6 +681,26 @@ def test_every_chain_plan_the_planner_makes_passes_check_plan() -> None:
             steps[-1] = (*steps[-1][:2], steps[-1][2].replace("->", "->z"))  # a stray letter
             with pytest.raises(ValueError, match="does not fit"):
                 check_plan(Plan("chain", steps=tuple(steps)), len(in_modes))
+
+
+def test_check_plan_checks_a_chain_plans_equation() -> None:
+    """``estimate_time`` and ``plan_memory`` size the operands from ``Plan.equation``."""
+    good = next(
+        plan
+        for plan in candidate_plans(64, (4, 8, 8, 4), (4, 8, 8, 4), (1, 8, 8, 8, 1))
+        if plan.kind == "chain"
+    )
+    check_plan(dataclasses.replace(good, steps=[list(step) for step in good.steps]), 4)
+    relabelled = good.equation.translate(str.maketrans("ab", "ba"))
+    for equation in (relabelled, ""):
+        with pytest.raises(ValueError, match="does not fit"):
+            estimate_time(
+                dataclasses.replace(good, equation=equation),
+                64,
+                (4, 8, 8, 4),
+                (4, 8, 8, 4),
+                (1, 8, 8, 8, 1),
+            )
 
 
 def test_check_plan_refuses_a_chain_that_sums_a_bond_too_early() -> None:

@@ -172,9 +172,15 @@ def test_tt_normal_refuses_cores_it_cannot_fill(dtype):
         tt_normal_(cores, 0.1)
 
 
-@pytest.mark.parametrize("ranks", [[1], [], [1, 0, 1], [1, 2.0, 1]])
+@pytest.mark.parametrize("ranks", [[1], [], [1, 0, 1], [2, 2, 1]])
 def test_core_std_needs_positive_integer_ranks(ranks):
     with pytest.raises(ValueError, match=r"ranks must be the d \+ 1 >= 2 bond ranks"):
+        core_std(ranks, 1.0)
+
+
+@pytest.mark.parametrize("ranks", [[1, 2.0, 1], [1, True, 1], [1, "2", 1]])
+def test_core_std_names_ranks_that_are_not_ints(ranks):
+    with pytest.raises(TypeError, match="ranks must hold ints"):
         core_std(ranks, 1.0)
 
 

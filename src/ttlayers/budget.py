@@ -86,6 +86,8 @@ class RankChoice:
 def _core_counts(num_cores: int | Sequence[int]) -> tuple[int, ...]:
     """``num_cores`` as a tuple: one int is a tuple of one; any iterable of ints is taken."""
     given: object = num_cores  # checked as what a caller may pass, not as annotated
+    if isinstance(given, np.ndarray) and given.ndim == 0:
+        given = given.item()
     if is_int(given):
         return (int(given),)
     if isinstance(given, (str, bytes, torch.Tensor)) or not isinstance(given, Iterable):
@@ -147,9 +149,9 @@ def bond_spectra(
         ``d - 1`` tensors of singular values, descending, in float64 on the matrix's device.
 
     Raises:
-        TypeError: If ``matrix`` is not a floating-point tensor, or a mode is not an int.
-        ValueError: If ``matrix`` is not 2-D or holds NaN or Inf, or the modes do not multiply
-            to its sizes.
+        TypeError: If ``matrix`` is not a dense floating-point tensor, or a mode is not an int.
+        ValueError: If ``matrix`` is not 2-D, has a size of 0 or holds NaN or Inf, or the modes
+            do not multiply to its sizes.
     """
     check_matrix(matrix, finite=True)
     out_features, in_features = matrix.shape
@@ -311,18 +313,19 @@ def layer_options(
 
 
 def _pairs(shapes: object) -> list[tuple[Sequence[int], Sequence[int]]]:
-    """``shapes`` checked to be a non-empty sequence of ``(in_modes, out_modes)`` pairs."""
-    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence):
+    """``shapes`` checked to be a non-empty collection of ``(in_modes, out_modes)`` pairs."""
+    if isinstance(shapes, (str, bytes, torch.Tensor)) or not isinstance(shapes, Iterable):
         raise TypeError(
             "shapes must be a sequence of (in_modes, out_modes) pairs; got "
             f"{type(shapes).__name__}."
         )
-    if not shapes:
+    listed = list(shapes)  # a generator or dict.items() too
+    if not listed:
         raise ValueError("shapes must hold at least one (in_modes, out_modes) pair; got none.")
-    for k, pair in enumerate(shapes):
+    for k, pair in enumerate(listed):
         if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise TypeError(f"shapes[{k}] must be an (in_modes, out_modes) pair; got {pair!r}.")
-    return [(pair[0], pair[1]) for pair in shapes]
+    return [(pair[0], pair[1]) for pair in listed]
 
 
 def _frontier(options: Sequence[RankChoice]) -> list[RankChoice]:

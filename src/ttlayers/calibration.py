@@ -214,7 +214,7 @@ class ActivationStatistics:
             reference: For paired statistics, the reference inputs, same shape; else ``None``.
 
         Raises:
-            TypeError: If a batch is not a floating-point tensor.
+            TypeError: If a batch is not a dense floating-point tensor.
             ValueError: If a batch has the wrong width, holds NaN/Inf or is on the meta
                 device, or ``reference`` is given to unpaired statistics or missing for
                 paired ones, or has another shape, or the sums of squares overflow float64

@@ -371,7 +371,8 @@ class ActivationCapture:
                 model, or a module is never called.
         """
         for argument, given in (("modules", modules), ("names", names)):
-            if isinstance(given, (str, nn.Module)) or not isinstance(given, Sequence):
+            # A ModuleList is iterable, one layer is not.
+            if isinstance(given, str) or not isinstance(given, Iterable):
                 raise TypeError(f"{argument} must be a sequence; got {type(given).__name__}.")
         modules, names = list(modules), list(names)
         if len(modules) != len(names):

@@ -96,10 +96,10 @@ def check_bias(bias: object, out_features: int) -> None:
 def check_strided(tensor: torch.Tensor, name: str) -> None:
     """Raise a ``TypeError`` for a sparse (or other non-strided) ``tensor``."""
     if tensor.layout != torch.strided:
-        raise TypeError(
-            f"{name} must be a dense tensor; got layout {tensor.layout} (make it dense with "
-            ".to_dense())."
+        hint = (
+            " (make it dense with .to_dense())" if tensor.is_sparse or tensor.is_sparse_csr else ""
         )
+        raise TypeError(f"{name} must be a dense tensor; got layout {tensor.layout}{hint}.")
 
 
 def check_same_kind(cores: Sequence[torch.Tensor], name: str = "cores") -> None:
@@ -201,7 +201,7 @@ def core_shapes(
 def _check_links(cores: Sequence[torch.Tensor], name: str) -> None:
     """Check a run of neighbouring cores: 4-D tensors of positive sizes whose ranks chain."""
     given: object = cores  # checked as what a caller may pass, not as annotated
-    if not isinstance(given, (list, tuple, Sequence)):  # the common cases first: fast
+    if not isinstance(given, (list, tuple, Sequence, nn.ParameterList)):  # common ones first
         raise TypeError(
             f"{name} must be a sequence of 4-D tensors (r_k, m_k, n_k, r_k+1); got "
             f"{type(given).__name__}."

@@ -277,9 +277,11 @@ def tt_svd(
         and bfloat16 matrices are decomposed in float32.
 
     Raises:
-        TypeError: If ``matrix`` is not a floating-point tensor, or an argument has a bad type.
-        ValueError: If ``matrix`` is not 2-D or holds NaN/Inf, the modes do not multiply to
-            its sizes, ``eps`` is outside ``(0, 1)``, or a rank is not positive.
+        TypeError: If ``matrix`` is not a dense floating-point tensor, or an argument has a
+            bad type.
+        ValueError: If ``matrix`` is not 2-D, has a size of 0 or holds NaN/Inf, the modes do
+            not multiply to its sizes, ``eps`` is outside ``(0, 1)``, or a rank is not
+            positive.
 
     Example:
         >>> w = torch.randn(6, 4, dtype=torch.float64)
@@ -434,10 +436,10 @@ def relative_error(matrix: torch.Tensor, cores: Sequence[torch.Tensor]) -> float
         ``W`` is, NaN when ``W`` holds NaN.
 
     Raises:
-        TypeError: If ``matrix`` is not a floating-point tensor, or the cores are not
-            floating-point tensors.
-        ValueError: If ``matrix`` is not 2-D, the shapes disagree, the cores do not chain or
-            hold NaN or Inf, or a tensor is on the meta device.
+        TypeError: If ``matrix`` is not a dense floating-point tensor, or the cores are not
+            dense floating-point tensors.
+        ValueError: If ``matrix`` is not 2-D or has a size of 0, the shapes disagree, the
+            cores do not chain or hold NaN or Inf, or a tensor is on the meta device.
     """
     check_matrix(matrix)
     if matrix.device.type == "meta":

@@ -38,9 +38,9 @@ def core_std(ranks: Sequence[int], std: float) -> float:
         ``(std^2 / prod_{k=1}^{d-1} r_k) ** (1 / (2 d))``, computed in log space.
 
     Raises:
-        TypeError: If ``std`` is not a real number, or ``ranks`` is not a sequence.
+        TypeError: If ``std`` is not a real number, or ``ranks`` is not a sequence of ints.
         ValueError: If ``std`` is not a positive finite number, or ``ranks`` is not at least
-            two positive ints, 1 at both ends.
+            two positive ranks, 1 at both ends.
     """
     given: object = std  # checked as what a caller may pass, not as annotated
     if isinstance(given, bool) or not isinstance(given, numbers.Real):
@@ -61,9 +61,11 @@ def core_std(ranks: Sequence[int], std: float) -> float:
             f"ranks must be a sequence of the d + 1 bond ranks; got {type(given_ranks).__name__}."
         )
     entries: Sequence[object] = ranks
+    if not all(is_int(r) for r in entries):
+        raise TypeError(f"ranks must hold ints; got {tuple(ranks)!r}.")
     if (
         len(ranks) < 2
-        or not all(is_int(r) and operator.index(r) >= 1 for r in entries)
+        or not all(operator.index(r) >= 1 for r in ranks)
         or ranks[0] != 1
         or ranks[-1] != 1
     ):

@@ -302,8 +302,13 @@ def _check_chain(
 
 
 def _check_device_type(device_type: object) -> None:
-    if not isinstance(device_type, str) or not device_type:
+    if not isinstance(device_type, str):
         raise TypeError(f'device_type must be a device type such as "cpu"; got {device_type!r}.')
+    if not device_type or ":" in device_type:  # "cuda:0" would miss the cost model of "cuda"
+        raise ValueError(
+            f'device_type must be a device type such as "cpu" or "cuda" (no index); got '
+            f"{device_type!r}."
+        )
 
 
 def _check_modes(batch: object, in_modes: object, out_modes: object) -> tuple[int, ...]:
@@ -353,7 +358,11 @@ def check_plan(plan: object, num_cores: int) -> None:
             and (not plan.batched_first or (plan.first == "left" and not plan.second_from_z))
         )
     else:
-        fits = _chain_steps_fit(plan.steps, num_cores)
+        terms, output = chain_equation(num_cores)
+        # estimate_time and plan_memory read the operands' sizes off the equation.
+        fits = plan.equation == ",".join(terms) + "->" + output and _chain_steps_fit(
+            plan.steps, num_cores
+        )
     if not fits or plan.chunks < 1:
         raise ValueError(
             f"plan {plan} does not fit a chain of {num_cores} cores (see "
@@ -752,7 +761,8 @@ def estimate_time(
             not a :class:`Plan` (or a field of it has the wrong type), ``dtype`` is not a
             floating-point dtype, or ``device_type`` not a string.
         ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a
-            chain, ``plan`` does not fit that chain, or ``threads`` is below 1.
+            chain, ``plan`` does not fit that chain, ``threads`` is below 1, or
+            ``device_type`` is empty or names a device (``"cuda:0"``).
     """
     _check_chain(
         batch, in_modes, out_modes, ranks, plan, dtype, device_type=device_type, threads=threads
@@ -1161,7 +1171,8 @@ def candidate_plans(
         TypeError: If the batch, a mode, a rank, ``threads`` or ``largest`` is not an int,
             ``dtype`` is not a floating-point dtype, or ``device_type`` not a string.
         ValueError: If they are not a batch size (``>= 0``) and the modes and ranks of a
-            chain, ``threads`` is below 1 or ``largest`` below 0.
+            chain, ``threads`` is below 1, ``largest`` below 0, or ``device_type`` is empty or
+            names a device (``"cuda:0"``).
     """
     _check_chain(
         batch,
@@ -1308,6 +1319,8 @@ def choose_plan(
         TypeError: As :func:`candidate_plans`, or if ``max_chunks`` is not an int.
         ValueError: As :func:`candidate_plans`, or if ``max_chunks`` is below 1.
     """
+    if max_chunks is not None:
+        max_chunks = check_positive_int("max_chunks", max_chunks)
     candidates = candidate_plans(
         batch,
         in_modes,
@@ -1319,8 +1332,6 @@ def choose_plan(
         largest=largest,
     )
     batch = int(batch)  # checked by candidate_plans; a NumPy integer too
-    if max_chunks is not None:
-        max_chunks = check_positive_int("max_chunks", max_chunks)
     if max_chunks == 1:
         candidates = [plan for plan in candidates if plan.chunks == 1]
     elif max_chunks is not None:

@@ -1142,9 +1142,10 @@ def _budget(
             if compression is not None
             else f"params={params}"
         )
+        remedy = "a lower compression" if compression is not None else "a larger params"
         raise ValueError(
             f"the parameter budget {budget:,} ({given}) {short} the {len(selected)} selected "
-            "layers; allow more parameters (a lower compression)."
+            f"layers; allow more parameters ({remedy})."
         )
     if allocation == "even":
         shares = [int(budget * size / sum(sizes)) for size in sizes]
