@@ -358,11 +358,7 @@ def check_plan(plan: object, num_cores: int) -> None:
             and (not plan.batched_first or (plan.first == "left" and not plan.second_from_z))
         )
     else:
-        terms, output = chain_equation(num_cores)
-        # estimate_time and plan_memory read the operands' sizes off the equation.
-        fits = plan.equation == ",".join(terms) + "->" + output and _chain_steps_fit(
-            plan.steps, num_cores
-        )
+        fits = _chain_fits(plan, num_cores)
     if not fits or plan.chunks < 1:
         raise ValueError(
             f"plan {plan} does not fit a chain of {num_cores} cores (see "
@@ -370,15 +366,20 @@ def check_plan(plan: object, num_cores: int) -> None:
         )
 
 
-def _chain_steps_fit(steps: object, num_cores: int) -> bool:
-    """Whether ``steps`` contract the input and ``num_cores`` cores into the layer's output.
+def _chain_fits(plan: Plan, num_cores: int) -> bool:
+    """Whether a chain plan contracts the input and ``num_cores`` cores into the output.
 
-    Replays the steps on the terms of :func:`chain_equation`: each must take two current
-    operands ``i < j`` as they are, keep only their letters, sum out only letters no other
-    operand (nor the output) still has, and the last must leave the output term. (Not
-    cached: only a plan a caller passes is checked, and Dynamo warns at an ``lru_cache``.)
+    Its equation must be the chain's (estimate_time and plan_memory read the operands'
+    sizes off it). Its steps are replayed on the terms of :func:`chain_equation`: each must
+    take two current operands ``i < j`` as they are, keep only their letters, sum out only
+    letters no other operand (nor the output) still has, and the last must leave the output
+    term. (Not cached: only a plan a caller passes is checked, and Dynamo warns at an
+    ``lru_cache``.)
     """
     current, output = chain_equation(num_cores)
+    steps: object = plan.steps  # checked as what a caller may pass, not as annotated
+    if plan.equation != ",".join(current) + "->" + output:
+        return False
     if not isinstance(steps, (list, tuple)) or len(steps) != num_cores:
         return False  # one step per core: the input meets them all
     for step in steps:
