@@ -486,6 +486,72 @@ def test_tt_to_dense_names_what_is_wrong_with_the_cores(cores, kind, match):
         tt_to_dense(cores)
 
 
+def test_exact_mode_keeps_full_rank_for_float64_weights_near_overflow(gen):
+    # Found by a review (helper 88): the zero cut s[0] * max(rows, cols) * eps overflowed to
+    # inf for entries near 1e306, so every singular value counted as zero and the exact mode
+    # returned rank 1 (error 0.93); ten times larger, the cores held Inf and the reported
+    # error was NaN. A random 32 x 32 matrix has full rank 32 at bond 1 of (4, 8) x (8, 4).
+    # Reference: numpy float64 on the matrix divided back by the scale (exact for a power of
+    # ten up to one rounding); 1e-13 is a few hundred units of float64 roundoff.
+    w = torch.randn(32, 32, generator=gen, dtype=torch.float64)
+    for scale in (1e306, 1e307):
+        cores = tt_svd(w * scale, (4, 8), (8, 4))
+        assert ranks_of(cores) == (1, 32, 1)
+        assert np_rel_error(w.numpy(), np_dense(cores) / scale) <= 1e-13
+        layer = TTLinear.from_dense(w * scale, in_modes=(4, 8), out_modes=(8, 4))
+        assert layer.conversion_error is not None and layer.conversion_error <= 1e-13
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("in_modes", "out_modes"), [((4, 8), (8, 4)), ((4, 2, 4), (2, 4, 4))])
+def test_finite_weights_whose_norm_passes_the_dtypes_largest_value(dtype, in_modes, out_modes):
+    # Found by a review (helper 88): entries up to 3e38 are finite in float32 and bfloat16,
+    # but the norm of a 32 x 32 matrix of them is not; the SVDs gave Inf singular values:
+    # Inf cores from tt_svd, a "cores[1] holds NaN or Inf" error from from_dense (which the
+    # user never passed cores to), or LAPACK's "failed to converge". Now the weight is
+    # decomposed divided by its largest entry. The exact mode at full rank reproduces W to
+    # the working float32 precision (1e-5 relative: ~100 units of roundoff over three
+    # SVDs), rounded once more to the result dtype for bfloat16 (2**-8 per entry, so 1e-2).
+    torch.manual_seed(0)
+    w = (torch.randn(32, 32, dtype=torch.float64) * 1e38).to(dtype)
+    cores = tt_svd(w, in_modes, out_modes)
+    assert all(bool(torch.isfinite(core).all()) for core in cores)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    w64 = w.double().numpy() / 1e38
+    assert np_rel_error(w64, np_dense(cores) / 1e38) <= tolerance
+    layer = TTLinear.from_dense(w, in_modes=in_modes, out_modes=out_modes)
+    assert layer.conversion_error is not None and layer.conversion_error <= tolerance
+
+
+def test_float32_weights_of_subnormal_entries_are_decomposed_and_measured_exactly():
+    # Found by a review (helper 88): entries near 1e-44 are float32 subnormals (a few bits
+    # each). Decomposed as they were, the SVDs and the rebuilt products lost most of their
+    # bits: a reported conversion_error of 0.199 where the float64 measure gave 0.048. Now
+    # both the decomposition (divided by the largest entry) and the measure (in float64)
+    # are scale-free: the exact mode reproduces the matrix as given to float32 precision
+    # (1e-5 relative, as above), and the reported error is the float64 one (1e-9 relative:
+    # both are float64 computations of the same difference).
+    torch.manual_seed(0)
+    w = (torch.randn(32, 32, dtype=torch.float64) * 1e-44).float()
+    assert bool((w.abs() < torch.finfo(torch.float32).tiny).any())  # subnormals indeed
+    layer = TTLinear.from_dense(w, in_modes=(4, 2, 4), out_modes=(2, 4, 4))
+    expected = np_rel_error(w.double().numpy(), np_dense(layer.cores))
+    assert expected <= 1e-5
+    assert layer.conversion_error == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_half_precision_result_warns_about_its_own_rounding_first():
+    # Found by a review (helper 88): a bfloat16 weight at eps = 1e-5 came out at 2.4e-3 with
+    # only the float32 warning ("Decompose in float64 for a smaller eps"), which cannot help:
+    # the floor is the bfloat16 rounding of the cores. The warning names that floor now.
+    w = decaying_matrix(24, 24, 0.3, torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tt_svd(w, (4, 6), (6, 4), eps=1e-5)
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 1 and "rounding the cores to torch.bfloat16" in messages[0]
+
+
 # --- error measures -------------------------------------------------------------------------
 
 

@@ -107,19 +107,21 @@ def _warn_below_precision(eps: float | None, dtype: torch.dtype, result: torch.d
     # The bound is kept in the working precision; below a few hundred units of its roundoff
     # the SVDs' own rounding can exceed it (float32: eps = 1e-8 ends near 1e-6). Cores
     # returned in half precision are rounded once more, by about sqrt(d) units of it.
+    # The result's rounding first: a half-precision result's floor is far above the working
+    # precision's, and decomposing in float64 cannot lower it.
     resolution = 100 * torch.finfo(dtype).eps
-    if eps is not None and eps < resolution:
-        warnings.warn(
-            f"eps={eps:g} is below what {dtype} can resolve (about {resolution:.0e}); the "
-            "error bound cannot be kept that tight. Decompose in float64 for a smaller eps.",
-            UserWarning,
-            stacklevel=3,
-        )
-    elif eps is not None and result != dtype and eps < 10 * torch.finfo(result).eps:
+    if eps is not None and result != dtype and eps < 10 * torch.finfo(result).eps:
         warnings.warn(
             f"eps={eps:g} is close to the rounding of the {result} result (about "
             f"{torch.finfo(result).eps:.0e} per entry); rounding the cores to {result} can "
             "exceed the bound. Convert the weight to float32 first for a tighter eps.",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif eps is not None and eps < resolution:
+        warnings.warn(
+            f"eps={eps:g} is below what {dtype} can resolve (about {resolution:.0e}); the "
+            "error bound cannot be kept that tight. Decompose in float64 for a smaller eps.",
             UserWarning,
             stacklevel=3,
         )
@@ -164,6 +166,16 @@ def check_matrix(matrix: object, name: str = "matrix", *, finite: bool = False) 
         )
     if finite:
         _check_finite(name, matrix)
+
+
+def _outside_safe_range(norm: float, dtype: torch.dtype) -> bool:
+    """Whether SVDs and rebuilt products of a matrix of this norm go wrong unscaled.
+
+    Near ``dtype``'s overflow, singular values and ``S Vh`` overflow; low enough, products of
+    the entries lose their bits in subnormals.
+    """
+    info = torch.finfo(dtype)
+    return not info.tiny / info.eps <= norm <= info.max / 1024
 
 
 def _norm(tensor: torch.Tensor) -> float:
@@ -229,7 +241,9 @@ def _truncation_rank(
         within = (tails <= tolerance / top).nonzero()
         rank = min(rank, int(within[0]) if within.numel() else s.numel())
     if zero_scale is not None and s.numel():
-        zero = float(s[0]) * zero_scale * torch.finfo(singular_values.dtype).eps
+        # The small factors first: s[0] * zero_scale alone overflowed to inf for float64
+        # weights near 1e306, which made every value "zero" and the rank 1.
+        zero = float(s[0]) * (zero_scale * torch.finfo(singular_values.dtype).eps)
         rank = min(rank, int((s > zero).sum()))
     return max(rank, 1)
 
@@ -301,10 +315,19 @@ def tt_svd(
     d = len(in_modes_t)
     work = matrix.detach().to(_working_dtype(matrix.dtype))
     _warn_below_precision(eps, work.dtype, matrix.dtype)
+    norm = _norm(work)
+    # A finite float32 weight whose norm passes float32's largest value made infinite singular
+    # values (Inf cores, or a LAPACK error); subnormal ones lost bits in the products. Such a
+    # weight is decomposed divided by its largest entry, which every core then gets a d-th of.
+    scale = float(work.abs().max()) if _outside_safe_range(norm, work.dtype) else 1.0
+    if scale != 1.0 and 0.0 < scale < math.inf:
+        work, norm = work / scale, norm / scale
+    else:
+        scale = 1.0
     # (n_1..n_d, m_1..m_d) -> (m_1, n_1, m_2, n_2, ..., m_d, n_d): core k's middle dims.
     pairs = [axis for k in range(d) for axis in (d + k, k)]
     rest = work.reshape(*out_modes_t, *in_modes_t).permute(pairs).reshape(1, -1)
-    tolerance = _bond_tolerance(eps, d, _norm(work), work.dtype, matrix.dtype)
+    tolerance = _bond_tolerance(eps, d, norm, work.dtype, matrix.dtype)
     exact = rank is None and eps is None
 
     cores: list[torch.Tensor] = []
@@ -316,6 +339,9 @@ def tt_svd(
         cores.append(u.reshape(r, m, n, u.shape[1]))
         r = u.shape[1]
     cores.append(rest.reshape(r, in_modes_t[-1], out_modes_t[-1], 1))
+    if scale != 1.0:
+        share = scale ** (1.0 / d)
+        cores = [core * share for core in cores]
     return cast_cores(cores, matrix.dtype)
 
 
@@ -447,6 +473,8 @@ def relative_error(matrix: torch.Tensor, cores: Sequence[torch.Tensor]) -> float
     cores, _ = _check_cores("cores", cores)
     with torch.no_grad():
         dtype = _working_dtype(torch.promote_types(matrix.dtype, cores[0].dtype))
+        if _outside_safe_range(_norm(matrix), dtype):  # the rebuilt products under- or overflow
+            dtype = torch.float64
         reference = matrix.detach().to(dtype)
         dense = tt_to_dense([core.detach().to(matrix.device, dtype) for core in cores])
         if dense.shape != reference.shape:
