@@ -220,7 +220,16 @@ def test_tensorize_compression_meets_the_budget(calibrated):
     assert report.budget == int(dense / 4.0)
     assert report.params_before == dense
     assert report.params_after <= report.budget
-    assert report.params_after >= 0.9 * report.budget
+    # Within one rank step, as allocate() is tested: the room left is at most the largest
+    # step of one bond rank by 1 (r_k m_k n_k + m_{k+1} n_{k+1} r_{k+2}) of a chosen shape.
+    # (It was a 10 % band, 327 parameters here, twice the largest step, 160.)
+    steps = [
+        row.ranks[k] * row.in_modes[k] * row.out_modes[k]
+        + row.in_modes[k + 1] * row.out_modes[k + 1] * row.ranks[k + 2]
+        for row in report.layers
+        for k in range(len(row.in_modes) - 1)
+    ]
+    assert report.budget - report.params_after <= max(steps)
     assert "budget" in str(report)
     if calibrated:
         assert all(row.output_error <= row.tt_svd_output_error for row in report.layers)
