@@ -45,8 +45,9 @@ of Adam, fixed seed; ``--hidden 256`` or ``1024``), read from the IDX files of D
 the first ``--calibration-images`` training images as calibration data; the methods are those
 above plus ``budget (3 cores)`` / ``calibrated (3 cores)``, the same restricted to 3-core TT
 shapes, where the data-aware fit matters most, and ``... (all layers)``, one budget over the
-hidden layer and the classifier: the classifier is then fitted to the original logits from
-the converted hidden layer's outputs, which compensates much of its error.
+hidden layer and the classifier (``tensorize_``'s default selection): the budget may keep the
+classifier dense, or convert it fitted to the original logits from the converted hidden
+layer's outputs, which compensates part of the hidden layer's error.
 
     python benchmarks/bench_pretrained.py --model fashion-mnist --hidden 256 --compression 6
 
@@ -187,7 +188,10 @@ def convert(
 ) -> None:
     """Convert the layers ``names`` of ``model`` in place by ``method``."""
     selected = set(names)
-    filter_fn = lambda module, name: name in selected  # noqa: E731
+    # "(all layers)" is tensorize_'s default selection (every nn.Linear that can shrink: both
+    # of the MLP's), under which a budget may keep a layer dense; a filter_fn's layers are
+    # always converted.
+    filter_fn = None if method.endswith("(all layers)") else lambda module, name: name in selected
     num_cores = 3 if method.endswith("(3 cores)") else None
     allocation = "even" if method.endswith("(even)") else "errors"
     method = method.removesuffix(" (all layers)")

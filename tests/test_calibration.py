@@ -1802,3 +1802,21 @@ def test_a_layer_used_only_in_training_is_named_as_such():
         tensorize_(model, rank=2, calibration=torch.randn(64, 32))
     assert_unchanged(model, before)
     assert model.training
+
+
+def test_max_direct_is_the_largest_subproblem_solved_directly():
+    # Found by mutation testing (review helper 86): no test failed when this was broken.
+    # fit_tt's docstring: max_direct is the "Largest core subproblem r_k m_k r_{k+1} solved by
+    # Cholesky". Here the subproblems are 1*3*3 = 9 and 3*4*1 = 12. With cg_steps=0 a
+    # subproblem sent to CG is not updated at all, so max_direct=12 must give exactly the fit
+    # of an unbounded max_direct. Exact equality: the same Cholesky solves on the same float64
+    # data in the same order (deterministic on the CPU).
+    torch.manual_seed(0)
+    w = torch.randn(16, 12, dtype=torch.float64)
+    x = torch.randn(200, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
+    stats = ActivationStatistics.from_inputs(x)
+    at_bound = fit_tt(w, stats, (3, 4), (4, 4), rank=3, max_direct=12, cg_steps=0)
+    direct = fit_tt(w, stats, (3, 4), (4, 4), rank=3, max_direct=2048, cg_steps=0)
+    assert at_bound.chosen == direct.chosen
+    assert at_bound.output_error == direct.output_error
+    assert all(torch.equal(a, b) for a, b in zip(at_bound.cores, direct.cores, strict=True))

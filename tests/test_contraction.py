@@ -1549,3 +1549,26 @@ def test_a_frozen_layer_neither_keeps_its_input_nor_refuses_an_in_place_change_o
         y.sum().backward()
         want = torch.ones(32, 1024, dtype=torch.float64) @ weight
         torch.testing.assert_close(x.grad, want, rtol=1e-10, atol=1e-10, msg=str(plan))
+
+
+def test_views_overlapping_in_one_element_count_as_overlapping():
+    # Found by mutation testing (review helper 86): no test failed when this was broken.
+    # _make_room keeps more than _PLACES_PER_STORAGE entries for one storage only while the
+    # first cores' element ranges [start, end) do not overlap. Here each layer's first core
+    # (128 elements) shares exactly its last element with the next layer's: overlapping
+    # views, so the cache must stay at the bound. (An end one element short called them
+    # disjoint and kept all 40 entries, each with a copy of every core.)
+    shapes = [(1, 4, 4, 8), (8, 8, 8, 8), (8, 8, 8, 8), (8, 4, 4, 1)]
+    sizes = [math.prod(s) for s in shapes]
+    stride, layer = sizes[0] - 1, sum(sizes)
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(39 * stride + layer, dtype=torch.float64, generator=generator)
+    x = torch.randn(1, 1024, dtype=torch.float64, generator=generator)
+    with torch.no_grad():
+        for k in range(40):
+            window = bank[k * stride : k * stride + layer].split(sizes)
+            cores = [p.view(s) for p, s in zip(window, shapes, strict=True)]
+            tt_linear(x, cores)
+    slot = _cache_slot(cores[0])
+    assert slot is not None
+    assert len(slot[0]) == _PLACES_PER_STORAGE

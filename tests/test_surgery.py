@@ -1260,3 +1260,39 @@ def test_the_default_sweeps_are_two():
     default, two, one = layers
     torch.testing.assert_close(default, two, rtol=0, atol=0)
     assert not torch.allclose(default, one, rtol=1e-5, atol=0)
+
+
+def test_a_transformer_layer_with_only_linear2_converted_skips_the_fused_kernel():
+    # Found by mutation testing (review helper 86): no test failed when this was broken.
+    # tensorize_ gives a TTLinear installed as linear1 *or* linear2 of an
+    # nn.TransformerEncoderLayer the do-nothing pre-hook, so that the fused kernel (which
+    # reads TTLinear.weight and warns) never runs. The existing test converts both layers,
+    # where linear1's hook alone already switches the kernel off.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+    tensorize_(encoder, rank=4, filter_fn=lambda m, name: name.endswith("linear2"))
+    converted = encoder.layers[0]
+    assert isinstance(converted.linear2, TTLinear)
+    assert isinstance(converted.linear1, nn.Linear)
+    assert converted.linear2._forward_pre_hooks  # the hook is there
+    encoder.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # TTLinear.weight would warn in the fused kernel
+        encoder(torch.randn(2, 5, 32))
+
+
+def test_default_filter_skips_a_layer_whose_tt_form_is_exactly_as_large():
+    # Found by mutation testing (review helper 86): no test failed when this was broken.
+    # tensorize_'s Selection: without filter_fn and a budget, a layer is converted only if its
+    # TT form "has fewer parameters than its dense weight". Linear(4, 4) at modes
+    # (2, 2) x (2, 2), rank 2 has 2*4 + 2*4 = 16 TT weights, as many as its 16 dense ones:
+    # kept dense. (The existing test's skipped layer has 36 > 32, which misses equality; the
+    # calibrated path's equality is covered by test_calibration.)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 4), nn.Linear(4, 4))
+    report = tensorize_(model, rank=2, num_cores=2)
+    assert isinstance(model[0], TTLinear)
+    assert type(model[1]) is nn.Linear
+    assert [s.name for s in report.skipped] == ["1"]
+    assert "not fewer than the dense 16" in report.skipped[0].reason

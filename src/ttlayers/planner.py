@@ -1429,7 +1429,7 @@ def plan_table(
         training: Plans for forward and backward passes, or for inference.
 
     Returns:
-        The table, its first entry at batch size 1.
+        The table, its first entry at batch size 0 (its plan serves batches 0 and 1).
 
     Raises:
         TypeError: As :func:`candidate_plans`.
