@@ -523,6 +523,48 @@ def test_finite_weights_whose_norm_passes_the_dtypes_largest_value(dtype, in_mod
     assert layer.conversion_error is not None and layer.conversion_error <= tolerance
 
 
+@pytest.mark.parametrize("eps", [1e-2, 0.3])
+def test_eps_ranks_and_errors_of_a_weight_whose_norm_passes_float64s_range(eps):
+    # Found by a review (helper 89): entries near 1e307 are finite, but the Frobenius norm of a
+    # 64 x 48 matrix of them (5.5e308) is not. The bond tolerance eps * ||W|| / sqrt(d - 1)
+    # was inf, so eps kept rank 1 (true error 0.965), and relative_error reported 0.0 or
+    # NaN. Reference: the same matrix at scale 1, whose ranks and relative errors the scaled
+    # one must reproduce (relative errors are scale-free: equal to 1e-9 relative, the
+    # rounding of a division by a power of ten). tt_round of the scaled cores, likewise.
+    torch.manual_seed(0)
+    w = torch.randn(64, 48, dtype=torch.float64)
+    reference = tt_svd(w, (6, 8), (8, 8), eps=eps)
+    scaled = tt_svd(w * 1e307, (6, 8), (8, 8), eps=eps)
+    assert ranks_of(scaled) == ranks_of(reference)
+    error = relative_error(w * 1e307, scaled)
+    assert error == pytest.approx(relative_error(w, reference), rel=1e-9, abs=1e-13)
+    assert error <= eps
+    rounded = tt_round(tt_svd(w * 1e307, (6, 8), (8, 8)), eps=eps)
+    assert ranks_of(rounded) == ranks_of(reference)
+    assert relative_error(w * 1e307, rounded) <= eps
+
+
+def test_rounding_cores_whose_product_passes_float32s_range():
+    # Found by a review (helper 89): from_dense now takes a float32 weight of entries near
+    # 3e38, but the layer's round() then failed in LAPACK ("svd failed to converge"): the QR
+    # sweep gathered the whole norm, 9.5e39, into the first core. tt_round now rounds such
+    # cores divided by their largest entries, as tt_svd does. Reference: the same weight at
+    # scale 1 (ranks equal; errors equal to float32 rounding, 1e-4 relative of an error of
+    # ~0.2, measured in float64).
+    torch.manual_seed(0)
+    w = torch.empty(64, 48).uniform_(-1, 1)
+    big = (w.double() * 3e38).float()
+    layer = TTLinear.from_dense(big, in_modes=(2, 3, 8), out_modes=(4, 4, 4), eps=1e-2)
+    rounded = layer.round(eps=0.3)
+    unit = TTLinear.from_dense(w, in_modes=(2, 3, 8), out_modes=(4, 4, 4), eps=1e-2).round(eps=0.3)
+    assert rounded.ranks == unit.ranks
+    assert all(bool(torch.isfinite(core).all()) for core in rounded.cores)
+    expected = np_rel_error(w.double().numpy(), np_dense(unit.cores))
+    assert np_rel_error(big.double().numpy() / 3e38, np_dense(rounded.cores) / 3e38) == (
+        pytest.approx(expected, rel=1e-4)
+    )
+
+
 def test_float32_weights_of_subnormal_entries_are_decomposed_and_measured_exactly():
     # Found by a review (helper 88): entries near 1e-44 are float32 subnormals (a few bits
     # each). Decomposed as they were, the SVDs and the rebuilt products lost most of their

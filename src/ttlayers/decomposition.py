@@ -315,15 +315,12 @@ def tt_svd(
     d = len(in_modes_t)
     work = matrix.detach().to(_working_dtype(matrix.dtype))
     _warn_below_precision(eps, work.dtype, matrix.dtype)
-    norm = _norm(work)
     # A finite float32 weight whose norm passes float32's largest value made infinite singular
     # values (Inf cores, or a LAPACK error); subnormal ones lost bits in the products. Such a
     # weight is decomposed divided by its largest entry, which every core then gets a d-th of.
-    scale = float(work.abs().max()) if _outside_safe_range(norm, work.dtype) else 1.0
-    if scale != 1.0 and 0.0 < scale < math.inf:
-        work, norm = work / scale, norm / scale
-    else:
-        scale = 1.0
+    scale = _scale_of(work) if _outside_safe_range(_norm(work), work.dtype) else 1.0
+    work = work / scale if scale != 1.0 else work
+    norm = _norm(work)  # after scaling: a norm past float64's range was inf before it
     # (n_1..n_d, m_1..m_d) -> (m_1, n_1, m_2, n_2, ..., m_d, n_d): core k's middle dims.
     pairs = [axis for k in range(d) for axis in (d + k, k)]
     rest = work.reshape(*out_modes_t, *in_modes_t).permute(pairs).reshape(1, -1)
@@ -343,6 +340,12 @@ def tt_svd(
         share = scale ** (1.0 / d)
         cores = [core * share for core in cores]
     return cast_cores(cores, matrix.dtype)
+
+
+def _scale_of(tensor: torch.Tensor) -> float:
+    """The largest magnitude in ``tensor``, or 1.0 where that is 0 or not finite."""
+    peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+    return peak if 0.0 < peak < math.inf else 1.0
 
 
 def cast_cores(cores: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -423,7 +426,17 @@ def tt_round(
     dtype = cores[0].dtype
     d = len(cores)
     _warn_below_precision(eps, _working_dtype(dtype), dtype)
-    work = _orthogonalize_right([core.detach().to(_working_dtype(dtype)) for core in cores])
+    work = [core.detach().to(_working_dtype(dtype)) for core in cores]
+    # As in tt_svd: cores whose product's norm may pass the working dtype's range (the QR
+    # sweep gathers it into the first core) are rounded divided by their largest entries.
+    scales = [_scale_of(core) for core in work]
+    bound = sum(math.log(norm) if norm > 0.0 else -math.inf for norm in map(_norm, work))
+    info = torch.finfo(work[0].dtype)  # the bound's log against _outside_safe_range's limits
+    safe = math.log(info.tiny / info.eps) <= bound <= math.log(info.max / 1024)
+    scaled = bound > -math.inf and not safe
+    if scaled:
+        work = [core / scale for core, scale in zip(work, scales, strict=True)]
+    work = _orthogonalize_right(work)
     norm = _norm(work[0])
     tolerance = _bond_tolerance(eps, d, norm, work[0].dtype, dtype)
     exact = rank is None and eps is None
@@ -436,6 +449,9 @@ def tt_round(
         )
         work[k] = u.reshape(r_left, m, n, u.shape[1])
         work[k + 1] = torch.tensordot(rest, work[k + 1], dims=([1], [0]))
+    if scaled:
+        share = math.exp(sum(math.log(scale) for scale in scales) / d)
+        work = [core * share for core in work]
     return cast_cores(work, dtype)
 
 
@@ -473,10 +489,13 @@ def relative_error(matrix: torch.Tensor, cores: Sequence[torch.Tensor]) -> float
     cores, _ = _check_cores("cores", cores)
     with torch.no_grad():
         dtype = _working_dtype(torch.promote_types(matrix.dtype, cores[0].dtype))
+        scale = 1.0
         if _outside_safe_range(_norm(matrix), dtype):  # the rebuilt products under- or overflow
-            dtype = torch.float64
-        reference = matrix.detach().to(dtype)
-        dense = tt_to_dense([core.detach().to(matrix.device, dtype) for core in cores])
+            # In float64, and both sides divided by W's largest entry: a norm past float64's
+            # range is inf, which made the ratio 0 or NaN.
+            dtype, scale = torch.float64, _scale_of(matrix)
+        reference = matrix.detach().to(dtype) / scale
+        dense = tt_to_dense([core.detach().to(matrix.device, dtype) for core in cores]) / scale
         if dense.shape != reference.shape:
             raise ValueError(
                 f"cores represent a matrix of shape {tuple(dense.shape)}, but matrix has shape "
