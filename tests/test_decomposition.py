@@ -539,9 +539,13 @@ def test_eps_ranks_and_errors_of_a_weight_whose_norm_passes_float64s_range(eps):
     error = relative_error(w * 1e307, scaled)
     assert error == pytest.approx(relative_error(w, reference), rel=1e-9, abs=1e-13)
     assert error <= eps
-    rounded = tt_round(tt_svd(w * 1e307, (6, 8), (8, 8)), eps=eps)
+    exact = tt_svd(w * 1e307, (6, 8), (8, 8))
+    rounded = tt_round(exact, eps=eps)
     assert ranks_of(rounded) == ranks_of(reference)
     assert relative_error(w * 1e307, rounded) <= eps
+    # The TT-to-TT measure too (it gave 0.0): the same as at scale 1.
+    expected = tt_relative_error(tt_svd(w, (6, 8), (8, 8)), reference)
+    assert tt_relative_error(exact, scaled) == pytest.approx(expected, rel=1e-9, abs=1e-13)
 
 
 def test_rounding_cores_whose_product_passes_float32s_range():

@@ -429,12 +429,8 @@ def tt_round(
     work = [core.detach().to(_working_dtype(dtype)) for core in cores]
     # As in tt_svd: cores whose product's norm may pass the working dtype's range (the QR
     # sweep gathers it into the first core) are rounded divided by their largest entries.
-    scales = [_scale_of(core) for core in work]
-    bound = sum(math.log(norm) if norm > 0.0 else -math.inf for norm in map(_norm, work))
-    info = torch.finfo(work[0].dtype)  # the bound's log against _outside_safe_range's limits
-    safe = math.log(info.tiny / info.eps) <= bound <= math.log(info.max / 1024)
-    scaled = bound > -math.inf and not safe
-    if scaled:
+    scales = _core_scales(work)
+    if scales is not None:
         work = [core / scale for core, scale in zip(work, scales, strict=True)]
     work = _orthogonalize_right(work)
     norm = _norm(work[0])
@@ -449,10 +445,26 @@ def tt_round(
         )
         work[k] = u.reshape(r_left, m, n, u.shape[1])
         work[k + 1] = torch.tensordot(rest, work[k + 1], dims=([1], [0]))
-    if scaled:
+    if scales is not None:
         share = math.exp(sum(math.log(scale) for scale in scales) / d)
         work = [core * share for core in work]
     return cast_cores(work, dtype)
+
+
+def _core_scales(cores: Sequence[torch.Tensor]) -> list[float] | None:
+    """Each core's largest magnitude where the cores need scaling, else ``None``.
+
+    They do where the product of their norms, a bound on the TT's, is outside the safe range
+    of their dtype (:func:`_outside_safe_range`).
+    """
+    norms = [_norm(core) for core in cores]
+    if not all(0.0 < norm < math.inf for norm in norms):
+        return None  # a zero TT, or Inf cores (refused by the callers' checks)
+    bound = sum(math.log(norm) for norm in norms)
+    info = torch.finfo(cores[0].dtype)  # _outside_safe_range's limits, in logs
+    if math.log(info.tiny / info.eps) <= bound <= math.log(info.max / 1024):
+        return None
+    return [_scale_of(core) for core in cores]
 
 
 # --- achieved errors -----------------------------------------------------------------------
@@ -554,6 +566,10 @@ def tt_relative_error(reference: Sequence[torch.Tensor], cores: Sequence[torch.T
         device = reference[0].device
         a = [core.detach().to(device, dtype) for core in reference]
         b = [core.detach().to(device, dtype) for core in cores]
+        scales = _core_scales(a)
+        if scales is not None:  # the same factor per core on both sides: the ratio is kept
+            a = [core / scale for core, scale in zip(a, scales, strict=True)]
+            b = [core / scale for core, scale in zip(b, scales, strict=True)]
         difference = _norm(_orthogonalize_right(_tt_difference(a, b))[0])
         norm = _norm(_orthogonalize_right(a)[0])
         return _ratio(float(difference), float(norm))
