@@ -569,6 +569,36 @@ def test_rounding_cores_whose_product_passes_float32s_range():
     )
 
 
+def test_rounding_and_comparing_cores_at_the_ends_of_their_dtypes_range():
+    # Found by a review (helper 90), each case against the same TT at a normal scale:
+    # - float32 cores of entries near 1.7e38: tt_round gave the rounded TT's whole norm
+    #   back to its last core, which overflowed (Inf cores); now it is spread evenly;
+    # - cores of 1e-37, 1 and 1e37, whose product is normal but whose QR sweep carried
+    #   1e37 into the middle core: tt_round failed in LAPACK, tt_relative_error gave NaN;
+    # - a finite float64 core whose Frobenius norm is inf: tt_relative_error gave NaN.
+    # Float32 errors agree to 1e-4 relative (rounding of an error of ~0.1 in float32).
+    torch.manual_seed(0)
+    unit = [torch.rand(1, 2, 2, 4), torch.rand(4, 2, 2, 1)]
+    big = [core * 1.7e38 for core in unit]
+    rounded = tt_round(big, eps=0.1)
+    assert all(bool(torch.isfinite(core).all()) for core in rounded)
+    assert ranks_of(rounded) == ranks_of(tt_round(unit, eps=0.1))
+    expected = tt_relative_error(unit, tt_round(unit, eps=0.1))
+    assert tt_relative_error(big, rounded) == pytest.approx(expected, rel=1e-4)
+
+    spread = [torch.randn(1, 4, 4, 4), torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 1)]
+    wide = [spread[0] / 1e37, spread[1], spread[2] * 1e37]
+    assert ranks_of(tt_round(wide, eps=0.2)) == ranks_of(tt_round(spread, eps=0.2))
+    assert tt_relative_error(wide, wide) == pytest.approx(0.0, abs=1e-6)
+    assert tt_relative_error(wide, tt_round(wide, eps=0.2)) <= 0.2
+
+    huge = [torch.rand(1, 2, 2, 4).double() * 1.7e308, torch.rand(4, 2, 2, 1).double()]
+    assert tt_relative_error(huge, [huge[0] * 0.5, huge[1]]) == pytest.approx(0.5, rel=1e-12)
+    # A TT whose norm (about 1e617) no float64 cores can hold, even spread evenly: named.
+    with pytest.raises(ValueError, match=r"past what torch\.float64 cores can hold"):
+        tt_round([huge[0], huge[1] * 1.7e308], eps=0.1)
+
+
 def test_float32_weights_of_subnormal_entries_are_decomposed_and_measured_exactly():
     # Found by a review (helper 88): entries near 1e-44 are float32 subnormals (a few bits
     # each). Decomposed as they were, the SVDs and the rebuilt products lost most of their

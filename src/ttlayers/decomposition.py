@@ -427,8 +427,8 @@ def tt_round(
     d = len(cores)
     _warn_below_precision(eps, _working_dtype(dtype), dtype)
     work = [core.detach().to(_working_dtype(dtype)) for core in cores]
-    # As in tt_svd: cores whose product's norm may pass the working dtype's range (the QR
-    # sweep gathers it into the first core) are rounded divided by their largest entries.
+    # As in tt_svd: cores whose products' norms may pass the working dtype's range (the QR
+    # sweep gathers them) are rounded divided by their largest entries.
     scales = _core_scales(work)
     if scales is not None:
         work = [core / scale for core, scale in zip(work, scales, strict=True)]
@@ -446,25 +446,57 @@ def tt_round(
         work[k] = u.reshape(r_left, m, n, u.shape[1])
         work[k + 1] = torch.tensordot(rest, work[k + 1], dims=([1], [0]))
     if scales is not None:
-        share = math.exp(sum(math.log(scale) for scale in scales) / d)
-        work = [core * share for core in work]
+        work = _give_back(work, scales)
+        if not all(bool(torch.isfinite(core).all()) for core in work):
+            raise ValueError(
+                f"cores: their product's norm is past what {work[0].dtype} cores can hold, "
+                "even with it spread evenly over them; scale the cores down first."
+            )
     return cast_cores(work, dtype)
+
+
+def _log_norm(tensor: torch.Tensor) -> float:
+    """``log ||tensor||_F`` at any scale (``-inf`` for zeros; a float64 norm may be inf)."""
+    peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+    if peak == 0.0 or not math.isfinite(peak):
+        return -math.inf if peak == 0.0 else math.inf
+    return math.log(peak) + math.log(_norm(tensor / peak))
 
 
 def _core_scales(cores: Sequence[torch.Tensor]) -> list[float] | None:
     """Each core's largest magnitude where the cores need scaling, else ``None``.
 
-    They do where the product of their norms, a bound on the TT's, is outside the safe range
-    of their dtype (:func:`_outside_safe_range`).
+    They do where a core's norm, or a product of the norms of cores ``k..d`` (a bound on what
+    the right-to-left QR sweep gathers into core ``k - 1``, and, for ``k = 1``, on the TT's
+    norm, which the truncation sweep carries), is outside the safe range of their dtype
+    (:func:`_outside_safe_range`). A TT with a zero core needs none.
     """
-    norms = [_norm(core) for core in cores]
-    if not all(0.0 < norm < math.inf for norm in norms):
-        return None  # a zero TT, or Inf cores (refused by the callers' checks)
-    bound = sum(math.log(norm) for norm in norms)
-    info = torch.finfo(cores[0].dtype)  # _outside_safe_range's limits, in logs
-    if math.log(info.tiny / info.eps) <= bound <= math.log(info.max / 1024):
+    logs = [_log_norm(core) for core in cores]
+    if -math.inf in logs:
         return None
-    return [_scale_of(core) for core in cores]
+    info = torch.finfo(cores[0].dtype)  # _outside_safe_range's limits, in logs
+    low, high = math.log(info.tiny / info.eps), math.log(info.max / 1024)
+    suffix = 0.0
+    for value in reversed(logs):
+        suffix += value
+        if not (low <= value <= high and low <= suffix <= high):
+            return [_scale_of(core) for core in cores]
+    return None
+
+
+def _give_back(cores: list[torch.Tensor], scales: Sequence[float]) -> list[torch.Tensor]:
+    """Cores times the product of ``scales``, spread so that their norms are equal.
+
+    All of it in one core overflowed float32 where the TT itself was representable (its
+    norm gathered in the last core after the truncation sweep).
+    """
+    logs = [_log_norm(core) for core in cores]
+    if not all(math.isfinite(value) for value in logs):
+        return cores  # a zero TT: any factor leaves it zero
+    target = (sum(logs) + sum(math.log(scale) for scale in scales)) / len(cores)
+    # In two halves: a factor near the dtype's largest value is not a finite float itself.
+    halves = [math.exp((target - value) / 2) for value in logs]
+    return [core * half * half for core, half in zip(cores, halves, strict=True)]
 
 
 # --- achieved errors -----------------------------------------------------------------------
