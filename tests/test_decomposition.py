@@ -570,13 +570,16 @@ def test_rounding_cores_whose_product_passes_float32s_range():
 
 
 def test_rounding_and_comparing_cores_at_the_ends_of_their_dtypes_range():
-    # Found by a review (helper 90), each case against the same TT at a normal scale:
-    # - float32 cores of entries near 1.7e38: tt_round gave the rounded TT's whole norm
-    #   back to its last core, which overflowed (Inf cores); now it is spread evenly;
-    # - cores of 1e-37, 1 and 1e37, whose product is normal but whose QR sweep carried
-    #   1e37 into the middle core: tt_round failed in LAPACK, tt_relative_error gave NaN;
-    # - a finite float64 core whose Frobenius norm is inf: tt_relative_error gave NaN.
-    # Float32 errors agree to 1e-4 relative (rounding of an error of ~0.1 in float32).
+    # Found by reviews (helpers 90 and 91), each case against the same TT at a normal scale:
+    # - float32 cores of entries near 1.7e38: tt_round gave the rounded TT's whole norm back
+    #   to its last core, which overflowed (Inf cores); now it is spread over the cores;
+    # - cores of 1e-37, 1 and 1e37, whose product is normal but whose QR sweep carried 1e37
+    #   into the middle core: tt_round failed in LAPACK, tt_relative_error gave NaN;
+    # - a finite float64 core whose Frobenius norm is inf: tt_relative_error gave NaN;
+    # - a zero core beside cores of 1e30: tt_round failed in LAPACK;
+    # - cores 1e30 times the reference's: tt_relative_error gave NaN, not about 1e90.
+    # Float32 errors agree to 1e-4 relative: float32 rounding of errors of 0.03-0.1 (measured
+    # 1e-6); float64 ones to 1e-12.
     torch.manual_seed(0)
     unit = [torch.rand(1, 2, 2, 4), torch.rand(4, 2, 2, 1)]
     big = [core * 1.7e38 for core in unit]
@@ -586,17 +589,52 @@ def test_rounding_and_comparing_cores_at_the_ends_of_their_dtypes_range():
     expected = tt_relative_error(unit, tt_round(unit, eps=0.1))
     assert tt_relative_error(big, rounded) == pytest.approx(expected, rel=1e-4)
 
-    spread = [torch.randn(1, 4, 4, 4), torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 1)]
+    # A TT with a decaying spectrum, so that eps = 0.2 truncates it (ranks (1, 16, 12, 1)
+    # down to a few).
+    spread = tt_svd(
+        decaying_matrix(64, 64, 1.0, torch.Generator().manual_seed(1)).float(), (4, 4, 4), (4, 4, 4)
+    )
     wide = [spread[0] / 1e37, spread[1], spread[2] * 1e37]
-    assert ranks_of(tt_round(wide, eps=0.2)) == ranks_of(tt_round(spread, eps=0.2))
-    assert tt_relative_error(wide, wide) == pytest.approx(0.0, abs=1e-6)
-    assert tt_relative_error(wide, tt_round(wide, eps=0.2)) <= 0.2
+    truncated = tt_round(wide, eps=0.2)
+    assert ranks_of(truncated) == ranks_of(tt_round(spread, eps=0.2))
+    assert ranks_of(truncated) < ranks_of(spread)
+    expected = tt_relative_error(spread, tt_round(spread, eps=0.2))
+    assert tt_relative_error(wide, truncated) == pytest.approx(expected, rel=1e-4)
+    # A TT against itself: 0 up to float32 rounding of the difference's cores, a few units
+    # of 1.2e-7 (measured 3e-7 at most over 30 seeds); NaN before.
+    assert tt_relative_error(wide, wide) <= 1e-5
 
     huge = [torch.rand(1, 2, 2, 4).double() * 1.7e308, torch.rand(4, 2, 2, 1).double()]
     assert tt_relative_error(huge, [huge[0] * 0.5, huge[1]]) == pytest.approx(0.5, rel=1e-12)
-    # A TT whose norm (about 1e617) no float64 cores can hold, even spread evenly: named.
-    with pytest.raises(ValueError, match=r"past what torch\.float64 cores can hold"):
+    larger = [core * 1e30 for core in unit]  # float32 cores; the ratio is about 1e60 - 1
+    assert tt_relative_error(unit, larger) == pytest.approx(1e60, rel=1e-5)
+
+    zero = [torch.zeros(1, 3, 2, 4), torch.randn(4, 3, 2, 4) * 1e30, torch.randn(4, 3, 2, 1) * 1e30]
+    assert all(bool(torch.isfinite(core).all()) for core in tt_round(zero, eps=0.1))
+    assert tt_to_dense(tt_round(zero, eps=0.1)).abs().max() == 0
+
+    # The rounded TT (norm about 2**2047) no float64 cores hold spread evenly: named.
+    with pytest.raises(ValueError, match=r"cores: the rounded TT overflows torch\.float64"):
         tt_round([huge[0], huge[1] * 1.7e308], eps=0.1)
+
+
+def test_rounding_at_extreme_scales_keeps_a_tight_eps_in_float64():
+    # Found by a review (helper 91): the scale was given back as exp(log(scale)), which loses
+    # about |log| ulps (700 near float64's limits): with eps = 3e-14, just above the
+    # warning's threshold (100 ulps), rounding cores of 1e300 ended at 5.2e-13. Powers of two
+    # are given back exactly now. Reference: the error measured in float64 on the cores
+    # divided back by the same power of two (exact).
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        cores = [
+            torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64),
+            torch.randn(5, 4, 3, 5, generator=gen, dtype=torch.float64),
+            torch.randn(5, 3, 3, 1, generator=gen, dtype=torch.float64),
+        ]
+        scaled = [core * 2.0**996 for core in cores]  # about 1e300 each
+        rounded = tt_round(scaled, eps=3e-14)
+        back = [core * 2.0**-996 for core in rounded]
+        assert tt_relative_error(cores, back) <= 3e-14, seed
 
 
 def test_float32_weights_of_subnormal_entries_are_decomposed_and_measured_exactly():

@@ -317,9 +317,10 @@ def tt_svd(
     _warn_below_precision(eps, work.dtype, matrix.dtype)
     # A finite float32 weight whose norm passes float32's largest value made infinite singular
     # values (Inf cores, or a LAPACK error); subnormal ones lost bits in the products. Such a
-    # weight is decomposed divided by its largest entry, which every core then gets a d-th of.
-    scale = _scale_of(work) if _outside_safe_range(_norm(work), work.dtype) else 1.0
-    work = work / scale if scale != 1.0 else work
+    # weight is decomposed divided by a power of two near its largest entry (exactly), which
+    # every core then gets about a d-th of, by exponent shifts (exactly).
+    exponent = _exponent_of(work) if _outside_safe_range(_norm(work), work.dtype) else 0
+    work = _shift(work, -exponent) if exponent else work
     norm = _norm(work)  # after scaling: a norm past float64's range was inf before it
     # (n_1..n_d, m_1..m_d) -> (m_1, n_1, m_2, n_2, ..., m_d, n_d): core k's middle dims.
     pairs = [axis for k in range(d) for axis in (d + k, k)]
@@ -336,16 +337,33 @@ def tt_svd(
         cores.append(u.reshape(r, m, n, u.shape[1]))
         r = u.shape[1]
     cores.append(rest.reshape(r, in_modes_t[-1], out_modes_t[-1], 1))
-    if scale != 1.0:
-        share = scale ** (1.0 / d)
-        cores = [core * share for core in cores]
+    if exponent:
+        shares = [exponent // d + (1 if k < exponent % d else 0) for k in range(d)]
+        cores = [_shift(core, share) for core, share in zip(cores, shares, strict=True)]
     return cast_cores(cores, matrix.dtype)
 
 
-def _scale_of(tensor: torch.Tensor) -> float:
-    """The largest magnitude in ``tensor``, or 1.0 where that is 0 or not finite."""
+def _exponent_of(tensor: torch.Tensor) -> int:
+    """``e`` with the largest magnitude in ``[2**e, 2**(e + 1))``; 0 if it is 0 or not finite.
+
+    Dividing by ``2**e`` is exact, and brings the largest entry into ``[1, 2)``.
+    """
     peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
-    return peak if 0.0 < peak < math.inf else 1.0
+    return math.frexp(peak)[1] - 1 if 0.0 < peak < math.inf else 0
+
+
+def _shift(tensor: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``tensor * 2**exponent``, exact but for over- or underflow of the result.
+
+    In steps, each a factor the dtype holds; all of one sign, so no step overflows or
+    underflows where the result does not.
+    """
+    step = math.frexp(torch.finfo(tensor.dtype).max)[1] - 2
+    while exponent:
+        part = max(-step, min(step, exponent))
+        tensor = tensor * math.ldexp(1.0, part)
+        exponent -= part
+    return tensor
 
 
 def cast_cores(cores: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -429,9 +447,9 @@ def tt_round(
     work = [core.detach().to(_working_dtype(dtype)) for core in cores]
     # As in tt_svd: cores whose products' norms may pass the working dtype's range (the QR
     # sweep gathers them) are rounded divided by their largest entries.
-    scales = _core_scales(work)
-    if scales is not None:
-        work = [core / scale for core, scale in zip(work, scales, strict=True)]
+    exponents = _core_exponents(work)
+    if exponents is not None:
+        work = [_shift(core, -e) for core, e in zip(work, exponents, strict=True)]
     work = _orthogonalize_right(work)
     norm = _norm(work[0])
     tolerance = _bond_tolerance(eps, d, norm, work[0].dtype, dtype)
@@ -445,58 +463,67 @@ def tt_round(
         )
         work[k] = u.reshape(r_left, m, n, u.shape[1])
         work[k + 1] = torch.tensordot(rest, work[k + 1], dims=([1], [0]))
-    if scales is not None:
-        work = _give_back(work, scales)
+    if exponents is not None:
+        log2_norm = sum(_log2_norm(core) for core in work) + sum(exponents)
+        work = _give_back(work, sum(exponents))
         if not all(bool(torch.isfinite(core).all()) for core in work):
             raise ValueError(
-                f"cores: their product's norm is past what {work[0].dtype} cores can hold, "
-                "even with it spread evenly over them; scale the cores down first."
+                f"cores: the rounded TT overflows {work[0].dtype} once its scale is given "
+                f"back spread evenly over the cores (a norm of about 2**{log2_norm:.0f}); "
+                "scale the cores down first."
             )
     return cast_cores(work, dtype)
 
 
-def _log_norm(tensor: torch.Tensor) -> float:
-    """``log ||tensor||_F`` at any scale (``-inf`` for zeros; a float64 norm may be inf)."""
+def _log2_norm(tensor: torch.Tensor) -> float:
+    """``log2 ||tensor||_F`` at any scale (``-inf`` for zeros; a float64 norm may be inf)."""
     peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
     if peak == 0.0 or not math.isfinite(peak):
         return -math.inf if peak == 0.0 else math.inf
-    return math.log(peak) + math.log(_norm(tensor / peak))
+    return math.log2(peak) + math.log2(_norm(tensor / peak))
 
 
-def _core_scales(cores: Sequence[torch.Tensor]) -> list[float] | None:
-    """Each core's largest magnitude where the cores need scaling, else ``None``.
+def _core_exponents(cores: Sequence[torch.Tensor]) -> list[int] | None:
+    """Each core's :func:`_exponent_of` where the cores need scaling, else ``None``.
 
     They do where a core's norm, or a product of the norms of cores ``k..d`` (a bound on what
     the right-to-left QR sweep gathers into core ``k - 1``, and, for ``k = 1``, on the TT's
     norm, which the truncation sweep carries), is outside the safe range of their dtype
-    (:func:`_outside_safe_range`). A TT with a zero core needs none.
+    (:func:`_outside_safe_range`); a zero core counts as outside, as its neighbours may be.
     """
-    logs = [_log_norm(core) for core in cores]
-    if -math.inf in logs:
-        return None
+    logs = [_log2_norm(core) for core in cores]
     info = torch.finfo(cores[0].dtype)  # _outside_safe_range's limits, in logs
-    low, high = math.log(info.tiny / info.eps), math.log(info.max / 1024)
+    low, high = math.log2(info.tiny / info.eps), math.log2(info.max / 1024)
     suffix = 0.0
     for value in reversed(logs):
         suffix += value
         if not (low <= value <= high and low <= suffix <= high):
-            return [_scale_of(core) for core in cores]
+            return [_exponent_of(core) for core in cores]
     return None
 
 
-def _give_back(cores: list[torch.Tensor], scales: Sequence[float]) -> list[torch.Tensor]:
-    """Cores times the product of ``scales``, spread so that their norms are equal.
+def _give_back(cores: list[torch.Tensor], exponent: int) -> list[torch.Tensor]:
+    """Cores times ``2**exponent``, by exponent shifts that leave their norms about equal.
 
     All of it in one core overflowed float32 where the TT itself was representable (its
-    norm gathered in the last core after the truncation sweep).
+    norm gathered in the last core after the truncation sweep). Shifts keep it exact.
     """
-    logs = [_log_norm(core) for core in cores]
+    logs = [_log2_norm(core) for core in cores]
     if not all(math.isfinite(value) for value in logs):
         return cores  # a zero TT: any factor leaves it zero
-    target = (sum(logs) + sum(math.log(scale) for scale in scales)) / len(cores)
-    # In two halves: a factor near the dtype's largest value is not a finite float itself.
-    halves = [math.exp((target - value) / 2) for value in logs]
-    return [core * half * half for core, half in zip(cores, halves, strict=True)]
+    target = (sum(logs) + exponent) / len(cores)
+    shifts = [round(target - value) for value in logs]
+    shifts[-1] += exponent - sum(shifts)
+    return [_shift(core, shift) for core, shift in zip(cores, shifts, strict=True)]
+
+
+def _tt_norm(cores: list[torch.Tensor]) -> tuple[float, int | None]:
+    """``(n, e)`` with ``||TT||_F = n * 2**e``: ``e`` is ``None`` where no scaling was needed."""
+    exponents = _core_exponents(cores)
+    if exponents is not None:
+        cores = [_shift(core, -e) for core, e in zip(cores, exponents, strict=True)]
+    norm = _norm(_orthogonalize_right(cores)[0])
+    return norm, None if exponents is None else sum(exponents)
 
 
 # --- achieved errors -----------------------------------------------------------------------
@@ -533,13 +560,14 @@ def relative_error(matrix: torch.Tensor, cores: Sequence[torch.Tensor]) -> float
     cores, _ = _check_cores("cores", cores)
     with torch.no_grad():
         dtype = _working_dtype(torch.promote_types(matrix.dtype, cores[0].dtype))
-        scale = 1.0
+        exponent = 0
         if _outside_safe_range(_norm(matrix), dtype):  # the rebuilt products under- or overflow
-            # In float64, and both sides divided by W's largest entry: a norm past float64's
-            # range is inf, which made the ratio 0 or NaN.
-            dtype, scale = torch.float64, _scale_of(matrix)
-        reference = matrix.detach().to(dtype) / scale
-        dense = tt_to_dense([core.detach().to(matrix.device, dtype) for core in cores]) / scale
+            # In float64, and both sides divided by a power of two near W's largest entry: a
+            # norm past float64's range is inf, which made the ratio 0 or NaN.
+            dtype, exponent = torch.float64, _exponent_of(matrix)
+        reference = _shift(matrix.detach().to(dtype), -exponent)
+        rebuilt = tt_to_dense([core.detach().to(matrix.device, dtype) for core in cores])
+        dense = _shift(rebuilt, -exponent)
         if dense.shape != reference.shape:
             raise ValueError(
                 f"cores represent a matrix of shape {tuple(dense.shape)}, but matrix has shape "
@@ -598,10 +626,13 @@ def tt_relative_error(reference: Sequence[torch.Tensor], cores: Sequence[torch.T
         device = reference[0].device
         a = [core.detach().to(device, dtype) for core in reference]
         b = [core.detach().to(device, dtype) for core in cores]
-        scales = _core_scales(a)
-        if scales is not None:  # the same factor per core on both sides: the ratio is kept
-            a = [core / scale for core, scale in zip(a, scales, strict=True)]
-            b = [core / scale for core, scale in zip(b, scales, strict=True)]
-        difference = _norm(_orthogonalize_right(_tt_difference(a, b))[0])
-        norm = _norm(_orthogonalize_right(a)[0])
-        return _ratio(float(difference), float(norm))
+        # Each norm at its own scale: cores far from their dtype's range on either side gave
+        # NaN. Where neither needed scaling, the plain ratio, as before.
+        difference, d_exponent = _tt_norm(_tt_difference(a, b))
+        norm, n_exponent = _tt_norm(a)
+        if d_exponent is None and n_exponent is None:
+            return _ratio(difference, norm)
+        if norm == 0.0 or difference == 0.0:
+            return _ratio(difference, norm)
+        log2 = math.log2(difference) - math.log2(norm) + (d_exponent or 0) - (n_exponent or 0)
+        return 2.0**log2 if log2 < 1024 else math.inf
