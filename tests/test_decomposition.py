@@ -637,6 +637,45 @@ def test_rounding_at_extreme_scales_keeps_a_tight_eps_in_float64():
         assert tt_relative_error(cores, back) <= 3e-14, seed
 
 
+def test_exponent_shifts_are_exact_and_rounded_once():
+    # The scalings divide and multiply by powers of two in steps the dtype holds as factors.
+    # Reference: exact rational arithmetic (fractions), rounded once to float64. Found by a
+    # review (helper 92): full steps first rounded a subnormal result twice (1.598964e-318
+    # for 1.59897e-318); the remainder now goes first.
+    from fractions import Fraction
+
+    shift = decomposition._shift
+    x = 2.5836914528418247e298
+    assert shift(torch.tensor([x], dtype=torch.float64), -2047).item() == float(
+        Fraction(x) / 2**2047
+    )
+    gen = np.random.default_rng(0)
+    for _ in range(2000):
+        value = float(gen.uniform(1, 2)) * 2.0 ** int(gen.integers(-1000, 1000))
+        exponent = int(gen.integers(-2300, 2300))
+        exact = Fraction(value) * Fraction(2) ** exponent
+        try:
+            expected = float(exact)
+        except OverflowError:  # rounds past the largest float64: inf, as the product does
+            expected = math.inf
+        assert shift(torch.tensor([value], dtype=torch.float64), exponent).item() == expected
+
+
+def test_relative_error_of_a_float64_weight_of_subnormal_entries():
+    # Found by a review (helper 92): the TT was rebuilt at the weight's scale, where products
+    # of subnormal-sized entries lose their bits, then shifted: 1.3e-13 reported for a true
+    # 2.5e-15. The cores are shifted before the rebuild now. Reference: numpy float64 on the
+    # matrix and cores scaled up by 2**1074 (exact); 1e-3 relative covers the rounding of an
+    # error of order 1e-15.
+    torch.manual_seed(0)
+    w = torch.randn(24, 24, dtype=torch.float64) * 1e-310
+    cores = tt_svd(w, (2, 3, 4), (4, 3, 2))
+    up = [core.numpy() * 2.0**358 for core in cores]  # 2**1074 in all, over three cores
+    w_up = w.numpy() * 2.0**537 * 2.0**537  # 2**1074 is not a float itself
+    expected = np_rel_error(w_up, np_dense([torch.from_numpy(c) for c in up]))
+    assert relative_error(w, cores) == pytest.approx(expected, rel=1e-3, abs=1e-16)
+
+
 def test_float32_weights_of_subnormal_entries_are_decomposed_and_measured_exactly():
     # Found by a review (helper 88): entries near 1e-44 are float32 subnormals (a few bits
     # each). Decomposed as they were, the SVDs and the rebuilt products lost most of their

@@ -338,9 +338,14 @@ def tt_svd(
         r = u.shape[1]
     cores.append(rest.reshape(r, in_modes_t[-1], out_modes_t[-1], 1))
     if exponent:
-        shares = [exponent // d + (1 if k < exponent % d else 0) for k in range(d)]
+        shares = _shares(exponent, d)
         cores = [_shift(core, share) for core, share in zip(cores, shares, strict=True)]
     return cast_cores(cores, matrix.dtype)
+
+
+def _shares(exponent: int, d: int) -> list[int]:
+    """``d`` integers that differ by at most 1 and add up to ``exponent``."""
+    return [exponent // d + (1 if k < exponent % d else 0) for k in range(d)]
 
 
 def _exponent_of(tensor: torch.Tensor) -> int:
@@ -355,14 +360,15 @@ def _exponent_of(tensor: torch.Tensor) -> int:
 def _shift(tensor: torch.Tensor, exponent: int) -> torch.Tensor:
     """``tensor * 2**exponent``, exact but for over- or underflow of the result.
 
-    In steps, each a factor the dtype holds; all of one sign, so no step overflows or
-    underflows where the result does not.
+    In steps, each a factor the dtype holds, all of one sign, the remainder first: every step
+    but the last lands on a normal number, so a subnormal result is rounded once.
     """
     step = math.frexp(torch.finfo(tensor.dtype).max)[1] - 2
+    part = exponent - step * int(exponent / step)  # the remainder, of the exponent's sign
     while exponent:
-        part = max(-step, min(step, exponent))
         tensor = tensor * math.ldexp(1.0, part)
         exponent -= part
+        part = max(-step, min(step, exponent))
     return tensor
 
 
@@ -566,8 +572,15 @@ def relative_error(matrix: torch.Tensor, cores: Sequence[torch.Tensor]) -> float
             # norm past float64's range is inf, which made the ratio 0 or NaN.
             dtype, exponent = torch.float64, _exponent_of(matrix)
         reference = _shift(matrix.detach().to(dtype), -exponent)
-        rebuilt = tt_to_dense([core.detach().to(matrix.device, dtype) for core in cores])
-        dense = _shift(rebuilt, -exponent)
+        # The cores shifted before the rebuild, as tt_svd shares the exponent out: rebuilt
+        # first, products of subnormal-sized entries lost their bits.
+        shares = _shares(-exponent, len(cores))
+        dense = tt_to_dense(
+            [
+                _shift(core.detach().to(matrix.device, dtype), share)
+                for core, share in zip(cores, shares, strict=True)
+            ]
+        )
         if dense.shape != reference.shape:
             raise ValueError(
                 f"cores represent a matrix of shape {tuple(dense.shape)}, but matrix has shape "
