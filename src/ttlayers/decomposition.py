@@ -168,14 +168,20 @@ def check_matrix(matrix: object, name: str = "matrix", *, finite: bool = False) 
         _check_finite(name, matrix)
 
 
-def _outside_safe_range(norm: float, dtype: torch.dtype) -> bool:
-    """Whether SVDs and rebuilt products of a matrix of this norm go wrong unscaled.
+def _safe_range(dtype: torch.dtype) -> tuple[float, float]:
+    """The norms at which SVDs and rebuilt products of a matrix go right unscaled.
 
     Near ``dtype``'s overflow, singular values and ``S Vh`` overflow; low enough, products of
     the entries lose their bits in subnormals.
     """
     info = torch.finfo(dtype)
-    return not info.tiny / info.eps <= norm <= info.max / 1024
+    return info.tiny / info.eps, info.max / 1024
+
+
+def _outside_safe_range(norm: float, dtype: torch.dtype) -> bool:
+    """Whether a matrix of this norm needs scaling (:func:`_safe_range`)."""
+    low, high = _safe_range(dtype)
+    return not low <= norm <= high
 
 
 def _norm(tensor: torch.Tensor) -> float:
@@ -498,8 +504,7 @@ def _core_exponents(cores: Sequence[torch.Tensor]) -> list[int] | None:
     (:func:`_outside_safe_range`); a zero core counts as outside, as its neighbours may be.
     """
     logs = [_log2_norm(core) for core in cores]
-    info = torch.finfo(cores[0].dtype)  # _outside_safe_range's limits, in logs
-    low, high = math.log2(info.tiny / info.eps), math.log2(info.max / 1024)
+    low, high = (math.log2(limit) for limit in _safe_range(cores[0].dtype))
     suffix = 0.0
     for value in reversed(logs):
         suffix += value
@@ -643,9 +648,7 @@ def tt_relative_error(reference: Sequence[torch.Tensor], cores: Sequence[torch.T
         # NaN. Where neither needed scaling, the plain ratio, as before.
         difference, d_exponent = _tt_norm(_tt_difference(a, b))
         norm, n_exponent = _tt_norm(a)
-        if d_exponent is None and n_exponent is None:
-            return _ratio(difference, norm)
-        if norm == 0.0 or difference == 0.0:
+        if (d_exponent is None and n_exponent is None) or norm == 0.0 or difference == 0.0:
             return _ratio(difference, norm)
         log2 = math.log2(difference) - math.log2(norm) + (d_exponent or 0) - (n_exponent or 0)
         return 2.0**log2 if log2 < 1024 else math.inf
